@@ -1,0 +1,122 @@
+"""Block grid over an image: write regions aligned to chunks, read regions with a halo."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+Region = tuple[slice, ...]
+
+
+@dataclass(frozen=True)
+class Block:
+    """One unit of work: a deterministic id, a write region and a read region.
+
+    ``core`` is the region whose result this block owns (and writes);
+    ``read`` is ``core`` grown by the halo and clipped to the image.
+    """
+
+    index: tuple[int, ...]
+    id: int
+    core: Region
+    read: Region
+
+    @property
+    def core_in_read(self) -> Region:
+        """``core`` expressed in the coordinates of the read region."""
+        return tuple(
+            slice(c.start - r.start, c.stop - r.start) for c, r in zip(self.core, self.read, strict=True)
+        )
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(s.stop - s.start for s in self.core)
+
+
+def parse_per_axis(value: int | Sequence[int], ndim: int, name: str) -> tuple[int, ...]:
+    """Coerce an int or a per-axis sequence into one non-negative int per axis.
+
+    Raises
+    ------
+    ValueError
+        If the length does not match ``ndim`` or a value is negative.
+    """
+    if isinstance(value, int):
+        values = (value,) * ndim
+    else:
+        values = tuple(int(v) for v in value)
+        if len(values) == 1:
+            values = values * ndim
+    if len(values) != ndim:
+        raise ValueError(f"Expected {name} as one int or {ndim} ints, got {value!r} instead.")
+    if any(v < 0 for v in values):
+        raise ValueError(f"Expected non-negative {name}, got {value!r} instead.")
+    return values
+
+
+@dataclass(frozen=True)
+class BlockGrid:
+    """A regular grid of blocks of edge ``tile`` over ``shape``, with ``halo`` of context."""
+
+    shape: tuple[int, ...]
+    tile: tuple[int, ...]
+    halo: tuple[int, ...]
+
+    @classmethod
+    def build(
+        cls, shape: Sequence[int], *, tile: int | Sequence[int], halo: int | Sequence[int] = 0
+    ) -> BlockGrid:
+        ndim = len(shape)
+        tiles = parse_per_axis(tile, ndim, "tile")
+        if any(t < 1 for t in tiles):
+            raise ValueError(f"Expected tile >= 1, got {tile!r} instead.")
+        # A tile larger than the image is one block along that axis.
+        tiles = tuple(min(t, max(s, 1)) for t, s in zip(tiles, shape, strict=True))
+        return cls(tuple(int(s) for s in shape), tiles, parse_per_axis(halo, ndim, "halo"))
+
+    @property
+    def grid_shape(self) -> tuple[int, ...]:
+        return tuple(-(-s // t) for s, t in zip(self.shape, self.tile, strict=True))
+
+    def __len__(self) -> int:
+        n = 1
+        for g in self.grid_shape:
+            n *= g
+        return n
+
+    def block_id(self, index: Sequence[int]) -> int:
+        """Row-major id of the block at grid ``index``."""
+        bid = 0
+        for i, g in zip(index, self.grid_shape, strict=True):
+            bid = bid * g + i
+        return bid
+
+    def block(self, index: Sequence[int]) -> Block:
+        core = tuple(
+            slice(i * t, min((i + 1) * t, s)) for i, t, s in zip(index, self.tile, self.shape, strict=True)
+        )
+        read = tuple(
+            slice(max(c.start - h, 0), min(c.stop + h, s))
+            for c, h, s in zip(core, self.halo, self.shape, strict=True)
+        )
+        return Block(tuple(index), self.block_id(index), core, read)
+
+    def __iter__(self) -> Iterator[Block]:
+        for index in itertools.product(*(range(g) for g in self.grid_shape)):
+            yield self.block(index)
+
+    def neighbour_pairs(self) -> Iterator[tuple[Block, Block, tuple[int, ...]]]:
+        """Each pair of blocks that touch (faces, edges, corners) once, with their offset."""
+        ndim = len(self.shape)
+        offsets = [
+            d
+            for d in itertools.product((-1, 0, 1), repeat=ndim)
+            if any(d) and next(x for x in d if x) > 0  # lexicographically positive
+        ]
+        grid = self.grid_shape
+        for a in self:
+            for d in offsets:
+                j = tuple(i + o for i, o in zip(a.index, d, strict=True))
+                if all(0 <= x < g for x, g in zip(j, grid, strict=True)):
+                    yield a, self.block(j), d

@@ -1,0 +1,36 @@
+"""Exceptions raised by segpipe; every one is a `SegpipeError`."""
+
+from __future__ import annotations
+
+
+class SegpipeError(Exception):
+    """Root of every error segpipe raises on purpose."""
+
+
+class ConfigError(SegpipeError, ValueError):
+    """A configuration value is missing or invalid."""
+
+
+class InputNotFoundError(SegpipeError, FileNotFoundError):
+    """An input path, glob or manifest entry does not exist."""
+
+
+class InputReadError(SegpipeError, OSError):
+    """An input file exists but cannot be read (truncated, corrupt, not an image)."""
+
+
+class UnsupportedImageError(SegpipeError, ValueError):
+    """An image has a dtype, shape or layout segpipe cannot segment."""
+
+
+class OutputConflictError(SegpipeError, FileExistsError):
+    """The output store already holds a different run."""
+
+
+class SegmenterError(SegpipeError, ValueError):
+    """Unknown segmenter or invalid segmenter parameters."""
+
+
+def file_error(path: object, problem: str) -> str:
+    """Format a message that names the file first, then the problem."""
+    return f"{path}: {problem}"

@@ -1,0 +1,1 @@
+"""Input readers, collection resolution and OME-Zarr output: the only code that touches files."""

@@ -1,0 +1,124 @@
+"""OME-Zarr 0.5 (Zarr v3) layout of a segpipe output store.
+
+``OUT/<name>/0..n`` image pyramid, ``OUT/<name>/labels/<label>/0..n`` label
+pyramids (strided, never interpolated), NGFF metadata through ome-zarr's
+writers, and segpipe's own attributes (run fingerprint, completion).
+"""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from ome_zarr.format import FormatV05
+    from ome_zarr.writer import write_label_metadata, write_multiscales_metadata
+
+SCRATCH = "_segpipe"
+IMAGE_CODEC = BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
+LABEL_CODEC = BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle")
+
+
+def create_array(
+    path: str | Path,
+    *,
+    shape: Sequence[int],
+    chunks: Sequence[int],
+    dtype: Any,
+    labels: bool = False,
+) -> zarr.Array:
+    """Create (replacing) a chunked Zarr v3 array with segpipe's codec choices."""
+    path = Path(path)
+    if path.exists():
+        shutil.rmtree(path)
+    return zarr.create_array(
+        store=str(path),
+        shape=tuple(shape),
+        chunks=tuple(min(c, max(s, 1)) for c, s in zip(chunks, shape, strict=True)),
+        dtype=dtype,
+        compressors=LABEL_CODEC if labels else IMAGE_CODEC,
+        fill_value=0,
+        zarr_format=3,
+        dimension_names=axes_names(len(shape)),
+    )
+
+
+def axes_names(ndim: int) -> list[str]:
+    return ["z", "y", "x"][3 - ndim :]
+
+
+def pyramid_shapes(shape: Sequence[int], *, min_size: int = 256) -> list[tuple[int, ...]]:
+    """Shapes of each level: Y and X halved (Z kept) until both fit in ``min_size``."""
+    shapes = [tuple(shape)]
+    while max(shapes[-1][-2:]) > min_size:
+        s = shapes[-1]
+        shapes.append((*s[:-2], -(-s[-2] // 2), -(-s[-1] // 2)))
+    return shapes
+
+
+def _datasets(ndim: int, levels: int) -> list[dict[str, Any]]:
+    return [
+        {
+            "path": str(k),
+            "coordinateTransformations": [
+                {"type": "scale", "scale": [1.0] * (ndim - 2) + [float(2**k)] * 2}
+            ],
+        }
+        for k in range(levels)
+    ]
+
+
+def _axes(ndim: int) -> list[dict[str, str]]:
+    return [{"name": a, "type": "space", "unit": "micrometer"} for a in axes_names(ndim)]
+
+
+def write_image_metadata(group_path: str | Path, *, ndim: int, levels: int, name: str) -> None:
+    """NGFF multiscales metadata for the image group."""
+    group = zarr.open_group(str(group_path), mode="a", zarr_format=3)
+    write_multiscales_metadata(
+        group, _datasets(ndim, levels), fmt=FormatV05(), axes=_axes(ndim), name=name
+    )
+
+
+def write_label_group_metadata(
+    label_path: str | Path,
+    *,
+    ndim: int,
+    levels: int,
+    name: str,
+    properties: list[dict[str, Any]] | None = None,
+    colors: list[dict[str, Any]] | None = None,
+) -> None:
+    """NGFF multiscales + image-label metadata of one label image."""
+    group = zarr.open_group(str(label_path), mode="a", zarr_format=3)
+    write_multiscales_metadata(
+        group, _datasets(ndim, levels), fmt=FormatV05(), axes=_axes(ndim), name=name
+    )
+    parent = zarr.open_group(str(Path(label_path).parent), mode="a", zarr_format=3)
+    write_label_metadata(
+        parent, Path(label_path).name, colors=colors, properties=properties, fmt=FormatV05()
+    )
+
+
+def write_labels_index(labels_path: str | Path, names: list[str]) -> None:
+    """The ``labels`` group that lists the label images (written last)."""
+    group = zarr.open_group(str(labels_path), mode="a", zarr_format=3)
+    ome = dict(group.attrs.get("ome", {}))
+    ome.update({"version": "0.5", "labels": list(dict.fromkeys(names))})
+    group.attrs["ome"] = ome
+
+
+def downsample_block(src: str, dst: str, region: tuple[slice, ...]) -> None:
+    """Write ``region`` of level k+1 as every second Y/X pixel of level k (nearest)."""
+    src_arr = zarr.open_array(src, mode="r")
+    dst_arr = zarr.open_array(dst, mode="r+")
+    read = (*region[:-2], *(slice(2 * s.start, 2 * s.stop, 2) for s in region[-2:]))
+    dst_arr[region] = np.asarray(src_arr[read])

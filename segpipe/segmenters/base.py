@@ -1,0 +1,115 @@
+"""The segmenter contract: halo, outputs, global preparation and a pure block function."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+from numpy.typing import NDArray
+from pydantic import BaseModel, ConfigDict, ValidationError
+from skimage.filters import gaussian
+
+from segpipe.errors import SegmenterError
+from segpipe.stats import ImageStats
+
+Stitch = Literal["faces", "overlap"]
+
+
+@dataclass(frozen=True)
+class SegmentResult:
+    """What a segmenter returns for one block (shapes equal the block's).
+
+    ``semantic`` holds a class per pixel (0 = background); ``instances`` holds
+    block-local object ids (0 = background), any numbering.
+    """
+
+    semantic: NDArray[np.uint8] | None
+    instances: NDArray[np.integer] | None
+
+
+class Options(BaseModel):
+    """Base of every segmenter's options: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SmoothingOptions(Options):
+    sigma: float | list[float] = 2.0
+    """Gaussian smoothing before anything else, in pixels (0 = none); one value or one per axis."""
+
+
+def gaussian_radius(sigma: float | Sequence[float], ndim: int, truncate: float = 4.0) -> tuple[int, ...]:
+    """Pixels of context a Gaussian of ``sigma`` reads per side (as scipy computes it)."""
+    sigmas = [float(sigma)] * ndim if isinstance(sigma, int | float) else [float(s) for s in sigma]
+    if len(sigmas) != ndim:
+        raise SegmenterError(f"Expected sigma as one value or {ndim} values, got {sigma!r} instead.")
+    return tuple(int(truncate * s + 0.5) if s > 0 else 0 for s in sigmas)
+
+
+class Segmenter(ABC):
+    """One segmentation method, registered by name.
+
+    Subclasses declare ``name``, ``options_model``, what they ``produce`` and
+    how their instances are stitched. The pipeline calls, in order:
+    ``preprocess`` on every block + ``filter_halo`` (the result is what
+    statistics and ``segment`` see), ``prepare(stats)`` once per image, and
+    ``segment(block, params)`` on every block + ``halo``.
+    """
+
+    name: ClassVar[str]
+    options_model: ClassVar[type[Options]]
+    produces: ClassVar[frozenset[str]] = frozenset({"semantic", "instances"})
+    stitch: ClassVar[Stitch] = "faces"
+    gpu: ClassVar[bool] = False
+
+    def __init__(self, **options: Any) -> None:
+        try:
+            self.options = self.options_model(**options)
+        except ValidationError as err:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or 'options'}: {e['msg']}" for e in err.errors()
+            )
+            raise SegmenterError(f"segmenter {self.name!r}: {problems}") from err
+
+    # -- filtering ---------------------------------------------------------
+    def sigma(self) -> float | list[float]:
+        return getattr(self.options, "sigma", 0.0)
+
+    def filter_halo(self, ndim: int) -> tuple[int, ...]:
+        """Context the ``preprocess`` filter needs per side."""
+        return gaussian_radius(self.sigma(), ndim)
+
+    def has_filter(self) -> bool:
+        s = self.sigma()
+        return any(v > 0 for v in ([s] if isinstance(s, int | float) else s))
+
+    def preprocess(self, block: NDArray[np.float32]) -> NDArray[np.float32]:
+        """Smooth a float32 block exactly as ``skimage.filters.gaussian`` does on the whole image."""
+        if not self.has_filter():
+            return block
+        out: NDArray[np.float32] = gaussian(block, sigma=self.sigma(), preserve_range=True, mode="nearest")
+        return out
+
+    # -- segmentation ------------------------------------------------------
+    @abstractmethod
+    def halo(self, ndim: int) -> tuple[int, ...]:
+        """Context (pixels per side) ``segment`` needs beyond the block it owns."""
+
+    @property
+    def classes(self) -> list[str]:
+        """Names of the semantic classes, background first."""
+        return ["background", "foreground"]
+
+    def prepare(self, stats: ImageStats) -> Mapping[str, Any]:
+        """Turn whole-image statistics into the parameters ``segment`` uses."""
+        return {}
+
+    @abstractmethod
+    def segment(self, block: NDArray[np.float32], params: Mapping[str, Any]) -> SegmentResult:
+        """Segment one float32 block (with its halo); a pure function."""
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, **self.options.model_dump()}
