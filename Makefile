@@ -1,0 +1,34 @@
+# Two commands do everything on a fresh machine:
+#   make demo   - create .venv if missing, run `segpipe demo`
+#   make test   - create .venv if missing, run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PYTEST_ARGS ?=
+
+.PHONY: demo test test-all lint install clean
+
+$(BIN)/segpipe: pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $(BIN)/segpipe
+
+install: $(BIN)/segpipe
+
+demo: $(BIN)/segpipe
+	$(BIN)/segpipe demo
+
+test: $(BIN)/segpipe
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-all: $(BIN)/segpipe
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(BIN)/segpipe
+	$(BIN)/ruff check segpipe flows tests bench
+	$(BIN)/ruff format --check segpipe flows tests bench
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) segpipe-demo

@@ -1,0 +1,13 @@
+"""Prefect flows and the ``segpipe`` command line: orchestration around the ``segpipe`` library.
+
+Prefect reads its settings at import: defaults that keep a laptop run
+self-contained are set here, before any flow module imports Prefect.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("PREFECT_HOME", str(Path.home() / ".segpipe" / "prefect"))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

@@ -1,0 +1,215 @@
+"""The ``segpipe`` command line (typer + rich)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from segpipe.errors import SegpipeError
+
+app = typer.Typer(
+    name="segpipe",
+    help="Segment image collections too large for one machine: Dask blocks, Prefect flows, OME-Zarr out.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+out = Console()
+
+RUN_EXAMPLES = """
+[b]Examples[/b]
+
+  segpipe run --input 'scans/*.tif' --output out.zarr --segmenter watershed
+  segpipe run --input scans/ --output out.zarr --segmenter otsu --tile 2048 --set sigma=1.5
+  segpipe run --config run.yaml --cluster tcp://scheduler:8786
+  segpipe run --input stack.ome.tif --output out.zarr --channel 1 --segmenter multiotsu --set classes=3
+"""
+
+
+class _BarReporter:
+    """A rich progress bar with one row per image stage, fed from Prefect task threads."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.tasks: dict[str, Any] = {}
+        self.lock = threading.Lock()
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        with self.lock:
+            if stage not in self.tasks:
+                self.tasks[stage] = self.progress.add_task(stage, total=total)
+            self.progress.update(self.tasks[stage], completed=done, total=total)
+
+
+def _fail(err: BaseException, code: int = 1) -> None:
+    console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _summary(rows: list[dict[str, Any]], output: str) -> None:
+    table = Table(title="segpipe summary")
+    for col in ("image", "shape", "objects", "seconds", "Mpx/s"):
+        table.add_column(col, justify="right" if col != "image" else "left")
+    for r in rows:
+        table.add_row(r["image"], r["shape"], str(r["objects"]), f"{r['seconds']:.1f}", f"{r['Mpx/s']:.2f}")
+    out.print(table)
+    out.print(f"Results: {output}  (labels in <image>/labels/instances/0 and labels/semantic/0)")
+
+
+def execute(config: Any, *, show_progress: bool = True) -> list[dict[str, Any]]:
+    """Check a run, then run the Prefect flow with a progress bar; returns the summary rows."""
+    from flows import segment as seg_flow
+
+    prepared = seg_flow.prepare_run(config)  # fail fast, before Prefect and the cluster start
+    cfg = prepared.config
+    console.print(
+        f"segpipe: {len(prepared.sources)} image(s) → {cfg.output} "
+        f"with [b]{cfg.segmenter.name}[/b] on cluster {cfg.cluster}",
+        highlight=False,
+    )
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        disable=not show_progress,
+        transient=False,
+    )
+    with progress:
+        seg_flow.reporter.fn = _BarReporter(progress)
+        try:
+            rows = seg_flow.segment_collection(cfg.model_dump(mode="json"))
+        finally:
+            seg_flow.reporter.fn = seg_flow._quiet
+    return rows
+
+
+@app.command(epilog=RUN_EXAMPLES)
+def run(
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="run.yaml; flags override it.")] = None,
+    input: Annotated[str | None, typer.Option("--input", "-i", help="File, directory, glob or manifest (.txt/.csv).")] = None,
+    output: Annotated[str | None, typer.Option("--output", "-o", help="Output store, e.g. out.zarr.")] = None,
+    segmenter: Annotated[str | None, typer.Option("--segmenter", "-s", help="otsu, multiotsu, threshold, local, region-growing, watershed, edges.")] = None,
+    tile: Annotated[str | None, typer.Option(help="Block edge in pixels: 1024, or one per axis: 64,256,256.")] = None,
+    halo: Annotated[str | None, typer.Option(help="'auto' (what the segmenter declares) or pixels.")] = None,
+    cluster: Annotated[str | None, typer.Option(help="'local' or tcp://host:port of a Dask scheduler.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Segmenter option key=value; repeatable.")] = None,
+    channel: Annotated[str | None, typer.Option(help="Channel index, or mean|max|sum, for multichannel images.")] = None,
+    workers: Annotated[int | None, typer.Option(help="LocalCluster worker processes.")] = None,
+    threads: Annotated[int | None, typer.Option(help="Threads per LocalCluster worker.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an output that holds a different run.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Segment a collection into an OME-Zarr store."""
+    from segpipe.config import load_config, parse_sets, parse_value
+
+    try:
+        overrides: dict[str, Any] = {
+            "input": input,
+            "output": output,
+            "segmenter": segmenter,
+            "tile": _parse_tile(tile),
+            "halo": None if halo is None else parse_value(halo),
+            "cluster": cluster,
+            "set": parse_sets(set_ or []),
+            "channel": None if channel is None else parse_value(channel),
+            "workers": workers,
+            "threads": threads,
+            "overwrite": overwrite or None,
+        }
+        if config is None and (input is None or output is None):
+            raise typer.BadParameter("give --config, or both --input and --output.")
+        cfg = load_config(config, overrides)
+        t0 = time.perf_counter()
+        rows = execute(cfg, show_progress=not quiet)
+    except SegpipeError as err:
+        _fail(err)
+    except typer.BadParameter as err:
+        _fail(err, 2)
+    _summary(rows, cfg.resolved().output)
+    out.print(f"Done in {time.perf_counter() - t0:.1f} s.")
+
+
+def _parse_tile(text: str | None) -> int | list[int] | None:
+    if text is None:
+        return None
+    try:
+        parts = [int(p) for p in text.replace("x", ",").split(",") if p.strip()]
+    except ValueError as err:
+        raise SegpipeError(f"--tile {text!r}: expected an int or comma-separated ints.") from err
+    return parts[0] if len(parts) == 1 else parts
+
+
+@app.command()
+def demo(
+    directory: Annotated[Path, typer.Option("--dir", help="Where the demo collection and output go.")] = Path("segpipe-demo"),
+    segmenter: Annotated[str, typer.Option("--segmenter", "-s")] = "watershed",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+) -> None:
+    """Make a small synthetic collection of nuclei and run the whole flow on it locally."""
+    from segpipe import synthetic
+    from segpipe.config import RunConfig
+
+    images = directory / "images"
+    console.print(f"segpipe demo: writing synthetic nuclei to {images}/")
+    synthetic.write_tiff(images / "plate-a.tif", (2048, 2048), seed=1)
+    synthetic.write_tiff(images / "plate-b.tif", (1536, 2560), seed=2)
+    synthetic.write_tiff(images / "stack-c.tif", (24, 512, 512), seed=3)
+    cfg = RunConfig(
+        input=str(images),
+        output=str(directory / "out.zarr"),
+        tile=512,
+        segmenter={"name": segmenter},
+        overwrite=True,
+    )
+    try:
+        rows = execute(cfg, show_progress=not quiet)
+    except SegpipeError as err:
+        _fail(err)
+    _summary(rows, cfg.resolved().output)
+    out.print("Open it in napari:  napari --plugin napari-ome-zarr " + cfg.resolved().output + "/plate-a")
+
+
+@app.command()
+def segmenters() -> None:
+    """List the registered segmenters and their options."""
+    from segpipe.segmenters import available, get_segmenter
+
+    table = Table(title="segmenters")
+    table.add_column("name")
+    table.add_column("stitching")
+    table.add_column("options (defaults)")
+    for name in available():
+        try:
+            seg = get_segmenter(name)
+        except SegpipeError as err:
+            table.add_row(name, "?", f"unavailable: {err}")
+            continue
+        opts = ", ".join(f"{k}={v!r}" for k, v in seg.options.model_dump().items())
+        table.add_row(name, seg.stitch, opts)
+    out.print(table)
+
+
+def main() -> None:
+    """Console entry point."""
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    try:
+        app()
+    except KeyboardInterrupt:
+        console.print("[red]interrupted[/]")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

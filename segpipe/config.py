@@ -1,0 +1,157 @@
+"""Run configuration: a YAML file and command-line overrides, validated once at the boundary."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from segpipe.errors import ConfigError
+
+
+class SegmenterConfig(BaseModel):
+    """``name`` plus any option of that segmenter (validated by the segmenter)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    name: str = "otsu"
+
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class RunConfig(BaseModel):
+    """What one ``segpipe run`` does. Field names are the keys of ``run.yaml``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    input: str
+    """A file, a directory, a glob, or a manifest (.txt/.csv, one path per line)."""
+    output: str
+    """The output store, e.g. ``out.zarr``; results land in ``out.zarr/<image name>/``."""
+    tile: int | list[int] = 1024
+    """Block edge in pixels: one int, or one per axis."""
+    halo: Literal["auto"] | int | list[int] = "auto"
+    """Context per side in pixels; ``auto`` is what the segmenter declares."""
+    cluster: str = "local"
+    """``local`` (a LocalCluster on this machine) or ``tcp://host:port`` of a running scheduler."""
+    workers: int | None = Field(None, ge=1)
+    """LocalCluster worker processes (default: 1)."""
+    threads: int | None = Field(None, ge=1)
+    """Threads per LocalCluster worker (default: the machine's cores)."""
+    channel: int | Literal["mean", "max", "sum"] | None = None
+    """Channel to segment in multichannel images, or how to reduce them."""
+    axes: str | None = None
+    """Axes of plain Zarr inputs, e.g. ``ZYX`` or ``CYX``."""
+    overwrite: bool = False
+    """Replace an output that holds a different run."""
+    segmenter: SegmenterConfig = SegmenterConfig()
+
+    @field_validator("tile")
+    @classmethod
+    def _tile_positive(cls, v: int | list[int]) -> int | list[int]:
+        values = [v] if isinstance(v, int) else v
+        if not values or any(t < 1 for t in values):
+            raise ValueError(f"expected a positive tile size, got {v!r} instead")
+        return v
+
+    @field_validator("cluster")
+    @classmethod
+    def _cluster_known(cls, v: str) -> str:
+        if v != "local" and not v.startswith(("tcp://", "tls://")):
+            raise ValueError(f"expected 'local' or 'tcp://host:port', got {v!r} instead")
+        return v
+
+    def resolved(self) -> RunConfig:
+        """The same config with input and output made absolute (workers have another cwd)."""
+        inp = self.input
+        if not os.path.isabs(os.path.expanduser(inp)):
+            inp = os.path.join(os.getcwd(), inp)
+        return self.model_copy(
+            update={
+                "input": os.path.expanduser(inp),
+                "output": str(Path(self.output).expanduser().resolve()),
+            }
+        )
+
+    def run_settings(self) -> dict[str, Any]:
+        """Settings that decide output pixels: a changed one makes it a different run."""
+        return {
+            "segmenter": self.segmenter.name,
+            "options": self.segmenter.options(),
+            "tile": self.tile,
+            "halo": self.halo,
+            "channel": self.channel,
+            "axes": self.axes,
+        }
+
+
+def parse_value(text: str) -> Any:
+    """A ``--set`` value as YAML would read it (``2`` → int, ``[1, 2]`` → list)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def parse_sets(items: list[str]) -> dict[str, Any]:
+    """``["sigma=2.0", "markers=h-maxima"]`` → ``{"sigma": 2.0, "markers": "h-maxima"}``."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected key=value.")
+        out[key.strip()] = parse_value(value.strip())
+    return out
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None, overrides: dict[str, Any] | None = None
+) -> RunConfig:
+    """Read ``run.yaml`` (if given) and apply ``overrides`` (flags win over the file).
+
+    ``overrides`` may hold ``segmenter`` (a name) and ``set`` (segmenter options).
+
+    Raises
+    ------
+    ConfigError
+        Naming the file and every invalid key.
+    """
+    data: dict[str, Any] = {}
+    source = str(path) if path else "command line"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found.")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{p}: not valid YAML ({err}).") from err
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: expected a mapping of settings, got {type(loaded).__name__}.")
+        data = loaded
+        # Relative paths in a config file are relative to the file.
+        for key in ("input", "output"):
+            if isinstance(data.get(key), str) and not os.path.isabs(os.path.expanduser(data[key])):
+                data[key] = str(p.resolve().parent / data[key])
+    overrides = dict(overrides or {})
+    seg = data.get("segmenter", {})
+    seg = {"name": seg} if isinstance(seg, str) else dict(seg or {})
+    if overrides.get("segmenter"):
+        if overrides["segmenter"] != seg.get("name"):
+            seg = {"name": overrides["segmenter"]}  # another segmenter: the file's options don't apply
+    seg.update(overrides.pop("set", None) or {})
+    overrides.pop("segmenter", None)
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    data["segmenter"] = seg
+    try:
+        return RunConfig(**data)
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(str(x) for x in e['loc']) or 'config'}: {e['msg']}" for e in err.errors()
+        )
+        raise ConfigError(f"{source}: {problems}") from err
