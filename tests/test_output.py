@@ -1,0 +1,96 @@
+"""The output store: OME-Zarr 0.5 layout, pyramids, completion, determinism, config files."""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import yaml
+import zarr
+
+from segpipe import synthetic
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return synthetic.write_tiff(tmp_path_factory.mktemp("in") / "cells.tif", (700, 650), seed=2)
+
+
+def _digest(root: Path) -> dict[str, str]:
+    """Checksums of every chunk and metadata file under ``root``."""
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != "zarr.json"
+    }
+
+
+def test_layout_is_ome_zarr_napari_can_open(run_cli, small: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out.zarr"
+    assert run_cli("--input", str(small), "--output", str(out), "--tile", "128").exit_code == 0
+    image = zarr.open_group(str(out / "cells"), mode="r")
+    ome = image.attrs["ome"]
+    assert ome["version"] == "0.5"
+    datasets = ome["multiscales"][0]["datasets"]
+    assert [d["path"] for d in datasets] == ["0", "1", "2"]
+    assert [a["name"] for a in ome["multiscales"][0]["axes"]] == ["y", "x"]
+    labels = zarr.open_group(str(out / "cells" / "labels"), mode="r")
+    assert labels.attrs["ome"]["labels"] == ["instances", "semantic"]
+    for name in ("instances", "semantic"):
+        group = zarr.open_group(str(out / "cells" / "labels" / name), mode="r")
+        assert "image-label" in group.attrs["ome"]
+        level0 = group["0"][:]
+        for k in (1, 2):  # nearest downsampling: never a label value that is not in level 0
+            assert np.array_equal(group[str(k)][:], level0[:: 2**k, :: 2**k])
+    assert np.array_equal(image["0"][:], tifffile.imread(small))
+    assert image.attrs["segpipe"]["complete"] is True
+    assert not (out / "_segpipe" / "scratch" / "cells").exists()
+    # an independent NGFF reader finds the image and both label images
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from ome_zarr.io import parse_url
+        from ome_zarr.reader import Reader
+
+        nodes = list(Reader(parse_url(str(out / "cells")))())
+    assert len(nodes[0].data) == 3
+    assert {n.zarr.path.rstrip("/").split("/")[-1] for n in nodes[1:]} >= {"instances", "semantic"}
+
+
+def test_output_identical_whatever_cluster_shape(run_cli, small: Path, tmp_path: Path) -> None:
+    a, b = tmp_path / "a.zarr", tmp_path / "b.zarr"
+    assert run_cli("--input", str(small), "--output", str(a), "--tile", "96",
+                   "--segmenter", "watershed").exit_code == 0
+    result = run_cli("--input", str(small), "--output", str(b), "--tile", "96",
+                     "--segmenter", "watershed", "--workers", "2", "--threads", "1", cluster=False)
+    assert result.exit_code == 0, result.output
+    da, db = _digest(a / "cells"), _digest(b / "cells")
+    assert da and da == db
+
+
+def test_config_file_and_flags_override(run_cli, small: Path, tmp_path: Path, cluster_address: str) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        "input": str(small), "output": "from-file.zarr", "tile": 128, "halo": "auto",
+        "cluster": cluster_address, "segmenter": {"name": "multiotsu", "sigma": 1.0, "classes": 3},
+    }))
+    result = run_cli("--config", str(config), "--set", "classes=4")
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "from-file.zarr"  # relative to the config file
+    group = zarr.open_group(str(out / "cells"), mode="r")
+    seg = group.attrs["segpipe"]["segmenter"]
+    assert seg == {"name": "multiotsu", "sigma": 1.0, "classes": 4}
+    semantic = zarr.open_array(str(out / "cells/labels/semantic/0"))[:]
+    assert set(np.unique(semantic)) == {0, 1, 2, 3}
+
+
+def test_rerun_same_settings_reuses_output(run_cli, small: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out.zarr"
+    args = ("--input", str(small), "--output", str(out), "--tile", "128")
+    assert run_cli(*args).exit_code == 0
+    first = _digest(out / "cells")
+    assert run_cli(*args).exit_code == 0
+    assert _digest(out / "cells") == first
