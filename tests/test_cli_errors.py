@@ -1,0 +1,149 @@
+"""Bad input through `segpipe run`: a clear message naming the file, non-zero exit,
+and nothing that looks like a complete result."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import zarr
+
+from segpipe import synthetic
+
+
+def _no_complete_result(out: Path) -> None:
+    """Nothing under ``out`` claims to be a finished image."""
+    if not out.exists():
+        return
+    for group in out.iterdir():
+        if group.name.startswith("_") or not (group / "zarr.json").exists():
+            continue
+        attrs = zarr.open_group(str(group), mode="r").attrs.asdict()
+        assert not attrs.get("segpipe", {}).get("complete"), group
+
+
+def _fails(result, *needles: str) -> None:  # type: ignore[no-untyped-def]
+    assert result.exit_code != 0
+    text = " ".join(result.output.split())  # rich wraps long lines
+    for needle in needles:
+        assert needle in text, text
+
+
+def test_missing_file(run_cli, tmp_path: Path) -> None:
+    missing = tmp_path / "nope.tif"
+    result = run_cli("--input", str(missing), "--output", str(tmp_path / "o.zarr"))
+    _fails(result, "nope.tif", "no such file")
+    _no_complete_result(tmp_path / "o.zarr")
+
+
+def test_glob_matching_nothing(run_cli, tmp_path: Path) -> None:
+    result = run_cli("--input", str(tmp_path / "*.tif"), "--output", str(tmp_path / "o.zarr"))
+    _fails(result, "*.tif", "matches no files")
+
+
+def test_truncated_tiff(run_cli, tmp_path: Path) -> None:
+    good = synthetic.write_tiff(tmp_path / "in" / "good.tif", (600, 600), seed=1)
+    data = good.read_bytes()
+    bad = tmp_path / "in" / "bad.tif"
+    bad.write_bytes(data[: len(data) // 2])
+    out = tmp_path / "o.zarr"
+    result = run_cli("--input", str(tmp_path / "in"), "--output", str(out))
+    _fails(result, "bad.tif", "truncated")
+    # every input is checked before any compute: not even the good one was written
+    assert not (out / "good").exists()
+    _no_complete_result(out)
+
+
+def test_corrupt_tiff(run_cli, tmp_path: Path) -> None:
+    bad = tmp_path / "garbage.tif"
+    bad.write_bytes(b"II*\x00" + bytes(range(256)) * 4)
+    result = run_cli("--input", str(bad), "--output", str(tmp_path / "o.zarr"))
+    _fails(result, "garbage.tif")
+
+
+def test_corrupt_tile_found_during_read(run_cli, tmp_path: Path) -> None:
+    """A TIFF whose header is fine but one tile's compressed data is garbage."""
+    path = synthetic.write_tiff(tmp_path / "tile.tif", (512, 512), tile=256, seed=1)
+    with tifffile.TiffFile(path) as tif:
+        offset = tif.pages[0].dataoffsets[3]
+    raw = bytearray(path.read_bytes())
+    raw[offset : offset + 64] = b"\xff" * 64
+    path.write_bytes(bytes(raw))
+    out = tmp_path / "o.zarr"
+    result = run_cli("--input", str(path), "--output", str(out))
+    _fails(result, "tile.tif", "failed to read")
+    _no_complete_result(out)
+
+
+@pytest.mark.parametrize("dtype", [np.complex64, np.bool_])
+def test_unsupported_dtype(run_cli, tmp_path: Path, dtype: type) -> None:
+    path = tmp_path / "odd.tif"
+    tifffile.imwrite(path, np.ones((64, 64), dtype=dtype))
+    result = run_cli("--input", str(path), "--output", str(tmp_path / "o.zarr"))
+    _fails(result, "odd.tif")
+    assert "dtype" in result.output or "not a readable" in result.output
+
+
+def test_zero_size_image(run_cli, tmp_path: Path) -> None:
+    path = tmp_path / "empty.zarr"
+    zarr.create_array(str(path), shape=(0, 64), chunks=(16, 16), dtype="uint16")
+    result = run_cli("--input", str(path), "--output", str(tmp_path / "o.zarr"))
+    _fails(result, "empty.zarr", "zero-length")
+
+
+def test_empty_file(run_cli, tmp_path: Path) -> None:
+    path = tmp_path / "zero.tif"
+    path.write_bytes(b"")
+    result = run_cli("--input", str(path), "--output", str(tmp_path / "o.zarr"))
+    _fails(result, "zero.tif", "empty")
+
+
+def test_nan_in_float_image(run_cli, tmp_path: Path) -> None:
+    data = np.ones((300, 300), np.float32)
+    data[200, 10] = np.nan
+    path = tmp_path / "nan.tif"
+    tifffile.imwrite(path, data)
+    out = tmp_path / "o.zarr"
+    result = run_cli("--input", str(path), "--output", str(out), "--tile", "128")
+    _fails(result, "nan.tif", "NaN")
+    _no_complete_result(out)
+
+
+def test_output_holding_another_run(run_cli, tmp_path: Path) -> None:
+    path = synthetic.write_tiff(tmp_path / "a.tif", (300, 300), seed=1)
+    out = tmp_path / "o.zarr"
+    assert run_cli("--input", str(path), "--output", str(out), "--segmenter", "otsu").exit_code == 0
+    result = run_cli("--input", str(path), "--output", str(out), "--segmenter", "watershed")
+    _fails(result, "o.zarr", "different run", "--overwrite")
+    # the earlier result is untouched and still complete
+    assert zarr.open_group(str(out / "a"), mode="r").attrs["segpipe"]["complete"] is True
+    result = run_cli("--input", str(path), "--output", str(out), "--segmenter", "watershed",
+                     "--overwrite")
+    assert result.exit_code == 0, result.output
+
+
+def test_output_is_some_other_folder(run_cli, tmp_path: Path) -> None:
+    path = synthetic.write_tiff(tmp_path / "a.tif", (300, 300), seed=1)
+    out = tmp_path / "precious"
+    out.mkdir()
+    (out / "thesis.docx").write_text("do not delete")
+    result = run_cli("--input", str(path), "--output", str(out))
+    _fails(result, "precious", "not a segpipe store")
+    assert (out / "thesis.docx").exists()
+
+
+def test_bad_segmenter_option(run_cli, tmp_path: Path) -> None:
+    path = synthetic.write_tiff(tmp_path / "a.tif", (300, 300), seed=1)
+    result = run_cli("--input", str(path), "--output", str(tmp_path / "o.zarr"), "--set", "sigm=2")
+    _fails(result, "otsu", "sigm")
+    result = run_cli("--input", str(path), "--output", str(tmp_path / "o.zarr"), "--segmenter", "nope")
+    _fails(result, "unknown segmenter", "watershed")
+
+
+def test_bad_config_file(run_cli, tmp_path: Path) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_text("input: a.tif\noutput: o.zarr\ntile: -3\nfrobnicate: 1\n")
+    result = run_cli("--config", str(config))
+    _fails(result, "run.yaml", "tile", "frobnicate")
