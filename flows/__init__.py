@@ -10,4 +10,6 @@ import os
 from pathlib import Path
 
 os.environ.setdefault("PREFECT_HOME", str(Path.home() / ".segpipe" / "prefect"))
+# Prefect creates its home without parents; an embedded API without it fails to start.
+Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

@@ -18,7 +18,7 @@ from segpipe.errors import SegpipeError
 
 app = typer.Typer(
     name="segpipe",
-    help="Segment image collections too large for one machine: Dask blocks, Prefect flows, OME-Zarr out.",
+    help="Segment image collections too large for one machine: Dask blocks, Prefect, OME-Zarr.",
     no_args_is_help=True,
     rich_markup_mode="rich",
     pretty_exceptions_enable=False,
@@ -32,7 +32,7 @@ RUN_EXAMPLES = """
   segpipe run --input 'scans/*.tif' --output out.zarr --segmenter watershed
   segpipe run --input scans/ --output out.zarr --segmenter otsu --tile 2048 --set sigma=1.5
   segpipe run --config run.yaml --cluster tcp://scheduler:8786
-  segpipe run --input stack.ome.tif --output out.zarr --channel 1 --segmenter multiotsu --set classes=3
+  segpipe run --input stack.ome.tif --output out.zarr --channel 1 -s multiotsu --set classes=3
 """
 
 
@@ -61,7 +61,9 @@ def _summary(rows: list[dict[str, Any]], output: str) -> None:
     for col in ("image", "shape", "objects", "seconds", "Mpx/s"):
         table.add_column(col, justify="right" if col != "image" else "left")
     for r in rows:
-        table.add_row(r["image"], r["shape"], str(r["objects"]), f"{r['seconds']:.1f}", f"{r['Mpx/s']:.2f}")
+        table.add_row(
+            r["image"], r["shape"], str(r["objects"]), f"{r['seconds']:.1f}", f"{r['Mpx/s']:.2f}"
+        )
     out.print(table)
     out.print(f"Results: {output}  (labels in <image>/labels/instances/0 and labels/semantic/0)")
 
@@ -97,18 +99,44 @@ def execute(config: Any, *, show_progress: bool = True) -> list[dict[str, Any]]:
 
 @app.command(epilog=RUN_EXAMPLES)
 def run(
-    config: Annotated[Path | None, typer.Option("--config", "-c", help="run.yaml; flags override it.")] = None,
-    input: Annotated[str | None, typer.Option("--input", "-i", help="File, directory, glob or manifest (.txt/.csv).")] = None,
-    output: Annotated[str | None, typer.Option("--output", "-o", help="Output store, e.g. out.zarr.")] = None,
-    segmenter: Annotated[str | None, typer.Option("--segmenter", "-s", help="otsu, multiotsu, threshold, local, region-growing, watershed, edges.")] = None,
-    tile: Annotated[str | None, typer.Option(help="Block edge in pixels: 1024, or one per axis: 64,256,256.")] = None,
-    halo: Annotated[str | None, typer.Option(help="'auto' (what the segmenter declares) or pixels.")] = None,
-    cluster: Annotated[str | None, typer.Option(help="'local' or tcp://host:port of a Dask scheduler.")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Segmenter option key=value; repeatable.")] = None,
-    channel: Annotated[str | None, typer.Option(help="Channel index, or mean|max|sum, for multichannel images.")] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="run.yaml; flags override it.")
+    ] = None,
+    input: Annotated[
+        str | None,
+        typer.Option("--input", "-i", help="File, directory, glob or manifest (.txt/.csv)."),
+    ] = None,
+    output: Annotated[
+        str | None, typer.Option("--output", "-o", help="Output store, e.g. out.zarr.")
+    ] = None,
+    segmenter: Annotated[
+        str | None,
+        typer.Option(
+            "--segmenter",
+            "-s",
+            help="otsu, multiotsu, threshold, local, region-growing, watershed, edges.",
+        ),
+    ] = None,
+    tile: Annotated[
+        str | None, typer.Option(help="Block edge in pixels: 1024, or one per axis: 64,256,256.")
+    ] = None,
+    halo: Annotated[
+        str | None, typer.Option(help="'auto' (what the segmenter declares) or pixels.")
+    ] = None,
+    cluster: Annotated[
+        str | None, typer.Option(help="'local' or tcp://host:port of a Dask scheduler.")
+    ] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Segmenter option key=value; repeatable.")
+    ] = None,
+    channel: Annotated[
+        str | None, typer.Option(help="Channel index, or mean|max|sum, for multichannel images.")
+    ] = None,
     workers: Annotated[int | None, typer.Option(help="LocalCluster worker processes.")] = None,
     threads: Annotated[int | None, typer.Option(help="Threads per LocalCluster worker.")] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an output that holds a different run.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an output that holds a different run.")
+    ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Segment a collection into an OME-Zarr store."""
@@ -153,7 +181,9 @@ def _parse_tile(text: str | None) -> int | list[int] | None:
 
 @app.command()
 def demo(
-    directory: Annotated[Path, typer.Option("--dir", help="Where the demo collection and output go.")] = Path("segpipe-demo"),
+    directory: Annotated[
+        Path, typer.Option("--dir", help="Where the demo collection and output go.")
+    ] = Path("segpipe-demo"),
     segmenter: Annotated[str, typer.Option("--segmenter", "-s")] = "watershed",
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
@@ -178,7 +208,9 @@ def demo(
     except SegpipeError as err:
         _fail(err)
     _summary(rows, cfg.resolved().output)
-    out.print("Open it in napari:  napari --plugin napari-ome-zarr " + cfg.resolved().output + "/plate-a")
+    out.print(
+        "Open it in napari:  napari --plugin napari-ome-zarr " + cfg.resolved().output + "/plate-a"
+    )
 
 
 @app.command()

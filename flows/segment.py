@@ -84,18 +84,36 @@ def _client() -> Client:
     return Client.current()
 
 
-@task(name="ingest", task_run_name="ingest-{plan.name}", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+@task(
+    name="ingest",
+    task_run_name="ingest-{plan.name}",
+    retries=2,
+    retry_delay_seconds=2,
+    cache_policy=NO_CACHE,
+)
 def ingest_image(plan: pipeline.ImagePlan) -> Extrema:
     pipeline.begin(plan)
     return pipeline.ingest(_client(), plan, _progress(plan.name))
 
 
-@task(name="statistics", task_run_name="statistics-{plan.name}", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+@task(
+    name="statistics",
+    task_run_name="statistics-{plan.name}",
+    retries=2,
+    retry_delay_seconds=2,
+    cache_policy=NO_CACHE,
+)
 def compute_statistics(plan: pipeline.ImagePlan, raw: Extrema) -> ImageStats:
     return pipeline.statistics(_client(), plan, raw, _progress(plan.name))
 
 
-@task(name="segment", task_run_name="segment-{plan.name}", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+@task(
+    name="segment",
+    task_run_name="segment-{plan.name}",
+    retries=2,
+    retry_delay_seconds=2,
+    cache_policy=NO_CACHE,
+)
 def segment_blocks(plan: pipeline.ImagePlan, stats: ImageStats) -> pipeline.Segmented:
     return pipeline.segment(_client(), plan, stats, _progress(plan.name))
 
@@ -105,7 +123,13 @@ def stitch_labels(plan: pipeline.ImagePlan, segmented: pipeline.Segmented) -> Gl
     return pipeline.stitch_ids(segmented)
 
 
-@task(name="write", task_run_name="write-{plan.name}", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+@task(
+    name="write",
+    task_run_name="write-{plan.name}",
+    retries=2,
+    retry_delay_seconds=2,
+    cache_policy=NO_CACHE,
+)
 def write_outputs(plan: pipeline.ImagePlan, ids: GlobalIds) -> int:
     return pipeline.write(_client(), plan, ids, _progress(plan.name))
 
@@ -117,7 +141,9 @@ def _segment_one(plan: pipeline.ImagePlan) -> pipeline.ImageResult:
     segmented = segment_blocks(plan, stats)
     ids = stitch_labels(plan, segmented)
     write_outputs(plan, ids)
-    result = pipeline.ImageResult(plan.name, plan.spec.shape, ids.count, time.perf_counter() - t0, {})
+    result = pipeline.ImageResult(
+        plan.name, plan.spec.shape, ids.count, time.perf_counter() - t0, {}
+    )
     pipeline.finish(plan, result, stats, segmented.params)
     return result
 
@@ -127,7 +153,11 @@ def _run_name() -> str:
 
     params = flow_run.parameters or {}
     config = params.get("config", {})
-    source = Path(str(config.get("input", "collection"))).name if isinstance(config, dict) else "collection"
+    source = (
+        Path(str(config.get("input", "collection"))).name
+        if isinstance(config, dict)
+        else "collection"
+    )
     return f"{source}-{dt.datetime.now():%Y-%m-%d-%H%M}"
 
 
@@ -143,10 +173,18 @@ def segment_collection(config: dict[str, Any]) -> list[dict[str, Any]]:
     logger = get_run_logger()
     prepared = prepare_run(RunConfig(**config))
     cfg = prepared.config
-    logger.info("%d image(s) from %s into %s with %s", len(prepared.sources), cfg.input, cfg.output, cfg.segmenter.name)
+    logger.info(
+        "%d image(s) from %s into %s with %s",
+        len(prepared.sources),
+        cfg.input,
+        cfg.output,
+        cfg.segmenter.name,
+    )
     rows: list[dict[str, Any]] = []
     with connect(cfg.cluster, workers=cfg.workers, threads=cfg.threads) as client:
-        logger.info("Dask dashboard: %s (scheduler %s)", dashboard(client), client.scheduler.address)
+        logger.info(
+            "Dask dashboard: %s (scheduler %s)", dashboard(client), client.scheduler.address
+        )
         for spec in prepared.sources:
             result = _segment_one(make_plan(prepared, spec))
             logger.info("%s: %d objects in %.1f s", result.name, result.objects, result.seconds)

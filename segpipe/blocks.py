@@ -26,7 +26,8 @@ class Block:
     def core_in_read(self) -> Region:
         """``core`` expressed in the coordinates of the read region."""
         return tuple(
-            slice(c.start - r.start, c.stop - r.start) for c, r in zip(self.core, self.read, strict=True)
+            slice(c.start - r.start, c.stop - r.start)
+            for c, r in zip(self.core, self.read, strict=True)
         )
 
     @property
@@ -94,7 +95,8 @@ class BlockGrid:
 
     def block(self, index: Sequence[int]) -> Block:
         core = tuple(
-            slice(i * t, min((i + 1) * t, s)) for i, t, s in zip(index, self.tile, self.shape, strict=True)
+            slice(i * t, min((i + 1) * t, s))
+            for i, t, s in zip(index, self.tile, self.shape, strict=True)
         )
         read = tuple(
             slice(max(c.start - h, 0), min(c.stop + h, s))

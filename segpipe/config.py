@@ -141,9 +141,9 @@ def load_config(
     overrides = dict(overrides or {})
     seg = data.get("segmenter", {})
     seg = {"name": seg} if isinstance(seg, str) else dict(seg or {})
-    if overrides.get("segmenter"):
-        if overrides["segmenter"] != seg.get("name"):
-            seg = {"name": overrides["segmenter"]}  # another segmenter: the file's options don't apply
+    if overrides.get("segmenter") and overrides["segmenter"] != seg.get("name"):
+        # Another segmenter: the file's options were for the old one.
+        seg = {"name": overrides["segmenter"]}
     seg.update(overrides.pop("set", None) or {})
     overrides.pop("segmenter", None)
     data.update({k: v for k, v in overrides.items() if v is not None})

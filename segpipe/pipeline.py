@@ -98,6 +98,10 @@ class ImagePlan:
 # -- block functions (run on workers) ----------------------------------------
 
 
+def _read(path: str, region: tuple[slice, ...]) -> NDArray[Any]:
+    return np.asarray(zarr.open_array(path, mode="r")[region])
+
+
 def _as_float32(block: NDArray[Any]) -> NDArray[np.float32]:
     return np.asarray(block, dtype=np.float32)
 
@@ -115,7 +119,7 @@ def ingest_block(spec: SourceSpec, dst: str, region: tuple[slice, ...]) -> Extre
 
 
 def filter_block(src: str, dst: str, block: Block, segmenter: Segmenter) -> Extrema:
-    data = _as_float32(zarr.open_array(src, mode="r")[block.read])
+    data = _as_float32(_read(src, block.read))
     out = segmenter.preprocess(data)[block.core_in_read]
     zarr.open_array(dst, mode="r+")[block.core] = out
     return Extrema.of(out)
@@ -124,7 +128,7 @@ def filter_block(src: str, dst: str, block: Block, segmenter: Segmenter) -> Extr
 def histogram_block(
     src: str, region: tuple[slice, ...], lo: np.float32, hi: np.float32
 ) -> tuple[NDArray[np.int64], float]:
-    return block_histogram(_as_float32(zarr.open_array(src, mode="r")[region]), lo, hi)
+    return block_histogram(_as_float32(_read(src, region)), lo, hi)
 
 
 @dataclass
@@ -138,7 +142,7 @@ class BlockOutput:
 def segment_block(
     plan: ImagePlan, block: Block, params: dict[str, Any], directions: list[tuple[int, ...]]
 ) -> BlockOutput:
-    data = _as_float32(zarr.open_array(plan.source, mode="r")[block.read])
+    data = _as_float32(_read(plan.source, block.read))
     result = plan.segmenter.segment(data, params)
     core = block.core_in_read
     if result.instances is None:
@@ -164,9 +168,7 @@ def block_count(out: BlockOutput) -> int:
     return out.count
 
 
-def pair_edges(
-    a: BlockOutput, b: BlockOutput, d: tuple[int, ...], mode: str
-) -> NDArray[np.int64]:
+def pair_edges(a: BlockOutput, b: BlockOutput, d: tuple[int, ...], mode: str) -> NDArray[np.int64]:
     back = tuple(-x for x in d)
     if mode == "faces":
         return stitch.face_edges(a.views[d], b.views[back], d)
@@ -200,7 +202,7 @@ def map_blocks(
     def submit_next() -> None:
         for i, a in queue:
             f = client.submit(fn, *a, key=f"{stage}-{token}-{i}", retries=RETRIES)
-            pending[f.key] = i
+            pending[str(f.key)] = i
             ac.add(f)
             return
 
@@ -210,7 +212,7 @@ def map_blocks(
     progress(stage, 0, len(args))
     try:
         for f in ac:
-            i = pending.pop(f.key)
+            i = pending.pop(str(f.key))
             results[i] = f.result()
             done += 1
             progress(stage, done, len(args))
@@ -305,8 +307,12 @@ def segment(
     """Segment every block (with its halo), write semantic + local labels, find links."""
     params = dict(plan.segmenter.prepare(stats))
     tile = plan.grid().tile
-    omezarr.create_array(plan.label("semantic"), shape=plan.spec.shape, chunks=tile, dtype=np.uint8, labels=True)
-    omezarr.create_array(plan.local_labels, shape=plan.spec.shape, chunks=tile, dtype=np.uint32, labels=True)
+    omezarr.create_array(
+        plan.label("semantic"), shape=plan.spec.shape, chunks=tile, dtype=np.uint8, labels=True
+    )
+    omezarr.create_array(
+        plan.local_labels, shape=plan.spec.shape, chunks=tile, dtype=np.uint32, labels=True
+    )
     grid = plan.grid(plan.segment_halo)
     pairs = list(grid.neighbour_pairs())
     directions: dict[int, list[tuple[int, ...]]] = {b.id: [] for b in grid}
@@ -314,22 +320,35 @@ def segment(
         directions[a.id].append(d)
         directions[b.id].append(tuple(-x for x in d))
     token = uuid.uuid4().hex[:8]
-    blocks: dict[int, Future] = {}
+    blocks: dict[int, Future[BlockOutput]] = {}
     for b in grid:
         blocks[b.id] = client.submit(
-            segment_block, plan, b, params, directions[b.id], key=f"segment-{token}-{b.id}", retries=RETRIES
+            segment_block,
+            plan,
+            b,
+            params,
+            directions[b.id],
+            key=f"segment-{token}-{b.id}",
+            retries=RETRIES,
         )
-    counts_f = [client.submit(block_count, blocks[i], key=f"count-{token}-{i}") for i in sorted(blocks)]
+    counts_f = [
+        client.submit(block_count, blocks[i], key=f"count-{token}-{i}") for i in sorted(blocks)
+    ]
     edge_f = [
-        client.submit(pair_edges, blocks[a.id], blocks[b.id], d, plan.segmenter.stitch, key=f"pair-{token}-{a.id}-{b.id}")
+        client.submit(
+            pair_edges,
+            blocks[a.id],
+            blocks[b.id],
+            d,
+            plan.segmenter.stitch,
+            key=f"pair-{token}-{a.id}-{b.id}",
+        )
         for a, b, d in pairs
     ]
     del blocks  # block outputs are freed once their pairs are computed
     total = len(counts_f)
     progress("segment", 0, total)
-    done = 0
-    for _ in as_completed(counts_f):
-        done += 1
+    for done, _ in enumerate(as_completed(counts_f), start=1):
         progress("segment", done, total)
     counts = client.gather(counts_f)
     edge_arrays = client.gather(edge_f)
@@ -355,7 +374,9 @@ def write(
 ) -> int:
     """Relabel to global ids, build the pyramids and NGFF metadata; return the level count."""
     tile = plan.grid().tile
-    omezarr.create_array(plan.label("instances"), shape=plan.spec.shape, chunks=tile, dtype=ids.dtype, labels=True)
+    omezarr.create_array(
+        plan.label("instances"), shape=plan.spec.shape, chunks=tile, dtype=ids.dtype, labels=True
+    )
     grid = plan.grid()
     map_blocks(
         client,
@@ -374,7 +395,9 @@ def write(
     for k in range(1, len(shapes)):
         jobs = []
         for kind, path in sources.items():
-            omezarr.create_array(path(k), shape=shapes[k], chunks=tile, dtype=dtypes[kind], labels=kind != "image")
+            omezarr.create_array(
+                path(k), shape=shapes[k], chunks=tile, dtype=dtypes[kind], labels=kind != "image"
+            )
             jobs += [(path(k - 1), path(k), r) for r in _regions(shapes[k], tile)]
         map_blocks(client, omezarr.downsample_block, jobs, stage=f"pyramid-{k}", progress=progress)
     levels = len(shapes)

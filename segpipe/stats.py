@@ -106,7 +106,7 @@ def block_histogram(
 ) -> tuple[NDArray[np.int64], float]:
     """Histogram counts and sum of one float32 block over the image-wide range."""
     block = np.asarray(block, dtype=np.float32)
-    counts, _ = np.histogram(block, bins=nbins, range=(lo, hi))
+    counts, _ = np.histogram(block, bins=nbins, range=(lo, hi))  # type: ignore[arg-type]
     return counts.astype(np.int64), float(block.sum(dtype=np.float64))
 
 

@@ -158,9 +158,7 @@ class GlobalIds:
         return np.concatenate([[0], self.final[lo:hi]]).astype(self.dtype)
 
 
-def global_ids(
-    counts: Sequence[int], edges: Sequence[tuple[int, int, Edges]]
-) -> GlobalIds:
+def global_ids(counts: Sequence[int], edges: Sequence[tuple[int, int, Edges]]) -> GlobalIds:
     """Join block-local ids linked by ``edges`` into global consecutive ids.
 
     Parameters

@@ -22,7 +22,9 @@ def _cell_rng(seed: int, cell: Sequence[int]) -> np.random.Generator:
     return np.random.default_rng([seed, *(int(c) + 1 for c in cell)])
 
 
-def _nucleus(seed: int, cell: Sequence[int], density: float) -> tuple[NDArray[np.float64], NDArray[np.float64], float] | None:
+def _nucleus(
+    seed: int, cell: Sequence[int], density: float
+) -> tuple[NDArray[np.float64], NDArray[np.float64], float] | None:
     rng = _cell_rng(seed, cell)
     if rng.random() > density:
         return None
@@ -85,13 +87,12 @@ def render(
 
 
 def tiles(
-    shape: Sequence[int], tile: Sequence[int], *, seed: int = 0
+    shape: Sequence[int], tile: tuple[int, int], *, seed: int = 0
 ) -> Iterator[NDArray[np.uint16]]:
     """Image tiles of a plane in row-major order (as ``tifffile.imwrite`` wants them).
 
     For a volume, tiles are 2D per plane.
     """
-    ndim = len(shape)
     for prefix in itertools.product(*(range(n) for n in shape[:-2])):
         for r in range(0, shape[-2], tile[0]):
             for c in range(0, shape[-1], tile[1]):
@@ -100,9 +101,9 @@ def tiles(
                     slice(c, min(c + tile[1], shape[-1])),
                 ]
                 image, _ = render(region, seed=seed)
-                out = np.zeros(tile, np.uint16)
-                img2 = image.reshape(image.shape[ndim - 2 :])
-                out[: img2.shape[0], : img2.shape[1]] = img2
+                out = np.zeros((tile[0], tile[1]), np.uint16)
+                rows, cols = image.shape[-2:]
+                out[:rows, :cols] = image.reshape(rows, cols)
                 yield out
 
 

@@ -119,8 +119,9 @@ def test_output_holding_another_run(run_cli, tmp_path: Path) -> None:
     _fails(result, "o.zarr", "different run", "--overwrite")
     # the earlier result is untouched and still complete
     assert zarr.open_group(str(out / "a"), mode="r").attrs["segpipe"]["complete"] is True
-    result = run_cli("--input", str(path), "--output", str(out), "--segmenter", "watershed",
-                     "--overwrite")
+    result = run_cli(
+        "--input", str(path), "--output", str(out), "--segmenter", "watershed", "--overwrite"
+    )
     assert result.exit_code == 0, result.output
 
 
@@ -138,7 +139,9 @@ def test_bad_segmenter_option(run_cli, tmp_path: Path) -> None:
     path = synthetic.write_tiff(tmp_path / "a.tif", (300, 300), seed=1)
     result = run_cli("--input", str(path), "--output", str(tmp_path / "o.zarr"), "--set", "sigm=2")
     _fails(result, "otsu", "sigm")
-    result = run_cli("--input", str(path), "--output", str(tmp_path / "o.zarr"), "--segmenter", "nope")
+    result = run_cli(
+        "--input", str(path), "--output", str(tmp_path / "o.zarr"), "--segmenter", "nope"
+    )
     _fails(result, "unknown segmenter", "watershed")
 
 

@@ -29,8 +29,18 @@ def plane(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.parametrize("tile", [128, 256, 1000])
 def test_otsu_2d_equals_whole_image(run_cli, plane: Path, tmp_path: Path, tile: int) -> None:
     out = tmp_path / "out.zarr"
-    result = run_cli("--input", str(plane), "--output", str(out), "--segmenter", "otsu",
-                     "--tile", str(tile), "--set", "sigma=2.0")
+    result = run_cli(
+        "--input",
+        str(plane),
+        "--output",
+        str(out),
+        "--segmenter",
+        "otsu",
+        "--tile",
+        str(tile),
+        "--set",
+        "sigma=2.0",
+    )
     assert result.exit_code == 0, result.output
     labels = zarr.open_array(str(out / "plane" / "labels" / "instances" / "0"))[:]
     ref = reference(tifffile.imread(plane))
@@ -51,8 +61,18 @@ def test_otsu_3d_equals_whole_volume(run_cli, tmp_path: Path) -> None:
     path = tmp_path / "vol.tif"
     tifffile.imwrite(path, vol, metadata={"axes": "ZYX"})
     out = tmp_path / "out.zarr"
-    result = run_cli("--input", str(path), "--output", str(out), "--segmenter", "otsu",
-                     "--tile", "64", "--set", "sigma=2.0")
+    result = run_cli(
+        "--input",
+        str(path),
+        "--output",
+        str(out),
+        "--segmenter",
+        "otsu",
+        "--tile",
+        "64",
+        "--set",
+        "sigma=2.0",
+    )
     assert result.exit_code == 0, result.output
     labels = zarr.open_array(str(out / "vol" / "labels" / "instances" / "0"))[:]
     ref = reference(vol)

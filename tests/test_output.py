@@ -62,21 +62,48 @@ def test_layout_is_ome_zarr_napari_can_open(run_cli, small: Path, tmp_path: Path
 
 def test_output_identical_whatever_cluster_shape(run_cli, small: Path, tmp_path: Path) -> None:
     a, b = tmp_path / "a.zarr", tmp_path / "b.zarr"
-    assert run_cli("--input", str(small), "--output", str(a), "--tile", "96",
-                   "--segmenter", "watershed").exit_code == 0
-    result = run_cli("--input", str(small), "--output", str(b), "--tile", "96",
-                     "--segmenter", "watershed", "--workers", "2", "--threads", "1", cluster=False)
+    assert (
+        run_cli(
+            "--input", str(small), "--output", str(a), "--tile", "96", "--segmenter", "watershed"
+        ).exit_code
+        == 0
+    )
+    result = run_cli(
+        "--input",
+        str(small),
+        "--output",
+        str(b),
+        "--tile",
+        "96",
+        "--segmenter",
+        "watershed",
+        "--workers",
+        "2",
+        "--threads",
+        "1",
+        cluster=False,
+    )
     assert result.exit_code == 0, result.output
     da, db = _digest(a / "cells"), _digest(b / "cells")
     assert da and da == db
 
 
-def test_config_file_and_flags_override(run_cli, small: Path, tmp_path: Path, cluster_address: str) -> None:
+def test_config_file_and_flags_override(
+    run_cli, small: Path, tmp_path: Path, cluster_address: str
+) -> None:
     config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump({
-        "input": str(small), "output": "from-file.zarr", "tile": 128, "halo": "auto",
-        "cluster": cluster_address, "segmenter": {"name": "multiotsu", "sigma": 1.0, "classes": 3},
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "input": str(small),
+                "output": "from-file.zarr",
+                "tile": 128,
+                "halo": "auto",
+                "cluster": cluster_address,
+                "segmenter": {"name": "multiotsu", "sigma": 1.0, "classes": 3},
+            }
+        )
+    )
     result = run_cli("--config", str(config), "--set", "classes=4")
     assert result.exit_code == 0, result.output
     out = tmp_path / "from-file.zarr"  # relative to the config file

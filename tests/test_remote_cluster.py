@@ -31,16 +31,45 @@ def _free_port() -> int:
 def scheduler(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = _free_port()
     address = f"tcp://127.0.0.1:{port}"
-    cwd = tmp_path_factory.mktemp("workers")  # workers resolve paths elsewhere: inputs must be absolute
+    cwd = tmp_path_factory.mktemp(
+        "workers"
+    )  # workers resolve paths elsewhere: inputs must be absolute
     bin_dir = Path(sys.executable).parent
-    procs = [subprocess.Popen(
-        [str(bin_dir / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),
-         "--no-dashboard"], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    procs = [
+        subprocess.Popen(
+            [
+                str(bin_dir / "dask"),
+                "scheduler",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--no-dashboard",
+            ],
+            cwd=cwd,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    ]
     for _ in range(2):
-        procs.append(subprocess.Popen(
-            [str(bin_dir / "dask"), "worker", address, "--nthreads", "1", "--no-dashboard",
-             "--host", "127.0.0.1"], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}))
+        procs.append(
+            subprocess.Popen(
+                [
+                    str(bin_dir / "dask"),
+                    "worker",
+                    address,
+                    "--nthreads",
+                    "1",
+                    "--no-dashboard",
+                    "--host",
+                    "127.0.0.1",
+                ],
+                cwd=cwd,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
+            )
+        )
     from distributed import Client
 
     deadline = time.time() + 60
@@ -64,8 +93,17 @@ def scheduler(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def test_run_on_existing_scheduler(run_cli, scheduler: str, tmp_path: Path, monkeypatch) -> None:
     path = synthetic.write_tiff(tmp_path / "in" / "img.tif", (900, 800), seed=8)
     monkeypatch.chdir(tmp_path)  # relative paths on the command line
-    result = run_cli("--input", "in/img.tif", "--output", "out.zarr", "--tile", "128",
-                     "--cluster", scheduler, cluster=False)
+    result = run_cli(
+        "--input",
+        "in/img.tif",
+        "--output",
+        "out.zarr",
+        "--tile",
+        "128",
+        "--cluster",
+        scheduler,
+        cluster=False,
+    )
     assert result.exit_code == 0, result.output
     labels = zarr.open_array(str(tmp_path / "out.zarr/img/labels/instances/0"))[:]
     smooth = filters.gaussian(tifffile.imread(path).astype("float32"), sigma=2, preserve_range=True)
@@ -79,7 +117,14 @@ def test_run_on_existing_scheduler(run_cli, scheduler: str, tmp_path: Path, monk
 
 def test_unreachable_scheduler(run_cli, tmp_path: Path) -> None:
     path = synthetic.write_tiff(tmp_path / "a.tif", (200, 200), seed=1)
-    result = run_cli("--input", str(path), "--output", str(tmp_path / "o.zarr"),
-                     "--cluster", f"tcp://127.0.0.1:{_free_port()}", cluster=False)
+    result = run_cli(
+        "--input",
+        str(path),
+        "--output",
+        str(tmp_path / "o.zarr"),
+        "--cluster",
+        f"tcp://127.0.0.1:{_free_port()}",
+        cluster=False,
+    )
     assert result.exit_code != 0
     assert "scheduler" in result.output

@@ -32,8 +32,9 @@ def test_watershed_tiled_matches_whole(run_cli, tmp_path: Path) -> None:
     path = synthetic.write_tiff(tmp_path / "nuclei.tif", (1500, 1400), seed=21)
     tiled_out, whole_out = tmp_path / "tiled.zarr", tmp_path / "whole.zarr"
     for out, tile in ((tiled_out, "256"), (whole_out, "1500")):
-        result = run_cli("--input", str(path), "--output", str(out), "--segmenter", "watershed",
-                         "--tile", tile)
+        result = run_cli(
+            "--input", str(path), "--output", str(out), "--segmenter", "watershed", "--tile", tile
+        )
         assert result.exit_code == 0, result.output
     tiled = zarr.open_array(str(tiled_out / "nuclei/labels/instances/0"))[:]
     whole = zarr.open_array(str(whole_out / "nuclei/labels/instances/0"))[:]
@@ -49,8 +50,9 @@ def test_watershed_splits_touching_nuclei(run_cli, tmp_path: Path) -> None:
     path = tmp_path / "gt.tif"
     tifffile.imwrite(path, image)
     out = tmp_path / "out.zarr"
-    result = run_cli("--input", str(path), "--output", str(out), "--segmenter", "watershed",
-                     "--tile", "256")
+    result = run_cli(
+        "--input", str(path), "--output", str(out), "--segmenter", "watershed", "--tile", "256"
+    )
     assert result.exit_code == 0, result.output
     labels = zarr.open_array(str(out / "gt/labels/instances/0"))[:]
     merged = label(truth > 0)  # what plain connected components would give

@@ -34,7 +34,7 @@ def create_array(
     chunks: Sequence[int],
     dtype: Any,
     labels: bool = False,
-) -> zarr.Array:
+) -> zarr.Array[Any]:
     """Create (replacing) a chunked Zarr v3 array with segpipe's codec choices."""
     path = Path(path)
     if path.exists():
@@ -111,7 +111,8 @@ def write_label_group_metadata(
 def write_labels_index(labels_path: str | Path, names: list[str]) -> None:
     """The ``labels`` group that lists the label images (written last)."""
     group = zarr.open_group(str(labels_path), mode="a", zarr_format=3)
-    ome = dict(group.attrs.get("ome", {}))
+    value = group.attrs.asdict().get("ome")
+    ome: dict[str, Any] = dict(value) if isinstance(value, dict) else {}
     ome.update({"version": "0.5", "labels": list(dict.fromkeys(names))})
     group.attrs["ome"] = ome
 

@@ -15,6 +15,12 @@ from segpipe.errors import OutputConflictError
 KEY = "segpipe"
 
 
+def attrs_section(group: zarr.Group, key: str) -> dict[str, Any]:
+    """One top-level mapping of a group's attributes ({} if absent)."""
+    value = group.attrs.asdict().get(key)
+    return dict(value) if isinstance(value, dict) else {}
+
+
 def fingerprint(settings: dict[str, Any]) -> str:
     """Stable hash of the settings that decide the output's pixels."""
     text = json.dumps(settings, sort_keys=True, default=str)
@@ -37,7 +43,7 @@ def open_output(root: str | Path, run: dict[str, Any], *, overwrite: bool = Fals
     if root.exists() and any(root.iterdir()):
         try:
             group = zarr.open_group(str(root), mode="r")
-            held = dict(group.attrs).get(KEY, {})
+            held: dict[str, Any] | None = attrs_section(group, KEY)
         except Exception:  # not a Zarr group at all
             held = None
         if held is None or "fingerprint" not in held:
@@ -64,7 +70,7 @@ def open_output(root: str | Path, run: dict[str, Any], *, overwrite: bool = Fals
 def mark_image(image_path: str | Path, **state: Any) -> None:
     """Update an image group's segpipe attributes (``complete`` is written last)."""
     group = zarr.open_group(str(image_path), mode="a", zarr_format=3)
-    current = dict(group.attrs.get(KEY, {}))
+    current: dict[str, Any] = attrs_section(group, KEY)
     current.update(state)
     group.attrs[KEY] = current
 
@@ -75,4 +81,4 @@ def image_state(image_path: str | Path) -> dict[str, Any]:
         group = zarr.open_group(str(image_path), mode="r")
     except Exception:
         return {}
-    return dict(group.attrs.get(KEY, {}))
+    return attrs_section(group, KEY)

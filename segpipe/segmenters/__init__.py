@@ -50,6 +50,8 @@ def get_segmenter(name: str, **options: Any) -> Segmenter:
     module, _, attr = registry[name].partition(":")
     cls = getattr(__import__(module, fromlist=[attr]), attr)
     if not (isinstance(cls, type) and issubclass(cls, Segmenter)):
-        raise SegmenterError(f"entry point {name!r} ({registry[name]}) is not a Segmenter subclass.")
+        raise SegmenterError(
+            f"entry point {name!r} ({registry[name]}) is not a Segmenter subclass."
+        )
     seg: Segmenter = cls(**options)
     return seg

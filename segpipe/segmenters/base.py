@@ -41,11 +41,15 @@ class SmoothingOptions(Options):
     """Gaussian smoothing before anything else, in pixels (0 = none); one value or one per axis."""
 
 
-def gaussian_radius(sigma: float | Sequence[float], ndim: int, truncate: float = 4.0) -> tuple[int, ...]:
+def gaussian_radius(
+    sigma: float | Sequence[float], ndim: int, truncate: float = 4.0
+) -> tuple[int, ...]:
     """Pixels of context a Gaussian of ``sigma`` reads per side (as scipy computes it)."""
     sigmas = [float(sigma)] * ndim if isinstance(sigma, int | float) else [float(s) for s in sigma]
     if len(sigmas) != ndim:
-        raise SegmenterError(f"Expected sigma as one value or {ndim} values, got {sigma!r} instead.")
+        raise SegmenterError(
+            f"Expected sigma as one value or {ndim} values, got {sigma!r} instead."
+        )
     return tuple(int(truncate * s + 0.5) if s > 0 else 0 for s in sigmas)
 
 
@@ -70,7 +74,8 @@ class Segmenter(ABC):
             self.options = self.options_model(**options)
         except ValidationError as err:
             problems = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc']) or 'options'}: {e['msg']}" for e in err.errors()
+                f"{'.'.join(str(p) for p in e['loc']) or 'options'}: {e['msg']}"
+                for e in err.errors()
             )
             raise SegmenterError(f"segmenter {self.name!r}: {problems}") from err
 
@@ -87,10 +92,12 @@ class Segmenter(ABC):
         return any(v > 0 for v in ([s] if isinstance(s, int | float) else s))
 
     def preprocess(self, block: NDArray[np.float32]) -> NDArray[np.float32]:
-        """Smooth a float32 block exactly as ``skimage.filters.gaussian`` does on the whole image."""
+        """Smooth a float32 block exactly as ``skimage.filters.gaussian`` would the whole image."""
         if not self.has_filter():
             return block
-        out: NDArray[np.float32] = gaussian(block, sigma=self.sigma(), preserve_range=True, mode="nearest")
+        out: NDArray[np.float32] = gaussian(
+            block, sigma=self.sigma(), preserve_range=True, mode="nearest"
+        )
         return out
 
     # -- segmentation ------------------------------------------------------

@@ -1,0 +1,75 @@
+"""Peak memory of the whole process tree of `segpipe run --segmenter otsu` vs image size.
+
+Usage: python -m bench.memory [--sizes 8192 32768] [--workdir /tmp/segpipe-bench]
+
+Writes tiled uint16 TIFFs of synthetic nuclei (never held in memory), runs the
+CLI as a subprocess (CLI, Prefect's embedded server, Dask scheduler, nanny
+and worker all count) and prints peak RSS per size and the ratio to the
+smallest size, measured side by side in one invocation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from bench.common import machine, run_tree
+from segpipe import synthetic
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[8192, 32768])
+    parser.add_argument("--tile", type=int, default=1024)
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/segpipe-bench"))
+    args = parser.parse_args(argv)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    print(machine())
+    segpipe = str(Path(sys.executable).parent / "segpipe")
+    rows = []
+    for size in args.sizes:
+        tif = args.workdir / f"nuclei-{size}.tif"
+        if not tif.exists():
+            print(f"writing {tif} ...", flush=True)
+            synthetic.write_tiff(tif, (size, size), tile=512, seed=1)
+        out = args.workdir / f"out-{size}.zarr"
+        shutil.rmtree(out, ignore_errors=True)
+        run = run_tree(
+            [
+                segpipe,
+                "run",
+                "--quiet",
+                "--input",
+                str(tif),
+                "--output",
+                str(out),
+                "--segmenter",
+                "otsu",
+                "--tile",
+                str(args.tile),
+            ],
+            env={**os.environ, "PREFECT_LOGGING_LEVEL": "WARNING"},
+        )
+        if run.returncode != 0:
+            print(run.output)
+            return 1
+        mpx = size * size / 1e6
+        rows.append((size, run.peak_rss, run.seconds, mpx / run.seconds))
+        print(
+            f"{size}²: peak RSS {run.peak_rss / 2**30:.2f} GiB, {run.seconds:.1f} s, "
+            f"{mpx / run.seconds:.2f} Mpx/s (incl. start-up)",
+            flush=True,
+        )
+        shutil.rmtree(out, ignore_errors=True)
+    base = rows[0][1]
+    print("\nsize     peak RSS (GiB)  ratio to smallest  seconds  Mpx/s")
+    for size, peak, secs, rate in rows:
+        print(f"{size:<8} {peak / 2**30:>14.2f} {peak / base:>18.2f} {secs:>8.1f} {rate:>6.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
