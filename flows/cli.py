@@ -65,7 +65,11 @@ def _summary(rows: list[dict[str, Any]], output: str) -> None:
             r["image"], r["shape"], str(r["objects"]), f"{r['seconds']:.1f}", f"{r['Mpx/s']:.2f}"
         )
     out.print(table)
-    out.print(f"Results: {output}  (labels in <image>/labels/instances/0 and labels/semantic/0)")
+    out.print(
+        f"Results: {output}  (labels in <image>/labels/instances/0 and labels/semantic/0)",
+        soft_wrap=True,
+        highlight=False,
+    )
 
 
 def execute(config: Any, *, show_progress: bool = True) -> list[dict[str, Any]]:
@@ -209,7 +213,9 @@ def demo(
         _fail(err)
     _summary(rows, cfg.resolved().output)
     out.print(
-        "Open it in napari:  napari --plugin napari-ome-zarr " + cfg.resolved().output + "/plate-a"
+        f"Open it in napari:  napari --plugin napari-ome-zarr {cfg.resolved().output}/plate-a",
+        soft_wrap=True,
+        highlight=False,
     )
 
 

@@ -6,6 +6,8 @@ import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 Region = tuple[slice, ...]
 
 
@@ -43,8 +45,10 @@ def parse_per_axis(value: int | Sequence[int], ndim: int, name: str) -> tuple[in
     ValueError
         If the length does not match ``ndim`` or a value is negative.
     """
-    if isinstance(value, int):
-        values = (value,) * ndim
+    if isinstance(value, bool | str):
+        raise ValueError(f"Expected {name} as one int or {ndim} ints, got {value!r} instead.")
+    if isinstance(value, int | np.integer):
+        values = (int(value),) * ndim
     else:
         values = tuple(int(v) for v in value)
         if len(values) == 1:

@@ -77,9 +77,24 @@ class ImageStats:
         """Percentile ``q`` (0–100), interpolated within the histogram bins."""
         if not 0 <= q <= 100:
             raise ValueError(f"Expected a percentile in [0, 100], got {q} instead.")
-        cdf = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.float64)
-        target = q / 100.0 * cdf[-1]
-        return float(np.interp(target, cdf, self.edges.astype(np.float64)))
+        if self.min == self.max or self.count == 0 or q == 0:
+            return self.min
+        if q == 100:
+            return self.max
+        cum = np.cumsum(self.counts)
+        edges = self.edges.astype(np.float64)
+
+        def value_of_rank(k: int) -> float:
+            i = int(np.searchsorted(cum, k, side="right"))
+            before = cum[i] - self.counts[i]
+            frac = (k - before + 0.5) / self.counts[i]
+            return float(edges[i] + frac * (edges[i + 1] - edges[i]))
+
+        rank = q / 100.0 * (self.count - 1)  # as np.percentile's linear method
+        k0 = int(np.floor(rank))
+        k1 = min(k0 + 1, self.count - 1)
+        v = value_of_rank(k0) + (rank - k0) * (value_of_rank(k1) - value_of_rank(k0))
+        return float(np.clip(v, self.min, self.max))
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -106,6 +121,12 @@ def block_histogram(
 ) -> tuple[NDArray[np.int64], float]:
     """Histogram counts and sum of one float32 block over the image-wide range."""
     block = np.asarray(block, dtype=np.float32)
+    if np.any(np.diff(np.linspace(lo, hi, nbins + 1, dtype=np.float32)) <= 0):
+        # float32 cannot hold nbins edges in this range (a constant image of large
+        # magnitude): np.histogram would raise. Thresholds special-case it anyway.
+        counts = np.zeros(nbins, np.int64)
+        counts[nbins // 2] = block.size
+        return counts, float(block.sum(dtype=np.float64))
     counts, _ = np.histogram(block, bins=nbins, range=(lo, hi))  # type: ignore[arg-type]
     return counts.astype(np.int64), float(block.sum(dtype=np.float64))
 

@@ -79,7 +79,8 @@ def render(
         inside = dist <= 1.0
         patch = signal[local]
         patch[inside] = np.maximum(patch[inside], brightness * (1.0 - 0.3 * dist[inside]))
-        cell_id = int(np.ravel_multi_index(cell, [1 << 16] * ndim)) + 1
+        # unique per cell and < 2**32 for planes up to 786k px and volumes up to 24k px a side
+        cell_id = int(np.ravel_multi_index(cell, [1 << 15] * 2 if ndim == 2 else [1 << 10] * 3)) + 1
         labels[local][inside] = cell_id
     rng = np.random.default_rng([seed, *starts.tolist(), 7])
     image = 0.1 + signal + rng.normal(0.0, noise, shape).astype(np.float32)

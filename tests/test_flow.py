@@ -1,0 +1,88 @@
+"""The Prefect flow as its API records it: one task per stage and image, the summary artifact."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import zarr
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    FlowRunFilter,
+    FlowRunFilterId,
+)
+from prefect.client.schemas.sorting import FlowRunSort
+
+from segpipe import synthetic
+
+
+def test_flow_tasks_per_stage_not_per_tile(run_cli, tmp_path: Path) -> None:
+    for i, shape in enumerate([(600, 500), (300, 700)]):
+        synthetic.write_tiff(tmp_path / "in" / f"img{i}.tif", shape, seed=i)
+    out = tmp_path / "out.zarr"
+    result = run_cli("--input", str(tmp_path / "in"), "--output", str(out), "--tile", "64")
+    assert result.exit_code == 0, result.output
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=1)[0]
+        assert run.state is not None and run.state.is_completed()
+        assert run.name.startswith("in-")  # says what ran: the collection and the date
+        task_runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id]))
+        )
+        names = sorted(t.name for t in task_runs)
+        # 5 stages x 2 images, although the images have 110 tiles between them
+        assert len(names) == 10
+        assert "segment-img0" in names and "write-img1" in names
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id]))
+        )
+    tables = [a for a in artifacts if a.key == "segpipe-summary"]
+    assert len(tables) == 1
+    rows = tables[0].data
+    rows = rows if isinstance(rows, list) else __import__("json").loads(rows)
+    assert [r["image"] for r in rows] == ["img0", "img1"]
+    assert {"image", "shape", "objects", "seconds", "Mpx/s"} <= set(rows[0])
+    for r in rows:
+        group = zarr.open_group(str(out / r["image"]), mode="r")
+        assert group.attrs["segpipe"]["objects"] == r["objects"] > 0
+
+
+def test_help_shows_examples() -> None:
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    result = CliRunner().invoke(app, ["run", "--help"])
+    assert result.exit_code == 0
+    assert "Examples" in result.output and "--segmenter watershed" in result.output
+
+
+@pytest.mark.integration
+def test_demo_from_a_fresh_prefect_home(tmp_path: Path) -> None:
+    """`segpipe demo` as a user runs it: embedded Prefect API, LocalCluster, < 3 minutes."""
+    env = {
+        "PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin",
+        "HOME": str(tmp_path / "home"),  # no Prefect state from earlier runs
+    }
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "segpipe"), "demo", "--quiet"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    seconds = time.perf_counter() - t0
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "segpipe-demo/out.zarr" in " ".join(proc.stdout.split())
+    for name in ("plate-a", "plate-b", "stack-c"):
+        group = zarr.open_group(str(tmp_path / "segpipe-demo/out.zarr" / name), mode="r")
+        assert group.attrs["segpipe"]["complete"] is True
+        assert group.attrs["segpipe"]["objects"] > 50
+    assert seconds < 180, f"demo took {seconds:.0f} s"
