@@ -47,31 +47,6 @@ def prefect_api() -> Iterator[None]:
         yield
 
 
-def same_up_to_renumbering(a: np.ndarray, b: np.ndarray) -> bool:
-    """True when two label images have the same background and a bijection between ids."""
-    if a.shape != b.shape or ((a > 0) != (b > 0)).any():
-        return False
-    m = a > 0
-    if not m.any():
-        return True
-    pairs = np.unique(np.stack([a[m].astype(np.int64), b[m].astype(np.int64)]), axis=1)
-    return len(np.unique(pairs[0])) == pairs.shape[1] == len(np.unique(pairs[1]))
-
-
-def panoptic_quality(pred: np.ndarray, truth: np.ndarray) -> float:
-    """PQ of two instance label images with IoU > 0.5 matching (Kirillov et al.)."""
-    p, t = pred.ravel().astype(np.int64), truth.ravel().astype(np.int64)
-    both = (p > 0) & (t > 0)
-    pairs, inter = np.unique(np.stack([p[both], t[both]]), axis=1, return_counts=True)
-    size_p, size_t = np.bincount(p), np.bincount(t)
-    iou = inter / (size_p[pairs[0]] + size_t[pairs[1]] - inter)
-    tp = iou > 0.5
-    n_pred, n_true = len(np.unique(p[p > 0])), len(np.unique(t[t > 0]))
-    fp, fn = n_pred - tp.sum(), n_true - tp.sum()
-    denom = tp.sum() + 0.5 * fp + 0.5 * fn
-    return float(iou[tp].sum() / denom) if denom else 1.0
-
-
 @pytest.fixture
 def run_cli(prefect_api: None, cluster_address: str):  # type: ignore[no-untyped-def]
     """Invoke ``segpipe`` in-process (real Prefect API, real cluster); returns the Result."""

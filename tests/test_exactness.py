@@ -11,7 +11,7 @@ import zarr
 from skimage import filters, measure
 
 from segpipe import synthetic
-from tests.conftest import same_up_to_renumbering
+from tests.helpers import same_up_to_renumbering
 
 
 def reference(image: np.ndarray) -> np.ndarray:

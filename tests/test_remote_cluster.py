@@ -16,7 +16,7 @@ import zarr
 from skimage import filters, measure
 
 from segpipe import synthetic
-from tests.conftest import same_up_to_renumbering
+from tests.helpers import same_up_to_renumbering
 
 pytestmark = pytest.mark.integration
 

@@ -2,64 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import zarr
-from distributed import Client, LocalCluster
-from numpy.typing import NDArray
+from distributed import Client
 
 from segpipe.errors import SegmenterError
 from segpipe.io.readers import open_source
 from segpipe.pipeline import ImagePlan, run_image
-from segpipe.segmenters import Segmenter, get_segmenter
+from segpipe.segmenters import get_segmenter
 from segpipe.segmenters.edges import Edges, edge_watershed
 from segpipe.segmenters.threshold import Otsu, otsu_threshold
-from segpipe.stats import Extrema, ImageStats, block_histogram, hist_range, merge_histograms
 from segpipe.synthetic import render, write_tiff
+from tests.helpers import panoptic_quality, segment_whole, whole_image_stats
 
 # -- helpers -------------------------------------------------------------------
-
-
-def whole_image_stats(image: NDArray[np.float32]) -> ImageStats:
-    """Statistics of the whole image, as the pipeline computes them over its blocks."""
-    extrema = Extrema.of(image)
-    lo, hi = hist_range(extrema)
-    return merge_histograms([block_histogram(image, lo, hi)], extrema)
-
-
-def panoptic_quality(truth: NDArray[np.integer], labels: NDArray[np.integer]) -> float:
-    """PQ = sum of matched IoUs / (TP + FP/2 + FN/2), objects matched at IoU > 0.5."""
-    both = (truth > 0) & (labels > 0)
-    pairs, inter = np.unique(
-        np.stack([truth[both], labels[both]], axis=1).astype(np.int64), axis=0, return_counts=True
-    )
-    t_ids, t_sizes = np.unique(truth[truth > 0], return_counts=True)
-    l_ids, l_sizes = np.unique(labels[labels > 0], return_counts=True)
-    if len(pairs) == 0:
-        return 0.0 if len(t_ids) + len(l_ids) else 1.0
-    union = (
-        t_sizes[np.searchsorted(t_ids, pairs[:, 0])]
-        + l_sizes[np.searchsorted(l_ids, pairs[:, 1])]
-        - inter
-    )
-    iou = inter / union
-    matched = iou[iou > 0.5]  # IoU > 0.5 makes each match unique
-    tp = len(matched)
-    fp, fn = len(l_ids) - tp, len(t_ids) - tp
-    return float(matched.sum() / (tp + fp / 2 + fn / 2))
-
-
-def segment_whole(segmenter: Segmenter, image: NDArray[Any]) -> NDArray[np.integer]:
-    """Instances of the whole image in one block, ``prepare`` fed its real statistics."""
-    smoothed = segmenter.preprocess(image.astype(np.float32))
-    params = segmenter.prepare(whole_image_stats(smoothed))
-    instances = segmenter.segment(smoothed, params).instances
-    assert instances is not None
-    return instances
 
 
 # -- hand-computed cases ---------------------------------------------------------
@@ -153,17 +113,6 @@ def test_finds_synthetic_nuclei(seed: int, operator: str) -> None:
 
 
 # -- through the pipeline -----------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def client() -> Iterator[Client]:
-    with (
-        LocalCluster(
-            n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0"
-        ) as cluster,
-        Client(cluster) as c,
-    ):
-        yield c
 
 
 @pytest.mark.integration

@@ -14,7 +14,7 @@ from skimage.measure import label
 from skimage.segmentation import watershed
 
 from segpipe import synthetic
-from tests.conftest import panoptic_quality
+from tests.helpers import panoptic_quality
 
 
 def whole_image_watershed(image: np.ndarray) -> np.ndarray:

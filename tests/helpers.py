@@ -1,0 +1,60 @@
+"""Test helpers shared by several test modules (independent references live in the tests)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from segpipe.segmenters import Segmenter
+from segpipe.stats import Extrema, ImageStats, block_histogram, hist_range, merge_histograms
+
+
+def same_up_to_renumbering(a: np.ndarray, b: np.ndarray) -> bool:
+    """True when two label images have the same background and a bijection between ids."""
+    if a.shape != b.shape or ((a > 0) != (b > 0)).any():
+        return False
+    m = a > 0
+    if not m.any():
+        return True
+    pairs = np.unique(np.stack([a[m].astype(np.int64), b[m].astype(np.int64)]), axis=1)
+    return len(np.unique(pairs[0])) == pairs.shape[1] == len(np.unique(pairs[1]))
+
+
+def whole_image_stats(image: NDArray[np.float32]) -> ImageStats:
+    """Statistics of the whole image, as the pipeline computes them over its blocks."""
+    extrema = Extrema.of(image)
+    lo, hi = hist_range(extrema)
+    return merge_histograms([block_histogram(image, lo, hi)], extrema)
+
+
+def panoptic_quality(truth: NDArray[np.integer], labels: NDArray[np.integer]) -> float:
+    """PQ = sum of matched IoUs / (TP + FP/2 + FN/2), objects matched at IoU > 0.5."""
+    both = (truth > 0) & (labels > 0)
+    pairs, inter = np.unique(
+        np.stack([truth[both], labels[both]], axis=1).astype(np.int64), axis=0, return_counts=True
+    )
+    t_ids, t_sizes = np.unique(truth[truth > 0], return_counts=True)
+    l_ids, l_sizes = np.unique(labels[labels > 0], return_counts=True)
+    if len(pairs) == 0:
+        return 0.0 if len(t_ids) + len(l_ids) else 1.0
+    union = (
+        t_sizes[np.searchsorted(t_ids, pairs[:, 0])]
+        + l_sizes[np.searchsorted(l_ids, pairs[:, 1])]
+        - inter
+    )
+    iou = inter / union
+    matched = iou[iou > 0.5]  # IoU > 0.5 makes each match unique
+    tp = len(matched)
+    fp, fn = len(l_ids) - tp, len(t_ids) - tp
+    return float(matched.sum() / (tp + fp / 2 + fn / 2))
+
+
+def segment_whole(segmenter: Segmenter, image: NDArray[Any]) -> NDArray[np.integer]:
+    """Instances of the whole image in one block, ``prepare`` fed its real statistics."""
+    smoothed = segmenter.preprocess(image.astype(np.float32))
+    params = segmenter.prepare(whole_image_stats(smoothed))
+    instances = segmenter.segment(smoothed, params).instances
+    assert instances is not None
+    return instances
