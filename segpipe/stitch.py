@@ -33,12 +33,25 @@ def sequential_core(
     Returns the mapped core, the mapped full array (objects absent from the
     core become 0) and k.
     """
-    ids = np.unique(labels[core])
-    ids = ids[ids > 0]
-    lut = np.zeros(int(labels.max(initial=0)) + 1, dtype=np.uint32)
-    lut[ids] = np.arange(1, len(ids) + 1, dtype=np.uint32)
+    inner = labels[core]
+    top = int(labels.max(initial=0))
+    if top > 4 * labels.size:  # sparse ids: sort instead of counting
+        ids = np.unique(inner)
+        ids = ids[ids > 0]
+        lut = np.zeros(top + 1, dtype=np.uint32)
+        lut[ids] = np.arange(1, len(ids) + 1, dtype=np.uint32)
+    else:
+        present = np.bincount(inner.ravel(), minlength=top + 1) > 0
+        present[0] = False
+        count = int(np.count_nonzero(present))
+        if count == top and inner.shape == labels.shape:
+            # Already 1..k over the whole block (connected components with no halo).
+            same = labels.astype(np.uint32, copy=False)
+            return same, same, count
+        lut = np.zeros(top + 1, dtype=np.uint32)
+        lut[present] = np.arange(1, count + 1, dtype=np.uint32)
     full = lut[labels]
-    return full[core], full, len(ids)
+    return full[core], full, int(lut.max(initial=0))
 
 
 def _face_region(shape: Sequence[int], d: Direction) -> tuple[slice, ...]:
