@@ -241,7 +241,12 @@ def segmenters() -> None:
 
 def main() -> None:
     """Console entry point."""
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    # The progress bar and one error line are the console's; Prefect's own run
+    # logs (tracebacks included) still go to its API and UI.
+    if "-v" not in sys.argv and "--verbose" not in sys.argv:
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
+    else:
+        sys.argv = [a for a in sys.argv if a not in ("-v", "--verbose")]
     try:
         app()
     except KeyboardInterrupt:

@@ -17,6 +17,7 @@ from prefect.cache_policies import NO_CACHE
 from segpipe import pipeline
 from segpipe.cluster import connect, dashboard
 from segpipe.config import RunConfig
+from segpipe.errors import SegpipeError
 from segpipe.io.collection import resolve_inputs
 from segpipe.io.readers import SourceSpec, open_source
 from segpipe.io.store import open_output
@@ -80,6 +81,25 @@ def make_plan(prepared: Prepared, spec: SourceSpec) -> pipeline.ImagePlan:
     return pipeline.ImagePlan(spec, prepared.config.output, tiles, prepared.segmenter, halos)
 
 
+def _retry_unless_bad_input(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry a stage for lost workers and I/O hiccups, not for bad input (it stays bad)."""
+    try:
+        state.result()
+    except SegpipeError:
+        return False
+    except Exception:
+        return True
+    return True
+
+
+_STAGE: dict[str, Any] = {
+    "retries": 2,
+    "retry_delay_seconds": 2,
+    "retry_condition_fn": _retry_unless_bad_input,
+    "cache_policy": NO_CACHE,
+}
+
+
 def _client() -> Client:
     return Client.current()
 
@@ -87,9 +107,7 @@ def _client() -> Client:
 @task(
     name="ingest",
     task_run_name="ingest-{plan.name}",
-    retries=2,
-    retry_delay_seconds=2,
-    cache_policy=NO_CACHE,
+    **_STAGE,
 )
 def ingest_image(plan: pipeline.ImagePlan) -> Extrema:
     pipeline.begin(plan)
@@ -99,9 +117,7 @@ def ingest_image(plan: pipeline.ImagePlan) -> Extrema:
 @task(
     name="statistics",
     task_run_name="statistics-{plan.name}",
-    retries=2,
-    retry_delay_seconds=2,
-    cache_policy=NO_CACHE,
+    **_STAGE,
 )
 def compute_statistics(plan: pipeline.ImagePlan, raw: Extrema) -> ImageStats:
     return pipeline.statistics(_client(), plan, raw, _progress(plan.name))
@@ -110,9 +126,7 @@ def compute_statistics(plan: pipeline.ImagePlan, raw: Extrema) -> ImageStats:
 @task(
     name="segment",
     task_run_name="segment-{plan.name}",
-    retries=2,
-    retry_delay_seconds=2,
-    cache_policy=NO_CACHE,
+    **_STAGE,
 )
 def segment_blocks(plan: pipeline.ImagePlan, stats: ImageStats) -> pipeline.Segmented:
     return pipeline.segment(_client(), plan, stats, _progress(plan.name))
@@ -126,9 +140,7 @@ def stitch_labels(plan: pipeline.ImagePlan, segmented: pipeline.Segmented) -> Gl
 @task(
     name="write",
     task_run_name="write-{plan.name}",
-    retries=2,
-    retry_delay_seconds=2,
-    cache_policy=NO_CACHE,
+    **_STAGE,
 )
 def write_outputs(plan: pipeline.ImagePlan, ids: GlobalIds) -> int:
     return pipeline.write(_client(), plan, ids, _progress(plan.name))

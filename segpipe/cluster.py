@@ -26,7 +26,7 @@ def local_cluster(*, workers: int | None = None, threads: int | None = None) -> 
         processes=True,
         host="127.0.0.1",
         dashboard_address="127.0.0.1:0",
-        silence_logs=40,
+        silence_logs=50,  # block errors reach the user once, through the client
     )
 
 
