@@ -110,7 +110,6 @@ def _client() -> Client:
     **_STAGE,
 )
 def ingest_image(plan: pipeline.ImagePlan) -> Extrema:
-    pipeline.begin(plan)
     return pipeline.ingest(_client(), plan, _progress(plan.name))
 
 
@@ -148,6 +147,9 @@ def write_outputs(plan: pipeline.ImagePlan, ids: GlobalIds) -> int:
 
 def _segment_one(plan: pipeline.ImagePlan) -> pipeline.ImageResult:
     t0 = time.perf_counter()
+    if pipeline.begin(plan) == "done":
+        get_run_logger().info("%s: complete from the same input; skipped", plan.name)
+        return pipeline.completed_result(plan)
     raw = ingest_image(plan)
     stats = compute_statistics(plan, raw)
     segmented = segment_blocks(plan, stats)

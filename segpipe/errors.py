@@ -34,3 +34,11 @@ class SegmenterError(SegpipeError, ValueError):
 def file_error(path: object, problem: str) -> str:
     """Format a message that names the file first, then the problem."""
     return f"{path}: {problem}"
+
+
+class BlockFailedError(SegpipeError, RuntimeError):
+    """Blocks whose tasks killed their workers repeatedly; the others finished."""
+
+
+class OutputLockedError(SegpipeError, FileExistsError):
+    """Another live run holds the output."""

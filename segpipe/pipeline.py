@@ -12,22 +12,23 @@ import math
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
-from distributed import Client, Future, as_completed
+from distributed import Client, as_completed
 from numpy.typing import NDArray
 
 from segpipe import stitch
 from segpipe.blocks import Block, BlockGrid
-from segpipe.errors import UnsupportedImageError
+from segpipe.errors import BlockFailedError, UnsupportedImageError
 from segpipe.io import omezarr
+from segpipe.io.markers import Arrays, Markers
 from segpipe.io.readers import SourceSpec, read_region
-from segpipe.io.store import mark_image
+from segpipe.io.store import image_state, mark_image
 from segpipe.segmenters.base import Segmenter
 from segpipe.stats import Extrema, ImageStats, block_histogram, hist_range, merge_histograms
 
@@ -74,6 +75,10 @@ class ImagePlan:
     def scratch(self) -> str:
         return str(Path(self.root) / omezarr.SCRATCH / "scratch" / self.name)
 
+    def markers(self, stage: str) -> Markers:
+        """Completion markers of ``stage`` for this image."""
+        return Markers(Path(self.root) / omezarr.SCRATCH / "blocks" / self.name / stage)
+
     @property
     def filtered(self) -> str:
         return str(Path(self.scratch) / "filtered")
@@ -106,6 +111,58 @@ def _as_float32(block: NDArray[Any]) -> NDArray[np.float32]:
     return np.asarray(block, dtype=np.float32)
 
 
+# -- marker codecs: block results as plain arrays (no pickle) ------------------
+
+
+def _extrema_out(e: Extrema) -> Arrays:
+    return {"v": np.array([e.min, e.max, e.count, e.nonfinite], np.float64)}
+
+
+def _extrema_in(a: Arrays) -> Extrema:
+    v = a["v"]
+    return Extrema(float(v[0]), float(v[1]), int(v[2]), int(v[3]))
+
+
+def _hist_out(h: tuple[NDArray[np.int64], float]) -> Arrays:
+    return {"counts": h[0], "sum": np.array(h[1], np.float64)}
+
+
+def _hist_in(a: Arrays) -> tuple[NDArray[np.int64], float]:
+    return a["counts"].astype(np.int64), float(a["sum"])
+
+
+def _none_out(_: object) -> Arrays:
+    return {}
+
+
+def _none_in(_: Arrays) -> None:
+    return None
+
+
+def _count_in(a: Arrays) -> int:
+    return int(a["count"])
+
+
+def _dkey(d: Sequence[int]) -> str:
+    return "d" + "_".join(str(x).replace("-", "m") for x in d)
+
+
+def _marked(
+    fn: Callable[..., Any],
+    marker_dir: str,
+    block_id: int,
+    encode: Callable[[Any], Arrays],
+    *args: Any,
+) -> Any:
+    """Run a block function, then write its marker (chunks first, marker last)."""
+    result = fn(*args)
+    Markers(marker_dir).save(block_id, encode(result))
+    return result
+
+
+# -- block functions (run on workers) ----------------------------------------
+
+
 def ingest_block(spec: SourceSpec, dst: str, region: tuple[slice, ...]) -> Extrema:
     data = read_region(spec, region)
     ext = Extrema.of(data)
@@ -131,17 +188,15 @@ def histogram_block(
     return block_histogram(_as_float32(_read(src, region)), lo, hi)
 
 
-@dataclass
-class BlockOutput:
-    """A block's labelled core count and its views toward each neighbour."""
-
-    count: int
-    views: dict[tuple[int, ...], Any]
-
-
 def segment_block(
-    plan: ImagePlan, block: Block, params: dict[str, Any], directions: list[tuple[int, ...]]
-) -> BlockOutput:
+    plan: ImagePlan,
+    block: Block,
+    params: dict[str, Any],
+    directions: list[tuple[int, ...]],
+    marker_dir: str,
+) -> int:
+    """Segment one block; write semantic and local labels, then a marker holding the
+    object count and the block's view toward each neighbour (read by the pair tasks)."""
     data = _as_float32(_read(plan.source, block.read))
     result = plan.segmenter.segment(data, params)
     core = block.core_in_read
@@ -154,29 +209,34 @@ def segment_block(
     zarr.open_array(plan.label("semantic"), mode="r+")[block.core] = semantic
     zarr.open_array(plan.local_labels, mode="r+")[block.core] = local
     grid = plan.grid(plan.segment_halo)
-    views: dict[tuple[int, ...], Any] = {}
+    arrays: Arrays = {"count": np.array(count, np.int64)}
     for d in directions:
         other = grid.block(tuple(i + k for i, k in zip(block.index, d, strict=True)))
         if plan.segmenter.stitch == "faces":
-            views[d] = stitch.face_view(local, semantic, d)
+            labels, classes = stitch.face_view(local, semantic, d)
+            arrays[_dkey(d) + "_l"], arrays[_dkey(d) + "_s"] = labels, classes
         else:
-            views[d] = stitch.overlap_view(full, block, other, plan.segment_halo)
-    return BlockOutput(count, views)
+            arrays[_dkey(d) + "_v"] = stitch.overlap_view(full, block, other, plan.segment_halo)
+    Markers(marker_dir).save(block.id, arrays)
+    return count
 
 
-def block_count(out: BlockOutput) -> int:
-    return out.count
-
-
-def pair_edges(a: BlockOutput, b: BlockOutput, d: tuple[int, ...], mode: str) -> NDArray[np.int64]:
+def pair_edges(marker_dir: str, a: int, b: int, d: tuple[int, ...], mode: str) -> NDArray[np.int64]:
+    """Links between the objects of blocks ``a`` and ``b`` = a + ``d``, from their markers."""
+    markers = Markers(marker_dir)
+    va, vb = markers.load(a), markers.load(b)
     back = tuple(-x for x in d)
     if mode == "faces":
-        return stitch.face_edges(a.views[d], b.views[back], d)
-    return stitch.overlap_edges(a.views[d], b.views[back])
+        return stitch.face_edges(
+            (va[_dkey(d) + "_l"], va[_dkey(d) + "_s"]),
+            (vb[_dkey(back) + "_l"], vb[_dkey(back) + "_s"]),
+            d,
+        )
+    return stitch.overlap_edges(va[_dkey(d) + "_v"], vb[_dkey(back) + "_v"])
 
 
 def relabel_block(src: str, dst: str, region: tuple[slice, ...], lut: NDArray[Any]) -> None:
-    local = np.asarray(zarr.open_array(src, mode="r")[region])
+    local = _read(src, region)
     zarr.open_array(dst, mode="r+")[region] = lut[local]
 
 
@@ -191,40 +251,88 @@ def map_blocks(
     stage: str,
     progress: ProgressFn = _noop,
     window: int = WINDOW,
+    markers: Markers | None = None,
+    codec: tuple[Callable[[Any], Arrays], Callable[[Arrays], Any]] = (_none_out, _none_in),
+    names: Sequence[str] | None = None,
 ) -> list[Any]:
-    """Run ``fn(*a)`` for each ``a`` with at most ``window`` tasks in flight; results in order."""
+    """Run ``fn(*a)`` for each ``a``, at most ``window`` in flight; results in order.
+
+    With ``markers``, item ``i`` whose marker exists is not run: its result is
+    read back with ``codec[1]``; a finished item writes its marker with
+    ``codec[0]`` after its own writes. An item whose task killed workers
+    ``allowed-failures`` times is reported, by ``names[i]``, in a
+    `BlockFailedError` once every other item has finished; any other error
+    stops the stage at once.
+    """
+    encode, decode = codec
     token = uuid.uuid4().hex[:8]
     results: list[Any] = [None] * len(args)
+    todo: list[int] = []
+    for i in range(len(args)):
+        if markers is not None and markers.done(i):
+            results[i] = decode(markers.load(i))
+        else:
+            todo.append(i)
+    done = len(args) - len(todo)
+    progress(stage, done, len(args))
     pending: dict[str, int] = {}
-    queue = iter(enumerate(args))
+    queue = iter(todo)
     ac = as_completed()
+    failed: list[tuple[int, BaseException]] = []
 
     def submit_next() -> None:
-        for i, a in queue:
-            f = client.submit(fn, *a, key=f"{stage}-{token}-{i}", retries=RETRIES)
+        for i in queue:
+            key = f"{stage}-{token}-{i}"
+            if markers is None:
+                f = client.submit(fn, *args[i], key=key, retries=RETRIES)
+            else:
+                f = client.submit(
+                    _marked,
+                    fn,
+                    str(markers.directory),
+                    i,
+                    encode,
+                    *args[i],
+                    key=key,
+                    retries=RETRIES,
+                )
             pending[str(f.key)] = i
             ac.add(f)
             return
 
-    for _ in range(min(window, len(args))):
+    for _ in range(min(window, len(todo))):
         submit_next()
-    done = 0
-    progress(stage, 0, len(args))
     try:
         for f in ac:
             i = pending.pop(str(f.key))
-            results[i] = f.result()
-            done += 1
-            progress(stage, done, len(args))
+            if f.status == "error" and type(f.exception()).__name__ == "KilledWorker":
+                failed.append((i, f.exception()))  # let the other blocks finish
+            else:
+                results[i] = f.result()
+                done += 1
+                progress(stage, done, len(args))
+            f.release()
             submit_next()
     except BaseException:
-        client.cancel([f for f in ac.futures] if hasattr(ac, "futures") else [])
+        client.cancel(list(ac.futures) if hasattr(ac, "futures") else [])
         raise
+    if failed:
+        which = ", ".join(names[i] if names else f"#{i}" for i, _ in failed)
+        raise BlockFailedError(
+            f"stage {stage}: {len(failed)} block(s) killed their workers repeatedly and were "
+            f"given up: {which}; the other {len(args) - len(failed)} finished. "
+            f"Cause: {failed[0][1]}"
+        ) from failed[0][1]
     return results
 
 
 def _regions(shape: Sequence[int], chunks: Sequence[int]) -> list[tuple[slice, ...]]:
     return [b.core for b in BlockGrid.build(shape, tile=chunks, halo=0)]
+
+
+def _where(plan: ImagePlan, region: tuple[slice, ...]) -> str:
+    span = ", ".join(f"{s.start}:{s.stop}" for s in region)
+    return f"{plan.spec.path} [{span}]"
 
 
 def ingest_regions(plan: ImagePlan) -> list[tuple[slice, ...]]:
@@ -247,20 +355,53 @@ def _tiff_is_tiled(path: str) -> bool:
         return bool(tif.series[0].pages[0].is_tiled)  # type: ignore[union-attr]
 
 
+def _array(
+    path: str,
+    markers: Markers,
+    *,
+    shape: Sequence[int],
+    chunks: Sequence[int],
+    dtype: Any,
+    labels: bool = True,
+) -> None:
+    """Create the array a stage writes, unless a resumed stage already wrote parts of it."""
+    if markers.count():
+        try:
+            arr = zarr.open_array(path, mode="r")
+            if arr.shape == tuple(shape) and arr.dtype == np.dtype(dtype):
+                markers.clean_leftovers()
+                return
+        except Exception:  # missing or unreadable: its markers lie
+            pass
+        markers.clear()
+    omezarr.create_array(path, shape=shape, chunks=chunks, dtype=dtype, labels=labels)
+
+
 # -- stages ------------------------------------------------------------------
 
 
 def ingest(client: Client, plan: ImagePlan, progress: ProgressFn = _noop) -> Extrema:
     """Copy the source image into ``OUT/<name>/0`` chunk by chunk; return its extrema."""
-    omezarr.create_array(
-        plan.raw, shape=plan.spec.shape, chunks=plan.grid().tile, dtype=plan.spec.out_dtype
+    markers = plan.markers("ingest")
+    tile = plan.grid().tile
+    _array(
+        plan.raw,
+        markers,
+        shape=plan.spec.shape,
+        chunks=tile,
+        dtype=plan.spec.out_dtype,
+        labels=False,
     )
+    regions = ingest_regions(plan)
     parts = map_blocks(
         client,
         ingest_block,
-        [(plan.spec, plan.raw, r) for r in ingest_regions(plan)],
+        [(plan.spec, plan.raw, r) for r in regions],
         stage="ingest",
         progress=progress,
+        markers=markers,
+        codec=(_extrema_out, _extrema_in),
+        names=[_where(plan, r) for r in regions],
     )
     return Extrema.merge(parts)
 
@@ -270,26 +411,40 @@ def statistics(
 ) -> ImageStats:
     """Filter (when the segmenter smooths) and histogram the whole image."""
     extrema = raw
+    tile = plan.grid().tile
     if plan.segmenter.has_filter():
-        omezarr.create_array(
-            plan.filtered, shape=plan.spec.shape, chunks=plan.grid().tile, dtype=np.float32
+        markers = plan.markers("filter")
+        _array(
+            plan.filtered,
+            markers,
+            shape=plan.spec.shape,
+            chunks=tile,
+            dtype=np.float32,
+            labels=False,
         )
-        grid = plan.grid(plan.segmenter.filter_halo(plan.ndim))
+        blocks = list(plan.grid(plan.segmenter.filter_halo(plan.ndim)))
         parts = map_blocks(
             client,
             filter_block,
-            [(plan.raw, plan.filtered, b, plan.segmenter) for b in grid],
+            [(plan.raw, plan.filtered, b, plan.segmenter) for b in blocks],
             stage="filter",
             progress=progress,
+            markers=markers,
+            codec=(_extrema_out, _extrema_in),
+            names=[_where(plan, b.core) for b in blocks],
         )
         extrema = Extrema.merge(parts)
     lo, hi = hist_range(extrema)
+    blocks = list(plan.grid())
     hists = map_blocks(
         client,
         histogram_block,
-        [(plan.source, b.core, lo, hi) for b in plan.grid()],
+        [(plan.source, b.core, lo, hi) for b in blocks],
         stage="statistics",
         progress=progress,
+        markers=plan.markers("statistics"),
+        codec=(_hist_out, _hist_in),
+        names=[_where(plan, b.core) for b in blocks],
     )
     return merge_histograms(hists, extrema)
 
@@ -307,51 +462,40 @@ def segment(
     """Segment every block (with its halo), write semantic + local labels, find links."""
     params = dict(plan.segmenter.prepare(stats))
     tile = plan.grid().tile
-    omezarr.create_array(
-        plan.label("semantic"), shape=plan.spec.shape, chunks=tile, dtype=np.uint8, labels=True
-    )
-    omezarr.create_array(
-        plan.local_labels, shape=plan.spec.shape, chunks=tile, dtype=np.uint32, labels=True
-    )
+    markers = plan.markers("segment")
+    _array(plan.label("semantic"), markers, shape=plan.spec.shape, chunks=tile, dtype=np.uint8)
+    _array(plan.local_labels, markers, shape=plan.spec.shape, chunks=tile, dtype=np.uint32)
     grid = plan.grid(plan.segment_halo)
+    blocks = list(grid)
     pairs = list(grid.neighbour_pairs())
-    directions: dict[int, list[tuple[int, ...]]] = {b.id: [] for b in grid}
+    directions: dict[int, list[tuple[int, ...]]] = {b.id: [] for b in blocks}
     for a, b, d in pairs:
         directions[a.id].append(d)
         directions[b.id].append(tuple(-x for x in d))
-    token = uuid.uuid4().hex[:8]
-    blocks: dict[int, Future[BlockOutput]] = {}
-    for b in grid:
-        blocks[b.id] = client.submit(
-            segment_block,
-            plan,
-            b,
-            params,
-            directions[b.id],
-            key=f"segment-{token}-{b.id}",
-            retries=RETRIES,
-        )
-    counts_f = [
-        client.submit(block_count, blocks[i], key=f"count-{token}-{i}") for i in sorted(blocks)
-    ]
-    edge_f = [
-        client.submit(
-            pair_edges,
-            blocks[a.id],
-            blocks[b.id],
-            d,
-            plan.segmenter.stitch,
-            key=f"pair-{token}-{a.id}-{b.id}",
-        )
-        for a, b, d in pairs
-    ]
-    del blocks  # block outputs are freed once their pairs are computed
-    total = len(counts_f)
-    progress("segment", 0, total)
-    for done, _ in enumerate(as_completed(counts_f), start=1):
-        progress("segment", done, total)
-    counts = client.gather(counts_f)
-    edge_arrays = client.gather(edge_f)
+    # segment_block writes its own marker (it holds the neighbour views), so it is
+    # run without map_blocks' wrapper and its result read back as the count.
+    todo = [b for b in blocks if not markers.done(b.id)]
+    counts_todo = map_blocks(
+        client,
+        segment_block,
+        [(plan, b, params, directions[b.id], str(markers.directory)) for b in todo],
+        stage="segment",
+        progress=lambda stage, done, total: progress(
+            stage, done + len(blocks) - len(todo), len(blocks)
+        ),
+        names=[_where(plan, b.core) for b in todo],
+    )
+    counts = [0] * len(blocks)
+    computed = dict(zip((b.id for b in todo), counts_todo, strict=True))
+    for b in blocks:
+        counts[b.id] = computed[b.id] if b.id in computed else _count_in(markers.load(b.id))
+    edge_arrays = map_blocks(
+        client,
+        pair_edges,
+        [(str(markers.directory), a.id, b.id, d, plan.segmenter.stitch) for a, b, d in pairs],
+        stage="links",
+        progress=progress,
+    )
     edges = [(a.id, b.id, e) for (a, b, _), e in zip(pairs, edge_arrays, strict=True)]
     return Segmented(counts, edges, {k: _plain(v) for k, v in params.items()})
 
@@ -374,16 +518,17 @@ def write(
 ) -> int:
     """Relabel to global ids, build the pyramids and NGFF metadata; return the level count."""
     tile = plan.grid().tile
-    omezarr.create_array(
-        plan.label("instances"), shape=plan.spec.shape, chunks=tile, dtype=ids.dtype, labels=True
-    )
-    grid = plan.grid()
+    markers = plan.markers("relabel")
+    _array(plan.label("instances"), markers, shape=plan.spec.shape, chunks=tile, dtype=ids.dtype)
+    blocks = list(plan.grid())
     map_blocks(
         client,
         relabel_block,
-        [(plan.local_labels, plan.label("instances"), b.core, ids.block_lut(b.id)) for b in grid],
+        [(plan.local_labels, plan.label("instances"), b.core, ids.block_lut(b.id)) for b in blocks],
         stage="relabel",
         progress=progress,
+        markers=markers,
+        names=[_where(plan, b.core) for b in blocks],
     )
     shapes = omezarr.pyramid_shapes(plan.spec.shape, min_size=max(256, min(tile[-2:])))
     sources = {
@@ -393,13 +538,26 @@ def write(
     }
     dtypes = {"image": plan.spec.out_dtype, "semantic": np.uint8, "instances": ids.dtype}
     for k in range(1, len(shapes)):
+        level_markers = plan.markers(f"pyramid-{k}")
         jobs = []
         for kind, path in sources.items():
-            omezarr.create_array(
-                path(k), shape=shapes[k], chunks=tile, dtype=dtypes[kind], labels=kind != "image"
+            _array(
+                path(k),
+                level_markers,
+                shape=shapes[k],
+                chunks=tile,
+                dtype=dtypes[kind],
+                labels=kind != "image",
             )
             jobs += [(path(k - 1), path(k), r) for r in _regions(shapes[k], tile)]
-        map_blocks(client, omezarr.downsample_block, jobs, stage=f"pyramid-{k}", progress=progress)
+        map_blocks(
+            client,
+            omezarr.downsample_block,
+            jobs,
+            stage=f"pyramid-{k}",
+            progress=progress,
+            markers=level_markers,
+        )
     levels = len(shapes)
     omezarr.write_image_metadata(plan.group, ndim=plan.ndim, levels=levels, name=plan.name)
     classes = plan.segmenter.classes
@@ -430,19 +588,40 @@ class ImageResult:
         return math.prod(self.shape) / 1e6 / max(self.seconds, 1e-9)
 
 
-def begin(plan: ImagePlan) -> None:
-    """Mark the image incomplete before anything of it is (re)written."""
+def source_identity(spec: SourceSpec) -> dict[str, Any]:
+    """What says an input is unchanged since a run: its path, size and mtime."""
+    path = Path(spec.path)
+    probe = path / "zarr.json" if path.is_dir() else path
+    st = probe.stat()
+    return {"path": spec.path, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def begin(plan: ImagePlan) -> str:
+    """Prepare the image's place in the store; return ``done``, ``resume`` or ``fresh``.
+
+    ``done``: complete from the same input (nothing to do); ``resume``: an
+    interrupted run of the same input (finished blocks are kept); ``fresh``:
+    anything else (earlier results of this name are removed first).
+    """
+    state = image_state(plan.group)
+    identity = source_identity(plan.spec)
+    if state.get("source") == identity:
+        if state.get("complete"):
+            return "done"
+        mark_image(plan.group, complete=False)
+        return "resume"
+    for path in (Path(plan.group), Path(plan.scratch), plan.markers("x").directory.parent):
+        shutil.rmtree(path, ignore_errors=True)
     Path(plan.group).mkdir(parents=True, exist_ok=True)
     zarr.open_group(plan.group, mode="a", zarr_format=3)
-    labels = Path(plan.group) / "labels"
-    if labels.exists():
-        shutil.rmtree(labels)
-    mark_image(plan.group, complete=False, source=plan.spec.path)
+    mark_image(plan.group, complete=False, source=identity)
+    return "fresh"
 
 
 def finish(plan: ImagePlan, result: ImageResult, stats: ImageStats, params: dict[str, Any]) -> None:
-    """Drop scratch data, then mark the image complete (written last)."""
+    """Drop scratch data and markers, then mark the image complete (written last)."""
     shutil.rmtree(plan.scratch, ignore_errors=True)
+    shutil.rmtree(plan.markers("x").directory.parent, ignore_errors=True)
     mark_image(
         plan.group,
         objects=result.objects,
@@ -453,6 +632,12 @@ def finish(plan: ImagePlan, result: ImageResult, stats: ImageStats, params: dict
         seconds=result.seconds,
         complete=True,
     )
+
+
+def completed_result(plan: ImagePlan) -> ImageResult:
+    """The result recorded by an earlier run that completed this image."""
+    state = image_state(plan.group)
+    return ImageResult(plan.name, plan.spec.shape, int(state["objects"]), 0.0, {"skipped": 1.0})
 
 
 def run_image(client: Client, plan: ImagePlan, progress: ProgressFn = _noop) -> ImageResult:
@@ -466,7 +651,8 @@ def run_image(client: Client, plan: ImagePlan, progress: ProgressFn = _noop) -> 
         times[name] = time.perf_counter() - t
         return out
 
-    begin(plan)
+    if begin(plan) == "done":
+        return completed_result(plan)
     raw = timed("ingest", lambda: ingest(client, plan, progress))
     stats = timed("statistics", lambda: statistics(client, plan, raw, progress))
     seg = timed("segment", lambda: segment(client, plan, stats, progress))
@@ -475,7 +661,3 @@ def run_image(client: Client, plan: ImagePlan, progress: ProgressFn = _noop) -> 
     result = ImageResult(plan.name, plan.spec.shape, ids.count, time.perf_counter() - t0, times)
     finish(plan, result, stats, seg.params)
     return result
-
-
-def iter_names(plans: Iterable[ImagePlan]) -> list[str]:
-    return [p.name for p in plans]
