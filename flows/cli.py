@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from segpipe.errors import SegpipeError
+from segpipe.errors import ImagesFailedError, SegpipeError
 
 app = typer.Typer(
     name="segpipe",
@@ -58,11 +58,16 @@ def _fail(err: BaseException, code: int = 1) -> None:
 
 def _summary(rows: list[dict[str, Any]], output: str) -> None:
     table = Table(title="segpipe summary")
-    for col in ("image", "shape", "objects", "seconds", "Mpx/s"):
+    for col in ("image", "shape", "objects", "seconds", "Mpx/s", "status"):
         table.add_column(col, justify="right" if col != "image" else "left")
     for r in rows:
         table.add_row(
-            r["image"], r["shape"], str(r["objects"]), f"{r['seconds']:.1f}", f"{r['Mpx/s']:.2f}"
+            r["image"],
+            r["shape"],
+            str(r["objects"]),
+            f"{r['seconds']:.1f}",
+            f"{r['Mpx/s']:.2f}",
+            r.get("status", "done"),
         )
     out.print(table)
     out.print(
@@ -74,9 +79,16 @@ def _summary(rows: list[dict[str, Any]], output: str) -> None:
 
 def execute(config: Any, *, show_progress: bool = True) -> list[dict[str, Any]]:
     """Check a run, then run the Prefect flow with a progress bar; returns the summary rows."""
+    if config.prefect is not None:  # before Prefect is imported: it reads these once
+        if config.prefect.api_url:
+            os.environ["PREFECT_API_URL"] = config.prefect.api_url
+        if config.prefect.auth_string:
+            os.environ["PREFECT_API_AUTH_STRING"] = config.prefect.auth_string
     from flows import segment as seg_flow
 
-    prepared = seg_flow.prepare_run(config)  # fail fast, before Prefect and the cluster start
+    # Fail fast, before Prefect and the cluster start; the lock stays held by this
+    # process, and the flow (in this process) takes it again as a no-op.
+    prepared = seg_flow.prepare_run(config)
     cfg = prepared.config
     console.print(
         f"segpipe: {len(prepared.sources)} image(s) → {cfg.output} "
@@ -95,7 +107,8 @@ def execute(config: Any, *, show_progress: bool = True) -> list[dict[str, Any]]:
     with progress:
         seg_flow.reporter.fn = _BarReporter(progress)
         try:
-            rows = seg_flow.segment_collection(cfg.model_dump(mode="json"))
+            # Secrets stay out of the flow's parameters (they are shown in the UI).
+            rows = seg_flow.segment_collection(cfg.model_dump(mode="json", exclude={"prefect"}))
         finally:
             seg_flow.reporter.fn = seg_flow._quiet
     return rows
@@ -139,8 +152,20 @@ def run(
     workers: Annotated[int | None, typer.Option(help="LocalCluster worker processes.")] = None,
     threads: Annotated[int | None, typer.Option(help="Threads per LocalCluster worker.")] = None,
     overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace an output that holds a different run.")
+        bool, typer.Option("--overwrite", help="Start over in an output that holds a run.")
     ] = False,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume", help="Continue an earlier run of these settings (keeps done work)."
+        ),
+    ] = False,
+    on_error: Annotated[
+        str | None,
+        typer.Option(
+            "--on-error", help="fail: stop before compute on any bad input; skip: do the good ones."
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Segment a collection into an OME-Zarr store."""
@@ -159,12 +184,17 @@ def run(
             "workers": workers,
             "threads": threads,
             "overwrite": overwrite or None,
+            "resume": resume or None,
+            "on_error": on_error,
         }
         if config is None and (input is None or output is None):
             raise typer.BadParameter("give --config, or both --input and --output.")
         cfg = load_config(config, overrides)
         t0 = time.perf_counter()
         rows = execute(cfg, show_progress=not quiet)
+    except ImagesFailedError as err:
+        _summary(err.rows, cfg.resolved().output)
+        _fail(err, 3)
     except SegpipeError as err:
         _fail(err)
     except typer.BadParameter as err:

@@ -17,10 +17,10 @@ from prefect.cache_policies import NO_CACHE
 from segpipe import pipeline
 from segpipe.cluster import connect, dashboard
 from segpipe.config import RunConfig
-from segpipe.errors import SegpipeError
+from segpipe.errors import ImagesFailedError, InputsError, SegpipeError
 from segpipe.io.collection import resolve_inputs
-from segpipe.io.readers import SourceSpec, open_source
-from segpipe.io.store import open_output
+from segpipe.io.readers import SourceSpec, image_name, open_source
+from segpipe.io.store import OutputLock, check_name, open_output
 from segpipe.segmenters import Segmenter, get_segmenter
 from segpipe.stats import Extrema, ImageStats
 from segpipe.stitch import GlobalIds
@@ -48,28 +48,49 @@ def _progress(image: str) -> ProgressFn:
 
 @dataclass(frozen=True)
 class Prepared:
-    """A checked run: every input opened, the output claimed, the segmenter built."""
+    """A checked run: inputs opened (bad ones listed), the output claimed, the segmenter built."""
 
     config: RunConfig
     sources: list[SourceSpec]
+    bad: list[tuple[str, str]]  # (path, problem) of inputs skipped under on_error=skip
     segmenter: Segmenter
-    tile: tuple[int, ...] | int | list[int]
+    lock: OutputLock
 
 
-def prepare_run(config: RunConfig) -> Prepared:
-    """Check everything before heavy compute: inputs readable, segmenter valid, output ours.
+def prepare_run(config: RunConfig, *, resume: bool | None = None) -> Prepared:
+    """Check everything before heavy compute: segmenter valid, every input readable,
+    output ours (and locked).
 
     Raises
     ------
     SegpipeError
-        For the first problem found, naming the file or setting.
+        The segmenter or output problem; or, under ``on_error: fail``, every bad
+        input, one per line.
     """
     config = config.resolved()
     segmenter = get_segmenter(config.segmenter.name, **config.segmenter.options())
     paths = resolve_inputs(config.input)
-    sources = [open_source(p, channel=config.channel, axes=config.axes) for p in paths]
-    open_output(config.output, config.run_settings(), overwrite=config.overwrite)
-    return Prepared(config, sources, segmenter, config.tile)
+    sources: list[SourceSpec] = []
+    bad: list[tuple[str, str]] = []
+    for p in paths:
+        try:
+            spec = open_source(p, channel=config.channel, axes=config.axes)
+            check_name(config.output, spec.name, p)
+            sources.append(spec)
+        except SegpipeError as err:
+            bad.append((p, str(err)))
+    if bad and config.on_error == "fail":
+        if len(bad) == 1:
+            raise InputsError(bad[0][1])
+        lines = "\n  ".join(msg for _, msg in bad)
+        raise InputsError(f"{len(bad)} of {len(paths)} inputs are bad:\n  {lines}")
+    lock = open_output(
+        config.output,
+        config.run_settings(),
+        overwrite=config.overwrite,
+        resume=config.resume if resume is None else resume,
+    )
+    return Prepared(config, sources, bad, segmenter, lock)
 
 
 def make_plan(prepared: Prepared, spec: SourceSpec) -> pipeline.ImagePlan:
@@ -79,6 +100,32 @@ def make_plan(prepared: Prepared, spec: SourceSpec) -> pipeline.ImagePlan:
     halo = prepared.config.halo
     halos = None if halo == "auto" else ((halo,) * ndim if isinstance(halo, int) else tuple(halo))
     return pipeline.ImagePlan(spec, prepared.config.output, tiles, prepared.segmenter, halos)
+
+
+def _row(result: pipeline.ImageResult, output: str, status: str) -> dict[str, Any]:
+    return {
+        "image": result.name,
+        "shape": "×".join(map(str, result.shape)),
+        "objects": result.objects,
+        "seconds": round(result.seconds, 2),
+        "Mpx/s": round(result.mpx_per_s, 2) if status == "done" else 0.0,
+        "status": status,
+        "output": str(Path(output) / result.name),
+    }
+
+
+def _failed_row(name: str, path: str, problem: str) -> dict[str, Any]:
+    return {
+        "image": name,
+        "shape": "",
+        "objects": 0,
+        "seconds": 0.0,
+        "Mpx/s": 0.0,
+        "status": "failed",
+        "output": "",
+        "error": problem,
+        "source": path,
+    }
 
 
 def _retry_unless_bad_input(task: Any, task_run: Any, state: Any) -> bool:
@@ -145,11 +192,11 @@ def write_outputs(plan: pipeline.ImagePlan, ids: GlobalIds) -> int:
     return pipeline.write(_client(), plan, ids, _progress(plan.name))
 
 
-def _segment_one(plan: pipeline.ImagePlan) -> pipeline.ImageResult:
+def _segment_one(plan: pipeline.ImagePlan) -> tuple[pipeline.ImageResult, str]:
     t0 = time.perf_counter()
     if pipeline.begin(plan) == "done":
         get_run_logger().info("%s: complete from the same input; skipped", plan.name)
-        return pipeline.completed_result(plan)
+        return pipeline.completed_result(plan), "skipped"
     raw = ingest_image(plan)
     stats = compute_statistics(plan, raw)
     segmented = segment_blocks(plan, stats)
@@ -159,7 +206,7 @@ def _segment_one(plan: pipeline.ImagePlan) -> pipeline.ImageResult:
         plan.name, plan.spec.shape, ids.count, time.perf_counter() - t0, {}
     )
     pipeline.finish(plan, result, stats, segmented.params)
-    return result
+    return result, "done"
 
 
 def _run_name() -> str:
@@ -184,8 +231,12 @@ def segment_collection(config: dict[str, Any]) -> list[dict[str, Any]]:
     config : dict
         A `RunConfig` as a mapping (JSON-able, so deployments can carry it).
     """
+    from prefect.runtime import flow_run
+
     logger = get_run_logger()
-    prepared = prepare_run(RunConfig(**config))
+    # A retried flow run continues what its earlier attempt wrote.
+    retried = (flow_run.run_count or 1) > 1
+    prepared = prepare_run(RunConfig(**config), resume=True if retried else None)
     cfg = prepared.config
     logger.info(
         "%d image(s) from %s into %s with %s",
@@ -194,27 +245,41 @@ def segment_collection(config: dict[str, Any]) -> list[dict[str, Any]]:
         cfg.output,
         cfg.segmenter.name,
     )
-    rows: list[dict[str, Any]] = []
-    with connect(cfg.cluster, workers=cfg.workers, threads=cfg.threads) as client:
-        logger.info(
-            "Dask dashboard: %s (scheduler %s)", dashboard(client), client.scheduler.address
-        )
-        for spec in prepared.sources:
-            result = _segment_one(make_plan(prepared, spec))
-            logger.info("%s: %d objects in %.1f s", result.name, result.objects, result.seconds)
-            rows.append(
-                {
-                    "image": result.name,
-                    "shape": "×".join(map(str, result.shape)),
-                    "objects": result.objects,
-                    "seconds": round(result.seconds, 2),
-                    "Mpx/s": round(result.mpx_per_s, 2),
-                    "output": str(Path(cfg.output) / result.name),
-                }
+    rows = [_failed_row(image_name(p), p, msg) for p, msg in prepared.bad]
+    for _, msg in prepared.bad:
+        logger.error("skipped: %s", msg)
+    try:
+        with connect(
+            cfg.cluster, workers=cfg.workers, threads=cfg.threads, security=cfg.security
+        ) as client:
+            logger.info(
+                "Dask dashboard: %s (scheduler %s)", dashboard(client), client.scheduler.address
             )
+            for spec in prepared.sources:
+                plan = make_plan(prepared, spec)
+                try:
+                    result, status = _segment_one(plan)
+                except SegpipeError as err:
+                    if cfg.on_error == "fail":
+                        raise
+                    logger.error("%s failed: %s", spec.name, err)
+                    pipeline.record_failure(plan, str(err))
+                    rows.append(_failed_row(spec.name, spec.path, str(err)))
+                    continue
+                logger.info("%s: %d objects in %.1f s", result.name, result.objects, result.seconds)
+                rows.append(_row(result, cfg.output, status))
+    finally:
+        prepared.lock.release()
     create_table_artifact(
         key="segpipe-summary",
         table=rows,
         description=f"segpipe {cfg.segmenter.name} on {cfg.input} → {cfg.output}",
     )
+    failed = [r for r in rows if r["status"] == "failed"]
+    if failed:
+        raise ImagesFailedError(
+            f"{len(failed)} of {len(rows)} image(s) failed: "
+            + "; ".join(f"{r['image']}: {r['error']}" for r in failed),
+            rows,
+        )
     return rows

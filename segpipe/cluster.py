@@ -5,9 +5,13 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
+import dask
 from distributed import Client, LocalCluster
+from distributed.security import Security
 
+from segpipe.config import TLSConfig
 from segpipe.errors import ConfigError, SegpipeError
 
 
@@ -20,9 +24,19 @@ def local_cluster(*, workers: int | None = None, threads: int | None = None) -> 
     """
     cores = os.cpu_count() or 1
     n = workers or 1
+    # A task whose worker dies is retried on another up to this many times, then
+    # reported (by block) as killing workers; the other blocks go on.
+    with dask.config.set({"distributed.scheduler.allowed-failures": ALLOWED_FAILURES}):
+        return _local(n, threads or max(cores // n, 1))
+
+
+ALLOWED_FAILURES = 3
+
+
+def _local(n: int, threads: int) -> LocalCluster:
     return LocalCluster(
         n_workers=n,
-        threads_per_worker=threads or max(cores // n, 1),
+        threads_per_worker=threads,
         processes=True,
         host="127.0.0.1",
         dashboard_address="127.0.0.1:0",
@@ -32,7 +46,11 @@ def local_cluster(*, workers: int | None = None, threads: int | None = None) -> 
 
 @contextmanager
 def connect(
-    spec: str = "local", *, workers: int | None = None, threads: int | None = None
+    spec: str = "local",
+    *,
+    workers: int | None = None,
+    threads: int | None = None,
+    security: TLSConfig | None = None,
 ) -> Iterator[Client]:
     """A Client for ``spec`` (``local`` or ``tcp://host:port``); a local cluster is closed after.
 
@@ -49,8 +67,20 @@ def connect(
         return
     if not spec.startswith(("tcp://", "tls://")):
         raise ConfigError(f"cluster {spec!r}: expected 'local' or 'tcp://host:port'.")
+    kwargs: dict[str, Any] = {}
+    if security is not None:
+        kwargs["security"] = Security(
+            tls_ca_file=security.ca_file,
+            tls_client_cert=security.cert,
+            tls_client_key=security.key,
+            require_encryption=True,
+        )
+    elif spec.startswith("tls://"):
+        raise ConfigError(
+            f"cluster {spec}: a tls:// scheduler needs `security` (ca_file, cert, key)."
+        )
     try:
-        client = Client(spec, timeout="15s")
+        client = Client(spec, timeout="15s", **kwargs)
     except OSError as err:
         raise SegpipeError(f"cluster {spec}: cannot reach the Dask scheduler ({err}).") from err
     try:

@@ -22,6 +22,24 @@ class SegmenterConfig(BaseModel):
         return dict(self.model_extra or {})
 
 
+class TLSConfig(BaseModel):
+    """Dask TLS: CA certificate and this client's certificate and key (paths)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    ca_file: str
+    cert: str
+    key: str
+
+
+class PrefectConfig(BaseModel):
+    """Where the flow reports: an API URL and, for a server started with an auth
+    string (``PREFECT_SERVER_API_AUTH_STRING``), the same ``user:password``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    api_url: str | None = None
+    auth_string: str | None = Field(None, repr=False)
+
+
 class RunConfig(BaseModel):
     """What one ``segpipe run`` does. Field names are the keys of ``run.yaml``."""
 
@@ -46,7 +64,16 @@ class RunConfig(BaseModel):
     axes: str | None = None
     """Axes of plain Zarr inputs, e.g. ``ZYX`` or ``CYX``."""
     overwrite: bool = False
-    """Replace an output that holds a different run."""
+    """Start over in an output that holds another run (or an earlier one of this)."""
+    resume: bool = False
+    """Continue an earlier run of these settings: finished images and blocks are kept."""
+    on_error: Literal["fail", "skip"] = "fail"
+    """Bad input: ``fail`` stops before any compute (after checking every input);
+    ``skip`` segments the good images, reports the bad ones and exits non-zero."""
+    security: TLSConfig | None = None
+    """TLS files for a ``tls://`` scheduler."""
+    prefect: PrefectConfig | None = None
+    """Prefect API to report to (default: the embedded one, or ``PREFECT_API_URL``)."""
     segmenter: SegmenterConfig = SegmenterConfig()
 
     @field_validator("tile")

@@ -42,3 +42,18 @@ class BlockFailedError(SegpipeError, RuntimeError):
 
 class OutputLockedError(SegpipeError, FileExistsError):
     """Another live run holds the output."""
+
+
+class InputsError(SegpipeError, ValueError):
+    """One or more inputs are bad (all of them listed)."""
+
+
+class ImagesFailedError(SegpipeError, RuntimeError):
+    """Some images failed under ``on_error: skip``; the others were segmented."""
+
+    def __init__(self, message: str, rows: list[dict[str, object]] | None = None) -> None:
+        super().__init__(message)
+        self.rows = rows or []
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (str(self), self.rows))

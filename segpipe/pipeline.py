@@ -634,6 +634,12 @@ def finish(plan: ImagePlan, result: ImageResult, stats: ImageStats, params: dict
     )
 
 
+def record_failure(plan: ImagePlan, problem: str) -> None:
+    """Note on the (incomplete) image why it failed; it is never marked complete."""
+    if Path(plan.group).exists():
+        mark_image(plan.group, complete=False, error=problem)
+
+
 def completed_result(plan: ImagePlan) -> ImageResult:
     """The result recorded by an earlier run that completed this image."""
     state = image_state(plan.group)

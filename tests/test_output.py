@@ -116,7 +116,7 @@ def test_config_file_and_flags_override(
 
 def test_rerun_same_settings_reuses_output(run_cli, small: Path, tmp_path: Path) -> None:
     out = tmp_path / "out.zarr"
-    args = ("--input", str(small), "--output", str(out), "--tile", "128")
+    args = ("--input", str(small), "--output", str(out), "--tile", "128", "--resume")
     assert run_cli(*args).exit_code == 0
     first = _digest(out / "cells")
     assert run_cli(*args).exit_code == 0

@@ -13,11 +13,12 @@ import os
 import shutil
 import uuid
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
-Arrays = dict[str, NDArray[np.generic]]
+Arrays = dict[str, NDArray[Any]]
 
 
 class Markers:
@@ -42,7 +43,7 @@ class Markers:
         self.directory.mkdir(parents=True, exist_ok=True)
         tmp = self.directory / f".{block_id}.{uuid.uuid4().hex}.tmp"
         with open(tmp, "wb") as fh:
-            np.savez(fh, **arrays)
+            np.savez(fh, **arrays)  # type: ignore[arg-type]
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, self.path(block_id))
