@@ -57,3 +57,7 @@ class ImagesFailedError(SegpipeError, RuntimeError):
 
     def __reduce__(self) -> tuple[object, ...]:
         return (type(self), (str(self), self.rows))
+
+
+class OutputWriteError(SegpipeError, OSError):
+    """The output cannot be written (disk full, read-only, permissions)."""

@@ -308,6 +308,18 @@ def measure_block(
     )
 
 
+def _groups_out(groups: Groups) -> dict[str, NDArray[Any]]:
+    return {f: getattr(groups, f) for f in Groups.__dataclass_fields__}
+
+
+def _groups_in(arrays: dict[str, NDArray[Any]]) -> Groups:
+    return Groups(**{f: arrays[f] for f in Groups.__dataclass_fields__})
+
+
+def _span(region: tuple[slice, ...]) -> str:
+    return ", ".join(f"{s.start}:{s.stop}" for s in region)
+
+
 @dataclass(frozen=True)
 class Measured:
     """What `measure` wrote: table paths, row counts, objects per class name."""
@@ -371,11 +383,18 @@ def measure(
     from segpipe import pipeline
     from segpipe.io.store import mark_image
 
-    jobs = [
-        (plan.label("instances"), plan.label("semantic"), plan.raw, b.core) for b in plan.grid()
-    ]
+    blocks = list(plan.grid())
+    jobs = [(plan.label("instances"), plan.label("semantic"), plan.raw, b.core) for b in blocks]
     parts = pipeline.map_blocks(
-        client, measure_block, jobs, stage="measure", progress=progress or pipeline._noop
+        client,
+        measure_block,
+        jobs,
+        stage="measure",
+        progress=progress or pipeline._noop,
+        markers=plan.markers("measure"),
+        codec=(_groups_out, _groups_in),
+        names=[f"{plan.label('instances')} [{_span(b.core)}]" for b in blocks],
+        run=plan.token,
     )
     groups = merge_groups(parts) if parts else Groups.empty(plan.ndim)
     objects = objects_table(groups, catalogue)

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from segpipe.errors import ConfigError, InputReadError, UnsupportedImageError
 
 if TYPE_CHECKING:
+    from segpipe.io.markers import Markers
     from segpipe.pipeline import ImagePlan, ProgressFn
     from segpipe.segmenters.base import Segmenter
 
@@ -461,6 +462,37 @@ def label_levels(plan: ImagePlan, kind: str = "instances") -> int:
         ) from err
 
 
+def _count_out(n: int) -> dict[str, NDArray[Any]]:
+    return {"count": np.array(n, np.int64)}
+
+
+def _count_in(arrays: dict[str, NDArray[Any]]) -> int:
+    return int(arrays["count"])
+
+
+def _where(plan: ImagePlan, region: tuple[slice, ...]) -> str:
+    span = ", ".join(f"{s.start}:{s.stop}" for s in region)
+    return f"{plan.label(KEY)} [{span}]"
+
+
+def _prepare_array(
+    path: str, markers: Markers, *, shape: Sequence[int], chunks: Sequence[int]
+) -> None:
+    """Create the uint64 array a stage writes, unless a resumed run already wrote blocks of it."""
+    from segpipe.io import omezarr
+
+    if markers.count():
+        try:
+            arr = zarr.open_array(path, mode="r")
+            if arr.shape == tuple(shape) and arr.dtype == np.dtype(np.uint64):
+                markers.clean_leftovers()
+                return
+        except Exception:  # missing or unreadable: its markers are stale
+            pass
+        markers.clear()
+    omezarr.create_array(path, shape=shape, chunks=chunks, dtype=np.uint64, labels=True)
+
+
 @dataclass(frozen=True)
 class PanopticResult:
     """What `write_panoptic` wrote: the divisor, the catalogue and the level count."""
@@ -503,30 +535,54 @@ def write_panoptic(
     PanopticResult
     """
     from segpipe import pipeline
+    from segpipe.blocks import BlockGrid
     from segpipe.io import omezarr
 
     report = progress or pipeline._noop
     divisor = choose_divisor(count)
     tile = plan.grid().tile
     levels = label_levels(plan)
-    dst = plan.label(KEY)
-    omezarr.create_array(dst, shape=plan.spec.shape, chunks=tile, dtype=np.uint64, labels=True)
+    markers = plan.markers(KEY)
+    _prepare_array(plan.label(KEY), markers, shape=plan.spec.shape, chunks=tile)
+    blocks = list(plan.grid())
     jobs = [
-        (plan.label("semantic"), plan.label("instances"), dst, b.core, divisor, catalogue)
-        for b in plan.grid()
+        (
+            plan.label("semantic"),
+            plan.label("instances"),
+            plan.label(KEY),
+            b.core,
+            divisor,
+            catalogue,
+        )
+        for b in blocks
     ]
-    unassigned = sum(pipeline.map_blocks(client, panoptic_block, jobs, stage=KEY, progress=report))
+    unassigned = pipeline.map_blocks(
+        client,
+        panoptic_block,
+        jobs,
+        stage=KEY,
+        progress=report,
+        markers=markers,
+        codec=(_count_out, _count_in),
+        names=[_where(plan, b.core) for b in blocks],
+        run=plan.token,
+    )
     shapes = omezarr.pyramid_shapes(plan.spec.shape, min_size=max(256, min(tile[-2:])))[:levels]
     for k in range(1, len(shapes)):
-        omezarr.create_array(
-            plan.label(KEY, k), shape=shapes[k], chunks=tile, dtype=np.uint64, labels=True
-        )
+        level_markers = plan.markers(f"{KEY}-pyramid-{k}")
+        _prepare_array(plan.label(KEY, k), level_markers, shape=shapes[k], chunks=tile)
         down = [
-            (plan.label(KEY, k - 1), plan.label(KEY, k), r)
-            for r in pipeline._regions(shapes[k], tile)
+            (plan.label(KEY, k - 1), plan.label(KEY, k), b.core)
+            for b in BlockGrid.build(shapes[k], tile=tile)
         ]
         pipeline.map_blocks(
-            client, omezarr.downsample_block, down, stage=f"{KEY}-{k}", progress=report
+            client,
+            omezarr.downsample_block,
+            down,
+            stage=f"{KEY}-pyramid-{k}",
+            progress=report,
+            markers=level_markers,
+            run=plan.token,
         )
     value = attrs_value(divisor, catalogue)
     for k in range(len(shapes)):
@@ -544,4 +600,4 @@ def write_panoptic(
     listed = [str(n) for n in _attrs(labels).get("ome", {}).get("labels", [])]
     names = [n for n in listed if n != KEY] or ["instances", "semantic"]
     omezarr.write_labels_index(group_path.parent, [*names, KEY])
-    return PanopticResult(divisor, catalogue, len(shapes), unassigned)
+    return PanopticResult(divisor, catalogue, len(shapes), sum(unassigned))

@@ -8,6 +8,7 @@ whole chunks, so no two tasks ever write the same chunk.
 
 from __future__ import annotations
 
+import errno
 import math
 import shutil
 import time
@@ -24,7 +25,7 @@ from numpy.typing import NDArray
 
 from segpipe import stitch
 from segpipe.blocks import Block, BlockGrid
-from segpipe.errors import BlockFailedError, UnsupportedImageError
+from segpipe.errors import BlockFailedError, OutputWriteError, UnsupportedImageError
 from segpipe.io import omezarr
 from segpipe.io.markers import Arrays, Markers
 from segpipe.io.readers import SourceSpec, read_region
@@ -33,6 +34,7 @@ from segpipe.segmenters.base import Segmenter
 from segpipe.stats import Extrema, ImageStats, block_histogram, hist_range, merge_histograms
 
 ProgressFn = Callable[[str, int, int], None]
+_OUTPUT_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.EPERM}
 RETRIES = 2  # a block lost with its worker is recomputed elsewhere
 WINDOW = 512  # block tasks in flight per stage: bounds the scheduler's memory
 
@@ -152,11 +154,12 @@ def _marked(
     marker_dir: str,
     block_id: int,
     encode: Callable[[Any], Arrays],
+    run: str,
     *args: Any,
 ) -> Any:
     """Run a block function, then write its marker (chunks first, marker last)."""
     result = fn(*args)
-    Markers(marker_dir).save(block_id, encode(result))
+    Markers(marker_dir).save(block_id, encode(result), run=run)
     return result
 
 
@@ -217,7 +220,7 @@ def segment_block(
             arrays[_dkey(d) + "_l"], arrays[_dkey(d) + "_s"] = labels, classes
         else:
             arrays[_dkey(d) + "_v"] = stitch.overlap_view(full, block, other, plan.segment_halo)
-    Markers(marker_dir).save(block.id, arrays)
+    Markers(marker_dir).save(block.id, arrays, run=plan.token)
     return count
 
 
@@ -254,6 +257,7 @@ def map_blocks(
     markers: Markers | None = None,
     codec: tuple[Callable[[Any], Arrays], Callable[[Arrays], Any]] = (_none_out, _none_in),
     names: Sequence[str] | None = None,
+    run: str = "",
 ) -> list[Any]:
     """Run ``fn(*a)`` for each ``a``, at most ``window`` in flight; results in order.
 
@@ -292,6 +296,7 @@ def map_blocks(
                     str(markers.directory),
                     i,
                     encode,
+                    run,
                     *args[i],
                     key=key,
                     retries=RETRIES,
@@ -313,6 +318,14 @@ def map_blocks(
                 progress(stage, done, len(args))
             f.release()
             submit_next()
+    except OSError as err:
+        client.cancel(list(ac.futures) if hasattr(ac, "futures") else [])
+        if err.errno in _OUTPUT_ERRNOS:
+            raise OutputWriteError(
+                f"{err.filename or 'output'}: cannot write ({err.strerror}) during {stage}; "
+                "free space or fix permissions, then rerun with --resume."
+            ) from err
+        raise
     except BaseException:
         client.cancel(list(ac.futures) if hasattr(ac, "futures") else [])
         raise
@@ -400,6 +413,7 @@ def ingest(client: Client, plan: ImagePlan, progress: ProgressFn = _noop) -> Ext
         stage="ingest",
         progress=progress,
         markers=markers,
+        run=plan.token,
         codec=(_extrema_out, _extrema_in),
         names=[_where(plan, r) for r in regions],
     )
@@ -430,6 +444,7 @@ def statistics(
             stage="filter",
             progress=progress,
             markers=markers,
+            run=plan.token,
             codec=(_extrema_out, _extrema_in),
             names=[_where(plan, b.core) for b in blocks],
         )
@@ -443,6 +458,7 @@ def statistics(
         stage="statistics",
         progress=progress,
         markers=plan.markers("statistics"),
+        run=plan.token,
         codec=(_hist_out, _hist_in),
         names=[_where(plan, b.core) for b in blocks],
     )
@@ -528,6 +544,7 @@ def write(
         stage="relabel",
         progress=progress,
         markers=markers,
+        run=plan.token,
         names=[_where(plan, b.core) for b in blocks],
     )
     shapes = omezarr.pyramid_shapes(plan.spec.shape, min_size=max(256, min(tile[-2:])))
@@ -557,6 +574,7 @@ def write(
             stage=f"pyramid-{k}",
             progress=progress,
             markers=level_markers,
+            run=plan.token,
         )
     levels = len(shapes)
     omezarr.write_image_metadata(plan.group, ndim=plan.ndim, levels=levels, name=plan.name)
@@ -620,6 +638,12 @@ def begin(plan: ImagePlan) -> str:
 
 def finish(plan: ImagePlan, result: ImageResult, stats: ImageStats, params: dict[str, Any]) -> None:
     """Drop scratch data and markers, then mark the image complete (written last)."""
+    stages = plan.markers("x").directory.parent
+    tally = {}
+    if stages.exists():
+        for d in sorted(stages.iterdir()):
+            computed, total = Markers(d).tally(plan.token)
+            tally[d.name] = {"computed": computed, "blocks": total}
     shutil.rmtree(plan.scratch, ignore_errors=True)
     shutil.rmtree(plan.markers("x").directory.parent, ignore_errors=True)
     mark_image(
@@ -630,6 +654,7 @@ def finish(plan: ImagePlan, result: ImageResult, stats: ImageStats, params: dict
         params=params,
         statistics=stats.to_dict(),
         seconds=result.seconds,
+        blocks=tally,
         complete=True,
     )
 

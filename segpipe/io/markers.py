@@ -19,6 +19,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 Arrays = dict[str, NDArray[Any]]
+RUN_KEY = "__run"
 
 
 class Markers:
@@ -38,8 +39,13 @@ class Markers:
             return 0
         return sum(1 for p in self.directory.iterdir() if p.suffix == ".npz")
 
-    def save(self, block_id: int, arrays: Arrays) -> None:
-        """Write the marker of ``block_id`` atomically (call after its chunks are written)."""
+    def save(self, block_id: int, arrays: Arrays, *, run: str = "") -> None:
+        """Write the marker of ``block_id`` atomically (call after its chunks are written).
+
+        ``run`` names the run that computed the block, so a resumed run can say
+        how many blocks it recomputed.
+        """
+        arrays = {**arrays, RUN_KEY: np.array(run)}
         self.directory.mkdir(parents=True, exist_ok=True)
         tmp = self.directory / f".{block_id}.{uuid.uuid4().hex}.tmp"
         with open(tmp, "wb") as fh:
@@ -50,7 +56,17 @@ class Markers:
 
     def load(self, block_id: int) -> Arrays:
         with np.load(self.path(block_id), allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
+            return {k: data[k] for k in data.files if k != RUN_KEY}
+
+    def tally(self, run: str) -> tuple[int, int]:
+        """(blocks computed by ``run``, blocks marked) in this stage."""
+        mine = total = 0
+        if self.directory.exists():
+            for p in self.directory.glob("*.npz"):
+                total += 1
+                with np.load(p, allow_pickle=False) as data:
+                    mine += RUN_KEY in data.files and str(data[RUN_KEY]) == run
+        return mine, total
 
     def clear(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import datetime as dt
+import errno
 import getpass
 import hashlib
 import json
@@ -16,9 +17,10 @@ from typing import Any
 
 import zarr
 
-from segpipe.errors import ConfigError, OutputConflictError, OutputLockedError
+from segpipe.errors import ConfigError, OutputConflictError, OutputLockedError, OutputWriteError
 
 SCRATCH = "_segpipe"
+_UNWRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC)
 
 KEY = "segpipe"
 
@@ -133,10 +135,10 @@ def open_output(
         root.mkdir(parents=True, exist_ok=True)
         lock = OutputLock(root)
         lock.acquire()
-    except PermissionError as err:
-        raise OutputConflictError(
-            f"{root}: output folder is not writable ({err.strerror})."
-        ) from err
+    except OSError as err:
+        if isinstance(err, OutputLockedError) or err.errno not in _UNWRITABLE:
+            raise
+        raise OutputWriteError(f"{root}: output folder is not writable ({err.strerror}).") from err
     if start_over:
         _wipe(root, lock.path)
     group = zarr.open_group(str(root), mode="a", zarr_format=3)

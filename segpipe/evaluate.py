@@ -1,0 +1,662 @@
+"""Segmentation quality against ground truth: PQ, SQ, RQ per class and overall,
+AP at IoU 0.50:0.95, and pixel IoU per class.
+
+Block by block: each block yields a contingency table (pixels per pair of
+predicted and true segment); the tables add up exactly, and every metric
+follows from the merged table, so no task holds more than one block of either
+image.
+
+Definitions
+-----------
+A segment is a (class, instance) pair; stuff classes have one segment
+(instance 0). Ignored classes are *void*, in the ground truth and in the
+prediction, as in COCO panoptic and ``torchmetrics.detection.PanopticQuality``:
+
+- a predicted and a true segment of one class match when their IoU > 0.5
+  (each matches at most one), with void pixels left out of the union;
+- an unmatched prediction is a false positive unless more than half of it is
+  void in the truth; an unmatched true segment is a false negative unless more
+  than half of it is void in the prediction;
+- ``SQ = sum of matched IoUs / TP``, ``RQ = TP / (TP + FP/2 + FN/2)``,
+  ``PQ = SQ * RQ`` per class; overall values average the classes with
+  ``TP + FP + FN > 0``.
+
+AP (thing classes; segmentations carry no confidence scores): at each IoU
+threshold t in 0.50, 0.55, …, 0.95, ``AP_t = TP_t / (TP_t + FP_t + FN_t)``
+with matches at IoU > t — the Data Science Bowl 2018 (and Cellpose/StarDist)
+definition; AP is the mean over the ten thresholds. Pixel IoU per class is
+``|P ∩ T| / |P ∪ T|`` over the pixels that are not void in the truth.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import zarr
+from numpy.typing import NDArray
+
+from segpipe.blocks import BlockGrid
+from segpipe.errors import ConfigError, InputNotFoundError, InputReadError, UnsupportedImageError
+from segpipe.io.readers import SourceSpec, open_source, read_region
+from segpipe.panoptic import (
+    MAX_CLASS,
+    Catalogue,
+    ClassSpec,
+    decode,
+    default_catalogue,
+    parse_catalogue,
+    read_attrs,
+)
+
+ProgressFn = Callable[[str, int, int], None]
+THRESHOLDS = tuple(round(0.5 + 0.05 * i, 2) for i in range(10))
+VOID = MAX_CLASS + 1  # class slot of void pixels in packed keys
+_SHIFT = np.uint64(2**55)  # packed key: class * 2**55 + instance
+BLOCK_PIXELS = 1 << 22  # default block: about 4 Mpx (2048² or 16 × 512²)
+
+
+def _noop(stage: str, done: int, total: int) -> None:
+    pass
+
+
+# -- opening label images ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Labels:
+    """A label image to evaluate: what its pixels mean and how to read them.
+
+    ``kind`` is ``panoptic`` (class * divisor + instance), ``instances``
+    (object ids; class 1 where non-zero) or ``semantic+instances`` (two arrays).
+    """
+
+    path: str
+    kind: Literal["panoptic", "instances", "semantic+instances"]
+    specs: tuple[SourceSpec, ...]
+    divisor: int | None = None
+    catalogue: Catalogue | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.specs[0].shape
+
+    @property
+    def chunks(self) -> tuple[int, ...]:
+        return self.specs[-1].chunks
+
+
+def _is_group(path: Path) -> bool:
+    meta = path / "zarr.json"
+    if meta.is_file():
+        return '"group"' in meta.read_text(encoding="utf-8").replace(" ", "")
+    return (path / ".zgroup").is_file()
+
+
+def _semantic_catalogue(group: Path) -> Catalogue | None:
+    """Classes named in a semantic label image's NGFF properties (class 0 stuff, others things)."""
+    try:
+        attrs: Any = dict(zarr.open_group(str(group), mode="r").attrs.asdict())
+        props = attrs["ome"]["image-label"]["properties"]
+        names = {int(p["label-value"]): str(p["class"]) for p in props}
+    except (KeyError, TypeError, ValueError):
+        return None
+    if not names:
+        return None
+    return parse_catalogue(
+        [{"id": i, "name": n, "thing": i != 0} for i, n in sorted(names.items())],
+        source=f"{group}: image-label properties",
+    )
+
+
+def open_labels(path: str | os.PathLike[str], *, divisor: int | None = None) -> Labels:
+    """Inspect a label image without reading its pixels.
+
+    Parameters
+    ----------
+    path : str or path
+        A segpipe image group (``OUT.zarr/<name>``: its panoptic labels, else
+        semantic + instances), an OME-Zarr label image or Zarr array (panoptic
+        when its attributes record a divisor, else instance ids), or a
+        TIFF/PNG label image (instance ids).
+    divisor : int, optional
+        Read an array without recorded divisor as panoptic with this divisor.
+
+    Raises
+    ------
+    InputNotFoundError, InputReadError, UnsupportedImageError
+        Naming the file and the problem.
+    """
+    p = Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
+    if not p.exists():
+        raise InputNotFoundError(f"{p}: no such file or directory.")
+    labels_dir = p / "labels"
+    if p.is_dir() and labels_dir.is_dir() and _is_group(p):
+        if (labels_dir / "panoptic").is_dir():
+            return open_labels(labels_dir / "panoptic", divisor=divisor)
+        if not (labels_dir / "instances").is_dir():
+            found = sorted(d.name for d in labels_dir.iterdir() if d.is_dir())
+            raise InputReadError(
+                f"{p}: no labels/panoptic or labels/instances (found {found or 'none'})."
+            )
+        inst = _integer_source(labels_dir / "instances")
+        if (labels_dir / "semantic").is_dir():
+            sem = _integer_source(labels_dir / "semantic")
+            _same_shape(sem, inst)
+            catalogue = _semantic_catalogue(labels_dir / "semantic")
+            return Labels(str(p), "semantic+instances", (sem, inst), catalogue=catalogue)
+        return Labels(str(p), "instances", (inst,))
+    spec = _integer_source(p)
+    array_path = Path(spec.path) / spec.array_path if spec.format == "zarr" else None
+    if array_path is not None:
+        try:
+            recorded, catalogue = read_attrs(array_path)
+        except InputReadError:
+            pass
+        else:
+            return Labels(str(p), "panoptic", (spec,), divisor or recorded, catalogue)
+    if divisor is not None:
+        return Labels(str(p), "panoptic", (spec,), int(divisor))
+    return Labels(str(p), "instances", (spec,))
+
+
+def _integer_source(path: Path) -> SourceSpec:
+    spec = open_source(path)
+    if np.dtype(spec.dtype).kind not in "iu" or spec.n_channels != 1:
+        raise UnsupportedImageError(
+            f"{spec.path}: expected a single-channel integer label image, got "
+            f"{spec.dtype} with axes {spec.axes!r}."
+        )
+    return spec
+
+
+def _same_shape(a: SourceSpec, b: SourceSpec) -> None:
+    if a.shape != b.shape:
+        raise UnsupportedImageError(
+            f"{a.path} has shape {a.shape} but {b.path} has shape {b.shape}; they must match."
+        )
+
+
+def read_labels(
+    labels: Labels, region: tuple[slice, ...]
+) -> tuple[NDArray[np.int64], NDArray[np.uint64]]:
+    """``(classes, instances)`` of ``region`` of a label image."""
+    if labels.kind == "panoptic":
+        data = read_region(labels.specs[0], region)
+        assert labels.divisor is not None
+        try:
+            classes, instances = decode(data, divisor=labels.divisor)
+        except ValueError as err:
+            raise InputReadError(f"{labels.path}: {err}") from err
+        return classes.astype(np.int64), instances.astype(np.uint64)
+    if labels.kind == "instances":
+        inst = read_region(labels.specs[0], region)
+        return (inst != 0).astype(np.int64), _non_negative(inst, labels.path)
+    sem = read_region(labels.specs[0], region)
+    inst = read_region(labels.specs[1], region)
+    return _non_negative(sem, labels.path).astype(np.int64), _non_negative(inst, labels.path)
+
+
+def _non_negative(data: NDArray[Any], path: str) -> NDArray[np.uint64]:
+    if data.dtype.kind == "i" and data.size and data.min() < 0:
+        raise UnsupportedImageError(f"{path}: negative label {data.min()}; labels are >= 0.")
+    return data.astype(np.uint64)
+
+
+# -- the contingency table -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Contingency:
+    """Pixels per (predicted segment, true segment) pair, keys packed as
+    ``class * 2**55 + instance`` (class 256 = void)."""
+
+    pred: NDArray[np.uint64]
+    truth: NDArray[np.uint64]
+    pixels: NDArray[np.int64]
+
+    @classmethod
+    def empty(cls) -> Contingency:
+        return cls(np.zeros(0, np.uint64), np.zeros(0, np.uint64), np.zeros(0, np.int64))
+
+
+def _class_tables(
+    catalogue: Catalogue, ignore: Sequence[int]
+) -> tuple[NDArray[np.bool_], NDArray[np.bool_]]:
+    """(thing, void) lookup tables over class ids 0-255; unknown classes > 0 are things."""
+    thing = np.ones(MAX_CLASS + 1, dtype=bool)
+    thing[0] = False
+    for c in catalogue.classes:
+        thing[c.id] = c.thing
+    void = np.zeros(MAX_CLASS + 1, dtype=bool)
+    void[list(ignore)] = True
+    return thing, void
+
+
+def _pack(
+    classes: NDArray[np.int64],
+    instances: NDArray[np.uint64],
+    thing: NDArray[np.bool_],
+    void: NDArray[np.bool_],
+    source: str,
+) -> NDArray[np.uint64]:
+    if classes.size and (classes.min() < 0 or classes.max() > MAX_CLASS):
+        raise UnsupportedImageError(f"{source}: class ids must be 0-{MAX_CLASS}.")
+    if instances.size and int(instances.max()) >= 2**55:
+        raise UnsupportedImageError(f"{source}: instance ids must be below 2**55.")
+    is_void = void[classes]
+    inst = np.where(thing[classes] & ~is_void, instances, np.uint64(0))
+    cls = np.where(is_void, VOID, classes).astype(np.uint64)
+    return cls * _SHIFT + inst
+
+
+def block_contingency(
+    pred: tuple[NDArray[np.int64], NDArray[np.uint64]],
+    truth: tuple[NDArray[np.int64], NDArray[np.uint64]],
+    *,
+    thing: NDArray[np.bool_],
+    void: NDArray[np.bool_],
+    sources: tuple[str, str] = ("prediction", "ground truth"),
+) -> Contingency:
+    """Pixels per (predicted segment, true segment) in one block.
+
+    Parameters
+    ----------
+    pred, truth : tuple of (classes, instances) ndarrays of one shape
+        Instance ids of stuff classes are ignored (set to 0).
+    thing, void : (256,) ndarray of bool
+        Which classes are things, and which are void.
+    """
+    if pred[0].shape != truth[0].shape:
+        raise UnsupportedImageError(
+            f"{sources[0]} block {pred[0].shape} and {sources[1]} block {truth[0].shape} differ."
+        )
+    kp = _pack(pred[0].ravel(), pred[1].ravel(), thing, void, sources[0])
+    kt = _pack(truth[0].ravel(), truth[1].ravel(), thing, void, sources[1])
+    if kp.size == 0:
+        return Contingency.empty()
+    up, ip = np.unique(kp, return_inverse=True)
+    ut, it = np.unique(kt, return_inverse=True)
+    pair = ip.astype(np.int64) * len(ut) + it.astype(np.int64)
+    pairs, pixels = np.unique(pair, return_counts=True)
+    return Contingency(up[pairs // len(ut)], ut[pairs % len(ut)], pixels.astype(np.int64))
+
+
+def merge_contingency(parts: Sequence[Contingency]) -> Contingency:
+    """Add the tables of several blocks."""
+    if not parts:
+        return Contingency.empty()
+    kp = np.concatenate([p.pred for p in parts])
+    kt = np.concatenate([p.truth for p in parts])
+    n = np.concatenate([p.pixels for p in parts])
+    if kp.size == 0:
+        return Contingency.empty()
+    order = np.lexsort((kt, kp))
+    kp, kt, n = kp[order], kt[order], n[order]
+    change = np.ones(len(kp), dtype=bool)
+    change[1:] = (kp[1:] != kp[:-1]) | (kt[1:] != kt[:-1])
+    starts = np.flatnonzero(change)
+    return Contingency(kp[starts], kt[starts], np.add.reduceat(n, starts))
+
+
+# -- metrics ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClassScore:
+    """Scores of one class (None where undefined: no segment of it anywhere)."""
+
+    id: int
+    name: str
+    thing: bool
+    pq: float | None
+    sq: float | None
+    rq: float | None
+    tp: int
+    fp: int
+    fn: int
+    iou: float | None
+    ap: float | None = None
+    ap50: float | None = None
+    ap75: float | None = None
+    ap_per_threshold: list[float] | None = None
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """Scores per class and overall, with the inputs they compare."""
+
+    classes: tuple[ClassScore, ...]
+    pq: float | None
+    sq: float | None
+    rq: float | None
+    pq_things: float | None
+    pq_stuff: float | None
+    ap: float | None
+    ap50: float | None
+    ap75: float | None
+    miou: float | None
+    ignored: tuple[int, ...] = ()
+    thresholds: tuple[float, ...] = THRESHOLDS
+    prediction: str = ""
+    ground_truth: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form."""
+        out = asdict(self)
+        out["classes"] = [asdict(c) for c in self.classes]
+        return out
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return float(np.mean(values)) if len(values) else None
+
+
+def metrics_from_contingency(
+    table: Contingency, catalogue: Catalogue, *, ignore: Sequence[int] = ()
+) -> Metrics:
+    """Every metric from a merged contingency table (see the module docstring)."""
+    kp, kt, n = table.pred, table.truth, table.pixels
+    w = n.astype(np.float64)
+    p_cls = (kp // _SHIFT).astype(np.int64)
+    t_cls = (kt // _SHIFT).astype(np.int64)
+    p_void, t_void = p_cls == VOID, t_cls == VOID
+    # segments: index, area, and pixels on void of the other side
+    up, ip = np.unique(kp, return_inverse=True)
+    ut, it = np.unique(kt, return_inverse=True)
+    p_area = np.bincount(ip, weights=w, minlength=len(up))
+    t_area = np.bincount(it, weights=w, minlength=len(ut))
+    p_on_void = np.bincount(ip[t_void], weights=w[t_void], minlength=len(up))
+    t_on_void = np.bincount(it[p_void], weights=w[p_void], minlength=len(ut))
+    cand = (p_cls == t_cls) & ~p_void & ~t_void
+    union = p_area[ip] - p_on_void[ip] + t_area[it] - t_on_void[it] - w
+    iou_all = np.where(cand, w / np.where(cand, union, 1.0), 0.0)
+    matched = cand & (iou_all > 0.5)  # > 0.5: each segment matches at most one
+    match_cls = p_cls[matched]
+    match_iou = iou_all[matched]
+    p_matched = np.zeros(len(up), dtype=bool)
+    p_matched[ip[matched]] = True
+    t_matched = np.zeros(len(ut), dtype=bool)
+    t_matched[it[matched]] = True
+    up_cls = (up // _SHIFT).astype(np.int64)
+    ut_cls = (ut // _SHIFT).astype(np.int64)
+    is_fp = ~p_matched & (up_cls != VOID) & (p_on_void / np.maximum(p_area, 1) <= 0.5)
+    is_fn = ~t_matched & (ut_cls != VOID) & (t_on_void / np.maximum(t_area, 1) <= 0.5)
+    fp_count = np.bincount(up_cls[is_fp], minlength=VOID)
+    fn_count = np.bincount(ut_cls[is_fn], minlength=VOID)
+    fp = {int(c): int(fp_count[c]) for c in np.flatnonzero(fp_count)}
+    fn = {int(c): int(fn_count[c]) for c in np.flatnonzero(fn_count)}
+
+    # pixel IoU over pixels that are not void in the truth
+    keep = ~t_void
+    same = keep & (p_cls == t_cls)
+    inter = np.bincount(t_cls[same], weights=w[same])
+    t_pix = np.bincount(t_cls[keep], weights=w[keep])
+    p_pix = np.bincount(p_cls[keep & ~p_void], weights=w[keep & ~p_void])
+
+    def at(arr: NDArray[Any], c: int) -> float:
+        return float(arr[c]) if c < len(arr) else 0.0
+
+    thing_lut, _ = _class_tables(catalogue, ignore)
+    present = set(match_cls.tolist()) | set(fp) | set(fn)
+    present |= {int(c) for c in np.unique(t_cls[keep]) if c != VOID}
+    present |= {int(c) for c in np.unique(p_cls[~p_void])}
+    ids = sorted((set(catalogue.ids) | present) - set(ignore))
+    scores = []
+    for c in ids:
+        tp = int(np.count_nonzero(match_cls == c))
+        ious = match_iou[match_cls == c]
+        f_p, f_n = fp.get(c, 0), fn.get(c, 0)
+        denom = tp + 0.5 * f_p + 0.5 * f_n
+        sq = float(ious.sum() / tp) if tp else (0.0 if denom else None)
+        rq = tp / denom if denom else None
+        pq = sq * rq if sq is not None and rq is not None else None
+        pix_union = at(t_pix, c) + at(p_pix, c) - at(inter, c)
+        iou = at(inter, c) / pix_union if pix_union else None
+        thing = bool(thing_lut[c])
+        ap_t: list[float] | None = None
+        if thing and tp + f_p + f_n:
+            ap_t = [
+                float(k / (2 * tp + f_p + f_n - k))
+                for k in (int(np.count_nonzero(ious > t)) for t in THRESHOLDS)
+            ]
+        scores.append(
+            ClassScore(
+                c,
+                catalogue.name(c),
+                thing,
+                pq,
+                sq,
+                rq,
+                tp,
+                f_p,
+                f_n,
+                iou,
+                _mean(ap_t) if ap_t else None,
+                ap_t[0] if ap_t else None,
+                ap_t[THRESHOLDS.index(0.75)] if ap_t else None,
+                ap_t,
+            )
+        )
+    counted = [s for s in scores if s.tp + s.fp + s.fn]
+    return Metrics(
+        tuple(scores),
+        _mean([s.pq for s in counted if s.pq is not None]),
+        _mean([s.sq for s in counted if s.sq is not None]),
+        _mean([s.rq for s in counted if s.rq is not None]),
+        _mean([s.pq for s in counted if s.thing and s.pq is not None]),
+        _mean([s.pq for s in counted if not s.thing and s.pq is not None]),
+        _mean([s.ap for s in scores if s.ap is not None]),
+        _mean([s.ap50 for s in scores if s.ap50 is not None]),
+        _mean([s.ap75 for s in scores if s.ap75 is not None]),
+        _mean([s.iou for s in scores if s.iou is not None]),
+        tuple(sorted(set(ignore))),
+    )
+
+
+# -- catalogues ------------------------------------------------------------------------
+
+
+def merge_catalogues(truth: Catalogue | None, pred: Catalogue | None) -> Catalogue:
+    """The ground truth's classes, plus the prediction's it lacks.
+
+    Without either: ``background`` (stuff) and ``foreground`` (thing).
+
+    Raises
+    ------
+    ConfigError
+        If a class is a thing in one and stuff in the other.
+    """
+    base = truth or pred or default_catalogue(["background", "foreground"])
+    classes: dict[int, ClassSpec] = {c.id: c for c in base.classes}
+    for c in pred.classes if pred is not None and truth is not None else ():
+        known = classes.get(c.id)
+        if known is None:
+            classes[c.id] = c
+        elif known.thing != c.thing:
+            raise ConfigError(
+                f"class {c.id} is {'a thing' if c.thing else 'stuff'} in the prediction "
+                f"({c.name!r}) but {'a thing' if known.thing else 'stuff'} in the ground truth "
+                f"({known.name!r})."
+            )
+    return Catalogue(tuple(classes[i] for i in sorted(classes)))
+
+
+# -- running it -----------------------------------------------------------------------------
+
+
+def default_tile(shape: Sequence[int], chunks: Sequence[int] = ()) -> tuple[int, ...]:
+    """Blocks of whole chunks (the source's, else 256) grown to about `BLOCK_PIXELS`."""
+    tile = [
+        min(int(c) if c else 256, n) for c, n in zip(chunks or [0] * len(shape), shape, strict=True)
+    ]
+    while math.prod(tile) * 2 <= BLOCK_PIXELS:
+        grown = False
+        for k in reversed(range(len(tile))):
+            if tile[k] < shape[k] and math.prod(tile) * 2 <= BLOCK_PIXELS:
+                tile[k] = min(tile[k] * 2, shape[k])
+                grown = True
+        if not grown:
+            break
+    return tuple(max(t, 1) for t in tile)
+
+
+def contingency_task(
+    pred: Labels,
+    truth: Labels,
+    region: tuple[slice, ...],
+    thing: NDArray[np.bool_],
+    void: NDArray[np.bool_],
+) -> Contingency:
+    """Read one block of both label images (on a worker) and count segment pairs."""
+    return block_contingency(
+        read_labels(pred, region),
+        read_labels(truth, region),
+        thing=thing,
+        void=void,
+        sources=(pred.path, truth.path),
+    )
+
+
+def _run_local(
+    fn: Callable[..., Contingency],
+    args: Sequence[tuple[Any, ...]],
+    progress: ProgressFn,
+    threads: int | None,
+) -> list[Contingency]:
+    out: list[Contingency] = []
+    progress("evaluate", 0, len(args))
+    with ThreadPoolExecutor(max_workers=threads or os.cpu_count() or 1) as pool:
+        for i, result in enumerate(pool.map(lambda a: fn(*a), args), start=1):
+            out.append(result)
+            progress("evaluate", i, len(args))
+    return out
+
+
+def evaluate(
+    pred: str | os.PathLike[str] | Labels,
+    truth: str | os.PathLike[str] | Labels,
+    *,
+    ignore: Sequence[int] = (),
+    divisor: int | None = None,
+    tile: int | Sequence[int] | None = None,
+    client: Any = None,
+    threads: int | None = None,
+    progress: ProgressFn = _noop,
+) -> Metrics:
+    """Compare a prediction with the ground truth, block by block.
+
+    Parameters
+    ----------
+    pred, truth : path or Labels
+        Label images (see `open_labels`) of one shape.
+    ignore : sequence of int
+        Void classes: left out of every metric (see the module docstring).
+    divisor : int, optional
+        Panoptic divisor for arrays that do not record one.
+    tile : int or sequence of int, optional
+        Block shape; default: whole chunks of the prediction, about 4 Mpx.
+    client : distributed.Client, optional
+        Run the blocks on this cluster; default: threads in this process.
+    threads : int, optional
+        Threads when no client is given (default: one per core).
+    progress : callable
+        ``progress(stage, done, total)``.
+
+    Returns
+    -------
+    Metrics
+    """
+    p = pred if isinstance(pred, Labels) else open_labels(pred, divisor=divisor)
+    t = truth if isinstance(truth, Labels) else open_labels(truth, divisor=divisor)
+    if p.shape != t.shape:
+        raise UnsupportedImageError(
+            f"{p.path} has shape {p.shape} but {t.path} has shape {t.shape}; they must match."
+        )
+    catalogue = merge_catalogues(t.catalogue, p.catalogue)
+    bad = [c for c in ignore if not 0 <= c <= MAX_CLASS]
+    if bad:
+        raise ConfigError(f"--ignore: Expected class ids 0-{MAX_CLASS}, got {bad} instead.")
+    thing, void = _class_tables(catalogue, ignore)
+    grid = BlockGrid.build(
+        p.shape, tile=tile if tile is not None else default_tile(p.shape, p.chunks)
+    )
+    args = [(p, t, b.core, thing, void) for b in grid]
+    if client is None:
+        parts = _run_local(contingency_task, args, progress, threads)
+    else:
+        from segpipe import pipeline
+
+        parts = pipeline.map_blocks(
+            client, contingency_task, args, stage="evaluate", progress=progress
+        )
+    result = metrics_from_contingency(merge_contingency(parts), catalogue, ignore=ignore)
+    return _with_paths(result, p.path, t.path, {"blocks": len(grid), "shape": list(p.shape)})
+
+
+def _with_paths(m: Metrics, pred: str, truth: str, extra: dict[str, Any]) -> Metrics:
+    from dataclasses import replace
+
+    return replace(m, prediction=pred, ground_truth=truth, extra=extra)
+
+
+def score(
+    pred_semantic: NDArray[np.integer],
+    pred_instances: NDArray[np.integer],
+    truth_semantic: NDArray[np.integer],
+    truth_instances: NDArray[np.integer],
+    *,
+    catalogue: Catalogue | None = None,
+    ignore: Sequence[int] = (),
+    tile: int | Sequence[int] | None = None,
+) -> Metrics:
+    """`evaluate` on in-memory arrays (blockwise when ``tile`` is given).
+
+    Parameters
+    ----------
+    pred_semantic, pred_instances, truth_semantic, truth_instances : (M, N[, P]) ndarray of int
+        Classes and instance ids of the prediction and the ground truth.
+    catalogue : Catalogue, optional
+        Thing and stuff classes; default: class 0 stuff, every other a thing.
+    ignore : sequence of int
+        Void classes.
+    tile : int or sequence of int, optional
+        Block shape (default: one block).
+
+    Examples
+    --------
+    >>> truth = np.array([[1, 1, 0, 2, 2]])
+    >>> m = score(truth > 0, truth, truth > 0, truth)
+    >>> m.pq, m.ap, m.miou
+    (1.0, 1.0, 1.0)
+    """
+    arrays = [
+        np.asarray(a) for a in (pred_semantic, pred_instances, truth_semantic, truth_instances)
+    ]
+    if len({a.shape for a in arrays}) != 1:
+        raise ValueError(
+            f"Expected four arrays of one shape, got {[a.shape for a in arrays]} instead."
+        )
+    catalogue = catalogue or default_catalogue(["background", "foreground"])
+    thing, void = _class_tables(catalogue, ignore)
+    shape = arrays[0].shape
+    grid = BlockGrid.build(shape, tile=tile if tile is not None else max(shape, default=1))
+    parts = []
+    for b in grid:
+        ps, pi, ts, ti = (a[b.core] for a in arrays)
+        parts.append(
+            block_contingency(
+                (ps.astype(np.int64), _non_negative(pi, "prediction")),
+                (ts.astype(np.int64), _non_negative(ti, "ground truth")),
+                thing=thing,
+                void=void,
+            )
+        )
+    return metrics_from_contingency(merge_contingency(parts), catalogue, ignore=ignore)
