@@ -102,48 +102,69 @@ def open_output(
     fp = fingerprint(run)
     if root.exists() and not root.is_dir():
         raise OutputConflictError(f"{root}: output path exists and is not a directory.")
-    start_over = False
-    if root.exists() and any(root.iterdir()):
-        try:
-            held: dict[str, Any] | None = attrs_section(zarr.open_group(str(root), mode="r"), KEY)
-        except Exception:  # not a Zarr group at all
-            held = None
-        if not held or "fingerprint" not in held:
-            if not overwrite:
-                raise OutputConflictError(
-                    f"{root}: output folder is not empty and is not a segpipe store; "
-                    "choose another output or pass --overwrite."
-                )
-            start_over = True
-        elif held["fingerprint"] != fp:
-            if not overwrite:
-                seg = held.get("run", {}).get("segmenter", "?")
-                raise OutputConflictError(
-                    f"{root}: output already holds a different run (segmenter {seg!r}, "
-                    f"fingerprint {held['fingerprint']}); choose another output or pass "
-                    "--overwrite."
-                )
-            start_over = True
-        elif overwrite:
-            start_over = True
-        elif not resume and _has_images(root):
-            raise OutputConflictError(
-                f"{root}: output holds an earlier run with these settings; pass --resume to "
-                "continue it (finished images and blocks are kept) or --overwrite to start over."
-            )
+    lock = OutputLock(root)
+    foreign = root.exists() and any(root.iterdir()) and _held(root) is None
+    if foreign and not lock.path.exists() and not overwrite:
+        # Someone else's folder: refuse before writing anything into it.
+        raise OutputConflictError(
+            f"{root}: output folder is not empty and is not a segpipe store; "
+            "choose another output or pass --overwrite."
+        )
     try:
         root.mkdir(parents=True, exist_ok=True)
-        lock = OutputLock(root)
-        lock.acquire()
+        lock.acquire()  # before looking further: two runs racing see one winner
     except OSError as err:
         if isinstance(err, OutputLockedError) or err.errno not in _UNWRITABLE:
             raise
         raise OutputWriteError(f"{root}: output folder is not writable ({err.strerror}).") from err
+    try:
+        start_over = _check_contents(root, fp, overwrite=overwrite, resume=resume)
+    except BaseException:
+        lock.release()
+        raise
     if start_over:
         _wipe(root, lock.path)
     group = zarr.open_group(str(root), mode="a", zarr_format=3)
     group.attrs[KEY] = {"fingerprint": fp, "run": run}
     return lock
+
+
+def _held(root: Path) -> dict[str, Any] | None:
+    """The segpipe attributes of the store at ``root``, or None if it is not one."""
+    try:
+        held = attrs_section(zarr.open_group(str(root), mode="r"), KEY)
+    except Exception:  # not a Zarr group at all
+        return None
+    return held if "fingerprint" in held else None
+
+
+def _check_contents(root: Path, fp: str, *, overwrite: bool, resume: bool) -> bool:
+    """Whether the (locked) store must be emptied first; raise if it holds another run."""
+    held = _held(root)
+    if held is None:
+        only_ours = all(p.name == SCRATCH for p in root.iterdir())
+        if not only_ours and not overwrite:
+            raise OutputConflictError(
+                f"{root}: output folder is not empty and is not a segpipe store; "
+                "choose another output or pass --overwrite."
+            )
+        return not only_ours
+    if held["fingerprint"] != fp:
+        if not overwrite:
+            seg = held.get("run", {}).get("segmenter", "?")
+            raise OutputConflictError(
+                f"{root}: output already holds a different run (segmenter {seg!r}, "
+                f"fingerprint {held['fingerprint']}); choose another output or pass --overwrite."
+            )
+        return True
+    if overwrite:
+        return True
+    if not resume and _has_images(root):
+        raise OutputConflictError(
+            f"{root}: output holds an earlier run with these settings; pass --resume to "
+            "continue it (finished images and blocks are kept) or --overwrite to start over."
+        )
+    return False
 
 
 class OutputLock:
