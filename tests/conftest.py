@@ -47,7 +47,7 @@ def prefect_api() -> Iterator[None]:
         yield
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def run_cli(prefect_api: None, cluster_address: str):  # type: ignore[no-untyped-def]
     """Invoke ``segpipe`` in-process (real Prefect API, real cluster); returns the Result."""
     from typer.testing import CliRunner

@@ -1,0 +1,183 @@
+"""Faults: a worker killed mid-run, the whole run killed and resumed, two runs at once.
+
+Outputs are compared chunk by chunk (SHA-256 of every chunk file) with a
+fault-free run of the same settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import dask
+import pytest
+import zarr
+from distributed import Client, LocalCluster
+
+from segpipe import synthetic
+
+pytestmark = pytest.mark.integration
+
+STAGES = ("ingest", "filter", "statistics", "segment", "relabel")
+
+
+def digest(group: Path) -> dict[str, str]:
+    """Checksums of every chunk file of an image (metadata files left out: they hold times)."""
+    return {
+        str(p.relative_to(group)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(group.rglob("*"))
+        if p.is_file() and p.name != "zarr.json"
+    }
+
+
+def markers_done(out: Path, name: str, stages: tuple[str, ...] = STAGES) -> int:
+    base = out / "_segpipe" / "blocks" / name
+    return sum(len(list((base / s).glob("*.npz"))) for s in stages if (base / s).exists())
+
+
+def watch(out: Path, name: str, at: int, action: Callable[[], None]) -> threading.Thread:
+    """Call ``action`` once ``at`` block markers of the main stages exist."""
+
+    def run() -> None:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if markers_done(out, name) >= at:
+                action()
+                return
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return synthetic.write_tiff(tmp_path_factory.mktemp("in") / "cells.tif", (1536, 1536), seed=9)
+
+
+ARGS = ("--segmenter", "watershed", "--tile", "96")  # 256 blocks a stage, overlap stitching
+BLOCKS = 256 * len(STAGES)
+
+
+@pytest.fixture(scope="module")
+def reference(run_cli, image: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    out = tmp_path_factory.mktemp("ref") / "out.zarr"
+    assert run_cli("--input", str(image), "--output", str(out), *ARGS).exit_code == 0
+    return digest(out / "cells")
+
+
+@pytest.fixture(scope="module")
+def two_workers() -> Iterator[str]:
+    with (
+        dask.config.set({"distributed.scheduler.allowed-failures": 3}),
+        LocalCluster(
+            n_workers=2,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address="127.0.0.1:0",
+        ) as cluster,
+    ):
+        yield cluster.scheduler_address
+
+
+@pytest.mark.parametrize("fraction", [0.25, 0.5, 0.75])
+def test_worker_killed_mid_run(
+    run_cli,
+    image: Path,
+    reference: dict[str, str],
+    two_workers: str,
+    tmp_path: Path,
+    fraction: float,
+) -> None:
+    out = tmp_path / "out.zarr"
+    killed: list[int] = []
+
+    def kill_a_worker() -> None:
+        with Client(two_workers) as c:
+            pid = sorted(c.run(os.getpid).values())[0]
+        os.kill(pid, signal.SIGKILL)
+        killed.append(pid)
+
+    watcher = watch(out, "cells", int(fraction * BLOCKS), kill_a_worker)
+    result = run_cli(
+        "--input", str(image), "--output", str(out), *ARGS, "--cluster", two_workers, cluster=False
+    )
+    watcher.join(timeout=5)
+    assert killed, "the run ended before the worker could be killed"
+    assert result.exit_code == 0, result.output
+    assert digest(out / "cells") == reference
+    with Client(two_workers) as c:  # the nanny replaced the dead worker
+        c.wait_for_workers(2, timeout=30)
+
+
+def _segpipe(*args: str, env: dict[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [str(Path(sys.executable).parent / "segpipe"), "run", "--quiet", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its cluster and children form one group we can kill
+    )
+
+
+@pytest.fixture
+def api_env(prefect_api: None) -> dict[str, str]:
+    """Environment for `segpipe` subprocesses: report to the test session's Prefect API."""
+    from prefect.settings import PREFECT_API_URL
+
+    return {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value())}
+
+
+def test_whole_run_killed_then_resumed(
+    image: Path, reference: dict[str, str], api_env: dict[str, str], tmp_path: Path
+) -> None:
+    out = tmp_path / "out.zarr"
+    args = ("--input", str(image), "--output", str(out), *ARGS)
+    proc = _segpipe(*args, env=api_env)
+    watcher = watch(out, "cells", BLOCKS // 2, lambda: os.killpg(proc.pid, signal.SIGKILL))
+    proc.wait(timeout=300)
+    watcher.join(timeout=5)
+    assert proc.returncode == -signal.SIGKILL
+    assert not zarr.open_group(str(out / "cells"), mode="r").attrs["segpipe"]["complete"]
+    base = out / "_segpipe" / "blocks" / "cells"
+    present = {s.name: len(list(s.glob("*.npz"))) for s in base.iterdir()}
+    # without --resume the earlier run is not silently reused
+    refused = _segpipe(*args, env=api_env)
+    assert refused.wait(timeout=120) == 1
+    assert "--resume" in " ".join(refused.stdout.read().split())  # type: ignore[union-attr]
+    again = _segpipe(*args, "--resume", env=api_env)
+    output = again.communicate(timeout=300)[0]
+    assert again.returncode == 0, output
+    attrs = zarr.open_group(str(out / "cells"), mode="r").attrs["segpipe"]
+    assert attrs["complete"] is True
+    tally = attrs["blocks"]
+    missing = sum(t["blocks"] - present.get(stage, 0) for stage, t in tally.items())
+    recomputed = sum(t["computed"] for t in tally.values())
+    assert 0 < missing < sum(t["blocks"] for t in tally.values())
+    assert recomputed <= 1.1 * missing, (recomputed, missing)
+    assert digest(out / "cells") == reference
+
+
+def test_two_runs_on_one_output(
+    image: Path, reference: dict[str, str], api_env: dict[str, str], tmp_path: Path
+) -> None:
+    out = tmp_path / "out.zarr"
+    args = ("--input", str(image), "--output", str(out), *ARGS)
+    first, second = _segpipe(*args, env=api_env), _segpipe(*args, env=api_env)
+    outputs = [p.communicate(timeout=300)[0] for p in (first, second)]
+    codes = sorted(p.returncode for p in (first, second))
+    assert codes == [0, 1], outputs
+    loser = outputs[[first.returncode, second.returncode].index(1)]
+    assert "in use by another run" in " ".join(loser.split())
+    assert digest(out / "cells") == reference
+    assert not (out / "_segpipe" / "lock.json").exists()  # released at the end
