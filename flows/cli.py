@@ -199,6 +199,16 @@ def run(
         _fail(err)
     except typer.BadParameter as err:
         _fail(err, 2)
+    except Exception as err:
+        status = getattr(getattr(err, "response", None), "status_code", None)
+        if status not in (401, 403):
+            raise
+        url = os.environ.get("PREFECT_API_URL", "the Prefect API")
+        _fail(
+            SegpipeError(
+                f"{url}: refused the credentials (HTTP {status}); check prefect.auth_string."
+            )
+        )
     _summary(rows, cfg.resolved().output)
     out.print(f"Done in {time.perf_counter() - t0:.1f} s.")
 
@@ -267,6 +277,11 @@ def segmenters() -> None:
         opts = ", ".join(f"{k}={v!r}" for k, v in seg.options.model_dump().items())
         table.add_row(name, seg.stitch, opts)
     out.print(table)
+
+
+from flows.tools import register  # noqa: E402
+
+register(app)
 
 
 def main() -> None:

@@ -181,3 +181,31 @@ def test_two_runs_on_one_output(
     assert "in use by another run" in " ".join(loser.split())
     assert digest(out / "cells") == reference
     assert not (out / "_segpipe" / "lock.json").exists()  # released at the end
+
+
+def _kill_own_worker_on_3(i: int) -> int:
+    """A block function whose block 3 kills whatever worker runs it."""
+    if i == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return i * 10
+
+
+def test_block_that_kills_workers_is_named(two_workers: str) -> None:
+    from segpipe.errors import BlockFailedError
+    from segpipe.pipeline import map_blocks
+
+    done: list[int] = []
+    with Client(two_workers) as client:
+        with pytest.raises(BlockFailedError) as info:
+            map_blocks(
+                client,
+                _kill_own_worker_on_3,
+                [(i,) for i in range(12)],
+                stage="poison",
+                progress=lambda stage, n, total: done.append(n),
+                names=[f"block {i} of poison.tif" for i in range(12)],
+            )
+        client.wait_for_workers(2, timeout=60)
+    message = str(info.value)
+    assert "block 3 of poison.tif" in message and "other 11 finished" in message
+    assert max(done) == 11  # every other block completed
