@@ -70,6 +70,11 @@ def _summary(rows: list[dict[str, Any]], output: str) -> None:
             r.get("status", "done"),
         )
     out.print(table)
+    for r in rows:
+        if r.get("preview"):
+            out.print(f"Preview {r['image']}: {r['preview']}", soft_wrap=True, highlight=False)
+        if r.get("error"):
+            out.print(f"[red]{r['image']}[/]: {r['error']}", soft_wrap=True, highlight=False)
     out.print(
         f"Results: {output}  (labels in <image>/labels/instances/0 and labels/semantic/0)",
         soft_wrap=True,
@@ -108,7 +113,10 @@ def execute(config: Any, *, show_progress: bool = True) -> list[dict[str, Any]]:
         seg_flow.reporter.fn = _BarReporter(progress)
         try:
             # Secrets stay out of the flow's parameters (they are shown in the UI).
-            rows = seg_flow.segment_collection(cfg.model_dump(mode="json", exclude={"prefect"}))
+            flow = seg_flow.segment_collection.with_options(
+                retries=cfg.retries, retry_delay_seconds=cfg.retry_delay
+            )
+            rows = flow(cfg.model_dump(mode="json", exclude={"prefect"}))
         finally:
             seg_flow.reporter.fn = seg_flow._quiet
     return rows

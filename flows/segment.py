@@ -20,7 +20,10 @@ from segpipe.config import RunConfig
 from segpipe.errors import ImagesFailedError, InputsError, SegpipeError
 from segpipe.io.collection import resolve_inputs
 from segpipe.io.readers import SourceSpec, image_name, open_source
-from segpipe.io.store import OutputLock, check_name, open_output
+from segpipe.io.store import OutputLock, check_name, image_state, open_output
+from segpipe.measure import Measured, measure
+from segpipe.panoptic import PanopticResult, catalogue_for, write_panoptic
+from segpipe.preview import write_preview
 from segpipe.segmenters import Segmenter, get_segmenter
 from segpipe.stats import Extrema, ImageStats
 from segpipe.stitch import GlobalIds
@@ -69,6 +72,7 @@ def prepare_run(config: RunConfig, *, resume: bool | None = None) -> Prepared:
     """
     config = config.resolved()
     segmenter = get_segmenter(config.segmenter.name, **config.segmenter.options())
+    catalogue_for(segmenter, config.classes)  # a bad catalogue fails before any compute
     paths = resolve_inputs(config.input)
     sources: list[SourceSpec] = []
     bad: list[tuple[str, str]] = []
@@ -99,11 +103,18 @@ def make_plan(prepared: Prepared, spec: SourceSpec) -> pipeline.ImagePlan:
     tiles = (tile,) * ndim if isinstance(tile, int) else tuple(tile)
     halo = prepared.config.halo
     halos = None if halo == "auto" else ((halo,) * ndim if isinstance(halo, int) else tuple(halo))
-    return pipeline.ImagePlan(spec, prepared.config.output, tiles, prepared.segmenter, halos)
+    catalogue = catalogue_for(prepared.segmenter, prepared.config.classes)
+    return pipeline.ImagePlan(
+        spec, prepared.config.output, tiles, prepared.segmenter, halos, catalogue=catalogue
+    )
 
 
 def _row(result: pipeline.ImageResult, output: str, status: str) -> dict[str, Any]:
+    group = Path(output) / result.name
+    previews = image_state(group).get("previews", [])
     return {
+        "preview": ", ".join(str(group / p) for p in previews),
+        "tables": str(group / "tables"),
         "image": result.name,
         "shape": "×".join(map(str, result.shape)),
         "objects": result.objects,
@@ -192,6 +203,21 @@ def write_outputs(plan: pipeline.ImagePlan, ids: GlobalIds) -> int:
     return pipeline.write(_client(), plan, ids, _progress(plan.name))
 
 
+@task(name="panoptic", task_run_name="panoptic-{plan.name}", **_STAGE)
+def write_panoptic_labels(plan: pipeline.ImagePlan, count: int) -> PanopticResult:
+    return write_panoptic(_client(), plan, count, plan.catalogue, _progress(plan.name))
+
+
+@task(name="measure", task_run_name="measure-{plan.name}", **_STAGE)
+def measure_objects(plan: pipeline.ImagePlan, divisor: int) -> Measured:
+    return measure(_client(), plan, plan.catalogue, divisor, _progress(plan.name))
+
+
+@task(name="preview", task_run_name="preview-{plan.name}", **_STAGE)
+def write_previews(plan: pipeline.ImagePlan) -> str:
+    return str(write_preview(_client(), plan, _progress(plan.name)))
+
+
 def _segment_one(plan: pipeline.ImagePlan) -> tuple[pipeline.ImageResult, str]:
     t0 = time.perf_counter()
     if pipeline.begin(plan) == "done":
@@ -202,6 +228,9 @@ def _segment_one(plan: pipeline.ImagePlan) -> tuple[pipeline.ImageResult, str]:
     segmented = segment_blocks(plan, stats)
     ids = stitch_labels(plan, segmented)
     write_outputs(plan, ids)
+    pan = write_panoptic_labels(plan, ids.count)
+    measure_objects(plan, pan.divisor)
+    write_previews(plan)
     result = pipeline.ImageResult(
         plan.name, plan.spec.shape, ids.count, time.perf_counter() - t0, {}
     )

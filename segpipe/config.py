@@ -67,9 +67,16 @@ class RunConfig(BaseModel):
     """Start over in an output that holds another run (or an earlier one of this)."""
     resume: bool = False
     """Continue an earlier run of these settings: finished images and blocks are kept."""
+    retries: int = Field(0, ge=0)
+    """Prefect retries of the whole flow run; a retry resumes from the blocks written."""
+    retry_delay: float = Field(10.0, ge=0)
+    """Seconds before a flow retry."""
     on_error: Literal["fail", "skip"] = "fail"
     """Bad input: ``fail`` stops before any compute (after checking every input);
     ``skip`` segments the good images, reports the bad ones and exits non-zero."""
+    classes: list[dict[str, Any]] | None = None
+    """Class catalogue ``[{id, name, thing}]``; default: the segmenter's classes, background
+    as stuff and the others as things."""
     security: TLSConfig | None = None
     """TLS files for a ``tls://`` scheduler."""
     prefect: PrefectConfig | None = None
@@ -112,6 +119,7 @@ class RunConfig(BaseModel):
             "halo": self.halo,
             "channel": self.channel,
             "axes": self.axes,
+            "classes": self.classes,  # the catalogue decides panoptic pixels
         }
 
 

@@ -30,6 +30,7 @@ definition; AP is the mean over the ten thresholds. Pixel IoU per class is
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -95,7 +96,11 @@ class Labels:
 def _is_group(path: Path) -> bool:
     meta = path / "zarr.json"
     if meta.is_file():
-        return '"group"' in meta.read_text(encoding="utf-8").replace(" ", "")
+        try:
+            node = json.loads(meta.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise InputReadError(f"{meta}: unreadable Zarr metadata ({err}).") from err
+        return isinstance(node, dict) and node.get("node_type") == "group"
     return (path / ".zgroup").is_file()
 
 
@@ -279,13 +284,37 @@ def block_contingency(
         )
     kp = _pack(pred[0].ravel(), pred[1].ravel(), thing, void, sources[0])
     kt = _pack(truth[0].ravel(), truth[1].ravel(), thing, void, sources[1])
-    if kp.size == 0:
-        return Contingency.empty()
-    up, ip = np.unique(kp, return_inverse=True)
-    ut, it = np.unique(kt, return_inverse=True)
-    pair = ip.astype(np.int64) * len(ut) + it.astype(np.int64)
-    pairs, pixels = np.unique(pair, return_counts=True)
-    return Contingency(up[pairs // len(ut)], ut[pairs % len(ut)], pixels.astype(np.int64))
+    # Background in both (key 0) is most of a block: count it apart, pair the rest.
+    both_background = (kp == 0) & (kt == 0)
+    n0 = int(np.count_nonzero(both_background))
+    kp, kt = kp[~both_background], kt[~both_background]
+    up, ip = _unique_inverse(kp)
+    ut, it = _unique_inverse(kt)
+    pair = ip * len(ut) + it
+    if len(up) * len(ut) <= 4 * len(pair):
+        hist = np.bincount(pair, minlength=len(up) * len(ut))
+        pairs = np.flatnonzero(hist)
+        pixels = hist[pairs]
+    else:
+        pairs, pixels = np.unique(pair, return_counts=True)
+    zero = np.zeros(1 if n0 else 0, np.uint64)
+    return Contingency(
+        np.concatenate([zero, up[pairs // len(ut)]]),
+        np.concatenate([zero, ut[pairs % len(ut)]]),
+        np.concatenate([np.full(len(zero), n0), pixels]).astype(np.int64),
+    )
+
+
+def _unique_inverse(values: NDArray[np.uint64]) -> tuple[NDArray[np.uint64], NDArray[np.int64]]:
+    """``np.unique(values, return_inverse=True)``, faster: a plain sort and a binary search."""
+    if values.size == 0:
+        return values, np.zeros(0, np.int64)
+    ordered = np.sort(values)
+    keep = np.empty(len(ordered), dtype=bool)
+    keep[0] = True
+    np.not_equal(ordered[1:], ordered[:-1], out=keep[1:])
+    uniq = ordered[keep]
+    return uniq, np.searchsorted(uniq, values).astype(np.int64)
 
 
 def merge_contingency(parts: Sequence[Contingency]) -> Contingency:

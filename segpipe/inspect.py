@@ -56,6 +56,7 @@ class StoreInfo:
     path: str
     run: dict[str, Any]
     images: list[ImageInfo]
+    locked_by: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form."""
@@ -200,4 +201,6 @@ def inspect_store(path: str | os.PathLike[str]) -> StoreInfo:
             continue
         if KEY in _attrs(node) or "ome" in _attrs(node):
             images.append(inspect_image(root, child))
-    return StoreInfo(str(root), run, images)
+    from segpipe.io.store import OutputLock
+
+    return StoreInfo(str(root), run, images, OutputLock(root).holder())

@@ -141,7 +141,10 @@ def block_groups(
     if instances.size == 0:
         return Groups.empty(ndim)
     key = _pack(instances.ravel().astype(np.uint64), semantic.ravel().astype(np.uint64))
-    order = np.argsort(key, kind="stable")
+    # Background (key 0) is most of a block and sorts slowly (many ties): take it
+    # first, in pixel order, and sort the rest: the same order a stable sort gives.
+    rest = np.flatnonzero(key)
+    order = np.concatenate([np.flatnonzero(key == 0), rest[np.argsort(key[rest], kind="stable")]])
     sorted_key = key[order]
     starts = _starts(sorted_key)
     count = np.diff(np.append(starts, len(key))).astype(np.int64)
@@ -300,12 +303,15 @@ def measure_block(
     def read(path: str) -> NDArray[Any]:
         return np.asarray(zarr.open_array(path, mode="r")[region])
 
-    return block_groups(
-        read(instances_path),
-        read(semantic_path),
-        read(image_path),
-        offset=[s.start for s in region],
-    )
+    try:
+        return block_groups(
+            read(instances_path),
+            read(semantic_path),
+            read(image_path),
+            offset=[s.start for s in region],
+        )
+    except UnsupportedImageError as err:
+        raise UnsupportedImageError(f"{instances_path} [{_span(region)}]: {err}") from err
 
 
 def _groups_out(groups: Groups) -> dict[str, NDArray[Any]]:

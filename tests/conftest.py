@@ -62,6 +62,7 @@ def run_cli(prefect_api: None, cluster_address: str):  # type: ignore[no-untyped
             argv += ["--cluster", cluster_address]
         return runner.invoke(app, argv, catch_exceptions=False)
 
+    invoke.cluster_address = cluster_address  # type: ignore[attr-defined]
     return invoke
 
 
@@ -77,3 +78,28 @@ def tiff(tmp_path: Path):  # type: ignore[no-untyped-def]
         return path
 
     return write
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """Mount a small tmpfs of ``size`` (e.g. "3m") in tmp_path; unmounted after the test."""
+    import subprocess
+
+    mounts: list[Path] = []
+
+    def mount(size: str) -> Path:
+        mnt = tmp_path / f"tmpfs{len(mounts)}"
+        mnt.mkdir()
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)],
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
+        mounts.append(mnt)
+        return mnt
+
+    yield mount
+    for mnt in mounts:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

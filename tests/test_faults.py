@@ -209,3 +209,50 @@ def test_block_that_kills_workers_is_named(two_workers: str) -> None:
     message = str(info.value)
     assert "block 3 of poison.tif" in message and "other 11 finished" in message
     assert max(done) == 11  # every other block completed
+
+
+def test_prefect_flow_retry_resumes_after_disk_full(
+    run_cli, image: Path, reference: dict[str, str], tmpfs, tmp_path: Path
+) -> None:
+    """The disk fills at ~50 %; Prefect retries the flow run once space is back, and the
+    retry continues from the blocks already written."""
+    disk = tmpfs("96m")
+    out = disk / "out.zarr"
+    ballast = disk / "ballast"
+
+    def fill_then_free() -> None:
+        with open(ballast, "wb") as fh:  # fill the disk to the last byte
+            try:
+                while True:
+                    fh.write(b"\0" * 2**20)
+                    fh.flush()
+            except OSError:
+                pass
+        time.sleep(3)  # the run fails on the full disk meanwhile
+        ballast.unlink()
+
+    watcher = watch(out, "cells", BLOCKS // 2, fill_then_free)
+    config = tmp_path / "run.yaml"
+    import yaml
+
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "input": str(image),
+                "output": str(out),
+                "segmenter": {"name": "watershed"},
+                "tile": 96,
+                "retries": 1,
+                "retry_delay": 6,
+                "cluster": run_cli.cluster_address,  # type: ignore[attr-defined]
+            }
+        )
+    )
+    result = run_cli("--config", str(config))
+    watcher.join(timeout=30)
+    assert result.exit_code == 0, result.output
+    attrs = zarr.open_group(str(out / "cells"), mode="r").attrs["segpipe"]
+    computed = sum(t["computed"] for t in attrs["blocks"].values())
+    total = sum(t["blocks"] for t in attrs["blocks"].values())
+    assert 0 < computed < 0.75 * total  # the retry did not start over
+    assert digest(out / "cells") == reference

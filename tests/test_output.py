@@ -39,8 +39,8 @@ def test_layout_is_ome_zarr_napari_can_open(run_cli, small: Path, tmp_path: Path
     assert [d["path"] for d in datasets] == ["0", "1", "2"]
     assert [a["name"] for a in ome["multiscales"][0]["axes"]] == ["y", "x"]
     labels = zarr.open_group(str(out / "cells" / "labels"), mode="r")
-    assert labels.attrs["ome"]["labels"] == ["instances", "semantic"]
-    for name in ("instances", "semantic"):
+    assert labels.attrs["ome"]["labels"] == ["instances", "semantic", "panoptic"]
+    for name in ("instances", "semantic", "panoptic"):
         group = zarr.open_group(str(out / "cells" / "labels" / name), mode="r")
         assert "image-label" in group.attrs["ome"]
         level0 = group["0"][:]
@@ -48,6 +48,9 @@ def test_layout_is_ome_zarr_napari_can_open(run_cli, small: Path, tmp_path: Path
             assert np.array_equal(group[str(k)][:], level0[:: 2**k, :: 2**k])
     assert np.array_equal(image["0"][:], tifffile.imread(small))
     assert image.attrs["segpipe"]["complete"] is True
+    assert (out / "cells" / "tables" / "objects.parquet").exists()
+    assert (out / "cells" / "tables" / "segments.parquet").exists()
+    assert (out / "cells" / "previews" / "cells.png").exists()
     assert not (out / "_segpipe" / "scratch" / "cells").exists()
     # an independent NGFF reader finds the image and both label images
     with warnings.catch_warnings():

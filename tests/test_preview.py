@@ -1,0 +1,103 @@
+"""Preview PNGs: readable size, outlines exactly on label boundaries, read from the pyramid."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import tifffile
+import zarr
+from PIL import Image
+from scipy import ndimage as ndi
+from skimage.segmentation import find_boundaries
+
+from segpipe import pipeline, synthetic
+from segpipe.io.readers import open_source
+from segpipe.preview import choose_level, render, write_preview
+from segpipe.segmenters import get_segmenter
+
+
+def coloured(png: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(RGB array, mask of pixels that are not grey)."""
+    rgb = np.asarray(Image.open(png).convert("RGB"))
+    return rgb, (rgb[..., 0] != rgb[..., 1]) | (rgb[..., 1] != rgb[..., 2])
+
+
+def corrupt_level0(group: Path) -> int:
+    """Overwrite every chunk of level 0 with junk: reading a pixel of it would fail."""
+    n = 0
+    for chunk in (group / "0" / "c").rglob("*"):
+        if chunk.is_file():
+            chunk.write_bytes(b"not a chunk")
+            n += 1
+    return n
+
+
+@pytest.fixture(scope="module")
+def plane(tmp_path_factory: pytest.TempPathFactory, client: Any) -> pipeline.ImagePlan:
+    tmp = tmp_path_factory.mktemp("preview")
+    path = synthetic.write_tiff(tmp / "cells.tif", (1100, 900), seed=8)
+    plan = pipeline.ImagePlan(
+        open_source(path), str(tmp / "out.zarr"), (256, 256), get_segmenter("watershed")
+    )
+    pipeline.run_image(client, plan)
+    return plan
+
+
+def test_preview_png_from_level_1_with_outlines_on_boundaries(
+    plane: pipeline.ImagePlan, client: Any
+) -> None:
+    group = Path(plane.group)
+    assert corrupt_level0(group) and corrupt_level0(group / "labels" / "instances")
+    path = Path(write_preview(client, plane))  # must not touch level 0 (1100 × 900)
+    assert path == group / "previews" / "cells.png"
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.size == (450, 550)  # level 1, (columns, rows)
+    rgb, drawn = coloured(path)
+    labels = zarr.open_array(str(group / "labels" / "instances" / "1"))[:]
+    image = zarr.open_array(str(group / "1"))[:]
+    edges = find_boundaries(labels, mode="inner") & (labels > 0)
+    assert edges.sum() > 1000
+    assert np.array_equal(drawn, edges)
+    # one colour per object outline; neighbouring ids get different colours
+    keys = rgb[drawn].astype(np.int64) @ np.array([65536, 256, 1])
+    pairs = np.unique(np.stack([labels[drawn], keys]), axis=1)
+    assert len(np.unique(pairs[0])) == pairs.shape[1] == len(np.unique(labels[labels > 0]))
+    # the grey elsewhere is the level-1 image, contrast-stretched
+    grey = rgb[..., 0][~drawn].astype(float)
+    assert np.corrcoef(grey, image[~drawn].astype(float))[0, 1] > 0.98
+    state = dict(zarr.open_group(str(group)).attrs)["segpipe"]
+    assert state["previews"] == ["previews/cells.png"]
+
+
+def test_volume_preview_is_the_middle_plane(tmp_path: Path, client: Any) -> None:
+    rng = np.random.default_rng(9)
+    vol = ndi.gaussian_filter(rng.normal(size=(9, 200, 180)), 3)
+    vol = ((vol - vol.min()) / np.ptp(vol) * 60000).astype(np.uint16)
+    src = tmp_path / "vol.tif"
+    tifffile.imwrite(src, vol, metadata={"axes": "ZYX"})
+    plan = pipeline.ImagePlan(
+        open_source(src), str(tmp_path / "out.zarr"), (64, 64, 64), get_segmenter("otsu")
+    )
+    pipeline.run_image(client, plan)
+    path = write_preview(client, plan)
+    labels = zarr.open_array(plan.label("instances"))[4]
+    big = labels.repeat(3, axis=0).repeat(3, axis=1)  # enlarged ×3 to reach 512 px
+    rgb, drawn = coloured(Path(path))
+    assert rgb.shape == (600, 540, 3)
+    assert np.array_equal(drawn, find_boundaries(big, mode="inner") & (big > 0))
+
+
+def test_pure_functions() -> None:
+    assert choose_level([(5000, 5000), (2500, 2500), (1250, 1250), (625, 625)]) == 3
+    assert choose_level([(900, 4000), (450, 2000)], max_size=512) == 1  # coarsest, then strided
+    labels = np.zeros((6, 6), int)
+    labels[1:5, 1:5] = 3
+    rgb = render(np.arange(36.0).reshape(6, 6), labels)
+    ring = np.zeros((6, 6), bool)
+    ring[1:5, 1:5] = True
+    ring[2:4, 2:4] = False
+    assert np.array_equal((rgb[..., 0] != rgb[..., 1]) | (rgb[..., 1] != rgb[..., 2]), ring)
+    assert rgb[0, 0].tolist() == [0, 0, 0] and rgb[5, 5].tolist() == [255, 255, 255]
