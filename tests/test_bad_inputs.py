@@ -183,3 +183,23 @@ def test_read_only_output_folder(run_cli, small_disk: Path, tmp_path: Path) -> N
     result = run_cli("--input", str(path), "--output", str(small_disk / "out.zarr"))
     assert result.exit_code == 1
     assert "not writable" in _text(result) and "out.zarr" in _text(result)
+
+
+def test_mixed_channel_counts(run_cli, tmp_path: Path) -> None:
+    """`--channel 2` suits the 3-channel image and not the 2-channel one."""
+    d = tmp_path / "in"
+    d.mkdir()
+    nuclei, _ = synthetic.render((slice(0, 200), slice(0, 180)), seed=6)
+    three = np.stack([nuclei // 4, nuclei // 2, nuclei], axis=0)
+    tifffile.imwrite(d / "three.tif", three, metadata={"axes": "CYX"})
+    tifffile.imwrite(d / "two.tif", three[:2], metadata={"axes": "CYX"})
+    out = tmp_path / "out.zarr"
+    args = ("--input", str(d), "--output", str(out), "--channel", "2")
+    result = run_cli(*args, "--on-error", "skip")
+    assert result.exit_code == 3, result.output
+    text = _text(result)
+    assert "two.tif" in text and "channel 2" in text
+    assert _is_complete(out / "three") and not _is_complete(out / "two")
+    assert np.array_equal(zarr.open_array(str(out / "three" / "0"))[:], nuclei)
+    result = run_cli(*args, "--overwrite")  # default policy: refuse before any compute
+    assert result.exit_code == 1 and "two.tif" in _text(result)
