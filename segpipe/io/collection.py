@@ -7,76 +7,140 @@ import glob
 import os
 from pathlib import Path
 
-from segpipe.errors import ConfigError, InputNotFoundError
+from segpipe.errors import ConfigError, InputNotFoundError, InputReadError
 from segpipe.io.readers import SUFFIXES, ZARR_SUFFIXES, image_name
 
 MANIFEST_SUFFIXES = (".txt", ".csv")
+# A CSV manifest may start with a header naming its path column.
+PATH_COLUMNS = ("path", "file", "filename", "image", "input", "source")
+_ZARR_MARKERS = ("zarr.json", ".zarray", ".zgroup")
 
 
 def _is_image(path: str) -> bool:
     return path.lower().rstrip("/").endswith(SUFFIXES)
 
 
+def _is_zarr_dir(path: Path) -> bool:
+    return any((path / m).exists() for m in _ZARR_MARKERS)
+
+
+def _rows(path: Path) -> list[tuple[int, list[str]]]:
+    """(line number, cells) of the manifest's non-blank, non-comment rows."""
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as fh:  # -sig: Excel writes a BOM
+            lines = fh.read().splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise InputReadError(f"{path}: cannot read the manifest ({err}).") from err
+    csv_file = path.suffix.lower() == ".csv"
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        cells = next(csv.reader([line])) if csv_file else [line]
+        rows.append((number, [c.strip() for c in cells]))
+    return rows
+
+
 def _from_manifest(path: Path) -> list[str]:
-    base = path.parent
+    rows = _rows(path)
+    column = 0
+    if rows and path.suffix.lower() == ".csv":
+        header = [c.lower() for c in rows[0][1]]
+        named = [i for i, c in enumerate(header) if c in PATH_COLUMNS]
+        if named:
+            column, rows = named[0], rows[1:]
     entries: list[str] = []
-    with path.open(newline="", encoding="utf-8") as fh:
-        rows = csv.reader(fh) if path.suffix.lower() == ".csv" else ([ln] for ln in fh)
-        for row in rows:
-            if not row or not row[0].strip() or row[0].lstrip().startswith("#"):
-                continue
-            entry = row[0].strip()
-            if path.suffix.lower() == ".csv" and entry.lower() in ("path", "file", "image"):
-                continue  # header
-            p = Path(entry).expanduser()
-            entries.append(str(p if p.is_absolute() else base / p))
+    missing: list[str] = []
+    for number, cells in rows:
+        entry = cells[column] if column < len(cells) else ""
+        if not entry:
+            raise ConfigError(f"{path}, line {number}: no path in column {column + 1}.")
+        p = Path(entry).expanduser()
+        full = os.path.abspath(p if p.is_absolute() else path.parent / p)
+        if not os.path.exists(full):
+            missing.append(f"{full} (line {number})")
+        entries.append(full)
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise InputNotFoundError(
+            f"{missing[0]}{more}: listed in manifest {path} but does not exist "
+            "(relative paths are relative to the manifest's folder)."
+        )
     if not entries:
         raise ConfigError(f"{path}: manifest lists no images.")
-    missing = [e for e in entries if not os.path.exists(e)]
-    if missing:
-        raise InputNotFoundError(f"{missing[0]}: listed in manifest {path} but does not exist.")
     return entries
 
 
+def _from_glob(pattern: str) -> list[str]:
+    matches = glob.glob(os.path.expanduser(pattern), recursive=True)
+    images = sorted(m for m in matches if _is_image(m))
+    if not images:
+        found = f"matches {len(matches)} paths but no image" if matches else "matches no files"
+        raise InputNotFoundError(
+            f"{pattern}: the pattern {found} (expected one of {', '.join(SUFFIXES)})."
+        )
+    return images
+
+
+def _from_directory(path: Path) -> list[str]:
+    # Hidden entries include macOS '._x.tif' resource forks, which are not images.
+    images = sorted(
+        str(p) for p in path.iterdir() if _is_image(p.name) and not p.name.startswith(".")
+    )
+    if not images:
+        raise InputNotFoundError(f"{path}: directory holds no images ({', '.join(SUFFIXES)}).")
+    return images
+
+
 def resolve_inputs(spec: str | os.PathLike[str]) -> list[str]:
-    """Absolute paths of the images a collection names, sorted, names unique.
+    """Absolute paths of the images a collection names, output names unique.
+
+    Directory and glob results are sorted; a manifest keeps its own order.
 
     Parameters
     ----------
-    spec : str
-        An image file, a Zarr store, a directory of images, a glob pattern, or
-        a manifest (``.txt``/``.csv``, one path per line, relative to the manifest).
+    spec : str or PathLike
+        An image file, a Zarr store, a directory of images (hidden files and
+        non-images ignored), a glob pattern (``**`` recurses), or a manifest
+        (``.txt``: one path per line; ``.csv``: the first column, or the column
+        a header names ``path``/``file``/``image``), with ``#`` comment lines
+        and paths relative to the manifest.
 
     Raises
     ------
     InputNotFoundError
-        If the path does not exist or the glob matches nothing.
+        If the path, a manifest entry, or any match of the glob does not exist.
     ConfigError
-        If two images would get the same output name.
+        If two images would get the same output name, or a manifest is empty.
+
+    Examples
+    --------
+    >>> resolve_inputs("plates/*.tif")  # doctest: +SKIP
+    ['/data/plates/A01.tif', '/data/plates/A02.tif']
     """
     text = os.fspath(spec)
     path = Path(text).expanduser()
-    if glob.has_magic(text):
-        paths = sorted(p for p in glob.glob(os.path.expanduser(text)) if _is_image(p) or os.path.isfile(p))
-        if not paths:
-            raise InputNotFoundError(f"{text}: the pattern matches no files.")
+    if not path.exists() and glob.has_magic(text):  # a name like 'img[1].tif' is literal
+        paths = _from_glob(text)
     elif not path.exists():
-        raise InputNotFoundError(f"{path}: no such file or directory.")
-    elif path.is_dir() and not text.lower().rstrip("/").endswith(ZARR_SUFFIXES) and not (
-        path / "zarr.json"
-    ).exists():
-        paths = sorted(str(p) for p in path.iterdir() if _is_image(p.name))
-        if not paths:
-            raise InputNotFoundError(f"{path}: directory holds no images ({', '.join(SUFFIXES)}).")
-    elif path.suffix.lower() in MANIFEST_SUFFIXES:
+        raise InputNotFoundError(f"{os.path.abspath(path)}: no such file or directory.")
+    elif (
+        path.is_dir() and not text.lower().rstrip("/").endswith(ZARR_SUFFIXES)
+    ) and not _is_zarr_dir(path):
+        paths = _from_directory(path)
+    elif path.is_file() and path.suffix.lower() in MANIFEST_SUFFIXES:
         paths = _from_manifest(path)
     else:
         paths = [str(path)]
     paths = [os.path.abspath(p) for p in paths]
     seen: dict[str, str] = {}
     for p in paths:
-        name = image_name(p)
-        if name in seen:
-            raise ConfigError(f"{p}: output name {name!r} is also that of {seen[name]}; rename one.")
-        seen[name] = p
+        # casefold: 'A.tif' and 'a.tif' collide on macOS and Windows file systems
+        key = image_name(p).casefold()
+        if key in seen:
+            raise ConfigError(
+                f"{p}: its output name {image_name(p)!r} is also that of {seen[key]} "
+                "(names ignore case and image suffixes); rename one."
+            )
+        seen[key] = p
     return paths

@@ -10,24 +10,50 @@ from __future__ import annotations
 import functools
 import json
 import os
+import struct
+import weakref
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import IO, Any, Literal, cast
 
 import numpy as np
 from numpy.typing import NDArray
 
-from segpipe.errors import InputNotFoundError, InputReadError, UnsupportedImageError
+from segpipe.errors import (
+    ConfigError,
+    InputNotFoundError,
+    InputReadError,
+    SegpipeError,
+    UnsupportedImageError,
+)
 
 Channel = int | Literal["mean", "max", "sum"] | None
+REDUCTIONS = ("mean", "max", "sum")
 TIFF_SUFFIXES = (".tif", ".tiff", ".ome.tif", ".ome.tiff", ".btf", ".tf8")
-PIL_SUFFIXES = (".png", ".jpg", ".jpeg")
+PNG_SUFFIXES = (".png",)
+JPEG_SUFFIXES = (".jpg", ".jpeg")
+PIL_SUFFIXES = PNG_SUFFIXES + JPEG_SUFFIXES
 ZARR_SUFFIXES = (".zarr", ".ome.zarr")
 SUFFIXES = TIFF_SUFFIXES + PIL_SUFFIXES + ZARR_SUFFIXES
 
-# A decompression bomb declares far more pixels than any real image here.
-MAX_PIXELS = 2**40
+# Limits against decompression bombs: a few hundred bytes can declare a
+# terapixel image, and a worker would allocate whatever one chunk declares.
+MAX_PIXELS = 2**40  # whole image, any format
+MAX_CHUNK_BYTES = 2**31  # one decode unit (TIFF tile/strip, Zarr chunk)
+MAX_WHOLE_PIXELS = 2**30  # PNG/JPEG, which are decoded whole
+# No real codec stores a TIFF at more than 65536:1 (deflate tops out at 1032:1,
+# zstd on a blank image near 32000:1); images under 256 MiB are let through.
+MAX_TIFF_RATIO = 2**16
+BOMB_FLOOR_BYTES = 2**28
+DEFLATE_MAX_RATIO = 1032  # RFC 1951: the most a deflate stream can expand
+
+_MAGIC = {
+    "tiff": (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+"),
+    "png": (b"\x89PNG\r\n\x1a\n",),
+    "jpeg": (b"\xff\xd8\xff",),
+}
 
 
 @dataclass(frozen=True)
@@ -35,7 +61,12 @@ class SourceSpec:
     """Where an image is and how to turn its stored array into (Z, )Y, X.
 
     ``axes`` names the stored array's axes: ``Z`` (planes), ``C`` (channels),
-    ``Y``, ``X``. ``shape`` is the spatial shape segpipe works on.
+    ``Y``, ``X``, and ``1`` for singleton axes that are dropped. ``shape`` is
+    the spatial shape segpipe works on; ``chunks`` the spatial shape of the
+    file's decode unit (tile, strip, Zarr chunk; the whole image for PNG/JPEG,
+    ones where any region reads without waste), so aligned regions decode
+    nothing twice. ``data_offset`` is set for uncompressed contiguous TIFF
+    data, which is read through a memory map in the file's ``byteorder``.
     """
 
     path: str
@@ -47,10 +78,17 @@ class SourceSpec:
     channel: Channel
     array_path: str = ""  # inside a Zarr/OME-Zarr group
     series: int = 0
+    chunks: tuple[int, ...] = ()
+    data_offset: int | None = None
+    byteorder: Literal["<", ">"] = "<"
 
     @property
     def shape(self) -> tuple[int, ...]:
         return tuple(n for a, n in zip(self.axes, self.stored_shape, strict=True) if a not in "C1")
+
+    @property
+    def n_channels(self) -> int:
+        return next((n for a, n in zip(self.axes, self.stored_shape, strict=True) if a == "C"), 1)
 
     @property
     def out_dtype(self) -> np.dtype[Any]:
@@ -68,141 +106,505 @@ def image_name(path: str | Path) -> str:
     """The output name of an input: its file name without image suffixes."""
     name = Path(str(path).rstrip("/")).name
     for suffix in sorted(SUFFIXES, key=len, reverse=True):
-        if name.lower().endswith(suffix):
+        if name.lower().endswith(suffix) and len(name) > len(suffix):
             return name[: -len(suffix)]
-    return Path(name).stem
+    return Path(name).stem or name
 
 
-def _normalise_axes(axes: str, shape: Sequence[int], path: str) -> tuple[str, tuple[int, ...]]:
-    """Map tifffile/NGFF axes to Z, C, Y, X; singleton T and other axes are allowed."""
+def parse_channel(channel: object) -> Channel:
+    """Validate a channel choice: ``None``, an index >= 0, or a reduction name."""
+    if channel is None or (isinstance(channel, str) and channel in REDUCTIONS):
+        return cast(Channel, channel)
+    if isinstance(channel, int | np.integer) and not isinstance(channel, bool) and channel >= 0:
+        return int(channel)
+    raise ConfigError(
+        f"channel: Expected a channel index >= 0 or one of {'|'.join(REDUCTIONS)}, "
+        f"got {channel!r} instead."
+    )
+
+
+# -- axes and checks shared by all formats -----------------------------------
+
+
+def _normalise_axes(axes: str, shape: Sequence[int], path: str) -> str:
+    """Map tifffile/NGFF axis letters to Z, C, Y, X, or 1 for a dropped singleton."""
+    if len(axes) != len(shape):
+        raise UnsupportedImageError(
+            f"{path}: axes {axes!r} name {len(axes)} axes, the array has {len(shape)} "
+            f"(shape {tuple(shape)})."
+        )
     out = []
     for a, n in zip(axes.upper(), shape, strict=True):
         if a in "YX":
             out.append(a)
-        elif a in "CS":
-            out.append("C")
-        elif a in "ZQI":
-            out.append("Z")
         elif n == 1:
             out.append("1")
+        elif a in "CS":
+            out.append("C")
+        elif a in "ZQI":  # tifffile: Q unknown, I image sequence; both are planes
+            out.append("Z")
         else:
             raise UnsupportedImageError(
-                f"{path}: axis {a!r} of length {n} is not supported; expected (Z,) (C,) Y, X."
+                f"{path}: axis {a!r} of length {n} is not supported; expected (Z,) (C,) Y, X "
+                f"(axes {axes!r}, shape {tuple(shape)})."
             )
     norm = "".join(out)
-    if norm.count("Z") > 1 or norm.count("C") > 1 or not norm.endswith(("YX", "YXC")):
-        raise UnsupportedImageError(f"{path}: cannot interpret axes {axes!r} of shape {tuple(shape)}.")
-    return norm, tuple(shape)
+    spatial = norm.replace("C", "").replace("1", "")
+    if norm.count("Z") > 1 or norm.count("C") > 1 or spatial not in ("YX", "ZYX"):
+        raise UnsupportedImageError(
+            f"{path}: cannot interpret axes {axes!r} of shape {tuple(shape)}; "
+            "expected (Z,) (C,) Y, X in that order, or Y, X, C."
+        )
+    return norm
 
 
-def _check_array(spec: SourceSpec) -> SourceSpec:
+def _check_array(spec: SourceSpec, chunk_bytes: int | None = None) -> SourceSpec:
     dtype = np.dtype(spec.dtype)
     if dtype.kind not in "uif" or dtype.itemsize > 8:
         raise UnsupportedImageError(
-            f"{spec.path}: unsupported dtype {dtype}; expected unsigned/signed integers or floats."
+            f"{spec.path}: unsupported dtype {dtype}; expected unsigned/signed integers or "
+            "floats (convert booleans to uint8)."
         )
     if any(n == 0 for n in spec.stored_shape):
-        raise UnsupportedImageError(f"{spec.path}: image has a zero-length axis, shape {spec.stored_shape}.")
-    if int(np.prod(spec.stored_shape, dtype=np.float64)) > MAX_PIXELS:
         raise UnsupportedImageError(
-            f"{spec.path}: declares {spec.stored_shape} pixels, beyond the {MAX_PIXELS:.2e} limit."
+            f"{spec.path}: image has a zero-length axis, shape {spec.stored_shape}."
         )
-    channels = [n for a, n in zip(spec.axes, spec.stored_shape, strict=True) if a == "C"]
-    if channels and channels[0] > 1 and spec.channel is None:
+    if np.prod(spec.stored_shape, dtype=np.float64) > MAX_PIXELS:
         raise UnsupportedImageError(
-            f"{spec.path}: image has {channels[0]} channels; choose one with `channel: N` "
-            "or a reduction (`channel: mean|max|sum`)."
+            f"{spec.path}: declares a {spec.stored_shape} image, beyond the {MAX_PIXELS:.2e} "
+            "pixel limit: corrupt or a decompression bomb."
         )
-    if channels and isinstance(spec.channel, int) and not 0 <= spec.channel < channels[0]:
+    if chunk_bytes is not None and chunk_bytes > MAX_CHUNK_BYTES:
         raise UnsupportedImageError(
-            f"{spec.path}: channel {spec.channel} requested, the image has {channels[0]}."
+            f"{spec.path}: one stored chunk decodes to {chunk_bytes / 2**30:.1f} GiB, beyond "
+            f"the {MAX_CHUNK_BYTES / 2**30:.0f} GiB limit; rewrite it tiled (e.g. 1024x1024)."
         )
-    if len(spec.shape) not in (2, 3):
-        raise UnsupportedImageError(f"{spec.path}: expected a 2D or 3D image, got axes {spec.axes!r}.")
+    n = spec.n_channels
+    if n > 1 and spec.channel is None:
+        raise UnsupportedImageError(
+            f"{spec.path}: image has {n} channels (axes {spec.axes!r}); choose one with "
+            f"`channel: N` (0 to {n - 1}) or a reduction (`channel: mean|max|sum`)."
+        )
+    if isinstance(spec.channel, int) and not 0 <= spec.channel < n:
+        raise UnsupportedImageError(
+            f"{spec.path}: channel {spec.channel} requested, the image has {n} "
+            f"(choose 0 to {n - 1})."
+        )
     return spec
 
 
-def _tiff_spec(path: str, name: str, channel: Channel) -> SourceSpec:
+def _native(dtype: Any) -> str:
+    """The dtype's name in native byte order (``>u2`` -> ``uint16``)."""
+    return str(np.dtype(dtype).newbyteorder("=").name)
+
+
+def _spatial(axes: str, values: Sequence[int]) -> tuple[int, ...]:
+    return tuple(int(v) for a, v in zip(axes, values, strict=True) if a in "ZYX")
+
+
+def _open_file(path: str) -> IO[bytes]:
+    try:
+        return open(path, "rb")
+    except PermissionError as err:
+        raise InputReadError(f"{path}: permission denied; make it readable.") from err
+    except OSError as err:
+        raise InputReadError(f"{path}: cannot open ({err.strerror or err}).") from err
+
+
+def _read_head(path: str, n: int = 16) -> bytes:
+    with _open_file(path) as fh:
+        try:
+            return fh.read(n)
+        except OSError as err:
+            raise InputReadError(f"{path}: cannot read ({err.strerror or err}).") from err
+
+
+def _sniff(head: bytes) -> str | None:
+    return next((fmt for fmt, ms in _MAGIC.items() if head.startswith(ms)), None)
+
+
+# -- TIFF ----------------------------------------------------------------------
+
+
+def _check_tiff_segments(path: str, series: Any) -> bool:
+    """Refuse pages whose strips/tiles are missing or run past the end of the file;
+    return whether all pages are in this file (not in companion OME-TIFF files).
+
+    tifffile opens such files and reads the missing part as zeros (slowly, for a
+    corrupt size field) or fails only when a worker decodes the block.
+    """
+    contiguous = series.dataoffset is not None  # read through a memory map, checked whole
+    one_file = True
+    for page in series.pages:
+        if page is None:
+            continue
+        offsets, counts = page.dataoffsets, page.databytecounts
+        needed = int(np.prod(page.chunked, dtype=np.int64))
+        if len(offsets) != len(counts) or (len(offsets) < needed and not contiguous):
+            raise InputReadError(
+                f"{path}: TIFF is corrupt: {len(offsets)} strip/tile offsets and "
+                f"{len(counts)} byte counts for an image of {needed} strips/tiles."
+            )
+        one_file &= page.parent is series.parent
+        size = page.parent.filehandle.size
+        if offsets and max(o + c for o, c in zip(offsets, counts, strict=True)) > size:
+            raise InputReadError(
+                f"{path}: TIFF is truncated: image data extends past the end of the file "
+                f"({size} bytes)."
+            )
+    return one_file
+
+
+def _tiff_spec(path: str, name: str, channel: Channel, axes: str | None) -> SourceSpec:
     import tifffile
+    import zarr
 
     try:
         with tifffile.TiffFile(path) as tif:
             if not tif.series:
                 raise InputReadError(f"{path}: TIFF holds no image series.")
             series = tif.series[0]
-            size = os.path.getsize(path)
-            # Truncated files open fine and fail on read: check every segment's extent now.
-            for page in series.pages:
-                if page is None:
-                    continue
-                offsets, counts = page.dataoffsets, page.databytecounts  # type: ignore[union-attr]
-                if offsets and max(o + c for o, c in zip(offsets, counts, strict=True)) > size:
+            one_file = _check_tiff_segments(path, series)
+            if series.dtype is None:
+                raise UnsupportedImageError(
+                    f"{path}: TIFF sample format/bit depth has no NumPy dtype."
+                )
+            shape = tuple(int(n) for n in series.shape)
+            norm = _normalise_axes(axes or series.axes, shape, path)
+            dtype = np.dtype(series.dtype)
+            declared = float(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+            fsize = os.path.getsize(path)
+            if declared > max(BOMB_FLOOR_BYTES, MAX_TIFF_RATIO * fsize):
+                raise UnsupportedImageError(
+                    f"{path}: declares a {shape} image ({declared:.2e} bytes) in a "
+                    f"{fsize}-byte file: corrupt or a decompression bomb."
+                )
+            offset = series.dataoffset
+            if offset is not None and one_file and dtype.kind in "uif":
+                if offset + declared > fsize:
                     raise InputReadError(
-                        f"{path}: TIFF is truncated: image data extends past the end of the file "
-                        f"({size} bytes)."
+                        f"{path}: TIFF is truncated: {declared:.0f} bytes of pixels at offset "
+                        f"{offset} do not fit in the file ({fsize} bytes)."
                     )
-            axes, shape = _normalise_axes(series.axes, series.shape, path)
-            dtype = str(series.dtype)
-    except InputReadError:
+                chunks, chunk_bytes = (1,) * len(norm.replace("C", "").replace("1", "")), None
+            else:
+                offset = None
+                chunk_shape = zarr.open_array(series.aszarr(level=0), mode="r").chunks
+                chunks = _spatial(norm, chunk_shape)
+                chunk_bytes = int(np.prod(chunk_shape, dtype=np.int64)) * dtype.itemsize
+            byteorder: Literal["<", ">"] = ">" if tif.byteorder == ">" else "<"
+    except SegpipeError:
         raise
-    except (tifffile.TiffFileError, ValueError, OSError, IndexError, KeyError) as err:
-        raise InputReadError(f"{path}: not a readable TIFF ({err}).") from err
-    return SourceSpec(path, name, "tiff", axes, shape, dtype, channel)
+    except MemoryError:
+        raise
+    except Exception as err:  # tifffile raises many types for malformed files
+        raise InputReadError(f"{path}: not a readable TIFF ({type(err).__name__}: {err}).") from err
+    spec = SourceSpec(
+        path, name, "tiff", norm, shape, _native(dtype), channel, "", 0, chunks, offset, byteorder
+    )
+    return _check_array(spec, chunk_bytes)
 
 
-def _pil_spec(path: str, name: str, channel: Channel) -> SourceSpec:
-    from PIL import Image
+# -- PNG and JPEG (decoded whole) ------------------------------------------------
 
+_PNG_SAMPLES = {0: 1, 2: 3, 3: 3, 4: 2, 6: 4}  # colour type -> samples after expansion
+_PNG_DEPTHS = {0: (1, 2, 4, 8, 16), 2: (8, 16), 3: (1, 2, 4, 8), 4: (8, 16), 6: (8, 16)}
+
+
+def _png_header(path: str) -> tuple[int, int, int, int, bool]:
+    """Walk every chunk, checking lengths and CRCs; return (h, w, samples, depth, tRNS)."""
+    ihdr: bytes | None = None
+    trns, idat, ended = False, 0, False
+    with _open_file(path) as fh:
+        fh.read(8)
+        while not ended:
+            head = fh.read(8)
+            if not head and ihdr is not None:
+                break
+            if len(head) < 8:
+                raise InputReadError(f"{path}: PNG is truncated (cut inside a chunk header).")
+            length, ctype = struct.unpack(">I4s", head)
+            if length > 2**31 - 1:
+                raise InputReadError(f"{path}: PNG is corrupt (chunk length {length}).")
+            crc, left, first = zlib.crc32(ctype), length, b""
+            while left:
+                block = fh.read(min(left, 1 << 20))
+                if not block:
+                    raise InputReadError(
+                        f"{path}: PNG is truncated (cut inside a {ctype!r} chunk)."
+                    )
+                first = first or block[:13]
+                crc, left = zlib.crc32(block, crc), left - len(block)
+            tail = fh.read(4)
+            if len(tail) < 4:
+                raise InputReadError(f"{path}: PNG is truncated (cut inside a chunk CRC).")
+            if struct.unpack(">I", tail)[0] != crc:
+                raise InputReadError(f"{path}: PNG is corrupt (CRC mismatch in a {ctype!r} chunk).")
+            if ihdr is None:
+                if ctype != b"IHDR" or length != 13:
+                    raise InputReadError(f"{path}: PNG is corrupt (no IHDR chunk first).")
+                ihdr = first
+            trns |= ctype == b"tRNS"
+            idat += length if ctype == b"IDAT" else 0
+            ended = ctype == b"IEND"
+    if not ended:
+        raise InputReadError(f"{path}: PNG is truncated (no IEND chunk).")
+    assert ihdr is not None
+    w, h, depth, ctype_, _comp, _filt, _interlace = struct.unpack(">IIBBBBB", ihdr)
+    if depth not in _PNG_DEPTHS.get(ctype_, ()):
+        raise InputReadError(f"{path}: PNG is corrupt (bit depth {depth}, colour type {ctype_}).")
+    samples = _PNG_SAMPLES[ctype_] + (trns and ctype_ in (0, 2, 3))
+    raw_bytes = h * ((w * _PNG_SAMPLES[ctype_] * depth + 7) // 8 + 1)
+    if raw_bytes > DEFLATE_MAX_RATIO * idat + 4096:
+        raise UnsupportedImageError(
+            f"{path}: PNG declares {h}x{w} pixels but holds {idat} bytes of image data, more "
+            "than deflate can expand: corrupt or a decompression bomb."
+        )
+    return h, w, samples, depth, trns
+
+
+def _jpeg_scan_start(data: bytes, path: str) -> tuple[int, tuple[int, int, int, int, int]]:
+    """Walk the marker segments up to the first scan; return its offset and the SOF fields
+    (marker, precision, height, width, components)."""
+    pos, sof = 2, None
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            raise InputReadError(f"{path}: JPEG is corrupt (no marker at byte {pos}).")
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == 0xDA:
+            if sof is None:
+                raise InputReadError(f"{path}: JPEG is corrupt (scan before frame header).")
+            return pos, sof
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:
+            pos += 2
+            continue
+        (length,) = struct.unpack(">H", data[pos + 2 : pos + 4])
+        if marker in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF):
+            if pos + 10 > len(data):
+                break
+            precision, h, w, comps = struct.unpack(">BHHB", data[pos + 4 : pos + 10])
+            sof = (marker, precision, h, w, comps)
+        pos += 2 + length
+    raise InputReadError(f"{path}: JPEG is truncated (ends before its image data).")
+
+
+def _jpeg_check(data: bytes, path: str) -> tuple[int, int, int]:
+    """Check structure and completeness; return (height, width, components)."""
+    if not data.startswith(_MAGIC["jpeg"]):
+        raise InputReadError(f"{path}: not a JPEG file.")
+    sos, (marker, precision, h, w, comps) = _jpeg_scan_start(data, path)
+    if data.find(b"\xff\xd9", sos) < 0:
+        # Entropy-coded data escapes 0xFF, so an end marker after the scan is the real one.
+        raise InputReadError(f"{path}: JPEG is truncated (no end-of-image marker).")
+    if marker not in (0xC0, 0xC1, 0xC2) or precision != 8:
+        raise UnsupportedImageError(
+            f"{path}: only 8-bit baseline/progressive JPEG is supported (SOF{marker - 0xC0}, "
+            f"{precision}-bit); convert it to TIFF or PNG."
+        )
+    if comps not in (1, 3):
+        raise UnsupportedImageError(
+            f"{path}: JPEG with {comps} components (CMYK?) is not supported; convert it to RGB."
+        )
+    return h, w, comps
+
+
+def _pil_spec(path: str, name: str, channel: Channel, fmt: str) -> SourceSpec:
+    if fmt == "png":
+        h, w, samples, depth, _ = _png_header(path)
+        dtype = "uint16" if depth == 16 else "uint8"
+    else:
+        with _open_file(path) as fh:
+            h, w, samples = _jpeg_check(fh.read(), path)
+        dtype = "uint8"
+    if h * w > MAX_WHOLE_PIXELS:
+        raise UnsupportedImageError(
+            f"{path}: {h}x{w} pixels is too large to decode whole (limit {MAX_WHOLE_PIXELS:.2e}); "
+            "convert it to a tiled TIFF or Zarr."
+        )
+    if samples == 1:
+        spec = SourceSpec(path, name, "pil", "YX", (h, w), dtype, channel, chunks=(h, w))
+    else:
+        spec = SourceSpec(path, name, "pil", "YXC", (h, w, samples), dtype, channel, chunks=(h, w))
+    return _check_array(spec)
+
+
+def _decode_whole(spec: SourceSpec) -> NDArray[Any]:
+    import imagecodecs
+
+    with open(spec.path, "rb") as fh:
+        data = fh.read()
+    if spec.path.lower().endswith(PNG_SUFFIXES):
+        # imagecodecs keeps 16-bit RGB (Pillow and imageio drop it to 8 bits) and
+        # expands palettes, low bit depths and tRNS as _png_header predicts.
+        return np.asarray(imagecodecs.png_decode(data))
+    _jpeg_check(data, spec.path)  # libjpeg pads a truncated file silently
+    return np.asarray(imagecodecs.jpeg8_decode(data))
+
+
+# -- Zarr and OME-Zarr -------------------------------------------------------------
+
+
+def _load_json(path: str) -> dict[str, Any]:
     try:
-        with Image.open(path) as im:
-            im.verify()  # checks structure and CRCs without decoding
-        with Image.open(path) as im:
-            w, h, mode = im.width, im.height, im.mode
-    except Exception as err:  # PIL raises many types for broken files
-        raise InputReadError(f"{path}: not a readable PNG/JPEG ({type(err).__name__}: {err}).") from err
-    bands = {"1": 1, "L": 1, "P": 3, "RGB": 3, "RGBA": 4, "LA": 2, "I;16": 1, "I": 1, "F": 1}
-    if mode not in bands:
-        raise UnsupportedImageError(f"{path}: unsupported PNG/JPEG mode {mode!r}.")
-    dtype = {"I;16": "uint16", "I": "int32", "F": "float32"}.get(mode, "uint8")
-    if bands[mode] == 1:
-        return SourceSpec(path, name, "pil", "YX", (h, w), dtype, channel)
-    return SourceSpec(path, name, "pil", "YXC", (h, w, bands[mode]), dtype, channel)
+        with open(path, encoding="utf-8") as fh:
+            meta = json.load(fh)
+    except (OSError, ValueError) as err:
+        raise InputReadError(f"{path}: unreadable Zarr metadata ({err}).") from err
+    if not isinstance(meta, dict):
+        raise InputReadError(f"{path}: Zarr metadata is not a JSON object.")
+    return meta
+
+
+def _zarr_node_meta(path: str) -> tuple[str, dict[str, Any]]:
+    """("array" | "group", metadata) read straight from the JSON, before zarr sees it."""
+    if os.path.isfile(os.path.join(path, "zarr.json")):
+        meta = _load_json(os.path.join(path, "zarr.json"))
+        return str(meta.get("node_type", "")), meta
+    if os.path.isfile(os.path.join(path, ".zarray")):
+        meta = _load_json(os.path.join(path, ".zarray"))
+        attrs = os.path.join(path, ".zattrs")
+        return "array", {**meta, "attributes": _load_json(attrs) if os.path.isfile(attrs) else {}}
+    if os.path.isfile(os.path.join(path, ".zgroup")):
+        attrs = os.path.join(path, ".zattrs")
+        return "group", {"attributes": _load_json(attrs) if os.path.isfile(attrs) else {}}
+    raise InputReadError(f"{path}: not a Zarr store (no zarr.json, .zarray or .zgroup).")
+
+
+_ZARR3_NUMERIC = {
+    "bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
+    "float16", "float32", "float64", "complex64", "complex128",
+}  # fmt: skip
+
+
+def _refuse_unsafe(path: str, meta: dict[str, Any]) -> None:
+    """Refuse arrays whose decoding would unpickle data, or whose dtype is not numeric,
+    before zarr parses the metadata or reads any chunk."""
+    codecs = json.dumps(
+        [meta.get(k) for k in ("codecs", "filters", "compressor")], default=str
+    ).lower()
+    if "pickle" in codecs:
+        raise UnsupportedImageError(
+            f"{path}: uses a pickle codec, which can run arbitrary code; refused."
+        )
+    dtype = meta.get("dtype", meta.get("data_type"))
+    if isinstance(dtype, str) and dtype.lstrip("|<>=") == "O":
+        raise UnsupportedImageError(f"{path}: object dtype is not an image; refused.")
+    if "data_type" in meta:
+        numeric = isinstance(dtype, str) and dtype in _ZARR3_NUMERIC
+    else:
+        try:
+            numeric = np.dtype(dtype).kind in "buifc"
+        except (TypeError, ValueError):
+            numeric = False
+    if not numeric:  # before zarr parses it: some non-numeric types warn or fail there
+        raise UnsupportedImageError(
+            f"{path}: unsupported dtype {dtype!r}; expected unsigned/signed integers or floats."
+        )
+
+
+def _ngff_axis(axis: object) -> str:
+    if not isinstance(axis, dict):
+        return str(axis)[:1].upper()
+    kind, name = axis.get("type"), str(axis.get("name", ""))
+    if kind == "channel":
+        return "C"
+    if kind == "time":
+        return "T"
+    return name[:1].upper() or "?"
+
+
+def _ngff_image(path: str, attrs: dict[str, Any]) -> tuple[str, str] | None:
+    """(level-0 array path, axes) of an NGFF 0.4/0.5 image group, or None."""
+    ome = attrs.get("ome", attrs)
+    if not isinstance(ome, dict):
+        return None
+    multiscales = ome.get("multiscales")
+    if not multiscales:
+        return None
+    try:
+        ms = multiscales[0]
+        array_path = str(ms["datasets"][0]["path"])  # datasets go from finest to coarsest
+        axes = "".join(_ngff_axis(a) for a in ms.get("axes", []))
+    except (KeyError, IndexError, TypeError) as err:
+        raise InputReadError(f"{path}: malformed OME-Zarr multiscales metadata ({err}).") from err
+    return array_path.strip("/"), axes
+
+
+def _guess_axes(path: str, shape: tuple[int, ...]) -> str:
+    if len(shape) == 2:
+        return "YX"
+    if len(shape) == 3 and not shape[-1] <= 4 < min(shape[:2]):
+        return "ZYX"
+    raise UnsupportedImageError(
+        f"{path}: cannot tell the axes of shape {shape}; set `axes` (e.g. ZYX, CYX, YXC)."
+    )
 
 
 def _zarr_spec(path: str, name: str, channel: Channel, axes: str | None) -> SourceSpec:
     import zarr
 
-    try:
-        node = zarr.open(path, mode="r")
-    except Exception as err:
-        raise InputReadError(f"{path}: not a readable Zarr store ({err}).") from err
+    if not os.path.isdir(path):
+        raise InputReadError(f"{path}: a Zarr store must be a directory.")
+    kind, meta = _zarr_node_meta(path)
     array_path, meta_axes = "", None
-    if isinstance(node, zarr.Group):
-        attrs = dict(node.attrs)
-        ome = attrs.get("ome", attrs)
-        multiscales = ome.get("multiscales") if isinstance(ome, dict) else None
-        if not multiscales:
-            raise InputReadError(f"{path}: Zarr group without OME multiscales metadata.")
-        ms = multiscales[0]
-        array_path = ms["datasets"][0]["path"]
-        meta_axes = "".join(
-            (a["name"] if isinstance(a, dict) else str(a))[0].upper() for a in ms.get("axes", [])
-        )
-        node = node[array_path]
-    assert isinstance(node, zarr.Array)
-    if node.dtype == object or str(node.dtype).startswith(("|O", "object")):
-        raise UnsupportedImageError(f"{path}: object dtype arrays are refused (they need pickle).")
-    codecs = json.dumps(node.metadata.to_dict(), default=str).lower()
-    if "pickle" in codecs:
-        raise UnsupportedImageError(f"{path}: uses a pickle codec, refused for safety.")
-    shape = tuple(int(n) for n in node.shape)
-    guess = axes or meta_axes or ("YX" if len(shape) == 2 else "ZYX" if len(shape) == 3 else "")
-    if len(guess) != len(shape):
-        raise UnsupportedImageError(
-            f"{path}: cannot tell the axes of shape {shape}; set `axes` (e.g. ZYX, CYX, YXC)."
-        )
-    norm, shape = _normalise_axes(guess, shape, path)
-    return SourceSpec(path, name, "zarr", norm, shape, str(node.dtype), channel, array_path)
+    if kind == "group":
+        attrs = meta.get("attributes") or {}
+        image = _ngff_image(path, attrs)
+        ome = attrs.get("ome")
+        layout = (ome if isinstance(ome, dict) else attrs).get("bioformats2raw.layout")
+        if image is None and layout is not None and os.path.isdir(os.path.join(path, "0")):
+            # bioformats2raw: the first image is the group "0"
+            sub = _zarr_node_meta(os.path.join(path, "0"))[1].get("attributes") or {}
+            image = _ngff_image(path, sub)
+            image = image and ("0/" + image[0], image[1])
+        if image is None:
+            raise InputReadError(
+                f"{path}: Zarr group without OME-Zarr multiscales metadata; give the path of "
+                "the array inside it."
+            )
+        array_path, meta_axes = image
+        if os.path.isabs(array_path) or ".." in Path(array_path).parts:
+            raise InputReadError(f"{path}: OME-Zarr dataset path {array_path!r} leaves the store.")
+        kind, meta = _zarr_node_meta(os.path.join(path, array_path))
+    if kind != "array":
+        raise InputReadError(f"{path}: expected a Zarr array at {array_path or 'the root'!r}.")
+    _refuse_unsafe(path, meta)
+    try:
+        node = zarr.open_array(path, path=array_path, mode="r")
+        shape = tuple(int(n) for n in node.shape)
+        dtype = np.dtype(node.dtype)
+        chunk_shape = tuple(int(n) for n in node.chunks)
+        names = getattr(node.metadata, "dimension_names", None)
+    except SegpipeError:
+        raise
+    except Exception as err:
+        raise InputReadError(
+            f"{path}: not a readable Zarr array ({type(err).__name__}: {err})."
+        ) from err
+    if not axes and not meta_axes and names and all(names):
+        meta_axes = "".join(_ngff_axis({"name": n}) for n in names)
+    if dtype.kind not in "uif":  # before the axes: a string array's shape means nothing
+        return _check_array(SourceSpec(path, name, "zarr", "", shape, str(dtype), channel))
+    norm = _normalise_axes(axes or meta_axes or _guess_axes(path, shape), shape, path)
+    chunk_bytes = int(np.prod(chunk_shape, dtype=np.int64)) * dtype.itemsize
+    spec = SourceSpec(
+        path,
+        name,
+        "zarr",
+        norm,
+        shape,
+        _native(dtype),
+        channel,
+        array_path,
+        chunks=_spatial(norm, chunk_shape),
+    )
+    return _check_array(spec, chunk_bytes)
+
+
+# -- public --------------------------------------------------------------------------
 
 
 def open_source(
@@ -219,63 +621,143 @@ def open_source(
     channel : int or {"mean", "max", "sum"}, optional
         Channel to segment, or how to reduce the channels; required when there are several.
     axes : str, optional
-        Axes of a plain Zarr array (e.g. ``"CYX"``); read from metadata otherwise.
+        Axes of the stored array (e.g. ``"CYX"``, ``"ZYX"``) for a TIFF or Zarr array
+        whose metadata does not say; overrides the metadata when given.
+
+    Returns
+    -------
+    SourceSpec
+        Picklable; pass it to `read_region` on a worker.
 
     Raises
     ------
-    InputNotFoundError, InputReadError, UnsupportedImageError
+    InputNotFoundError, InputReadError, UnsupportedImageError, ConfigError
         With the file named and the problem said.
+
+    Examples
+    --------
+    >>> spec = open_source("cells.ome.tif", channel=1)  # doctest: +SKIP
+    >>> read_region(spec, (slice(0, 512), slice(0, 512))).shape  # doctest: +SKIP
+    (512, 512)
     """
-    p = os.path.abspath(os.fspath(path))
-    if not os.path.exists(p):
-        raise InputNotFoundError(f"{p}: no such file or directory.")
+    channel = parse_channel(channel)
+    p = os.path.abspath(os.path.expanduser(os.fspath(path)))
+    try:
+        st = os.stat(p)
+    except FileNotFoundError as err:
+        raise InputNotFoundError(f"{p}: no such file or directory.") from err
+    except PermissionError as err:
+        raise InputReadError(f"{p}: permission denied on a parent directory.") from err
+    except OSError as err:
+        raise InputReadError(f"{p}: cannot access ({err.strerror or err}).") from err
     name = name or image_name(p)
     lower = p.lower().rstrip("/")
     if os.path.isdir(p) or lower.endswith(ZARR_SUFFIXES):
-        spec = _zarr_spec(p, name, channel, axes)
-    else:
-        if not os.access(p, os.R_OK):
-            raise InputReadError(f"{p}: permission denied.")
-        if os.path.getsize(p) == 0:
-            raise InputReadError(f"{p}: file is empty (0 bytes).")
-        if lower.endswith(TIFF_SUFFIXES):
-            spec = _tiff_spec(p, name, channel)
-        elif lower.endswith(PIL_SUFFIXES):
-            spec = _pil_spec(p, name, channel)
-        else:
-            raise UnsupportedImageError(
-                f"{p}: unknown image type; expected one of {', '.join(SUFFIXES)}."
-            )
-    return _check_array(spec)
+        return _zarr_spec(p, name, channel, axes)
+    if not lower.endswith(TIFF_SUFFIXES + PIL_SUFFIXES):
+        raise UnsupportedImageError(
+            f"{p}: unknown image type; expected one of {', '.join(SUFFIXES)}."
+        )
+    head = _read_head(p)
+    if st.st_size == 0 or not head:
+        raise InputReadError(f"{p}: file is empty (0 bytes).")
+    expected = (
+        "tiff" if lower.endswith(TIFF_SUFFIXES) else "png" if lower.endswith(".png") else "jpeg"
+    )
+    found = _sniff(head)
+    if found != expected:
+        what = f"a {found.upper()} file" if found else f"not an image (starts {head[:8]!r})"
+        raise InputReadError(f"{p}: named like a {expected.upper()} but the file is {what}.")
+    if expected == "tiff":
+        return _tiff_spec(p, name, channel, axes)
+    spec = _pil_spec(p, name, channel, expected)
+    if axes is not None and _normalise_axes(axes, spec.stored_shape, p) != spec.axes:
+        raise UnsupportedImageError(
+            f"{p}: axes {axes!r} do not fit a {expected.upper()}, whose layout is fixed "
+            f"({spec.axes}, shape {spec.stored_shape})."
+        )
+    return spec
 
 
 @functools.lru_cache(maxsize=8)
-def _open_array(spec: SourceSpec) -> Any:
-    """The stored array, opened once per worker process (tifffile stores are not picklable)."""
+def _open_tiff(spec: SourceSpec, stamp: tuple[int, int, int]) -> Any:
+    """The stored array, opened once per worker process and file version (``stamp``)."""
+    if spec.data_offset is not None:
+        dtype = np.dtype(spec.dtype).newbyteorder(spec.byteorder)
+        return np.memmap(
+            spec.path, dtype=dtype, mode="r", offset=spec.data_offset, shape=spec.stored_shape
+        )
+    import tifffile
     import zarr
 
+    store = tifffile.imread(spec.path, aszarr=True, series=spec.series, level=0)
+    try:
+        array = zarr.open_array(store, mode="r")
+    except BaseException:
+        store.close()
+        raise
+    # Close the file once the cache has dropped the array and no reader holds it.
+    weakref.finalize(array, store.close)
+    return array
+
+
+def _stored(spec: SourceSpec, index: tuple[Any, ...]) -> NDArray[Any]:
     if spec.format == "tiff":
-        import tifffile
-
-        store = tifffile.imread(spec.path, aszarr=True, series=spec.series, level=0)
-        return zarr.open(store, mode="r")
+        st = os.stat(spec.path)
+        # np.array copies: a view would pin the memory map and see later writes
+        return np.array(_open_tiff(spec, (st.st_mtime_ns, st.st_size, st.st_ino))[index])
     if spec.format == "zarr":
-        node = zarr.open(spec.path, mode="r")
-        return node[spec.array_path] if spec.array_path else node
-    import imageio.v3 as iio
+        import zarr
 
-    return np.asarray(iio.imread(spec.path))
+        return np.asarray(zarr.open_array(spec.path, path=spec.array_path, mode="r")[index])
+    data = _decode_whole(spec)
+    if data.shape != spec.stored_shape:
+        raise InputReadError(
+            f"{spec.path}: decoded shape {data.shape} differs from the header's "
+            f"{spec.stored_shape}."
+        )
+    return cast(NDArray[Any], data[index])
+
+
+def _parse_region(spec: SourceSpec, region: Sequence[slice]) -> list[slice]:
+    shape = spec.shape
+    if len(region) != len(shape):
+        raise ValueError(
+            f"region: Expected {len(shape)} slices for image shape {shape}, "
+            f"got {tuple(region)!r} instead."
+        )
+    out = []
+    for s, n in zip(region, shape, strict=True):
+        if not isinstance(s, slice) or s.step not in (None, 1):
+            raise ValueError(f"region: Expected slices with step 1, got {s!r} instead.")
+        start, stop = s.start or 0, n if s.stop is None else s.stop
+        if not 0 <= start <= stop <= n:
+            raise ValueError(f"region: Expected a slice within 0:{n}, got {s!r} instead.")
+        out.append(slice(start, stop))
+    return out
 
 
 def read_region(spec: SourceSpec, region: Sequence[slice]) -> NDArray[Any]:
     """Read the spatial ``region`` of an image, channel selected or reduced.
 
+    Parameters
+    ----------
+    spec : SourceSpec
+        From `open_source`.
+    region : sequence of slice
+        One slice (step 1, within bounds) per spatial axis of ``spec.shape``.
+
+    Returns
+    -------
+    (M, N) or (P, M, N) ndarray
+        Of ``spec.out_dtype``, native byte order.
+
     Raises
     ------
     InputReadError
-        If the file cannot be decoded (names the file).
+        If the file cannot be read or decoded (names the file).
     """
-    region = list(region)
+    slices = _parse_region(spec, region)
     index: list[Any] = []
     for a in spec.axes:
         if a == "C":
@@ -283,20 +765,24 @@ def read_region(spec: SourceSpec, region: Sequence[slice]) -> NDArray[Any]:
         elif a == "1":
             index.append(0)
         else:
-            index.append(region.pop(0))
+            index.append(slices.pop(0))
     try:
-        data = np.asarray(_open_array(spec)[tuple(index)])
+        data = _stored(spec, tuple(index))
+    except SegpipeError:
+        raise
+    except MemoryError:
+        raise
     except Exception as err:
-        _open_array.cache_clear()
-        raise InputReadError(f"{spec.path}: failed to read pixels ({type(err).__name__}: {err}).") from err
+        _open_tiff.cache_clear()
+        raise InputReadError(
+            f"{spec.path}: failed to read pixels ({type(err).__name__}: {err})."
+        ) from err
     if "C" in spec.axes and not isinstance(spec.channel, int):
         caxis = [a for a in spec.axes if a != "1"].index("C")
-        if spec.channel == "mean":
-            data = data.mean(axis=caxis, dtype=np.float64).astype(np.float32)
-        elif spec.channel == "max":
+        if spec.channel == "max":
             data = data.max(axis=caxis)
+        elif spec.channel == "mean":
+            data = data.mean(axis=caxis, dtype=np.float64).astype(np.float32)
         else:
             data = data.sum(axis=caxis, dtype=np.float64).astype(np.float32)
-    if data.dtype.byteorder == ">":
-        data = data.astype(data.dtype.newbyteorder("="))
-    return data
+    return np.ascontiguousarray(data, dtype=spec.out_dtype)
