@@ -73,7 +73,7 @@ def prepare_run(config: RunConfig, *, resume: bool | None = None) -> Prepared:
     config = config.resolved()
     segmenter = get_segmenter(config.segmenter.name, **config.segmenter.options())
     catalogue_for(segmenter, config.classes)  # a bad catalogue fails before any compute
-    paths = resolve_inputs(config.input)
+    paths = resolve_inputs(config.input, missing_ok=config.on_error == "skip")
     sources: list[SourceSpec] = []
     bad: list[tuple[str, str]] = []
     for p in paths:

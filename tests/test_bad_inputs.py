@@ -203,3 +203,17 @@ def test_mixed_channel_counts(run_cli, tmp_path: Path) -> None:
     assert np.array_equal(zarr.open_array(str(out / "three" / "0"))[:], nuclei)
     result = run_cli(*args, "--overwrite")  # default policy: refuse before any compute
     assert result.exit_code == 1 and "two.tif" in _text(result)
+
+
+def test_missing_manifest_entry(run_cli, tmp_path: Path) -> None:
+    synthetic.write_tiff(tmp_path / "here.tif", (120, 130), seed=1)
+    manifest = tmp_path / "list.txt"
+    manifest.write_text("here.tif\ngone.tif\n")
+    out = tmp_path / "out.zarr"
+    result = run_cli("--input", str(manifest), "--output", str(out))
+    assert result.exit_code == 1 and "gone.tif" in _text(result) and "manifest" in _text(result)
+    assert not out.exists()
+    result = run_cli("--input", str(manifest), "--output", str(out), "--on-error", "skip")
+    assert result.exit_code == 3
+    assert "gone.tif" in _text(result) and "no such file" in _text(result)
+    assert _is_complete(out / "here") and not (out / "gone").exists()

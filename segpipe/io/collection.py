@@ -41,7 +41,7 @@ def _rows(path: Path) -> list[tuple[int, list[str]]]:
     return rows
 
 
-def _from_manifest(path: Path) -> list[str]:
+def _from_manifest(path: Path, *, missing_ok: bool = False) -> list[str]:
     rows = _rows(path)
     column = 0
     if rows and path.suffix.lower() == ".csv":
@@ -60,7 +60,7 @@ def _from_manifest(path: Path) -> list[str]:
         if not os.path.exists(full):
             missing.append(f"{full} (line {number})")
         entries.append(full)
-    if missing:
+    if missing and not missing_ok:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise InputNotFoundError(
             f"{missing[0]}{more}: listed in manifest {path} but does not exist "
@@ -92,7 +92,7 @@ def _from_directory(path: Path) -> list[str]:
     return images
 
 
-def resolve_inputs(spec: str | os.PathLike[str]) -> list[str]:
+def resolve_inputs(spec: str | os.PathLike[str], *, missing_ok: bool = False) -> list[str]:
     """Absolute paths of the images a collection names, output names unique.
 
     Directory and glob results are sorted; a manifest keeps its own order.
@@ -105,6 +105,9 @@ def resolve_inputs(spec: str | os.PathLike[str]) -> list[str]:
         (``.txt``: one path per line; ``.csv``: the first column, or the column
         a header names ``path``/``file``/``image``), with ``#`` comment lines
         and paths relative to the manifest.
+    missing_ok : bool
+        Return manifest entries that do not exist (for the caller to report
+        one by one) instead of raising.
 
     Raises
     ------
@@ -129,7 +132,7 @@ def resolve_inputs(spec: str | os.PathLike[str]) -> list[str]:
     ) and not _is_zarr_dir(path):
         paths = _from_directory(path)
     elif path.is_file() and path.suffix.lower() in MANIFEST_SUFFIXES:
-        paths = _from_manifest(path)
+        paths = _from_manifest(path, missing_ok=missing_ok)
     else:
         paths = [str(path)]
     paths = [os.path.abspath(p) for p in paths]
