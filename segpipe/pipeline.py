@@ -285,29 +285,24 @@ def map_blocks(
     ac = as_completed()
     failed: list[tuple[int, BaseException]] = []
 
+    def submit(i: int, key: str, retries: int) -> Any:
+        if markers is None:
+            return client.submit(fn, *args[i], key=key, retries=retries)
+        marker_dir = str(markers.directory)
+        return client.submit(
+            _marked, fn, marker_dir, i, encode, run, *args[i], key=key, retries=retries
+        )
+
     def submit_next() -> None:
         for i in queue:
-            key = f"{stage}-{token}-{i}"
-            if markers is None:
-                f = client.submit(fn, *args[i], key=key, retries=RETRIES)
-            else:
-                f = client.submit(
-                    _marked,
-                    fn,
-                    str(markers.directory),
-                    i,
-                    encode,
-                    run,
-                    *args[i],
-                    key=key,
-                    retries=RETRIES,
-                )
+            f = submit(i, f"{stage}-{token}-{i}", RETRIES)
             pending[str(f.key)] = i
             ac.add(f)
             return
 
     for _ in range(min(window, len(todo))):
         submit_next()
+    guilty: list[tuple[int, BaseException]] = []
     try:
         for f in ac:
             i = pending.pop(str(f.key))
@@ -319,6 +314,18 @@ def map_blocks(
                 progress(stage, done, len(args))
             f.release()
             submit_next()
+        # A dying worker takes the tasks it was running with it, and Dask counts them all
+        # as suspects. Give each suspect one more run on its own: the innocent finish.
+        for i, _ in failed:
+            try:
+                results[i] = submit(i, f"{stage}-{token}-{i}-alone", 0).result()
+            except Exception as again:
+                if type(again).__name__ != "KilledWorker":
+                    raise
+                guilty.append((i, again))
+                continue
+            done += 1
+            progress(stage, done, len(args))
     except OSError as err:
         client.cancel(list(ac.futures) if hasattr(ac, "futures") else [])
         if err.errno in _OUTPUT_ERRNOS:
@@ -330,32 +337,6 @@ def map_blocks(
     except BaseException:
         client.cancel(list(ac.futures) if hasattr(ac, "futures") else [])
         raise
-    # A dying worker takes the tasks it was running with it, and Dask counts them all as
-    # suspects. Give each suspect one more run on its own: the innocent finish.
-    guilty: list[tuple[int, BaseException]] = []
-    for i, _ in failed:
-        if markers is None:
-            f = client.submit(fn, *args[i], key=f"{stage}-{token}-{i}-alone")
-        else:
-            f = client.submit(
-                _marked,
-                fn,
-                str(markers.directory),
-                i,
-                encode,
-                run,
-                *args[i],
-                key=f"{stage}-{token}-{i}-alone",
-            )
-        try:
-            results[i] = f.result()
-        except Exception as again:
-            if type(again).__name__ != "KilledWorker":
-                raise
-            guilty.append((i, again))
-            continue
-        done += 1
-        progress(stage, done, len(args))
     failed = guilty
     if failed:
         which = ", ".join(names[i] if names else f"#{i}" for i, _ in failed)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 import numpy as np
@@ -58,3 +59,10 @@ def segment_whole(segmenter: Segmenter, image: NDArray[Any]) -> NDArray[np.integ
     instances = segmenter.segment(smoothed, params).instances
     assert instances is not None
     return instances
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

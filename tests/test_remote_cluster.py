@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -16,20 +15,14 @@ import zarr
 from skimage import filters, measure
 
 from segpipe import synthetic
-from tests.helpers import same_up_to_renumbering
+from tests.helpers import free_port, same_up_to_renumbering
 
 pytestmark = pytest.mark.integration
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def scheduler(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = _free_port()
+    port = free_port()
     address = f"tcp://127.0.0.1:{port}"
     cwd = tmp_path_factory.mktemp(
         "workers"
@@ -123,7 +116,7 @@ def test_unreachable_scheduler(run_cli, tmp_path: Path) -> None:
         "--output",
         str(tmp_path / "o.zarr"),
         "--cluster",
-        f"tcp://127.0.0.1:{_free_port()}",
+        f"tcp://127.0.0.1:{free_port()}",
         cluster=False,
     )
     assert result.exit_code != 0

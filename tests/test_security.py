@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from distributed.security import Security
 
 from segpipe import synthetic
 from segpipe.cluster import connect
+from tests.helpers import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -88,17 +88,11 @@ def test_tls_scheduler_with_certificates_from_the_config(
     assert "needs `security`" in " ".join(result.output.split())
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real `prefect server` on loopback that demands an auth string."""
     home = tmp_path_factory.mktemp("prefect-home")
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "PREFECT_HOME": str(home),
