@@ -19,11 +19,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute
 import pyarrow.parquet as pq
 import zarr
 from numpy.typing import NDArray
 
 from segpipe.errors import UnsupportedImageError
+from segpipe.io.markers import Markers
 from segpipe.panoptic import Catalogue
 
 if TYPE_CHECKING:
@@ -70,6 +72,10 @@ class Groups:
         f = np.zeros(0, np.float64)
         u = np.zeros(0, np.uint64)
         return cls(u, u, z, zz, zz, zz, f, f, f)
+
+    def take(self, index: NDArray[Any]) -> Groups:
+        """The rows selected by ``index`` (a mask or positions)."""
+        return Groups(*(getattr(self, f)[index] for f in Groups.__dataclass_fields__))
 
     @classmethod
     def concat(cls, parts: Sequence[Groups]) -> Groups:
@@ -295,23 +301,50 @@ def segments_table(groups: Groups, catalogue: Catalogue, divisor: int) -> pa.Tab
 # -- block function and stage --------------------------------------------------------
 
 
+def open_instances(
+    instances: NDArray[np.integer], region: tuple[slice, ...], shape: Sequence[int]
+) -> NDArray[Any]:
+    """Instances on the block's faces toward other blocks (they may go on there), and 0."""
+    faces = [np.zeros(1, instances.dtype)]
+    for axis, (r, n) in enumerate(zip(region, shape, strict=True)):
+        if r.start > 0:
+            faces.append(np.take(instances, 0, axis=axis).ravel())
+        if r.stop < n:
+            faces.append(np.take(instances, -1, axis=axis).ravel())
+    return np.unique(np.concatenate(faces))
+
+
 def measure_block(
-    instances_path: str, semantic_path: str, image_path: str, region: tuple[slice, ...]
+    instances_path: str,
+    semantic_path: str,
+    image_path: str,
+    region: tuple[slice, ...],
+    parts_dir: str,
+    block_id: int,
+    stuff: tuple[int, ...] = (0,),
 ) -> Groups:
-    """Read one block of the instance labels, classes and image; reduce it to `Groups`."""
+    """Reduce one block to `Groups`. Objects wholly inside the block are final: they are
+    saved beside the tables (``parts_dir``); only those that may continue in another
+    block (and the stuff) are returned, for the client to merge."""
 
     def read(path: str) -> NDArray[Any]:
         return np.asarray(zarr.open_array(path, mode="r")[region])
 
+    instances = read(instances_path)
     try:
-        return block_groups(
-            read(instances_path),
-            read(semantic_path),
-            read(image_path),
-            offset=[s.start for s in region],
+        groups = block_groups(
+            instances, read(semantic_path), read(image_path), offset=[s.start for s in region]
         )
     except UnsupportedImageError as err:
         raise UnsupportedImageError(f"{instances_path} [{_span(region)}]: {err}") from err
+    shape = zarr.open_array(instances_path, mode="r").shape
+    # Open: may continue in another block, or has stuff pixels (stuff segments and the
+    # instances in them are summed over the whole image).
+    with_stuff = groups.instance[np.isin(groups.cls, np.asarray(stuff, np.uint64))]
+    open_ids = np.union1d(open_instances(instances, region, shape).astype(np.uint64), with_stuff)
+    is_open = np.isin(groups.instance, open_ids)
+    Markers(parts_dir).save(block_id, _groups_out(groups.take(~is_open)))
+    return groups.take(is_open)
 
 
 def _groups_out(groups: Groups) -> dict[str, NDArray[Any]]:
@@ -345,6 +378,68 @@ def _write_parquet(table: pa.Table, path: Path, metadata: dict[str, Any]) -> Non
     tmp = path.with_name(path.name + ".partial")
     pq.write_table(table, tmp, row_group_size=ROW_GROUP, compression="zstd")
     os.replace(tmp, path)
+
+
+def _open_by_owner(parts: Sequence[Groups], stuff: tuple[int, ...]) -> dict[int, Groups]:
+    """Merge the open groups of all blocks; give each instance to its first block, and
+    every instance with stuff pixels to one chunk (-1), so stuff segments sum once."""
+    parts = [p for p in parts]
+    if not any(len(p) for p in parts):
+        return {}
+    owner = np.concatenate([np.full(len(p), b, np.int64) for b, p in enumerate(parts)])
+    groups = Groups.concat(parts)
+    key = _pack(groups.instance, groups.cls)
+    order = np.argsort(key, kind="stable")  # stable: float sums in block order
+    starts = _starts(key[order])
+    merged = _reduce(groups, key)[1]
+    first_block = np.minimum.reduceat(owner[order], starts)
+    # one owner per instance, whatever its classes
+    inst_order = np.argsort(merged.instance, kind="stable")
+    inst_starts = _starts(merged.instance[inst_order])
+    per_inst = np.minimum.reduceat(first_block[inst_order], inst_starts)
+    sizes = np.diff(np.append(inst_starts, len(inst_order)))
+    row_owner = np.empty(len(merged), np.int64)
+    row_owner[inst_order] = np.repeat(per_inst, sizes)
+    with_stuff = np.isin(
+        merged.instance, merged.instance[np.isin(merged.cls, np.asarray(stuff, np.uint64))]
+    )
+    row_owner[with_stuff] = -1
+    by = np.argsort(row_owner, kind="stable")
+    blocks, first = np.unique(row_owner[by], return_index=True)
+    bounds = np.append(first, len(by))
+    return {int(b): merged.take(by[bounds[i] : bounds[i + 1]]) for i, b in enumerate(blocks)}
+
+
+class _TableWriters:
+    """Both tables, written a block's rows at a time, renamed into place at the end."""
+
+    def __init__(self, out: Path, meta: dict[str, Any]) -> None:
+        self.out = out
+        self.meta = {b"segpipe": json.dumps(meta, sort_keys=True).encode()}
+        self.writers: dict[str, pq.ParquetWriter] = {}
+        self.rows = {"objects": 0, "segments": 0}
+
+    def _tmp(self, name: str) -> Path:
+        return self.out / f"{name}.parquet.partial"
+
+    def write(self, objects: pa.Table, segments: pa.Table) -> None:
+        for name, table in (("objects", objects), ("segments", segments)):
+            table = table.replace_schema_metadata(self.meta)
+            if name not in self.writers:
+                self.writers[name] = pq.ParquetWriter(
+                    self._tmp(name), table.schema, compression="zstd"
+                )
+            self.writers[name].write_table(table, row_group_size=ROW_GROUP)
+            self.rows[name] += table.num_rows
+
+    def close(self, catalogue: Catalogue, divisor: int, ndim: int) -> tuple[int, int]:
+        if not self.writers:  # no rows at all: still write empty tables
+            empty = Groups.empty(ndim)
+            self.write(objects_table(empty, catalogue), segments_table(empty, catalogue, divisor))
+        for name, writer in self.writers.items():
+            writer.close()
+            os.replace(self._tmp(name), self.out / f"{name}.parquet")
+        return self.rows["objects"], self.rows["segments"]
 
 
 def tables_dir(plan: ImagePlan) -> Path:
@@ -390,8 +485,24 @@ def measure(
     from segpipe.io.store import mark_image
 
     blocks = list(plan.grid())
-    jobs = [(plan.label("instances"), plan.label("semantic"), plan.raw, b.core) for b in blocks]
-    parts = pipeline.map_blocks(
+    stuff = tuple(c.id for c in catalogue.classes if not c.thing)
+    out = tables_dir(plan)
+    # Objects wholly inside a block wait in scratch (removed with it when the image is
+    # complete) so that a resumed stage finds them next to its markers.
+    parts_dir = Path(plan.scratch) / "measure-parts"
+    jobs = [
+        (
+            plan.label("instances"),
+            plan.label("semantic"),
+            plan.raw,
+            b.core,
+            str(parts_dir),
+            b.id,
+            stuff,
+        )
+        for b in blocks
+    ]
+    open_parts = pipeline.map_blocks(
         client,
         measure_block,
         jobs,
@@ -402,26 +513,38 @@ def measure(
         names=[f"{plan.label('instances')} [{_span(b.core)}]" for b in blocks],
         run=plan.token,
     )
-    groups = merge_groups(parts) if parts else Groups.empty(plan.ndim)
-    objects = objects_table(groups, catalogue)
-    segments = segments_table(groups, catalogue, divisor)
-    out = tables_dir(plan)
-    out.mkdir(parents=True, exist_ok=True)
+    # Objects that cross blocks are merged here; each goes with the first block it is
+    # in, which is the block whose id range holds its global id.
+    owned = _open_by_owner(open_parts, stuff)
     meta = {
         "image": plan.name,
         "shape": list(plan.spec.shape),
         "divisor": divisor,
         "classes": catalogue.to_list(),
     }
-    _write_parquet(objects, out / "objects.parquet", meta)
-    _write_parquet(segments, out / "segments.parquet", meta)
-    counts = np.bincount(
-        np.asarray(objects.column("class").to_numpy(), np.intp), minlength=CLASS_SLOTS
-    )
+    out.mkdir(parents=True, exist_ok=True)
+    counts = np.zeros(CLASS_SLOTS, np.int64)
+    writers = _TableWriters(out, meta)
+    parts = Markers(parts_dir)
+    for b in [None, *blocks]:  # None: instances with stuff pixels, gathered first
+        bid = -1 if b is None else b.id
+        closed = _groups_in(parts.load(bid)) if parts.done(bid) else Groups.empty(plan.ndim)
+        groups = Groups.concat([closed, owned.get(bid, Groups.empty(plan.ndim))])
+        if not len(groups):
+            continue
+        objects = objects_table(groups, catalogue)
+        objects = objects.take(pa.compute.sort_indices(objects, [("label", "ascending")]))
+        segments = segments_table(groups, catalogue, divisor)
+        segments = segments.take(pa.compute.sort_indices(segments, [("id", "ascending")]))
+        counts += np.bincount(
+            np.asarray(objects.column("class").to_numpy(), np.intp), minlength=CLASS_SLOTS
+        )
+        writers.write(objects, segments)
+    n_objects, n_segments = writers.close(catalogue, divisor, plan.ndim)
     per_class = {c.name: int(counts[c.id]) for c in catalogue.classes}
-    info = {
-        "objects": {"path": f"{TABLES}/objects.parquet", "rows": objects.num_rows},
-        "segments": {"path": f"{TABLES}/segments.parquet", "rows": segments.num_rows},
+    info: dict[str, Any] = {
+        "objects": {"path": f"{TABLES}/objects.parquet", "rows": n_objects},
+        "segments": {"path": f"{TABLES}/segments.parquet", "rows": n_segments},
         "objects_per_class": per_class,
     }
     zarr.open_group(str(out), mode="a", zarr_format=3).attrs["segpipe"] = {TABLES: info}
@@ -429,7 +552,7 @@ def measure(
     return Measured(
         str(out / "objects.parquet"),
         str(out / "segments.parquet"),
-        objects.num_rows,
-        segments.num_rows,
+        n_objects,
+        n_segments,
         per_class,
     )
