@@ -61,3 +61,7 @@ class ImagesFailedError(SegpipeError, RuntimeError):
 
 class OutputWriteError(SegpipeError, OSError):
     """The output cannot be written (disk full, read-only, permissions)."""
+
+
+class ModelFileError(SegpipeError, ValueError):
+    """A model file is missing, corrupt, or would run code when loaded."""
