@@ -1,9 +1,11 @@
 """The stages of segmenting one image on a Dask cluster.
 
-ingest → statistics → segment → stitch → write. Each stage submits one task
-per block (never per pixel, never the whole image) and returns something
-small. Block functions at the top run on workers and do their own I/O on
-whole chunks, so no two tasks ever write the same chunk.
+ingest → statistics → segment → stitch → write (then panoptic, measure and
+preview, in their own modules). Each stage submits one task per block
+(never per pixel, never the whole image) and returns something small. Block
+functions run on workers and do their own I/O on whole chunks, so no two
+tasks ever write the same chunk; each leaves a completion marker, so a rerun
+resumes.
 """
 
 from __future__ import annotations
