@@ -336,7 +336,9 @@ def measure_block(
             instances, read(semantic_path), read(image_path), offset=[s.start for s in region]
         )
     except UnsupportedImageError as err:
-        raise UnsupportedImageError(f"{instances_path} [{_span(region)}]: {err}") from err
+        from segpipe.pipeline import span
+
+        raise UnsupportedImageError(f"{instances_path} [{span(region)}]: {err}") from err
     shape = zarr.open_array(instances_path, mode="r").shape
     # Open: may continue in another block, or has stuff pixels (stuff segments and the
     # instances in them are summed over the whole image).
@@ -353,10 +355,6 @@ def _groups_out(groups: Groups) -> dict[str, NDArray[Any]]:
 
 def _groups_in(arrays: dict[str, NDArray[Any]]) -> Groups:
     return Groups(**{f: arrays[f] for f in Groups.__dataclass_fields__})
-
-
-def _span(region: tuple[slice, ...]) -> str:
-    return ", ".join(f"{s.start}:{s.stop}" for s in region)
 
 
 @dataclass(frozen=True)
@@ -510,7 +508,7 @@ def measure(
         progress=progress or pipeline._noop,
         markers=plan.markers("measure"),
         codec=(_groups_out, _groups_in),
-        names=[f"{plan.label('instances')} [{_span(b.core)}]" for b in blocks],
+        names=[f"{plan.label('instances')} [{pipeline.span(b.core)}]" for b in blocks],
         run=plan.token,
     )
     # Objects that cross blocks are merged here; each goes with the first block it is

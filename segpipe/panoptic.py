@@ -22,7 +22,6 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from segpipe.errors import ConfigError, InputReadError, UnsupportedImageError
 
 if TYPE_CHECKING:
-    from segpipe.io.markers import Markers
     from segpipe.pipeline import ImagePlan, ProgressFn
     from segpipe.segmenters.base import Segmenter
 
@@ -470,29 +469,6 @@ def _count_in(arrays: dict[str, NDArray[Any]]) -> int:
     return int(arrays["count"])
 
 
-def _where(plan: ImagePlan, region: tuple[slice, ...]) -> str:
-    span = ", ".join(f"{s.start}:{s.stop}" for s in region)
-    return f"{plan.label(KEY)} [{span}]"
-
-
-def _prepare_array(
-    path: str, markers: Markers, *, shape: Sequence[int], chunks: Sequence[int]
-) -> None:
-    """Create the uint64 array a stage writes, unless a resumed run already wrote blocks of it."""
-    from segpipe.io import omezarr
-
-    if markers.count():
-        try:
-            arr = zarr.open_array(path, mode="r")
-            if arr.shape == tuple(shape) and arr.dtype == np.dtype(np.uint64):
-                markers.clean_leftovers()
-                return
-        except Exception:  # missing or unreadable: its markers are stale
-            pass
-        markers.clear()
-    omezarr.create_array(path, shape=shape, chunks=chunks, dtype=np.uint64, labels=True)
-
-
 @dataclass(frozen=True)
 class PanopticResult:
     """What `write_panoptic` wrote: the divisor, the catalogue and the level count."""
@@ -535,7 +511,6 @@ def write_panoptic(
     PanopticResult
     """
     from segpipe import pipeline
-    from segpipe.blocks import BlockGrid
     from segpipe.io import omezarr
 
     report = progress or pipeline._noop
@@ -543,7 +518,9 @@ def write_panoptic(
     tile = plan.grid().tile
     levels = label_levels(plan)
     markers = plan.markers(KEY)
-    _prepare_array(plan.label(KEY), markers, shape=plan.spec.shape, chunks=tile)
+    pipeline.prepare_array(
+        plan.label(KEY), markers, shape=plan.spec.shape, chunks=tile, dtype=np.uint64
+    )
     blocks = list(plan.grid())
     jobs = [
         (
@@ -564,26 +541,18 @@ def write_panoptic(
         progress=report,
         markers=markers,
         codec=(_count_out, _count_in),
-        names=[_where(plan, b.core) for b in blocks],
+        names=[f"{plan.label(KEY)} [{pipeline.span(b.core)}]" for b in blocks],
         run=plan.token,
     )
     shapes = omezarr.pyramid_shapes(plan.spec.shape, min_size=max(256, min(tile[-2:])))[:levels]
-    for k in range(1, len(shapes)):
-        level_markers = plan.markers(f"{KEY}-pyramid-{k}")
-        _prepare_array(plan.label(KEY, k), level_markers, shape=shapes[k], chunks=tile)
-        down = [
-            (plan.label(KEY, k - 1), plan.label(KEY, k), b.core)
-            for b in BlockGrid.build(shapes[k], tile=tile)
-        ]
-        pipeline.map_blocks(
-            client,
-            omezarr.downsample_block,
-            down,
-            stage=f"{KEY}-pyramid-{k}",
-            progress=report,
-            markers=level_markers,
-            run=plan.token,
-        )
+    pipeline.build_pyramid(
+        client,
+        plan,
+        [(lambda k: plan.label(KEY, k), np.uint64, True)],
+        shapes,
+        stage=f"{KEY}-pyramid",
+        progress=report,
+    )
     value = attrs_value(divisor, catalogue)
     for k in range(len(shapes)):
         zarr.open_array(plan.label(KEY, k), mode="r+").attrs["segpipe"] = {KEY: value}

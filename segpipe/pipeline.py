@@ -354,9 +354,13 @@ def _regions(shape: Sequence[int], chunks: Sequence[int]) -> list[tuple[slice, .
     return [b.core for b in BlockGrid.build(shape, tile=chunks, halo=0)]
 
 
+def span(region: tuple[slice, ...]) -> str:
+    """``"0:256, 512:768"``: a region as it is named in messages."""
+    return ", ".join(f"{s.start}:{s.stop}" for s in region)
+
+
 def _where(plan: ImagePlan, region: tuple[slice, ...]) -> str:
-    span = ", ".join(f"{s.start}:{s.stop}" for s in region)
-    return f"{plan.spec.path} [{span}]"
+    return f"{plan.spec.path} [{span(region)}]"
 
 
 def ingest_regions(plan: ImagePlan) -> list[tuple[slice, ...]]:
@@ -379,7 +383,7 @@ def _tiff_is_tiled(path: str) -> bool:
         return bool(tif.series[0].pages[0].is_tiled)  # type: ignore[union-attr]
 
 
-def _array(
+def prepare_array(
     path: str,
     markers: Markers,
     *,
@@ -401,6 +405,37 @@ def _array(
     omezarr.create_array(path, shape=shape, chunks=chunks, dtype=dtype, labels=labels)
 
 
+def build_pyramid(
+    client: Client,
+    plan: ImagePlan,
+    arrays: Sequence[tuple[Callable[[int], str], Any, bool]],
+    shapes: Sequence[Sequence[int]],
+    *,
+    stage: str,
+    progress: ProgressFn = _noop,
+) -> None:
+    """Levels 1.. of each ``(path of level k, dtype, is labels)`` by striding level k-1
+    (nearest, never interpolated); one marked task per output chunk."""
+    tile = plan.grid().tile
+    for k in range(1, len(shapes)):
+        markers = plan.markers(f"{stage}-{k}")
+        jobs = []
+        for path, dtype, labels in arrays:
+            prepare_array(
+                path(k), markers, shape=shapes[k], chunks=tile, dtype=dtype, labels=labels
+            )
+            jobs += [(path(k - 1), path(k), r) for r in _regions(shapes[k], tile)]
+        map_blocks(
+            client,
+            omezarr.downsample_block,
+            jobs,
+            stage=f"{stage}-{k}",
+            progress=progress,
+            markers=markers,
+            run=plan.token,
+        )
+
+
 # -- stages ------------------------------------------------------------------
 
 
@@ -408,7 +443,7 @@ def ingest(client: Client, plan: ImagePlan, progress: ProgressFn = _noop) -> Ext
     """Copy the source image into ``OUT/<name>/0`` chunk by chunk; return its extrema."""
     markers = plan.markers("ingest")
     tile = plan.grid().tile
-    _array(
+    prepare_array(
         plan.raw,
         markers,
         shape=plan.spec.shape,
@@ -439,7 +474,7 @@ def statistics(
     tile = plan.grid().tile
     if plan.segmenter.has_filter():
         markers = plan.markers("filter")
-        _array(
+        prepare_array(
             plan.filtered,
             markers,
             shape=plan.spec.shape,
@@ -490,8 +525,10 @@ def segment(
     params = dict(plan.segmenter.prepare(stats))
     tile = plan.grid().tile
     markers = plan.markers("segment")
-    _array(plan.label("semantic"), markers, shape=plan.spec.shape, chunks=tile, dtype=np.uint8)
-    _array(plan.local_labels, markers, shape=plan.spec.shape, chunks=tile, dtype=np.uint32)
+    prepare_array(
+        plan.label("semantic"), markers, shape=plan.spec.shape, chunks=tile, dtype=np.uint8
+    )
+    prepare_array(plan.local_labels, markers, shape=plan.spec.shape, chunks=tile, dtype=np.uint32)
     grid = plan.grid(plan.segment_halo)
     blocks = list(grid)
     pairs = list(grid.neighbour_pairs())
@@ -546,7 +583,9 @@ def write(
     """Relabel to global ids, build the pyramids and NGFF metadata; return the level count."""
     tile = plan.grid().tile
     markers = plan.markers("relabel")
-    _array(plan.label("instances"), markers, shape=plan.spec.shape, chunks=tile, dtype=ids.dtype)
+    prepare_array(
+        plan.label("instances"), markers, shape=plan.spec.shape, chunks=tile, dtype=ids.dtype
+    )
     blocks = list(plan.grid())
     map_blocks(
         client,
@@ -565,28 +604,14 @@ def write(
         "instances": lambda k: plan.label("instances", k),
     }
     dtypes = {"image": plan.spec.out_dtype, "semantic": np.uint8, "instances": ids.dtype}
-    for k in range(1, len(shapes)):
-        level_markers = plan.markers(f"pyramid-{k}")
-        jobs = []
-        for kind, path in sources.items():
-            _array(
-                path(k),
-                level_markers,
-                shape=shapes[k],
-                chunks=tile,
-                dtype=dtypes[kind],
-                labels=kind != "image",
-            )
-            jobs += [(path(k - 1), path(k), r) for r in _regions(shapes[k], tile)]
-        map_blocks(
-            client,
-            omezarr.downsample_block,
-            jobs,
-            stage=f"pyramid-{k}",
-            progress=progress,
-            markers=level_markers,
-            run=plan.token,
-        )
+    build_pyramid(
+        client,
+        plan,
+        [(sources[kind], dtypes[kind], kind != "image") for kind in sources],
+        shapes,
+        stage="pyramid",
+        progress=progress,
+    )
     levels = len(shapes)
     omezarr.write_image_metadata(plan.group, ndim=plan.ndim, levels=levels, name=plan.name)
     classes = plan.segmenter.classes
