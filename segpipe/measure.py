@@ -321,6 +321,7 @@ def measure_block(
     region: tuple[slice, ...],
     parts_dir: str,
     block_id: int,
+    shape: tuple[int, ...],
     stuff: tuple[int, ...] = (0,),
 ) -> Groups:
     """Reduce one block to `Groups`. Objects wholly inside the block are final: they are
@@ -339,7 +340,6 @@ def measure_block(
         from segpipe.pipeline import span
 
         raise UnsupportedImageError(f"{instances_path} [{span(region)}]: {err}") from err
-    shape = zarr.open_array(instances_path, mode="r").shape
     # Open: may continue in another block, or has stuff pixels (stuff segments and the
     # instances in them are summed over the whole image).
     with_stuff = groups.instance[np.isin(groups.cls, np.asarray(stuff, np.uint64))]
@@ -496,6 +496,7 @@ def measure(
             b.core,
             str(parts_dir),
             b.id,
+            plan.spec.shape,
             stuff,
         )
         for b in blocks

@@ -364,23 +364,15 @@ def _where(plan: ImagePlan, region: tuple[slice, ...]) -> str:
 
 
 def ingest_regions(plan: ImagePlan) -> list[tuple[slice, ...]]:
-    """Regions read per ingest task: blocks for tiled sources, full-width bands for
-    strip TIFFs and PNG/JPEG (which are decoded a row band or whole file at a time)."""
+    """Regions read per ingest task, aligned to how the source decodes: PNG/JPEG whole,
+    full-width bands where a decode unit (a strip) is wider than a block, else blocks."""
     shape = plan.spec.shape
     tile = plan.grid().tile
     if plan.spec.whole_file:
         return [tuple(slice(0, n) for n in shape)]
-    if plan.spec.format == "tiff" and not _tiff_is_tiled(plan.spec.path):
-        band = (*tile[:-1], shape[-1])
-        return _regions(shape, band)
+    if plan.spec.chunks and plan.spec.chunks[-1] > tile[-1]:
+        return _regions(shape, (*tile[:-1], shape[-1]))
     return _regions(shape, tile)
-
-
-def _tiff_is_tiled(path: str) -> bool:
-    import tifffile
-
-    with tifffile.TiffFile(path) as tif:
-        return bool(tif.series[0].pages[0].is_tiled)  # type: ignore[union-attr]
 
 
 def prepare_array(

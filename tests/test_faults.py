@@ -60,7 +60,9 @@ def watch(out: Path, name: str, at: int, action: Callable[[], None]) -> threadin
 
 @pytest.fixture(scope="module")
 def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return synthetic.write_tiff(tmp_path_factory.mktemp("in") / "cells.tif", (1536, 1536), seed=9)
+    # TIFF tiles of one block each: every stage has 256 blocks
+    path = tmp_path_factory.mktemp("in") / "cells.tif"
+    return synthetic.write_tiff(path, (1536, 1536), tile=96, seed=9)
 
 
 ARGS = ("--segmenter", "watershed", "--tile", "96")  # 256 blocks a stage, overlap stitching
