@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -66,3 +67,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def tiled_instances(
+    client: Any, out: Any, source: Any, segmenter: Segmenter, tiles: Sequence[int]
+) -> dict[int, NDArray[np.integer]]:
+    """Instance labels of ``source`` through the pipeline at each tile size."""
+    from pathlib import Path
+
+    import zarr
+
+    from segpipe.pipeline import ImagePlan, run_image
+
+    labels = {}
+    for tile in tiles:
+        root = Path(out) / f"tile{tile}"
+        run_image(client, ImagePlan(source, str(root), (tile, tile), segmenter))
+        group = root / source.name / "labels" / "instances" / "0"
+        labels[tile] = np.asarray(zarr.open_array(str(group))[:])
+    return labels

@@ -594,8 +594,8 @@ def _pickle_canary(flag: Path) -> bytes:
     return pickle.dumps(np.array([Boom()] * 4, dtype=object))
 
 
-def test_object_dtype_with_pickle_is_never_unpickled(tmp_path: Path) -> None:
-    path, flag = tmp_path / "obj.zarr", tmp_path / "pwned"
+def _object_zarr_v2(path: Path, filters: list[dict[str, Any]]) -> None:
+    """A 2x2 Zarr v2 array of Python objects, encoded by ``filters``."""
     path.mkdir()
     zarray = {
         "zarr_format": 2,
@@ -605,9 +605,14 @@ def test_object_dtype_with_pickle_is_never_unpickled(tmp_path: Path) -> None:
         "compressor": None,
         "fill_value": None,
         "order": "C",
-        "filters": [{"id": "pickle", "protocol": 5}],
+        "filters": filters,
     }
     (path / ".zarray").write_text(json.dumps(zarray))
+
+
+def test_object_dtype_with_pickle_is_never_unpickled(tmp_path: Path) -> None:
+    path, flag = tmp_path / "obj.zarr", tmp_path / "pwned"
+    _object_zarr_v2(path, [{"id": "pickle", "protocol": 5}])
     (path / "0.0").write_bytes(_pickle_canary(flag))
     _expect(UnsupportedImageError, path, "pickle")
     assert not flag.exists()
@@ -615,18 +620,7 @@ def test_object_dtype_with_pickle_is_never_unpickled(tmp_path: Path) -> None:
 
 def test_object_dtype_without_pickle_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "obj.zarr"
-    path.mkdir()
-    meta = {
-        "zarr_format": 2,
-        "shape": [2, 2],
-        "chunks": [2, 2],
-        "dtype": "|O",
-        "compressor": None,
-        "fill_value": None,
-        "order": "C",
-        "filters": [{"id": "vlen-utf8"}],
-    }
-    (path / ".zarray").write_text(json.dumps(meta))
+    _object_zarr_v2(path, [{"id": "vlen-utf8"}])
     _expect(UnsupportedImageError, path, "object")
 
 

@@ -7,17 +7,15 @@ from typing import Any
 
 import numpy as np
 import pytest
-import zarr
 from distributed import Client
 
 from segpipe.errors import SegmenterError
 from segpipe.io.readers import open_source
-from segpipe.pipeline import ImagePlan, run_image
 from segpipe.segmenters import get_segmenter
 from segpipe.segmenters.edges import Edges, edge_watershed
 from segpipe.segmenters.threshold import Otsu, otsu_threshold
 from segpipe.synthetic import render, write_tiff
-from tests.helpers import panoptic_quality, segment_whole, whole_image_stats
+from tests.helpers import panoptic_quality, segment_whole, tiled_instances, whole_image_stats
 
 # -- helpers -------------------------------------------------------------------
 
@@ -118,12 +116,6 @@ def test_finds_synthetic_nuclei(seed: int, operator: str) -> None:
 @pytest.mark.integration
 def test_tiles_agree_with_one_block(client: Client, tmp_path: Path) -> None:
     source = open_source(write_tiff(tmp_path / "nuclei.tif", (256, 256), seed=6))
-    labels = {}
-    for tile in (128, 256):
-        out = tmp_path / f"tile{tile}"
-        run_image(client, ImagePlan(source, str(out), (tile, tile), Edges()))
-        labels[tile] = np.asarray(
-            zarr.open_array(str(out / "nuclei" / "labels" / "instances" / "0"))[:]
-        )
+    labels = tiled_instances(client, tmp_path, source, Edges(), (128, 256))
     assert labels[256].max() > 50
     assert panoptic_quality(labels[256], labels[128]) >= 0.98
