@@ -21,15 +21,11 @@ from segpipe.stats import ImageStats
 HistMethod = Literal["otsu", "li", "yen", "triangle", "isodata", "mean", "minimum"]
 
 
-def _nonzero_span(stats: ImageStats) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
-    return stats.counts, stats.centers
-
-
 def otsu_threshold(stats: ImageStats) -> np.float32:
     """Otsu's threshold of the whole image from its histogram (as ``threshold_otsu``)."""
     if stats.min == stats.max:  # constant image: scikit-image returns the value itself
         return np.float32(stats.min)
-    return np.float32(filters.threshold_otsu(hist=_nonzero_span(stats)))
+    return np.float32(filters.threshold_otsu(hist=(stats.counts, stats.centers)))
 
 
 def li_threshold(stats: ImageStats) -> np.float32:
@@ -91,7 +87,7 @@ def histogram_threshold(stats: ImageStats, method: HistMethod) -> np.float32:
     """The threshold ``method`` gives for the whole image described by ``stats``."""
     if stats.min == stats.max:
         return np.float32(stats.min)
-    hist = _nonzero_span(stats)
+    hist = (stats.counts, stats.centers)
     if method == "otsu":
         return otsu_threshold(stats)
     if method == "li":
