@@ -767,6 +767,16 @@ def test_file_deleted_after_open(tmp_path: Path) -> None:
         read_region(spec, _full(spec))
 
 
+def _peak_bytes(fn: Any) -> int:
+    """Peak Python memory allocated while ``fn()`` runs."""
+    tracemalloc.start()
+    try:
+        fn()
+        return int(tracemalloc.get_traced_memory()[1])
+    finally:
+        tracemalloc.stop()
+
+
 def test_tiff_decompression_bomb_is_refused_without_allocating(tmp_path: Path) -> None:
     # A 300-byte file whose single compressed strip claims 10^6 x 10^6 pixels.
     path = tmp_path / "bomb.tif"
@@ -775,13 +785,9 @@ def test_tiff_decompression_bomb_is_refused_without_allocating(tmp_path: Path) -
     _patch_long(path, [tags[256], tags[257], tags[278]], 10**6)
     with tifffile.TiffFile(path) as tif:
         assert tif.series[0].shape == (10**6, 10**6)
-    tracemalloc.start()
-    try:
-        _expect(UnsupportedImageError, path, "decompression bomb")
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert peak < 20 * 2**20
+    assert (
+        _peak_bytes(lambda: _expect(UnsupportedImageError, path, "decompression bomb")) < 20 * 2**20
+    )
 
 
 def test_tiled_tiff_bomb_is_refused(tmp_path: Path) -> None:
@@ -814,13 +820,9 @@ def test_png_decompression_bomb_is_refused(tmp_path: Path) -> None:
         + _png_chunk(b"IDAT", idat)
         + _png_chunk(b"IEND", b"")
     )
-    tracemalloc.start()
-    try:
-        _expect(UnsupportedImageError, path, "decompression bomb")
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert peak < 20 * 2**20
+    assert (
+        _peak_bytes(lambda: _expect(UnsupportedImageError, path, "decompression bomb")) < 20 * 2**20
+    )
 
 
 def test_png_too_large_to_decode_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
