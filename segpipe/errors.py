@@ -31,11 +31,6 @@ class SegmenterError(SegpipeError, ValueError):
     """Unknown segmenter or invalid segmenter parameters."""
 
 
-def file_error(path: object, problem: str) -> str:
-    """Format a message that names the file first, then the problem."""
-    return f"{path}: {problem}"
-
-
 class BlockFailedError(SegpipeError, RuntimeError):
     """Blocks whose tasks killed their workers repeatedly; the others finished."""
 

@@ -368,36 +368,20 @@ class Measured:
     per_class: dict[str, int]
 
 
-def _write_parquet(table: pa.Table, path: Path, metadata: dict[str, Any]) -> None:
-    """Write a table with segpipe metadata; renamed into place when complete."""
-    schema_meta = dict(table.schema.metadata or {})
-    schema_meta[b"segpipe"] = json.dumps(metadata, sort_keys=True).encode()
-    table = table.replace_schema_metadata(schema_meta)
-    tmp = path.with_name(path.name + ".partial")
-    pq.write_table(table, tmp, row_group_size=ROW_GROUP, compression="zstd")
-    os.replace(tmp, path)
-
-
 def _open_by_owner(parts: Sequence[Groups], stuff: tuple[int, ...]) -> dict[int, Groups]:
     """Merge the open groups of all blocks; give each instance to its first block, and
     every instance with stuff pixels to one chunk (-1), so stuff segments sum once."""
-    parts = [p for p in parts]
     if not any(len(p) for p in parts):
         return {}
-    owner = np.concatenate([np.full(len(p), b, np.int64) for b, p in enumerate(parts)])
     groups = Groups.concat(parts)
-    key = _pack(groups.instance, groups.cls)
-    order = np.argsort(key, kind="stable")  # stable: float sums in block order
-    starts = _starts(key[order])
-    merged = _reduce(groups, key)[1]
-    first_block = np.minimum.reduceat(owner[order], starts)
-    # one owner per instance, whatever its classes
-    inst_order = np.argsort(merged.instance, kind="stable")
-    inst_starts = _starts(merged.instance[inst_order])
-    per_inst = np.minimum.reduceat(first_block[inst_order], inst_starts)
-    sizes = np.diff(np.append(inst_starts, len(inst_order)))
-    row_owner = np.empty(len(merged), np.int64)
-    row_owner[inst_order] = np.repeat(per_inst, sizes)
+    merged = _reduce(groups, _pack(groups.instance, groups.cls))[1]
+    # the first block holding each instance, whatever its classes
+    block = np.concatenate([np.full(len(p), b, np.int64) for b, p in enumerate(parts)])
+    order = np.argsort(groups.instance, kind="stable")
+    starts = _starts(groups.instance[order])
+    first_block = np.minimum.reduceat(block[order], starts)
+    ids = groups.instance[order][starts]
+    row_owner = first_block[np.searchsorted(ids, merged.instance)]
     with_stuff = np.isin(
         merged.instance, merged.instance[np.isin(merged.cls, np.asarray(stuff, np.uint64))]
     )
