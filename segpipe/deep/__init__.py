@@ -1,0 +1,4 @@
+"""The deep route: torch networks, their weights, tiled inference and training.
+
+Importing this package does not import torch; its modules do.
+"""
