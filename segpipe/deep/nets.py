@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
-from torch.nn import functional as F
+from torch.nn import functional
 
 Arch = Literal["unet", "segnet", "fcn"]
 
@@ -69,6 +69,20 @@ def _double_conv(ndim: int, cin: int, cout: int) -> nn.Sequential:
     )
 
 
+class _Up(nn.Module):
+    """Upsample 2x, concatenate the encoder's features, convolve."""
+
+    def __init__(self, ndim: int, cin: int, cout: int) -> None:
+        super().__init__()
+        up_conv = nn.ConvTranspose3d if ndim == 3 else nn.ConvTranspose2d
+        self.up = up_conv(cin, cout, 2, stride=2)
+        self.conv = _double_conv(ndim, 2 * cout, cout)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.conv(torch.cat([self.up(x), skip], dim=1))
+        return out
+
+
 class UNet(nn.Module):
     """U-Net (Ronneberger et al. 2015) with same-padded convolutions, 2D or 3D."""
 
@@ -82,24 +96,21 @@ class UNet(nn.Module):
             self.down.append(_double_conv(nd, cin, c))
             cin = c
         self.bottom = _double_conv(nd, widths[-2], widths[-1])
-        up_conv = nn.ConvTranspose3d if nd == 3 else nn.ConvTranspose2d
-        self.up = nn.ModuleList()
-        self.merge = nn.ModuleList()
-        for k in reversed(range(spec.depth)):
-            self.up.append(up_conv(widths[k + 1], widths[k], 2, stride=2))
-            self.merge.append(_double_conv(nd, 2 * widths[k], widths[k]))
+        self.up = nn.ModuleList(
+            _Up(nd, widths[k + 1], widths[k]) for k in reversed(range(spec.depth))
+        )
         self.head = _conv(nd)(widths[0], spec.classes, 1)
         self.pool = nn.MaxPool3d(2) if nd == 3 else nn.MaxPool2d(2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        skips = []
+        skips: list[torch.Tensor] = []
         for block in self.down:
             x = block(x)
             skips.append(x)
             x = self.pool(x)
         x = self.bottom(x)
-        for up, merge, skip in zip(self.up, self.merge, reversed(skips), strict=True):
-            x = merge(torch.cat([up(x), skip], dim=1))
+        for i, up in enumerate(self.up):
+            x = up(x, skips[len(skips) - 1 - i])
         out: torch.Tensor = self.head(x)
         return out
 
@@ -124,16 +135,20 @@ class SegNet(nn.Module):
         self.head = nn.Conv2d(widths[0], spec.classes, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        indices = []
+        indices: list[torch.Tensor] = []
         for block in self.enc:
             x = block(x)
-            x, idx = F.max_pool2d(x, 2, return_indices=True)
+            x, idx = functional.max_pool2d_with_indices(x, 2)
             indices.append(idx)
-        for block, idx in zip(self.dec, reversed(indices), strict=True):
-            x = F.max_unpool2d(x, idx, 2)
+        for i, block in enumerate(self.dec):
+            x = functional.max_unpool2d(x, indices[len(indices) - 1 - i], 2)
             x = block(x)
         out: torch.Tensor = self.head(x)
         return out
+
+
+def _resize(x: torch.Tensor, size: list[int]) -> torch.Tensor:
+    return functional.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
 class FCN(nn.Module):
@@ -157,18 +172,20 @@ class FCN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = x.shape[-2:]
-        feats = []
+        feats: list[torch.Tensor] = []
         for k, block in enumerate(self.enc):
-            if k:
-                x = F.max_pool2d(x, 2)
+            if k > 0:
+                x = functional.max_pool2d(x, 2)
             x = block(x)
             feats.append(x)
-        out: torch.Tensor = self.scores[0](feats[-1])
-        for k in range(1, len(self.scores)):
-            finer = feats[-1 - k]
-            out = F.interpolate(out, size=finer.shape[-2:], mode="bilinear", align_corners=False)
-            out = out + self.scores[k](finer)
-        return F.interpolate(out, size=size, mode="bilinear", align_corners=False)
+        out = torch.zeros(0)
+        for k, score in enumerate(self.scores):
+            finer = feats[len(feats) - 1 - k]
+            if k == 0:
+                out = score(finer)
+            else:
+                out = _resize(out, finer.shape[-2:]) + score(finer)
+        return _resize(out, size)
 
 
 def build(spec: NetSpec) -> nn.Module:
