@@ -181,10 +181,7 @@ class FCN(nn.Module):
         out = torch.zeros(0)
         for k, score in enumerate(self.scores):
             finer = feats[len(feats) - 1 - k]
-            if k == 0:
-                out = score(finer)
-            else:
-                out = _resize(out, finer.shape[-2:]) + score(finer)
+            out = score(finer) if k == 0 else _resize(out, finer.shape[-2:]) + score(finer)
         return _resize(out, size)
 
 
