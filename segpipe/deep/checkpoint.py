@@ -112,7 +112,7 @@ def load(path: str | Path, fallback: NetSpec | None = None) -> LoadedModel:
         raise InputNotFoundError(f"{p}: model file not found.")
     meta = read_meta(p)
     if meta is None and fallback is not None:
-        meta = ModelMeta(spec=fallback)
+        meta = ModelMeta(spec=fallback, min_size=0)
     if is_torchscript(p):
         try:
             net = torch.jit.load(str(p), map_location="cpu")

@@ -138,10 +138,10 @@ class SegNet(nn.Module):
         indices: list[torch.Tensor] = []
         for block in self.enc:
             x = block(x)
-            x, idx = functional.max_pool2d_with_indices(x, 2)
+            x, idx = functional.max_pool2d_with_indices(x, [2, 2])
             indices.append(idx)
         for i, block in enumerate(self.dec):
-            x = functional.max_unpool2d(x, indices[len(indices) - 1 - i], 2)
+            x = functional.max_unpool2d(x, indices[len(indices) - 1 - i], [2, 2])
             x = block(x)
         out: torch.Tensor = self.head(x)
         return out
@@ -171,7 +171,7 @@ class FCN(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        size = x.shape[-2:]
+        size = [x.shape[-2], x.shape[-1]]
         feats: list[torch.Tensor] = []
         for k, block in enumerate(self.enc):
             if k > 0:
@@ -181,7 +181,11 @@ class FCN(nn.Module):
         out = torch.zeros(0)
         for k, score in enumerate(self.scores):
             finer = feats[len(feats) - 1 - k]
-            out = score(finer) if k == 0 else _resize(out, finer.shape[-2:]) + score(finer)
+            out = (
+                score(finer)
+                if k == 0
+                else _resize(out, [finer.shape[-2], finer.shape[-1]]) + score(finer)
+            )
         return _resize(out, size)
 
 
