@@ -181,11 +181,8 @@ class FCN(nn.Module):
         out = torch.zeros(0)
         for k, score in enumerate(self.scores):
             finer = feats[len(feats) - 1 - k]
-            out = (
-                score(finer)
-                if k == 0
-                else _resize(out, [finer.shape[-2], finer.shape[-1]]) + score(finer)
-            )
+            here = [finer.shape[-2], finer.shape[-1]]
+            out = score(finer) if k == 0 else _resize(out, here) + score(finer)
         return _resize(out, size)
 
 
