@@ -288,8 +288,10 @@ def segmenters() -> None:
 
 
 from flows.tools import register  # noqa: E402
+from flows.train_cli import register as register_train  # noqa: E402
 
 register(app)
+register_train(app)
 
 
 def main() -> None:

@@ -67,6 +67,9 @@ class RunConfig(BaseModel):
     """Start over in an output that holds another run (or an earlier one of this)."""
     resume: bool = False
     """Continue an earlier run of these settings: finished images and blocks are kept."""
+    full: bool = False
+    """Recompute every image, even those complete from unchanged inputs (which an
+    incremental run, ``resume``, skips)."""
     retries: int = Field(0, ge=0)
     """Prefect retries of the whole flow run; a retry resumes from the blocks written."""
     retry_delay: float = Field(10.0, ge=0)
