@@ -1,4 +1,5 @@
-"""Dask cluster construction: a LocalCluster on loopback, or an existing scheduler."""
+"""Dask cluster construction: a LocalCluster on loopback, an existing scheduler, or a
+back-end of `segpipe.backends` (local-cuda, SLURM, Kubernetes)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import dask
 from distributed import Client, LocalCluster
 from distributed.security import Security
 
-from segpipe.config import TLSConfig
+from segpipe import backends
+from segpipe.config import CLUSTER_CHOICES, KubernetesConfig, RunConfig, SlurmConfig, TLSConfig
 from segpipe.errors import ConfigError, SegpipeError
 
 
@@ -51,13 +53,28 @@ def connect(
     workers: int | None = None,
     threads: int | None = None,
     security: TLSConfig | None = None,
+    slurm: SlurmConfig | None = None,
+    kubernetes: KubernetesConfig | None = None,
 ) -> Iterator[Client]:
-    """A Client for ``spec`` (``local`` or ``tcp://host:port``); a local cluster is closed after.
+    """A Client for ``spec``; a cluster started here (all but ``tcp://``/``tls://``) is
+    closed after, which cancels SLURM jobs and deletes a Kubernetes DaskCluster.
+
+    Parameters
+    ----------
+    spec : str
+        ``local``, ``local-cuda``, ``slurm``, ``kubernetes``, ``tcp://host:port`` or
+        ``tls://host:port``.
+    workers, threads : int, optional
+        LocalCluster shape (``local``); ``threads`` is also per GPU worker (``local-cuda``).
+    security : TLSConfig, optional
+        Dask TLS: for a ``tls://`` scheduler, and passed on to SLURM's scheduler and jobs.
+    slurm, kubernetes : optional
+        The run file's sections for those back-ends (SLURM has defaults).
 
     Raises
     ------
     ConfigError
-        If ``spec`` is not a known cluster kind.
+        If ``spec`` is not a known cluster kind, or its back-end is not installed.
     SegpipeError
         If the scheduler cannot be reached.
     """
@@ -65,8 +82,15 @@ def connect(
         with local_cluster(workers=workers, threads=threads) as cluster, Client(cluster) as client:
             yield client
         return
+    if spec in ("local-cuda", "slurm", "kubernetes"):
+        config = RunConfig.model_construct(
+            cluster=spec, security=security, slurm=slurm, kubernetes=kubernetes
+        )
+        with _started(spec, config, threads) as cluster, Client(cluster) as client:
+            yield client
+        return
     if not spec.startswith(("tcp://", "tls://")):
-        raise ConfigError(f"cluster {spec!r}: expected 'local' or 'tcp://host:port'.")
+        raise ConfigError(f"cluster {spec!r}: expected {CLUSTER_CHOICES}.")
     kwargs: dict[str, Any] = {}
     if security is not None:
         kwargs["security"] = Security(
@@ -87,6 +111,38 @@ def connect(
         yield client
     finally:
         client.close()
+
+
+@contextmanager
+def connect_run(config: RunConfig) -> Iterator[Client]:
+    """`connect` with everything a run file says about its cluster."""
+    with connect(
+        config.cluster,
+        workers=config.workers,
+        threads=config.threads,
+        security=config.security,
+        slurm=config.slurm,
+        kubernetes=config.kubernetes,
+    ) as client:
+        yield client
+
+
+@contextmanager
+def _started(kind: str, config: RunConfig, threads: int | None) -> Iterator[Any]:
+    if kind == "local-cuda":
+        cluster = backends.local_cuda_cluster(threads=threads)
+    elif kind == "slurm":
+        cluster = backends.slurm_cluster(config)
+    else:
+        if config.kubernetes is None:
+            raise ConfigError(
+                "cluster 'kubernetes' needs a `kubernetes:` section (at least `image`)."
+            )
+        cluster = backends.kubernetes_cluster(config)
+    try:
+        yield cluster
+    finally:
+        cluster.close()
 
 
 def dashboard(client: Client) -> str:

@@ -7,7 +7,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from segpipe.errors import ConfigError
 
@@ -40,6 +47,125 @@ class PrefectConfig(BaseModel):
     auth_string: str | None = Field(None, repr=False)
 
 
+class AdaptiveConfig(BaseModel):
+    """Adaptive scaling bounds: Dask adds and removes workers (SLURM jobs) between these."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    minimum: int = Field(default=0, ge=0)
+    """Fewest jobs (SLURM) or workers (Kubernetes) kept while the run lasts."""
+    maximum: int = Field(ge=1)
+    """Most jobs (SLURM) or workers (Kubernetes)."""
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AdaptiveConfig:
+        if self.minimum > self.maximum:
+            raise ValueError(
+                f"expected adaptive minimum <= maximum, got {self.minimum} > {self.maximum} instead"
+            )
+        return self
+
+
+class SlurmConfig(BaseModel):
+    """``cluster: slurm``: dask-jobqueue's SLURMCluster; each SLURM job runs Dask workers.
+
+    The scheduler runs where ``segpipe run`` runs (a login node, or the job that
+    ``deploy/slurm/segpipe.sbatch`` starts); workers on compute nodes must reach it.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    partition: str | None = None
+    """SLURM partition (``#SBATCH -p``; dask-jobqueue calls it ``queue``)."""
+    account: str | None = None
+    """Account charged (``#SBATCH -A``)."""
+    cores: int = Field(default=8, ge=1)
+    """CPU cores per job (``--cpus-per-task``), shared by the job's worker processes."""
+    memory: str = "32GB"
+    """Memory per job, e.g. ``64GB`` (``--mem``), shared by the job's worker processes."""
+    processes: int = Field(default=1, ge=1)
+    """Dask worker processes per job; threads per process = cores / processes."""
+    gpus: int = Field(default=0, ge=0)
+    """GPUs per job (``--gres=gpu:N``); each worker process advertises ``GPU=gpus/processes``."""
+    walltime: str = "04:00:00"
+    """Job time limit (``#SBATCH -t``), ``HH:MM:SS`` or ``D-HH:MM:SS``."""
+    jobs: int | None = Field(default=None, ge=1)
+    """Fixed number of jobs to scale to (default 1 unless ``adaptive`` is given)."""
+    adaptive: AdaptiveConfig | None = None
+    """Scale between ``minimum`` and ``maximum`` jobs with the load instead of ``jobs``."""
+    job_extra_directives: list[str] = []
+    """More ``#SBATCH`` directives, without the prefix, e.g. ``["--qos=high", "--exclusive"]``."""
+    job_script_prologue: list[str] = []
+    """Shell lines run before the worker starts, e.g. ``module load cuda`` or
+    ``source /shared/segpipe/.venv/bin/activate``."""
+    python: str | None = None
+    """Python on the compute nodes (default: this interpreter's path, right on a shared FS)."""
+    local_directory: str | None = None
+    """Worker scratch (spill) directory on the compute node, e.g. ``$TMPDIR``."""
+    log_directory: str | None = None
+    """Where SLURM writes the jobs' stdout/stderr (``-o``/``-e``); default: SLURM's."""
+    interface: str | None = None
+    """Network interface workers and scheduler use, e.g. ``ib0``."""
+    job_name: str = "segpipe-worker"
+    """SLURM job name (``#SBATCH -J``)."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SlurmConfig:
+        if self.jobs is not None and self.adaptive is not None:
+            raise ValueError("expected `jobs` or `adaptive`, got both instead")
+        if self.processes > self.cores:
+            raise ValueError(
+                f"expected processes <= cores, got {self.processes} > {self.cores} instead"
+            )
+        if self.gpus % self.processes:
+            raise ValueError(
+                f"expected gpus divisible by processes (each worker process gets the same "
+                f"number of GPUs), got gpus={self.gpus}, processes={self.processes} instead"
+            )
+        return self
+
+
+class KubernetesConfig(BaseModel):
+    """``cluster: kubernetes``: a ``DaskCluster`` resource for the dask-kubernetes operator.
+
+    The operator (``helm install dask-kubernetes-operator``) must run in the cluster.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    image: str
+    """Image of scheduler and workers: segpipe and its dependencies
+    (``deploy/docker/Dockerfile.cpu`` or ``Dockerfile.cuda``)."""
+    namespace: str | None = None
+    """Namespace (default: the current context's, else ``default``)."""
+    name: str = "segpipe"
+    """``DaskCluster`` name (scheduler service: ``<name>-scheduler``)."""
+    workers: int = Field(default=2, ge=0)
+    """Worker pods (``replicas``) unless ``adaptive`` is given."""
+    adaptive: AdaptiveConfig | None = None
+    """Scale between ``minimum`` and ``maximum`` worker pods with the load."""
+    cores: int = Field(default=2, ge=1)
+    """CPU per worker pod: its ``cpu`` request and limit and its Dask threads."""
+    memory: str = "8Gi"
+    """Memory per worker pod (Kubernetes quantity): its ``memory`` request and limit."""
+    gpus: int = Field(default=0, ge=0)
+    """GPUs per worker pod: the ``nvidia.com/gpu`` limit, advertised as Dask ``GPU=n``."""
+    env: dict[str, str] = {}
+    """Environment of scheduler and worker containers, e.g. ``PREFECT_API_URL``."""
+    requests: dict[str, str] = {}
+    """Extra or overriding worker resource requests, e.g. ``{ephemeral-storage: 20Gi}``."""
+    limits: dict[str, str] = {}
+    """Extra or overriding worker resource limits."""
+    scheduler_service_type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = "ClusterIP"
+    """Service type of the scheduler (``ClusterIP``: reachable inside the cluster only)."""
+    tls_secret: str | None = None
+    """A Secret with ``ca.pem``, ``tls.crt`` and ``tls.key``: the scheduler and workers
+    then speak Dask TLS (``--tls-ca-file`` ...) with these, mounted at ``/etc/segpipe/tls``."""
+
+
+CLUSTER_KINDS = ("local", "local-cuda", "slurm", "kubernetes")
+CLUSTER_CHOICES = (
+    "'local', 'local-cuda', 'slurm', 'kubernetes', 'tcp://host:port' or 'tls://host:port'"
+)
+
+
 class RunConfig(BaseModel):
     """What one ``segpipe run`` does. Field names are the keys of ``run.yaml``."""
 
@@ -54,7 +180,9 @@ class RunConfig(BaseModel):
     halo: Literal["auto"] | int | list[int] = "auto"
     """Context per side in pixels; ``auto`` is what the segmenter declares."""
     cluster: str = "local"
-    """``local`` (a LocalCluster on this machine) or ``tcp://host:port`` of a running scheduler."""
+    """``local`` (a LocalCluster on this machine), ``local-cuda`` (one worker per GPU, needs
+    dask-cuda), ``slurm`` (SLURM jobs, see ``slurm``), ``kubernetes`` (a DaskCluster, see
+    ``kubernetes``), or ``tcp://host:port`` / ``tls://host:port`` of a running scheduler."""
     workers: int | None = Field(None, ge=1)
     """LocalCluster worker processes (default: 1)."""
     threads: int | None = Field(None, ge=1)
@@ -85,6 +213,10 @@ class RunConfig(BaseModel):
     prefect: PrefectConfig | None = None
     """Prefect API to report to (default: the embedded one, or ``PREFECT_API_URL``)."""
     segmenter: SegmenterConfig = SegmenterConfig()
+    slurm: SlurmConfig | None = None
+    """SLURM jobs for ``cluster: slurm`` (default: one 8-core, 32 GB job)."""
+    kubernetes: KubernetesConfig | None = None
+    """The DaskCluster for ``cluster: kubernetes`` (required there: at least ``image``)."""
 
     @field_validator("tile")
     @classmethod
@@ -97,9 +229,17 @@ class RunConfig(BaseModel):
     @field_validator("cluster")
     @classmethod
     def _cluster_known(cls, v: str) -> str:
-        if v != "local" and not v.startswith(("tcp://", "tls://")):
-            raise ValueError(f"expected 'local' or 'tcp://host:port', got {v!r} instead")
+        if v not in CLUSTER_KINDS and not v.startswith(("tcp://", "tls://")):
+            raise ValueError(f"expected {CLUSTER_CHOICES}, got {v!r} instead")
         return v
+
+    @model_validator(mode="after")
+    def _cluster_section(self) -> RunConfig:
+        if self.cluster == "kubernetes" and self.kubernetes is None:
+            raise ValueError(
+                "cluster 'kubernetes' needs a `kubernetes:` section (at least `image`)"
+            )
+        return self
 
     def resolved(self) -> RunConfig:
         """The same config with input and output made absolute (workers have another cwd)."""
