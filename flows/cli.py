@@ -56,7 +56,7 @@ def _fail(err: BaseException, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
-def _summary(rows: list[dict[str, Any]], output: str) -> None:
+def _summary(rows: list[dict[str, Any]], output: str, *, full: bool = False) -> None:
     table = Table(title="segpipe summary")
     for col in ("image", "shape", "objects", "seconds", "Mpx/s", "status"):
         table.add_column(col, justify="right" if col != "image" else "left")
@@ -70,6 +70,9 @@ def _summary(rows: list[dict[str, Any]], output: str) -> None:
             r.get("status", "done"),
         )
     out.print(table)
+    from flows.monitor import totals, totals_line
+
+    out.print(totals_line(totals(rows), full=full), highlight=False)
     for r in rows:
         if r.get("preview"):
             out.print(f"Preview {r['image']}: {r['preview']}", soft_wrap=True, highlight=False)
@@ -113,10 +116,13 @@ def execute(config: Any, *, show_progress: bool = True) -> list[dict[str, Any]]:
         seg_flow.reporter.fn = _BarReporter(progress)
         try:
             # Secrets stay out of the flow's parameters (they are shown in the UI).
+            from prefect import tags
+
             flow = seg_flow.segment_collection.with_options(
                 retries=cfg.retries, retry_delay_seconds=cfg.retry_delay
             )
-            rows = flow(cfg.model_dump(mode="json", exclude={"prefect"}))
+            with tags(*seg_flow.run_tags(cfg)):
+                rows = flow(cfg.model_dump(mode="json", exclude={"prefect"}))
         finally:
             seg_flow.reporter.fn = seg_flow._quiet
     return rows
@@ -165,8 +171,14 @@ def run(
     resume: Annotated[
         bool,
         typer.Option(
-            "--resume", help="Continue an earlier run of these settings (keeps done work)."
+            "--resume",
+            help="Continue an earlier run of these settings: keeps done work and skips images "
+            "unchanged since they completed (incremental).",
         ),
+    ] = False,
+    full: Annotated[
+        bool,
+        typer.Option("--full", help="Recompute every image, even unchanged ones."),
     ] = False,
     on_error: Annotated[
         str | None,
@@ -193,6 +205,7 @@ def run(
             "threads": threads,
             "overwrite": overwrite or None,
             "resume": resume or None,
+            "full": full or None,
             "on_error": on_error,
         }
         if config is None and (input is None or output is None):
@@ -217,7 +230,7 @@ def run(
                 f"{url}: refused the credentials (HTTP {status}); check prefect.auth_string."
             )
         )
-    _summary(rows, cfg.resolved().output)
+    _summary(rows, cfg.resolved().output, full=cfg.full)
     out.print(f"Done in {time.perf_counter() - t0:.1f} s.")
 
 
@@ -287,10 +300,12 @@ def segmenters() -> None:
     out.print(table)
 
 
+from flows.serve import register as register_serve  # noqa: E402
 from flows.tools import register  # noqa: E402
 from flows.train_cli import register as register_train  # noqa: E402
 
 register(app)
+register_serve(app)
 register_train(app)
 
 

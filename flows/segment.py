@@ -11,16 +11,16 @@ from typing import Any
 
 from distributed import Client
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+from flows import monitor
 from segpipe import pipeline
 from segpipe.cluster import connect, dashboard
 from segpipe.config import RunConfig
 from segpipe.errors import ImagesFailedError, InputsError, SegpipeError
 from segpipe.io.collection import resolve_inputs
 from segpipe.io.readers import SourceSpec, image_name, open_source
-from segpipe.io.store import OutputLock, check_name, image_state, open_output
+from segpipe.io.store import OutputLock, check_name, image_state, mark_image, open_output
 from segpipe.measure import Measured, measure
 from segpipe.panoptic import PanopticResult, catalogue_for, write_panoptic
 from segpipe.preview import write_preview
@@ -43,10 +43,31 @@ class _Reporter:
 
 
 reporter = _Reporter()
+_tracker: list[monitor.RunProgress] = []  # the running flow's progress artifact
 
 
 def _progress(image: str) -> ProgressFn:
-    return lambda stage, done, total: reporter.fn(f"{image}: {stage}", done, total)
+    def report(stage: str, done: int, total: int) -> None:
+        reporter.fn(f"{image}: {stage}", done, total)
+        if _tracker:
+            _tracker[-1].blocks(done, total)
+
+    return report
+
+
+def _enter(stage: str) -> None:
+    if _tracker:
+        _tracker[-1].enter(stage)
+
+
+def cluster_kind(cluster: str) -> str:
+    """``local``, ``tcp``, ``tls``, ``slurm``…: the cluster tag of a run."""
+    return cluster.split("://", 1)[0]
+
+
+def run_tags(config: RunConfig) -> list[str]:
+    """Tags of a run in the Prefect UI: the segmenter and the kind of cluster."""
+    return [f"segmenter:{config.segmenter.name}", f"cluster:{cluster_kind(config.cluster)}"]
 
 
 @dataclass(frozen=True)
@@ -92,7 +113,8 @@ def prepare_run(config: RunConfig, *, resume: bool | None = None) -> Prepared:
         config.output,
         config.run_settings(),
         overwrite=config.overwrite,
-        resume=config.resume if resume is None else resume,
+        # --full recomputes every image of a store of these settings: it may reuse it.
+        resume=(config.resume or config.full) if resume is None else resume,
     )
     return Prepared(config, sources, bad, segmenter, lock)
 
@@ -218,18 +240,28 @@ def write_previews(plan: pipeline.ImagePlan) -> str:
     return str(write_preview(_client(), plan, _progress(plan.name)))
 
 
-def _segment_one(plan: pipeline.ImagePlan) -> tuple[pipeline.ImageResult, str]:
+def _segment_one(plan: pipeline.ImagePlan, *, full: bool) -> tuple[pipeline.ImageResult, str]:
     t0 = time.perf_counter()
+    if full and Path(plan.group).exists():
+        mark_image(plan.group, source=None)  # forget the input it was made from: starts fresh
     if pipeline.begin(plan) == "done":
-        get_run_logger().info("%s: complete from the same input; skipped", plan.name)
-        return pipeline.completed_result(plan), "skipped"
+        get_run_logger().info("%s: unchanged since the run that completed it; skipped", plan.name)
+        return pipeline.completed_result(plan), "unchanged"
+    _enter("ingest")
     raw = ingest_image(plan)
+    _enter("statistics")
     stats = compute_statistics(plan, raw)
+    _enter("segment")
     segmented = segment_blocks(plan, stats)
+    _enter("stitch")
     ids = stitch_labels(plan, segmented)
+    _enter("write")
     write_outputs(plan, ids)
+    _enter("panoptic")
     pan = write_panoptic_labels(plan, ids.count)
+    _enter("measure")
     measure_objects(plan, pan.divisor)
+    _enter("preview")
     write_previews(plan)
     result = pipeline.ImageResult(
         plan.name, plan.spec.shape, ids.count, time.perf_counter() - t0, {}
@@ -278,6 +310,7 @@ def segment_collection(config: dict[str, Any]) -> list[dict[str, Any]]:
     for _, msg in prepared.bad:
         logger.error("skipped: %s", msg)
     try:
+        _tracker.append(monitor.RunProgress(len(prepared.sources)))
         with connect(
             cfg.cluster, workers=cfg.workers, threads=cfg.threads, security=cfg.security
         ) as client:
@@ -287,7 +320,7 @@ def segment_collection(config: dict[str, Any]) -> list[dict[str, Any]]:
             for spec in prepared.sources:
                 plan = make_plan(prepared, spec)
                 try:
-                    result, status = _segment_one(plan)
+                    result, status = _segment_one(plan, full=cfg.full)
                 except SegpipeError as err:
                     if cfg.on_error == "fail":
                         raise
@@ -295,15 +328,18 @@ def segment_collection(config: dict[str, Any]) -> list[dict[str, Any]]:
                     pipeline.record_failure(plan, str(err))
                     rows.append(_failed_row(spec.name, spec.path, str(err)))
                     continue
+                finally:
+                    _tracker[-1].image_done()
                 logger.info("%s: %d objects in %.1f s", result.name, result.objects, result.seconds)
                 rows.append(_row(result, cfg.output, status))
+        _tracker[-1].close()
     finally:
         prepared.lock.release()
-    create_table_artifact(
-        key="segpipe-summary",
-        table=rows,
-        description=f"segpipe {cfg.segmenter.name} on {cfg.input} → {cfg.output}",
+        _tracker.clear()
+    t = monitor.summary_artifacts(
+        rows, title=f"segpipe {cfg.segmenter.name} on {cfg.input} → {cfg.output}", full=cfg.full
     )
+    logger.info(monitor.totals_line(t, full=cfg.full))
     failed = [r for r in rows if r["status"] == "failed"]
     if failed:
         raise ImagesFailedError(
