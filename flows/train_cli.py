@@ -2,8 +2,191 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated
+
 import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from segpipe.errors import SegpipeError
+
+console = Console(stderr=True)
+out = Console()
+
+TRAIN_EXAMPLES = """
+[b]Examples[/b]
+
+  segpipe train --arch unet --data synthetic --steps 600 --out unet.pt
+  segpipe train --arch fcn --data images/ --annotations masks/ --patch 256 --batch 4
+  segpipe train --arch unet --ndim 3 --patch 32,64,64 --batch 2 --out unet3d.pt
+  segpipe train --arch unet --steps 600 --out unet.pt --resume   # after an interruption
+"""
+
+
+def _fail(err: BaseException, code: int = 1) -> None:
+    console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _ints(text: str, option: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(p) for p in text.replace("x", ",").split(",") if p.strip())
+    except ValueError as err:
+        raise typer.BadParameter(
+            f"{option} {text!r}: expected an int or comma-separated ints."
+        ) from err
+    if not values:
+        raise typer.BadParameter(f"{option} {text!r}: expected an int or comma-separated ints.")
+    return values
+
+
+def _floats(text: str, option: str) -> tuple[float, float]:
+    try:
+        values = [float(p) for p in text.split(",")]
+    except ValueError as err:
+        raise typer.BadParameter(f"{option} {text!r}: expected two numbers, e.g. 1,99.8.") from err
+    if len(values) != 2:
+        raise typer.BadParameter(f"{option} {text!r}: expected two numbers, e.g. 1,99.8.")
+    return values[0], values[1]
+
+
+def _format_validation(val: dict[str, object]) -> list[str]:
+    lines = []
+    for who in ("model", "watershed"):
+        s = val[who]
+        assert isinstance(s, dict)
+        n = s["nuclei"]
+        lines.append(
+            f"{who:>9}: PQ {s['pq']:.3f} SQ {s['sq']:.3f} RQ {s['rq']:.3f} · nuclei PQ "
+            f"{n['pq']:.3f} SQ {n['sq']:.3f} RQ {n['rq']:.3f} (TP {n['tp']}, FP {n['fp']}, "
+            f"FN {n['fn']})"
+        )
+    return lines
+
+
+def train(
+    arch: Annotated[str, typer.Option(help="unet, segnet or fcn.")] = "unet",
+    ndim: Annotated[int, typer.Option(help="2 (planes) or 3 (volumes; unet only).")] = 2,
+    data: Annotated[
+        str, typer.Option(help="'synthetic' (generated nuclei) or a folder of TIFF/Zarr images.")
+    ] = "synthetic",
+    annotations: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder of annotations (label masks or one-hot stacks), paired by file name."
+        ),
+    ] = None,
+    steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 1000,
+    patch: Annotated[
+        str, typer.Option(help="Patch edge in pixels: 128, or one per axis: 32,64,64.")
+    ] = "128",
+    batch: Annotated[int, typer.Option(help="Patches per step.")] = 8,
+    lr: Annotated[float, typer.Option(help="Adam learning rate (cosine decay to 1 %).")] = 1e-3,
+    seed: Annotated[
+        int, typer.Option(help="Decides weights and patches: same seed, same model.")
+    ] = 0,
+    depth: Annotated[int, typer.Option(help="Levels (2× downsamplings).")] = 3,
+    width: Annotated[int, typer.Option(help="Channels of the first level.")] = 16,
+    normalise: Annotated[
+        str, typer.Option(help="Percentiles of each whole image mapped to 0 and 1.")
+    ] = "1,99.8",
+    min_size: Annotated[int, typer.Option(help="Smallest interior seed kept, in pixels.")] = 0,
+    out_path: Annotated[
+        Path,
+        typer.Option("--out", "-o", help="Model file (.pt); sidecar .json and card .md beside."),
+    ] = Path("model.pt"),
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from the checkpoint beside --out.")
+    ] = False,
+    checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 100,
+    val_images: Annotated[
+        int, typer.Option(help="Held-out synthetic images scored at the end (0: none).")
+    ] = 4,
+    val_size: Annotated[int, typer.Option(help="Edge of each validation image.")] = 512,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Train a segmentation network (background / interior / boundary) and write its model card."""
+    from segpipe.deep.train import TrainConfig, checkpoint_path, command_line
+    from segpipe.deep.train import train as run_training
+
+    try:
+        config = TrainConfig.model_validate(
+            {
+                "arch": arch,
+                "ndim": ndim,
+                "depth": depth,
+                "width": width,
+                "data": data,
+                "annotations": None if annotations is None else str(annotations),
+                "steps": steps,
+                "patch": _ints(patch, "--patch"),
+                "batch": batch,
+                "lr": lr,
+                "seed": seed,
+                "normalise": _floats(normalise, "--normalise"),
+                "min_size": min_size,
+                "checkpoint_every": checkpoint_every,
+                "val_images": val_images,
+                "val_size": val_size,
+                "out": str(out_path),
+            }
+        )
+    except ValidationError as err:
+        problem = err.errors()[0]
+        where = "--" + "-".join(str(p) for p in problem["loc"][:1]).replace("_", "-")
+        _fail(typer.BadParameter(f"{where}: {problem['msg']}."), 2)
+    except typer.BadParameter as err:
+        _fail(err, 2)
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TimeElapsedColumn(),
+        console=console,
+        disable=quiet,
+    )
+    task = progress.add_task(f"train {config.arch}", total=config.steps, loss="–")
+
+    def report(step: int, total: int, loss: float) -> None:
+        progress.update(task, completed=step, total=total, loss=f"{loss:.4f}")
+
+    try:
+        with progress:
+            result = run_training(
+                config, resume=resume, progress=report, command=command_line(config, resume=resume)
+            )
+    except SegpipeError as err:
+        _fail(err)
+    except KeyboardInterrupt:
+        ckpt = checkpoint_path(config.out)
+        console.print(
+            f"[red]interrupted[/]; continue from {ckpt} with the same options and --resume",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(130) from None
+    card = result.meta.card
+    out.print(
+        f"Model: {result.path} (+ {result.path.with_suffix('.json').name}, "
+        f"{result.card_path.name}) after {card['steps']} steps in {card['seconds']:.0f} s, "
+        f"final loss {result.loss:.4f}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    if "validation" in card:
+        val = card["validation"]
+        out.print(
+            f"Validation on {val['images']} held-out synthetic image(s) "
+            f"{'×'.join(map(str, val['shape']))}:",
+            highlight=False,
+        )
+        for line in _format_validation(val):
+            out.print(line, highlight=False)
 
 
 def register(app: typer.Typer) -> None:
     """Add the ``train`` command to ``app``."""
+    app.command("train", epilog=TRAIN_EXAMPLES)(train)
