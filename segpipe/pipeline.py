@@ -15,7 +15,7 @@ import math
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,9 +27,10 @@ from numpy.typing import NDArray
 
 from segpipe import stitch
 from segpipe.blocks import Block, BlockGrid
+from segpipe.deep import provenance
 from segpipe.errors import BlockFailedError, OutputWriteError, UnsupportedImageError
 from segpipe.io import omezarr
-from segpipe.io.markers import Arrays, Markers
+from segpipe.io.markers import RUN_KEY, Arrays, Markers
 from segpipe.io.readers import SourceSpec, read_region
 from segpipe.io.store import image_state, mark_image
 from segpipe.segmenters.base import Segmenter
@@ -79,6 +80,11 @@ class ImagePlan:
     @property
     def scratch(self) -> str:
         return str(Path(self.root) / omezarr.SCRATCH / "scratch" / self.name)
+
+    @property
+    def provenance(self) -> Path:
+        """Table of where and how each segment block ran (kept after the run)."""
+        return Path(self.root) / omezarr.SCRATCH / "provenance" / f"{self.name}.parquet"
 
     def markers(self, stage: str) -> Markers:
         """Completion markers of ``stage`` for this image."""
@@ -202,8 +208,12 @@ def segment_block(
     marker_dir: str,
 ) -> int:
     """Segment one block; write semantic and local labels, then a marker holding the
-    object count and the block's view toward each neighbour (read by the pair tasks)."""
+    object count, the block's view toward each neighbour (read by the pair tasks) and
+    its provenance (worker, device, seconds, batch, network tiles)."""
+    t0 = time.perf_counter()
     data = _as_float32(_read(plan.source, block.read))
+    if getattr(plan.segmenter, "wants_origin", False):
+        params = {**params, "origin": tuple(s.start for s in block.read)}
     result = plan.segmenter.segment(data, params)
     core = block.core_in_read
     if result.instances is None:
@@ -223,6 +233,14 @@ def segment_block(
             arrays[_dkey(d) + "_l"], arrays[_dkey(d) + "_s"] = labels, classes
         else:
             arrays[_dkey(d) + "_v"] = stitch.overlap_view(full, block, other, plan.segment_halo)
+    record = provenance.Record(
+        worker=provenance.worker_address(),
+        device=str(getattr(result, "device", "cpu")),
+        seconds=time.perf_counter() - t0,
+        batch=int(getattr(result, "batch", 1)),
+        tiles=int(getattr(result, "tiles", 1)),
+    )
+    arrays.update(provenance.encode(record))
     Markers(marker_dir).save(block.id, arrays, run=plan.token)
     return count
 
@@ -261,8 +279,12 @@ def map_blocks(
     codec: tuple[Callable[[Any], Arrays], Callable[[Arrays], Any]] = (_none_out, _none_in),
     names: Sequence[str] | None = None,
     run: str = "",
+    resources: Mapping[str, float] | None = None,
 ) -> list[Any]:
     """Run ``fn(*a)`` for each ``a``, at most ``window`` in flight; results in order.
+
+    ``resources`` (e.g. ``{"GPU": 1}``) restricts every task to workers that
+    advertise them, through ``client.submit`` (annotations on a graph can be lost).
 
     With ``markers``, item ``i`` whose marker exists is not run: its result is
     read back with ``codec[1]``; a finished item writes its marker with
@@ -288,12 +310,13 @@ def map_blocks(
     failed: list[tuple[int, BaseException]] = []
 
     def submit(i: int, key: str, retries: int) -> Any:
+        extra: dict[str, Any] = {"key": key, "retries": retries}
+        if resources:
+            extra["resources"] = dict(resources)
         if markers is None:
-            return client.submit(fn, *args[i], key=key, retries=retries)
+            return client.submit(fn, *args[i], **extra)
         marker_dir = str(markers.directory)
-        return client.submit(
-            _marked, fn, marker_dir, i, encode, run, *args[i], key=key, retries=retries
-        )
+        return client.submit(_marked, fn, marker_dir, i, encode, run, *args[i], **extra)
 
     def submit_next() -> None:
         for i in queue:
@@ -503,6 +526,17 @@ def statistics(
     return merge_histograms(hists, extrema)
 
 
+def gpu_resources(client: Client, segmenter: Segmenter) -> dict[str, float] | None:
+    """``{"GPU": 1}`` for a segmenter that wants a GPU on a cluster with GPU workers
+    (workers started with ``--resources GPU=n``); None otherwise (any worker will do)."""
+    if not segmenter.gpu:
+        return None
+    workers = client.scheduler_info()["workers"].values()
+    if any(float((w.get("resources") or {}).get("GPU", 0)) > 0 for w in workers):
+        return {"GPU": 1}
+    return None
+
+
 @dataclass(frozen=True)
 class Segmented:
     counts: list[int]
@@ -540,6 +574,7 @@ def segment(
             stage, done + len(blocks) - len(todo), len(blocks)
         ),
         names=[_where(plan, b.core) for b in todo],
+        resources=gpu_resources(client, plan.segmenter),
     )
     counts = [0] * len(blocks)
     computed = dict(zip((b.id for b in todo), counts_todo, strict=True))
@@ -658,14 +693,36 @@ def begin(plan: ImagePlan) -> str:
         return "resume"
     for path in (Path(plan.group), Path(plan.scratch), plan.markers("x").directory.parent):
         shutil.rmtree(path, ignore_errors=True)
+    plan.provenance.unlink(missing_ok=True)
     Path(plan.group).mkdir(parents=True, exist_ok=True)
     zarr.open_group(plan.group, mode="a", zarr_format=3)
     mark_image(plan.group, complete=False, source=identity)
     return "fresh"
 
 
+def write_provenance(plan: ImagePlan) -> Path | None:
+    """The segment markers' provenance records as ``OUT/_segpipe/provenance/<image>.parquet``;
+    None when no block recorded any (markers from an older version)."""
+    markers = plan.markers("segment")
+    rows = []
+    for b in plan.grid(plan.segment_halo):
+        if not markers.done(b.id):
+            continue
+        with np.load(markers.path(b.id), allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+        record = provenance.decode(arrays)
+        if record is not None:
+            run = str(arrays.get(RUN_KEY, ""))
+            rows.append((b.id, span(b.core), record, run))
+    if not rows:
+        return None
+    return provenance.write_table(plan.provenance, rows)
+
+
 def finish(plan: ImagePlan, result: ImageResult, stats: ImageStats, params: dict[str, Any]) -> None:
-    """Drop scratch data and markers, then mark the image complete (written last)."""
+    """Write the provenance table, drop scratch data and markers, then mark the image
+    complete (written last)."""
+    write_provenance(plan)
     stages = plan.markers("x").directory.parent
     tally = {}
     if stages.exists():

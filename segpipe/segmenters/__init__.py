@@ -19,6 +19,9 @@ _BUILTIN = {
     "region-growing": "segpipe.segmenters.region_growing:RegionGrowing",
     "watershed": "segpipe.segmenters.watershed:Watershed",
     "edges": "segpipe.segmenters.edges:Edges",
+    "unet": "segpipe.segmenters.deep:UNet",
+    "segnet": "segpipe.segmenters.deep:SegNet",
+    "fcn": "segpipe.segmenters.deep:FCN",
 }
 
 
