@@ -82,8 +82,16 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
             env={**env, "PREFECT_UI_API_URL": api},  # the UI's pages call this API
         ),
         _start(
-            [str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(dask_port)]
-            + ["--dashboard-address", f"127.0.0.1:{dash_port}"],
+            [
+                str(BIN / "dask"),
+                "scheduler",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(dask_port),
+                "--dashboard-address",
+                f"127.0.0.1:{dash_port}",
+            ],
             root / "dask.log",
             env=env,
             cwd=root,
@@ -92,8 +100,16 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
     for _ in range(2):
         procs.append(
             _start(
-                [str(BIN / "dask"), "worker", scheduler, "--nthreads", "1", "--host", "127.0.0.1"]
-                + ["--no-dashboard"],
+                [
+                    str(BIN / "dask"),
+                    "worker",
+                    scheduler,
+                    "--nthreads",
+                    "1",
+                    "--host",
+                    "127.0.0.1",
+                    "--no-dashboard",
+                ],
                 root / "dask.log",
                 env=env,
                 cwd=root,
@@ -179,8 +195,16 @@ def test_nightly_deployment_runs_incrementally_and_shows_in_the_ui(
     )
     env = {**services["env"], "PREFECT_API_URL": api}
     serve = _start(
-        [str(BIN / "segpipe"), "serve", "--config", str(config), "--cron", CRON]
-        + ["--timezone", "Europe/Berlin"],
+        [
+            str(BIN / "segpipe"),
+            "serve",
+            "--config",
+            str(config),
+            "--cron",
+            CRON,
+            "--timezone",
+            "Europe/Berlin",
+        ],
         tmp_path / "serve.log",
         env=env,
         cwd=tmp_path,
