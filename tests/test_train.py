@@ -105,7 +105,7 @@ def test_same_seed_same_weights(tmp_path: Path) -> None:
     assert a.loss == b.loss
 
 
-class _Stop(Exception):
+class _StopError(Exception):
     pass
 
 
@@ -114,10 +114,10 @@ def test_resume_continues_exactly(tmp_path: Path) -> None:
 
     def stop_after_three(step: int, total: int, loss: float) -> None:
         if step == 3:
-            raise _Stop  # as if the run were killed after its checkpoint at step 3
+            raise _StopError  # as if the run were killed after its checkpoint at step 3
 
     cfg = _config(tmp_path, "part.pt", steps=6, checkpoint_every=3)
-    with pytest.raises(_Stop):
+    with pytest.raises(_StopError):
         train(cfg, progress=stop_after_three)
     assert not Path(cfg.out).exists()
     assert torch.load(checkpoint_path(cfg.out), weights_only=True)["step"] == 3
@@ -141,7 +141,7 @@ def test_resume_refuses_other_options(tmp_path: Path) -> None:
 
 
 def test_train_from_folder_of_label_masks(tmp_path: Path) -> None:
-    images, masks, labels = _pairs(tmp_path)
+    images, masks, _ = _pairs(tmp_path)
     result = train(_config(tmp_path, data=str(images), annotations=str(masks), val_images=1))
     model = checkpoint.load(result.path)
     card = model.meta.card
