@@ -7,6 +7,7 @@ multiple and run through the network once with plain torch.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import time
@@ -118,9 +119,7 @@ def test_tiled_equals_whole_image(
     assert set(table["device"]) == {"cpu"} and set(table["batch"]) == {3}
 
 
-def test_unet_3d_tiled_equals_whole_volume(
-    client, models: dict[str, Path], tmp_path: Path
-) -> None:
+def test_unet_3d_tiled_equals_whole_volume(client, models: dict[str, Path], tmp_path: Path) -> None:
     image, _ = synthetic.render((slice(0, 40), slice(0, 64), slice(4, 60)), seed=6, noise=0.02)
     seg = get_segmenter("unet", model=str(models["unet3d"]), tile=40, diameter=16)
     assert seg.halo(3) == (16, 16, 16)
@@ -147,7 +146,7 @@ def test_tile_starts_stay_on_the_pooling_grid() -> None:
         starts = infer.tile_starts(length, 96, 48)
         assert all(s % 8 == 0 for s in starts)
         assert starts[0] == 0 and starts[-1] + min(96, length) == length
-        assert all(b - a <= 48 for a, b in zip(starts, starts[1:], strict=False))
+        assert all(b - a <= 48 for a, b in itertools.pairwise(starts))
 
 
 def test_normalisation_is_global_not_per_tile(models: dict[str, Path]) -> None:
