@@ -15,8 +15,8 @@ from segpipe.errors import SegpipeError
 SPEC_EXAMPLES = """
 [b]Examples[/b]
 
-  segpipe cluster-spec --config run.yaml                      # the run file's cluster
-  segpipe cluster-spec --config run.yaml --cluster slurm      # the sbatch script of a worker job
+  segpipe cluster-spec --config run.yaml
+  segpipe cluster-spec --config run.yaml --cluster slurm
   segpipe cluster-spec -c run.yaml --cluster kubernetes | kubectl apply -f -
 """
 
