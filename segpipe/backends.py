@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import shutil
 import sys
 from typing import Any
 
@@ -16,7 +17,7 @@ from distributed import LocalCluster
 from distributed.security import Security
 
 from segpipe.config import KubernetesConfig, RunConfig, SlurmConfig, TLSConfig
-from segpipe.errors import ConfigError
+from segpipe.errors import ConfigError, SegpipeError
 
 GPU_RESOURCE = "GPU"
 """The Dask worker resource a GPU worker advertises; deep block tasks ask for it."""
@@ -158,8 +159,20 @@ def slurm_cluster(config: RunConfig) -> Any:
     dask_jobqueue.SLURMCluster
         Scaled to ``slurm.jobs`` jobs (default 1), or adaptive between
         ``slurm.adaptive.minimum`` and ``maximum`` jobs. Closing it cancels the jobs.
+
+    Raises
+    ------
+    ConfigError
+        If dask-jobqueue is missing or ``sbatch`` is not on this machine.
     """
     jobqueue = _need("dask_jobqueue", "dask-jobqueue", "slurm")
+    if shutil.which("sbatch") is None:
+        # dask-jobqueue would start a scheduler and fail to submit in the background,
+        # leaving the run waiting for workers that never come.
+        raise ConfigError(
+            "cluster 'slurm': sbatch not found; run on a SLURM login node or in a job "
+            "(deploy/slurm/segpipe.sbatch). `segpipe cluster-spec` shows the job script."
+        )
     slurm = _slurm_section(config)
     cluster = jobqueue.SLURMCluster(**slurm_kwargs(slurm, config.security))
     try:
@@ -287,6 +300,8 @@ def kubernetes_cluster(config: RunConfig) -> Any:
 
     Raises
     ------
+    SegpipeError
+        If Kubernetes refuses or the operator does not answer.
     ConfigError
         With TLS asked for: KubeCluster talks to its scheduler over plain TCP (it
         opens its own connection without certificates), so a TLS cluster is applied
@@ -302,9 +317,15 @@ def kubernetes_cluster(config: RunConfig) -> Any:
             f"and run with cluster: tls://{kube.name}-scheduler:{SCHEDULER_PORT} and `security`."
         )
     operator = _need("dask_kubernetes.operator", "dask-kubernetes", "kubernetes")
-    cluster = operator.KubeCluster(
-        custom_cluster_spec=spec, namespace=kube.namespace, shutdown_on_close=True, quiet=True
-    )
+    try:
+        cluster = operator.KubeCluster(
+            custom_cluster_spec=spec, namespace=kube.namespace, shutdown_on_close=True, quiet=True
+        )
+    except Exception as err:  # kr8s and the operator raise plain errors (credentials, timeouts)
+        raise SegpipeError(
+            f"cluster 'kubernetes': cannot create DaskCluster {kube.name!r} ({err}). Check the "
+            "kubectl context (kubectl get daskclusters) and that the dask-kubernetes operator runs."
+        ) from err
     try:
         if kube.adaptive is not None:
             cluster.adapt(minimum=kube.adaptive.minimum, maximum=kube.adaptive.maximum)

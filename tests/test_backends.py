@@ -4,8 +4,10 @@ the ``cluster-spec`` command, and the errors for a missing dask-cuda or an unkno
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import shlex
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,7 @@ from typer.testing import CliRunner
 from segpipe import backends
 from segpipe.cluster import connect
 from segpipe.config import RunConfig, load_config
-from segpipe.errors import ConfigError
+from segpipe.errors import ConfigError, SegpipeError
 from tests.test_deploy import validate_crd
 
 TLS = {
@@ -102,6 +104,12 @@ def test_slurm_passes_dask_tls_to_the_workers() -> None:
     assert _after(worker, "--tls-ca-file") == TLS["ca_file"]
     assert _after(worker, "--tls-cert") == TLS["cert"]
     assert _after(worker, "--tls-key") == TLS["key"]
+
+
+@pytest.mark.skipif(shutil.which("sbatch") is not None, reason="a SLURM machine: would submit")
+def test_slurm_without_sbatch_fails_before_starting_anything() -> None:
+    with pytest.raises(ConfigError, match="sbatch not found"), connect("slurm"):
+        pass
 
 
 @pytest.mark.parametrize(
@@ -202,6 +210,18 @@ def test_kubernetes_cluster_refuses_tls_before_contacting_kubernetes() -> None:
     config = _kube(tls_secret="dask-tls")
     with pytest.raises(ConfigError, match=r"cannot reach a TLS scheduler.*kubectl apply"):
         backends.kubernetes_cluster(config)
+
+
+@pytest.mark.skipif(
+    bool(os.environ.get("KUBECONFIG")) or (Path.home() / ".kube").exists(),
+    reason="a Kubernetes context is configured: would create a DaskCluster",
+)
+def test_kubernetes_without_credentials_is_one_clear_error() -> None:
+    with (
+        pytest.raises(SegpipeError, match=r"cannot create DaskCluster 'segpipe'.*operator runs"),
+        connect("kubernetes", kubernetes=_kube().kubernetes),
+    ):
+        pass
 
 
 # --- the cluster-spec command ------------------------------------------------------------
