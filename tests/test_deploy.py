@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
@@ -467,6 +468,77 @@ def test_prefect_yaml_parameters_fit_the_flow_signature() -> None:
 
     schema = parameter_schema(segment_collection.fn).model_dump_for_openapi()
     jsonschema.validate(_nightly()["parameters"], schema)
+
+
+@pytest.mark.integration
+def test_prefect_deploy_registers_the_nightly_schedule(tmp_path: Path) -> None:
+    """`prefect deploy` of deploy/prefect.yaml against a real server that demands an
+    auth string, as the compose stack's `register` service runs it."""
+    import httpx
+
+    from tests.helpers import free_port
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    auth = ("admin", "test-only")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(
+        PREFECT_HOME=str(tmp_path / "home"),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_UI_ENABLED="false",
+    )
+    bin_dir = Path(sys.executable).parent
+    server = subprocess.Popen(
+        [str(bin_dir / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env={**env, "PREFECT_SERVER_API_AUTH_STRING": ":".join(auth)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                if httpx.get(f"{url}/health", auth=auth, timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline and server.poll() is None, "prefect server did not start"
+            time.sleep(0.5)
+        # the pool the worker would create; `prefect deploy` requires it to exist
+        pool = {"name": WORK_POOL, "type": "process"}
+        assert httpx.post(f"{url}/work_pools/", json=pool, auth=auth, timeout=10).is_success
+        client = {**env, "PREFECT_API_URL": url, "PREFECT_API_AUTH_STRING": ":".join(auth)}
+        done = subprocess.run(
+            [
+                str(bin_dir / "prefect"),
+                "--no-prompt",
+                "deploy",
+                "--all",
+                "--prefect-file",
+                "deploy/prefect.yaml",
+            ],
+            cwd=ROOT,
+            env=client,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        (deployment,) = httpx.post(
+            f"{url}/deployments/filter", json={}, auth=auth, timeout=10
+        ).json()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    nightly = _nightly()
+    assert deployment["name"] == "nightly"
+    assert deployment["entrypoint"] == nightly["entrypoint"]
+    assert deployment["work_pool_name"] == WORK_POOL
+    (schedule,) = deployment["schedules"]
+    assert schedule["active"] is True
+    assert schedule["schedule"]["cron"] == "0 2 * * *"
+    assert schedule["schedule"]["timezone"] == nightly["schedules"][0]["timezone"]
+    assert deployment["parameters"] == nightly["parameters"]
 
 
 # --- images and requirements -----------------------------------------------------------
