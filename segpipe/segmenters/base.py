@@ -9,7 +9,7 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 from numpy.typing import NDArray
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from skimage.filters import gaussian
 
 from segpipe.errors import SegmenterError
@@ -39,6 +39,13 @@ class Options(BaseModel):
 class SmoothingOptions(Options):
     sigma: float | list[float] = 2.0
     """Gaussian smoothing before anything else, in pixels (0 = none); one value or one per axis."""
+
+    @field_validator("sigma")
+    @classmethod
+    def _not_negative(cls, v: float | list[float]) -> float | list[float]:
+        if any(s < 0 for s in ([v] if isinstance(v, int | float) else v)):
+            raise ValueError(f"expected sigma >= 0 (0 = no smoothing), got {v!r} instead")
+        return v
 
 
 def gaussian_radius(

@@ -1,0 +1,80 @@
+"""Incremental runs: only new or changed images are segmented; --full forces all; serve's checks."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import tifffile
+import zarr
+from skimage import filters, measure
+from typer.testing import CliRunner
+
+from flows.cli import app
+from flows.serve import deployment_parameters
+from segpipe import synthetic
+from segpipe.config import load_config
+
+
+def _objects(path: Path) -> int:
+    """Objects of the whole-image scikit-image recipe (the reference)."""
+    smooth = filters.gaussian(tifffile.imread(path).astype(np.float32), 2, preserve_range=True)
+    return int(measure.label(smooth > filters.threshold_otsu(smooth), connectivity=2).max())
+
+
+def test_only_new_or_changed_images_run_and_full_forces_all(run_cli, tmp_path: Path) -> None:
+    src = tmp_path / "in"
+    for i in range(2):
+        synthetic.write_tiff(src / f"w{i}.tif", (300, 260), seed=i)
+    out = tmp_path / "out.zarr"
+    args = ("--input", str(src), "--output", str(out), "--tile", "128")
+    first = run_cli(*args)
+    assert first.exit_code == 0, first.output
+    assert "2 processed, 0 unchanged, 0 failed" in " ".join(first.output.split())
+
+    again = run_cli(*args, "--resume")
+    assert again.exit_code == 0, again.output
+    assert "0 processed, 2 unchanged" in " ".join(again.output.split())
+
+    # one image changes (same name, other content), one is new
+    synthetic.write_tiff(src / "w1.tif", (300, 260), seed=7)
+    os.utime(src / "w1.tif", ns=(1, 1))  # even with an old mtime: the size and mtime differ
+    synthetic.write_tiff(src / "w2.tif", (200, 220), seed=3)
+    nightly = run_cli(*args, "--resume")
+    assert nightly.exit_code == 0, nightly.output
+    assert "2 processed, 1 unchanged" in " ".join(nightly.output.split())
+    for name in ("w0", "w1", "w2"):
+        group = zarr.open_group(str(out / name), mode="r")
+        assert group.attrs["segpipe"]["complete"] is True
+        assert group.attrs["segpipe"]["objects"] == _objects(src / f"{name}.tif")
+
+    full = run_cli(*args, "--full")
+    assert full.exit_code == 0, full.output
+    assert "3 processed, 0 unchanged" in " ".join(full.output.split())
+    assert "full run" in full.output
+
+
+def test_scheduled_runs_are_incremental_unless_full(tmp_path: Path) -> None:
+    cfg = load_config(None, {"input": "in", "output": "out.zarr"})
+    params = deployment_parameters(cfg)["config"]
+    assert params["resume"] is True and params["full"] is False
+    assert os.path.isabs(params["input"]) and os.path.isabs(params["output"])
+    params = deployment_parameters(cfg, full=True)["config"]
+    assert params["resume"] is False and params["full"] is True
+
+
+def test_serve_refuses_a_bad_cron_or_config_before_serving(tmp_path: Path) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_text("input: in\noutput: out.zarr\n")
+    runner = CliRunner()
+    bad = runner.invoke(app, ["serve", "--config", str(config), "--cron", "every night"])
+    assert bad.exit_code == 1
+    assert "--cron 'every night'" in " ".join(bad.output.split())
+    tz = runner.invoke(app, ["serve", "--config", str(config), "--timezone", "Mars/Olympus"])
+    assert tz.exit_code == 1 and "Mars/Olympus" in tz.output
+    config.write_text("input: in\noutput: out.zarr\nsegmenter: {name: otsu, sigma: -1}\n")
+    seg = runner.invoke(app, ["serve", "--config", str(config)])
+    assert seg.exit_code == 1 and "otsu" in seg.output
+    missing = runner.invoke(app, ["serve", "--config", str(tmp_path / "nope.yaml")])
+    assert missing.exit_code == 1 and "nope.yaml" in missing.output
