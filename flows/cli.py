@@ -155,7 +155,11 @@ def run(
         str | None, typer.Option(help="'auto' (what the segmenter declares) or pixels.")
     ] = None,
     cluster: Annotated[
-        str | None, typer.Option(help="'local' or tcp://host:port of a Dask scheduler.")
+        str | None,
+        typer.Option(
+            help="local, local-cuda, slurm, kubernetes (sections in run.yaml), or "
+            "tcp://host:port / tls://host:port of a running Dask scheduler."
+        ),
     ] = None,
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="Segmenter option key=value; repeatable.")
@@ -300,12 +304,14 @@ def segmenters() -> None:
     out.print(table)
 
 
+from flows.cluster_cli import register as register_cluster  # noqa: E402
 from flows.serve import register as register_serve  # noqa: E402
 from flows.tools import register  # noqa: E402
 from flows.train_cli import register as register_train  # noqa: E402
 
 register(app)
 register_serve(app)
+register_cluster(app)
 register_train(app)
 
 

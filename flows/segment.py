@@ -15,7 +15,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows import monitor
 from segpipe import pipeline
-from segpipe.cluster import connect, dashboard
+from segpipe.cluster import connect_run, dashboard
 from segpipe.config import RunConfig
 from segpipe.errors import ImagesFailedError, InputsError, SegpipeError
 from segpipe.io.collection import resolve_inputs
@@ -311,9 +311,7 @@ def segment_collection(config: dict[str, Any]) -> list[dict[str, Any]]:
         logger.error("skipped: %s", msg)
     try:
         _tracker.append(monitor.RunProgress(len(prepared.sources)))
-        with connect(
-            cfg.cluster, workers=cfg.workers, threads=cfg.threads, security=cfg.security
-        ) as client:
+        with connect_run(cfg) as client:
             logger.info(
                 "Dask dashboard: %s (scheduler %s)", dashboard(client), client.scheduler.address
             )
