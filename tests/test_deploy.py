@@ -368,7 +368,7 @@ def _compose_cli() -> list[str] | None:
 def test_compose_config_with_the_compose_cli(tmp_path: Path) -> None:
     """The compose CLI parses and interpolates the file; it needs no daemon for that."""
     cli = _compose_cli()
-    assert cli is not None, "needs `docker compose` or Debian's docker-compose (.ci/run installs it)"
+    assert cli is not None, "needs docker compose or docker-compose (.ci/run installs it)"
     env = {**os.environ, "POSTGRES_PASSWORD": "test-only", "PREFECT_AUTH_STRING": "a:test-only"}
     env.pop("DOCKER_HOST", None)
     ok = subprocess.run(
