@@ -182,3 +182,28 @@ def test_worker_cache_loads_once_and_logs_one_line(
         assert c is not a
     lines = [r.getMessage() for r in caplog.records if "inference on" in r.getMessage()]
     assert len(lines) == 1 and "cpu" in lines[0], lines
+
+
+def test_provenance_survives_a_resume(client, tmp_path: Path) -> None:
+    """Blocks kept from an interrupted run keep their records; recomputed ones get new ones."""
+    from segpipe import pipeline
+
+    path = synthetic.write_tiff(tmp_path / "in" / "img.tif", (192, 192), tile=64, seed=1)
+    seg = get_segmenter("otsu", sigma=0)
+    first = ImagePlan(open_source(path), str(tmp_path / "out.zarr"), (64, 64), seg)
+    assert pipeline.begin(first) == "fresh"
+    stats = pipeline.statistics(client, first, pipeline.ingest(client, first))
+    pipeline.segment(client, first, stats)
+    markers = first.markers("segment")
+    for block_id in (1, 4, 7):  # as if the run died before these blocks finished
+        markers.path(block_id).unlink()
+    second = ImagePlan(open_source(path), str(tmp_path / "out.zarr"), (64, 64), seg)
+    run_image(client, second)
+    assert not markers.directory.exists()  # finish() removed the markers, not the table
+    table = provenance.read_table(second.provenance)
+    runs = dict(zip(table["block"], table["run"], strict=True))
+    assert sorted(runs) == list(range(9))
+    assert {b for b, r in runs.items() if r == second.token} == {1, 4, 7}
+    assert {b for b, r in runs.items() if r == first.token} == {0, 2, 3, 5, 6, 8}
+    assert all(w.startswith("tcp://") for w in table["worker"])
+    assert set(table["device"]) == {"cpu"} and all(s > 0 for s in table["seconds"])

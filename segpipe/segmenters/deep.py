@@ -17,7 +17,7 @@ import numpy as np
 from numpy.typing import NDArray
 from pydantic import Field, field_validator
 
-from segpipe.errors import SegmenterError
+from segpipe.errors import InputNotFoundError, ModelFileError, SegmenterError
 from segpipe.segmenters.base import Options, Segmenter, SegmentResult
 from segpipe.stats import ImageStats
 
@@ -105,7 +105,11 @@ class DeepSegmenter(Segmenter):
         self.fallback = NetSpec(arch=self.name, **given) if given else None  # type: ignore[arg-type]
         # Load and run the model once here, on the client: a missing, corrupt or
         # mismatched file is named before any block is computed.
-        runner = infer.load_runner(self.path, device="cpu", fallback=self.fallback)
+        try:
+            runner = infer.load_runner(self.path, device="cpu", fallback=self.fallback)
+        except InputNotFoundError as err:
+            hint = "" if o.model else f"; the shipped {self.name} weights are missing: give model="
+            raise ModelFileError(f"{err}{hint}") from err
         self.meta = runner.meta
         spec = self.meta.spec
         if spec.arch != self.name:
