@@ -18,10 +18,10 @@ out = Console()
 TRAIN_EXAMPLES = """
 [b]Examples[/b]
 
-  segpipe train --arch unet --data synthetic --steps 600 --out unet.pt
+  segpipe train --arch unet --data synthetic --steps 250 --patch 96 --out unet.pt
   segpipe train --arch fcn --data images/ --annotations masks/ --patch 256 --batch 4
   segpipe train --arch unet --ndim 3 --patch 32,64,64 --batch 2 --out unet3d.pt
-  segpipe train --arch unet --steps 600 --out unet.pt --resume   # after an interruption
+  segpipe train --arch unet --steps 250 --patch 96 --out unet.pt --resume   # after a stop
 """
 
 
@@ -83,7 +83,7 @@ def train(
         str, typer.Option(help="Patch edge in pixels: 128, or one per axis: 32,64,64.")
     ] = "128",
     batch: Annotated[int, typer.Option(help="Patches per step.")] = 8,
-    lr: Annotated[float, typer.Option(help="Adam learning rate (cosine decay to 1 %).")] = 1e-3,
+    lr: Annotated[float, typer.Option(help="Adam learning rate (cosine decay to 1 %).")] = 2e-3,
     seed: Annotated[
         int, typer.Option(help="Decides weights and patches: same seed, same model.")
     ] = 0,
@@ -92,7 +92,7 @@ def train(
     normalise: Annotated[
         str, typer.Option(help="Percentiles of each whole image mapped to 0 and 1.")
     ] = "1,99.8",
-    min_size: Annotated[int, typer.Option(help="Smallest interior seed kept, in pixels.")] = 0,
+    min_size: Annotated[int, typer.Option(help="Smallest interior seed kept, in pixels.")] = 20,
     out_path: Annotated[
         Path,
         typer.Option("--out", "-o", help="Model file (.pt); sidecar .json and card .md beside."),

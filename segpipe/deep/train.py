@@ -81,11 +81,11 @@ class TrainConfig(BaseModel):
     patch: tuple[int, ...] = (128,)
     """Patch edge in pixels: one value, or one per axis."""
     batch: int = Field(8, ge=1)
-    lr: float = Field(1e-3, gt=0)
+    lr: float = Field(2e-3, gt=0)
     """Adam's learning rate at the start; it decays to 1 % of it along a cosine."""
     seed: int = Field(0, ge=0)
     normalise: tuple[float, float] = (1.0, 99.8)
-    min_size: int = Field(0, ge=0)
+    min_size: int = Field(20, ge=0)
     checkpoint_every: int = Field(100, ge=1)
     val_images: int = Field(4, ge=0)
     val_size: int = Field(512, ge=16)
