@@ -709,7 +709,9 @@ def write_provenance(plan: ImagePlan) -> Path | None:
         if not markers.done(b.id):
             continue
         with np.load(markers.path(b.id), allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
+            # only the small entries: the neighbour views stay unread
+            keep = [k for k in data.files if k.startswith(provenance.PREFIX) or k == RUN_KEY]
+            arrays = {k: data[k] for k in keep}
         record = provenance.decode(arrays)
         if record is not None:
             run = str(arrays.get(RUN_KEY, ""))
