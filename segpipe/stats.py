@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from numpy.typing import NDArray
 
+from segpipe import kernels
+
 NBINS = 256
 
 
@@ -127,8 +129,8 @@ def block_histogram(
         counts = np.zeros(nbins, np.int64)
         counts[nbins // 2] = block.size
         return counts, float(block.sum(dtype=np.float64))
-    counts, _ = np.histogram(block, bins=nbins, range=(lo, hi))  # type: ignore[arg-type]
-    return counts.astype(np.int64), float(block.sum(dtype=np.float64))
+    edges = np.linspace(lo, hi, nbins + 1, endpoint=True, dtype=np.float32)
+    return kernels.histogram(block, lo, hi, edges)  # = np.histogram(block, nbins, (lo, hi))
 
 
 def merge_histograms(

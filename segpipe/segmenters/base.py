@@ -10,8 +10,8 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
-from skimage.filters import gaussian
 
+from segpipe import kernels
 from segpipe.errors import SegmenterError
 from segpipe.stats import ImageStats
 
@@ -99,13 +99,11 @@ class Segmenter(ABC):
         return any(v > 0 for v in ([s] if isinstance(s, int | float) else s))
 
     def preprocess(self, block: NDArray[np.float32]) -> NDArray[np.float32]:
-        """Smooth a float32 block exactly as ``skimage.filters.gaussian`` would the whole image."""
+        """Smooth a float32 block exactly as ``skimage.filters.gaussian`` would the whole image
+        (``mode="nearest"``, truncate 4; the same bits, from `segpipe.kernels.gaussian`)."""
         if not self.has_filter():
             return block
-        out: NDArray[np.float32] = gaussian(
-            block, sigma=self.sigma(), preserve_range=True, mode="nearest"
-        )
-        return out
+        return kernels.gaussian(block, self.sigma())
 
     # -- segmentation ------------------------------------------------------
     @abstractmethod

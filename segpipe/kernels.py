@@ -1,0 +1,146 @@
+"""Compiled kernels that give bit-identical results to SciPy/NumPy, faster.
+
+- `gaussian`: ``scipy.ndimage.gaussian_filter(x, sigma, mode="nearest",
+  truncate=4)`` on float32, as scikit-image's ``filters.gaussian`` calls it.
+  The same weights, the same per-pixel order of double-precision operations
+  (SciPy's symmetric-kernel loop: centre, then pairs from the outermost in),
+  float32 between axes: the same bits, so thresholds of the whole image stay
+  exact. Vectorised across the line instead of along it (2.5-3x SciPy).
+- `histogram`: ``np.histogram(x, bins, range=(lo, hi))`` counts for float32
+  data in one pass (NumPy's float32 bin estimate, then its edge corrections).
+
+Both release the GIL, so a Dask worker's threads run them in parallel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numba
+import numpy as np
+from numpy.typing import NDArray
+
+
+def gaussian_weights(sigma: float, radius: int) -> NDArray[np.float64]:
+    """SciPy's Gaussian kernel (``_gaussian_kernel1d``, order 0), computed the same way."""
+    x = np.arange(-radius, radius + 1)
+    phi = np.exp(-0.5 / (sigma * sigma) * x**2)
+    out: NDArray[np.float64] = phi / phi.sum()
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _along_middle(src, dst, w, r):  # type: ignore[no-untyped-def]  # pragma: no cover (compiled)
+    # Axis 1 of (pre, n, post): whole rows of `post` values at a time, so the inner
+    # loop runs over contiguous memory; nearest-edge extension by clamping.
+    pre, n, post = src.shape
+    acc = np.empty(post, np.float64)
+    for p in range(pre):
+        for i in range(n):
+            for c in range(post):
+                acc[c] = np.float64(src[p, i, c]) * w[r]
+            for k in range(r, 0, -1):
+                a = max(i - k, 0)
+                b = min(i + k, n - 1)
+                wk = w[r - k]
+                for c in range(post):
+                    acc[c] += (np.float64(src[p, a, c]) + np.float64(src[p, b, c])) * wk
+            for c in range(post):
+                dst[p, i, c] = np.float32(acc[c])
+
+
+@numba.njit(cache=True, nogil=True)
+def _along_last(src, dst, w, r):  # type: ignore[no-untyped-def]  # pragma: no cover (compiled)
+    # The last (contiguous) axis: copy the line into a padded double buffer, as
+    # SciPy does, then accumulate tap by tap across the whole line.
+    rows, n = src.shape
+    line = np.empty(n + 2 * r, np.float64)
+    acc = np.empty(n, np.float64)
+    for i in range(rows):
+        for c in range(n):
+            line[r + c] = src[i, c]
+        for k in range(r):
+            line[k] = src[i, 0]
+            line[r + n + k] = src[i, n - 1]
+        for c in range(n):
+            acc[c] = line[r + c] * w[r]
+        for k in range(r, 0, -1):
+            wk = w[r - k]
+            for c in range(n):
+                acc[c] += (line[r + c - k] + line[r + c + k]) * wk
+        for c in range(n):
+            dst[i, c] = np.float32(acc[c])
+
+
+def gaussian(
+    image: NDArray[np.float32], sigma: float | Sequence[float], truncate: float = 4.0
+) -> NDArray[np.float32]:
+    """Gaussian smoothing of a float32 array, bit-identical to SciPy's ``mode="nearest"``.
+
+    Parameters
+    ----------
+    image : ndarray of float32
+        Any number of dimensions.
+    sigma : float or sequence of float
+        Standard deviation per axis (one value for all); axes with 0 are left alone.
+    truncate : float
+        Radius in standard deviations, as SciPy's ``truncate``.
+
+    Returns
+    -------
+    ndarray of float32
+        A new array of the same shape.
+    """
+    data = np.ascontiguousarray(image, dtype=np.float32)
+    sigmas = [float(sigma)] * data.ndim if np.isscalar(sigma) else [float(s) for s in sigma]  # type: ignore[arg-type, union-attr]
+    if len(sigmas) != data.ndim:
+        raise ValueError(f"Expected {data.ndim} sigmas, got {len(sigmas)} instead.")
+    out = data.copy()
+    for axis, s in enumerate(sigmas):
+        if s <= 1e-15:  # as SciPy: such an axis is skipped
+            continue
+        r = int(truncate * s + 0.5)
+        w = gaussian_weights(s, r)
+        shape = data.shape
+        dst = np.empty_like(out)
+        if axis == data.ndim - 1:
+            _along_last(out.reshape(-1, shape[-1]), dst.reshape(-1, shape[-1]), w, r)
+        else:
+            pre, post = int(np.prod(shape[:axis])), int(np.prod(shape[axis + 1 :]))
+            view = (pre, shape[axis], post)
+            _along_middle(out.reshape(view), dst.reshape(view), w, r)
+        out = dst
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _histogram(flat, lo, hi, edges, counts):  # type: ignore[no-untyped-def]  # pragma: no cover
+    nbins = counts.shape[0]
+    den = hi - lo
+    scale = np.float32(nbins)
+    for j in range(flat.shape[0]):
+        x = flat[j]
+        if not (x >= lo and x <= hi):  # outside the range, or NaN: not counted
+            continue
+        i = int(((x - lo) / den) * scale)
+        if i == nbins:
+            i -= 1
+        if x < edges[i]:
+            i -= 1
+        if i != nbins - 1 and x >= edges[i + 1]:
+            i += 1
+        counts[i] += 1
+
+
+def histogram(
+    data: NDArray[np.float32], lo: np.float32, hi: np.float32, edges: NDArray[np.float32]
+) -> tuple[NDArray[np.int64], float]:
+    """``np.histogram(data, len(edges) - 1, range=(lo, hi))`` counts, and the float64 sum.
+
+    ``edges`` must be ``np.linspace(lo, hi, nbins + 1, dtype=np.float32)``, as
+    NumPy computes them; ``lo < hi``.
+    """
+    counts = np.zeros(len(edges) - 1, np.int64)
+    flat = np.ascontiguousarray(data, dtype=np.float32).reshape(-1)
+    _histogram(flat, np.float32(lo), np.float32(hi), edges, counts)
+    return counts, float(flat.sum(dtype=np.float64))

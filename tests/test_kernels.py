@@ -1,0 +1,58 @@
+"""The compiled kernels give the same bits as SciPy/NumPy (the independent references)."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+from scipy import ndimage as ndi
+from skimage.filters import gaussian as sk_gaussian
+
+from segpipe import kernels
+
+shapes = st.lists(st.integers(1, 40), min_size=1, max_size=3).map(tuple)
+sigmas = st.floats(0.0, 4.0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(shape=shapes, sigma=sigmas, per_axis=st.booleans(), seed=st.integers(0, 2**32 - 1))
+def test_gaussian_is_bit_identical_to_scipy(
+    shape: tuple[int, ...], sigma: float, per_axis: bool, seed: int
+) -> None:
+    rng = np.random.default_rng(seed)
+    image = (rng.standard_normal(shape) * rng.choice([1e-3, 1.0, 3e4])).astype(np.float32)
+    s: float | list[float] = (
+        [float(v) for v in rng.uniform(0, 4, len(shape)) * rng.integers(0, 2, len(shape))]
+        if per_axis
+        else sigma
+    )
+    ref = ndi.gaussian_filter(image, s, mode="nearest", truncate=4.0)
+    assert np.array_equal(kernels.gaussian(image, s), ref)
+
+
+def test_gaussian_equals_scikit_image_on_a_large_image() -> None:
+    image = np.random.default_rng(3).integers(0, 60000, (700, 1100)).astype(np.float32)
+    ref = sk_gaussian(image, sigma=2.0, preserve_range=True, mode="nearest")
+    got = kernels.gaussian(image, 2.0)
+    assert got.dtype == np.float32 and np.array_equal(got, ref)
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 5000), nbins=st.integers(1, 300), seed=st.integers(0, 2**32 - 1))
+def test_histogram_counts_equal_numpy(n: int, nbins: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    data = (rng.standard_normal(n) * rng.choice([1e-3, 1.0, 1e5])).astype(np.float32)
+    lo, hi = np.float32(data.min()), np.float32(data.max())
+    if lo == hi:
+        lo, hi = lo - np.float32(0.5), hi + np.float32(0.5)
+    edges = np.linspace(lo, hi, nbins + 1, dtype=np.float32)
+    assume(bool(np.all(np.diff(edges) > 0)))  # else NumPy refuses (stats handles that case)
+    # values exactly on every edge and one ulp either side, plus some outside the range
+    extra = np.concatenate(
+        [edges, np.nextafter(edges, np.float32(np.inf)), np.nextafter(edges, -np.float32(np.inf))]
+    )
+    data = np.concatenate([data, extra.astype(np.float32)])
+    ref, _ = np.histogram(data, bins=nbins, range=(lo, hi))
+    counts, total = kernels.histogram(data, lo, hi, edges)
+    assert np.array_equal(counts, ref)
+    assert total == float(data.sum(dtype=np.float64))
