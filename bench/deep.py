@@ -1,17 +1,21 @@
 """Deep inference throughput: segpipe's segment stage with `unet` vs a plain torch loop.
 
 Usage: python -m bench.deep [--size 2048] [--repeats 3] [--tile 256] [--batch 4]
-                            [--block 1024] [--depth 3] [--width 16] [--workdir DIR]
+                            [--block 1024] [--model PATH | --random [--depth 3] [--width 16]]
+                            [--workdir DIR]
 
-On the same synthetic image and the same model (a seeded, randomly initialised
-U-Net unless ``--model`` names a file), medians over ``--repeats`` of:
+On the same synthetic image and the same model (the shipped U-Net, or
+``--model``, or with ``--random`` a seeded, randomly initialised one: its
+noisy classes make the instance step several times slower than a trained
+model's), medians over ``--repeats`` of:
 - segpipe's segment stage (`pipeline.segment`: read each block + halo from
   Zarr, tiled inference, instances, writes, neighbour links) on the default
   LocalCluster (`segpipe.cluster.local_cluster`), the model already loaded by
   the workers (a warm-up pass runs first, untimed);
-- a plain torch loop in this process, no Dask: the normalised whole image in
-  memory, cut into tiles of the same edge and overlap, the same batch, the
-  same memory format, crop-blended argmax; no I/O and no instances.
+- a plain torch loop in this process (interleaved with the above), no Dask:
+  the normalised whole image in memory, cut into tiles of the same edge and
+  overlap, the same batch, the same memory format, crop-blended argmax; no
+  I/O and no instances.
 CUDA is used by both when this machine has it.
 """
 
@@ -30,6 +34,7 @@ import numpy as np
 
 from bench.common import machine
 from segpipe import synthetic
+from segpipe.segmenters.deep import WEIGHTS
 
 
 def _model(args: argparse.Namespace) -> Path:
@@ -40,6 +45,9 @@ def _model(args: argparse.Namespace) -> Path:
 
     if args.model:
         return Path(args.model).absolute()
+    shipped = WEIGHTS / "unet.pt"
+    if shipped.is_file() and not args.random:
+        return shipped
     spec = NetSpec(arch="unet", depth=args.depth, width=args.width)
     torch.manual_seed(0)
     path = args.workdir / f"unet-d{args.depth}-w{args.width}.pt"
@@ -110,7 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--block", type=int, default=1024, help="pipeline block edge")
     parser.add_argument("--depth", type=int, default=3)
     parser.add_argument("--width", type=int, default=16)
-    parser.add_argument("--model", type=str, default=None)
+    parser.add_argument("--model", type=str, default=None, help="default: the shipped unet")
+    parser.add_argument(
+        "--random", action="store_true", help="a seeded random U-Net of --depth, --width"
+    )
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/segpipe-bench-deep"))
     args = parser.parse_args(argv)
 
@@ -154,16 +165,17 @@ def main(argv: list[str] | None = None) -> int:
         raw = pipeline.ingest(client, plan)
         stats = pipeline.statistics(client, plan, raw)
         params = seg.prepare(stats)
+        image = tifffile.imread(path)
+        lo, hi = params["lo"], params["hi"]
         _pipeline_pass(client, plan, stats)  # warm-up: each worker loads the model once
-        pipe = [_pipeline_pass(client, plan, stats) for _ in range(args.repeats)]
+        _plain_loop(model, image[:512, :512], lo, hi, tile=args.tile, batch=1)
+        # Interleaved, so a change in the machine's load hits both alike.
+        pipe, loops = [], []
+        for _ in range(args.repeats):
+            pipe.append(_pipeline_pass(client, plan, stats))
+            loops.append(_plain_loop(model, image, lo, hi, tile=args.tile, batch=args.batch))
         pipeline.write_provenance(plan)
         table = provenance.read_table(plan.provenance)
-    image = tifffile.imread(path)
-    _plain_loop(model, image[:512, :512], params["lo"], params["hi"], tile=args.tile, batch=1)
-    loops = [
-        _plain_loop(model, image, params["lo"], params["hi"], tile=args.tile, batch=args.batch)
-        for _ in range(args.repeats)
-    ]
     plain = [s for s, _, _ in loops]
     p_med, l_med = statistics.median(pipe), statistics.median(plain)
     net_seconds = sum(table["seconds"])
