@@ -1,0 +1,648 @@
+"""What a run would cost, from image headers and a calibration, without computing it.
+
+`plan_image` counts blocks, Dask tasks, bytes and memory of each stage of one
+image by arithmetic on its shape, tile and halos (never one Python object per
+block), and `wall_seconds` turns measured per-pixel costs (`Costs`, shipped in
+``bench/plan_costs.json`` or measured by `measure_costs`) into a time for N
+workers. Images are opened with `segpipe.io.readers.open_source` (headers only).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import shutil
+import tempfile
+import time
+import tracemalloc
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from segpipe.config import RunConfig
+from segpipe.errors import ConfigError
+from segpipe.io.readers import SourceSpec, open_source
+from segpipe.segmenters import Segmenter, get_segmenter
+
+COSTS_FILE = Path(__file__).resolve().parent.parent / "bench" / "plan_costs.json"
+# Prefect tasks per image (flows/segment.py): per stage and image, never per block
+PREFECT_STAGES = (
+    "ingest",
+    "statistics",
+    "segment",
+    "stitch",
+    "write",
+    "panoptic",
+    "measure",
+    "preview",
+)
+COMPRESSION = (
+    "bytes are uncompressed array bytes (what a task decodes or encodes); on disk the "
+    "image codec (blosc-lz4) saves little on noisy images (~1.3x) and label arrays "
+    "(blosc-zstd) shrink ~50x"
+)
+
+
+# -- calibration ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SegmentCost:
+    """Measured cost of one segmenter's block function, per pixel read (block + halo)."""
+
+    ns_per_px: float
+    working_bytes_per_px: float  # tracemalloc peak of ``segment()`` / pixels read
+
+
+@dataclass(frozen=True)
+class Costs:
+    """Per-block costs measured on one thread (``python -m bench.calibrate`` or ``--calibrate``).
+
+    ``stages`` are ns per core pixel of each stage's block function, except
+    ``filter`` (per pixel read, halo included) and ``pyramid`` (per output pixel
+    of one array); ``pairs`` are seconds per pair task by stitch mode.
+    """
+
+    stages: dict[str, float]
+    segment: dict[str, SegmentCost]
+    pairs: dict[str, float]
+    task_overhead_s: float  # scheduler + worker overhead per Dask task
+    merge_s_per_block: float  # client-side stitch per block
+    source: str = ""  # what was measured, where
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], source: str = "") -> Costs:
+        return cls(
+            stages={k: float(v) for k, v in data["stages"].items()},
+            segment={k: SegmentCost(**v) for k, v in data["segment"].items()},
+            pairs={k: float(v) for k, v in data["pairs"].items()},
+            task_overhead_s=float(data["task_overhead_s"]),
+            merge_s_per_block=float(data["merge_s_per_block"]),
+            source=source or str(data.get("source", "")),
+        )
+
+
+def load_costs(path: str | Path = COSTS_FILE) -> Costs:
+    """The calibration table shipped in ``bench/plan_costs.json`` (or another one).
+
+    Raises
+    ------
+    ConfigError
+        If the file is missing or not a calibration table.
+    """
+    p = Path(path)
+    try:
+        return Costs.from_json(json.loads(p.read_text(encoding="utf-8")), source=str(p))
+    except FileNotFoundError as err:
+        raise ConfigError(
+            f"{p}: no calibration table; run `python -m bench.calibrate` or plan with --calibrate."
+        ) from err
+    except (ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"{p}: not a calibration table ({err}).") from err
+
+
+# -- arithmetic on the grid ----------------------------------------------------------
+
+
+def _sum_min(h: int, start: int, step: int, n: int) -> int:
+    """``sum(min(h, start + j * step) for j in range(n))`` in O(1)."""
+    if n <= 0:
+        return 0
+    below = min(n, max(0, -(-(h - start) // step)))  # terms still under h
+    return below * start + step * below * (below - 1) // 2 + (n - below) * h
+
+
+def _read_extent(size: int, tile: int, halo: int) -> int:
+    """Pixels read along one axis by all blocks: cores plus clipped halos."""
+    g = -(-size // tile)
+    last = size - (g - 1) * tile
+    return size + _sum_min(halo, 0, tile, g) + _sum_min(halo, last, tile, g - 1)
+
+
+def _blocks(shape: Sequence[int], tile: Sequence[int]) -> tuple[int, ...]:
+    return tuple(-(-s // t) for s, t in zip(shape, tile, strict=True))
+
+
+def neighbour_pair_counts(grid: Sequence[int]) -> dict[tuple[int, ...], int]:
+    """Touching block pairs per offset (as `BlockGrid.neighbour_pairs` yields them), counted.
+
+    Examples
+    --------
+    >>> sum(neighbour_pair_counts((4, 4)).values())  # 12 + 12 faces, 9 + 9 corners
+    42
+    """
+    out: dict[tuple[int, ...], int] = {}
+    for d in itertools.product((-1, 0, 1), repeat=len(grid)):
+        if any(d) and next(x for x in d if x) > 0:
+            n = math.prod(max(g - abs(k), 0) for g, k in zip(grid, d, strict=True))
+            if n:
+                out[d] = n
+    return out
+
+
+def _pyramid(shape: Sequence[int], tile: Sequence[int]) -> list[tuple[int, ...]]:
+    from segpipe.io.omezarr import pyramid_shapes
+
+    return pyramid_shapes(shape, min_size=max(256, min(tile[-2:])))
+
+
+# -- the plan of one image -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of one image: Dask tasks, bytes and one thread's compute seconds."""
+
+    name: str
+    tasks: int
+    read_bytes: int
+    write_bytes: int
+    compute_s: float | None  # all tasks on one thread; None: not calibrated
+    client: bool = False  # runs on the client (stitch), not as Dask tasks
+
+
+@dataclass(frozen=True)
+class ImageEstimate:
+    """The plan of one image."""
+
+    name: str
+    path: str
+    shape: tuple[int, ...]
+    dtype: str
+    tile: tuple[int, ...]
+    halo: tuple[int, ...]
+    filter_halo: tuple[int, ...]
+    grid: tuple[int, ...]
+    blocks: int
+    pairs: int
+    levels: int
+    stages: tuple[Stage, ...]
+    peak_thread_bytes: dict[str, int]  # per stage: block + halo, working set, labels
+    prefect_tasks: int = len(PREFECT_STAGES)
+
+    @property
+    def pixels(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def dask_tasks(self) -> int:
+        return sum(s.tasks for s in self.stages)
+
+    @property
+    def peak_bytes(self) -> int:
+        return max(self.peak_thread_bytes.values())
+
+    def stage(self, name: str) -> Stage:
+        return next(s for s in self.stages if s.name == name)
+
+
+def _per_axis(value: int | Sequence[int] | None, ndim: int) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, int):
+        return (value,) * ndim
+    values = tuple(int(v) for v in value)
+    return values * ndim if len(values) == 1 else values
+
+
+def plan_image(
+    spec: SourceSpec,
+    *,
+    tile: int | Sequence[int],
+    segmenter: Segmenter,
+    halo: int | Sequence[int] | None = None,
+    costs: Costs | None = None,
+) -> ImageEstimate:
+    """Blocks, tasks, bytes, memory and compute seconds of every stage of one image.
+
+    Parameters
+    ----------
+    spec : SourceSpec
+        The image, from `open_source` (no pixels read).
+    tile : int or sequence of int
+        Block edge per axis (clipped to the image, as `BlockGrid.build` does).
+    segmenter : Segmenter
+        Decides the halos, the stitch mode and the working set.
+    halo : int or sequence of int, optional
+        Segment halo; default what the segmenter declares.
+    costs : Costs, optional
+        Calibration; without it ``compute_s`` is None.
+
+    Returns
+    -------
+    ImageEstimate
+
+    Examples
+    --------
+    >>> from segpipe.segmenters import get_segmenter
+    >>> spec = SourceSpec("x.zarr", "x", "zarr", "YX", (4096, 4096), "uint16", None)
+    >>> est = plan_image(spec, tile=1024, segmenter=get_segmenter("otsu", sigma=0))
+    >>> est.blocks, est.pairs, est.stage("segment").tasks
+    (16, 42, 16)
+    """
+    shape = spec.shape
+    ndim = len(shape)
+    tiles = tuple(
+        min(t, max(s, 1)) for t, s in zip(_per_axis(tile, ndim) or (), shape, strict=True)
+    )
+    seg_halo = _per_axis(halo, ndim) or segmenter.halo(ndim)
+    f_halo = segmenter.filter_halo(ndim) if segmenter.has_filter() else (0,) * ndim
+    grid = _blocks(shape, tiles)
+    n = math.prod(grid)
+    npx = math.prod(shape)
+    item = np.dtype(spec.out_dtype).itemsize
+    stored_item = np.dtype(spec.dtype).itemsize * max(spec.n_channels, 1)
+    pair_counts = neighbour_pair_counts(grid)
+    pairs = sum(pair_counts.values())
+    shapes = _pyramid(shape, tiles)
+    upper = shapes[1:]  # levels written by the pyramid tasks
+    up_tasks = sum(math.prod(_blocks(s, tiles)) for s in upper)
+    up_px = sum(math.prod(s) for s in upper)
+    up_read = sum(math.prod(s) for s in shapes[:-1])  # each level reads the one below
+    read_seg = math.prod(
+        _read_extent(s, t, h) for s, t, h in zip(shape, tiles, seg_halo, strict=True)
+    )
+    read_filt = math.prod(
+        _read_extent(s, t, h) for s, t, h in zip(shape, tiles, f_halo, strict=True)
+    )
+    src_item = 4 if segmenter.has_filter() else item  # the filtered image is float32
+    mode = segmenter.stitch
+    view_bytes = 0
+    for d, count in pair_counts.items():  # both blocks' views toward each other
+        if mode == "faces":
+            px = math.prod(t if k == 0 else 1 for t, k in zip(tiles, d, strict=True))
+            view_bytes += 2 * count * px * 5  # uint32 labels + uint8 classes
+        else:
+            px = math.prod(
+                t if k == 0 else min(2 * h, t) for t, k, h in zip(tiles, d, seg_halo, strict=True)
+            )
+            view_bytes += 2 * count * px * 4
+    if spec.whole_file:
+        ingest_tasks = 1
+    elif spec.chunks and spec.chunks[-1] > tiles[-1]:  # strips: full-width bands
+        ingest_tasks = math.prod(grid[:-1])
+    else:
+        ingest_tasks = n
+    seg_cost = costs.segment.get(segmenter.name) if costs else None
+
+    def secs(stage: str, px: float) -> float | None:
+        if costs is None or stage not in costs.stages:
+            return None
+        return costs.stages[stage] * px * 1e-9
+
+    def add(*xs: float | None) -> float | None:
+        return None if any(x is None for x in xs) else float(sum(x for x in xs if x is not None))
+
+    stages = [Stage("ingest", ingest_tasks, npx * stored_item, npx * item, secs("ingest", npx))]
+    if segmenter.has_filter():
+        stages.append(Stage("filter", n, read_filt * item, npx * 4, secs("filter", read_filt)))
+    stages += [
+        Stage("statistics", n, npx * src_item, 0, secs("statistics", npx)),
+        Stage(
+            "segment",
+            n,
+            read_seg * src_item,
+            npx * 5 + view_bytes,
+            seg_cost.ns_per_px * read_seg * 1e-9 if seg_cost else None,
+        ),
+        Stage(
+            "links",
+            pairs,
+            view_bytes,
+            0,
+            costs.pairs.get(mode, 0.0) * pairs if costs and mode in costs.pairs else None,
+        ),
+        Stage("stitch", 0, 0, 0, costs.merge_s_per_block * n if costs else None, client=True),
+        Stage("relabel", n, npx * 4, npx * 4, secs("relabel", npx)),
+        Stage(
+            "pyramid",
+            3 * up_tasks,
+            up_read * (item + 1 + 4),
+            up_px * (item + 1 + 4),
+            secs("pyramid", 3 * up_px),
+        ),
+        Stage(
+            "panoptic",
+            n + up_tasks,
+            npx * 5 + up_read * 8,
+            npx * 8 + up_px * 8,
+            add(secs("panoptic", npx), secs("pyramid", up_px)),
+        ),
+        Stage("measure", n, npx * (4 + 1 + item), 0, secs("measure", npx)),
+    ]
+    preview_px = math.prod(_preview_shape(shapes))
+    stages.append(Stage("preview", 1, preview_px * (item + 4), 0, 0.0 if costs else None))
+    core = math.prod(tiles)
+    read_block = math.prod(
+        min(t + 2 * h, s) for t, h, s in zip(tiles, seg_halo, shape, strict=True)
+    )
+    filt_block = math.prod(min(t + 2 * h, s) for t, h, s in zip(tiles, f_halo, shape, strict=True))
+    working = seg_cost.working_bytes_per_px * read_block if seg_cost else 0.0
+    peaks = {
+        "ingest": core * (stored_item + item),
+        "filter": filt_block * (item + 4 + 4) if segmenter.has_filter() else 0,
+        # float32 block + halo, the segmenter's working set, full and core labels
+        "segment": int(read_block * 4 + working + read_block * 4 + core * 5),
+        "relabel": core * 8,
+        "panoptic": core * (1 + 4 + 8 + 1),
+        "measure": core * (4 + 1 + item + 8),
+    }
+    return ImageEstimate(
+        name=spec.name,
+        path=spec.path,
+        shape=tuple(shape),
+        dtype=str(spec.out_dtype),
+        tile=tiles,
+        halo=tuple(seg_halo),
+        filter_halo=tuple(f_halo),
+        grid=grid,
+        blocks=n,
+        pairs=pairs,
+        levels=len(shapes),
+        stages=tuple(stages),
+        peak_thread_bytes=peaks,
+    )
+
+
+def _preview_shape(shapes: Sequence[Sequence[int]], max_size: int = 1024) -> tuple[int, ...]:
+    level = next((s for s in shapes if max(s[-2:]) <= max_size), shapes[-1])
+    return tuple(level[-2:])
+
+
+def wall_seconds(
+    estimates: Sequence[ImageEstimate], *, workers: int, threads: int, costs: Costs
+) -> float | None:
+    """Estimated wall time of the run on ``workers`` × ``threads`` Dask threads.
+
+    Model: images and stages run one after another (each stage waits for all its
+    blocks); a stage of T tasks runs in ``ceil(T / (workers * threads))`` waves of
+    its mean task time plus the per-task overhead; stitch runs on the client.
+    None if a stage is not calibrated (e.g. a segmenter missing from the table).
+    """
+    slots = max(1, workers * threads)
+    total = 0.0
+    for est in estimates:
+        for s in est.stages:
+            if s.compute_s is None:
+                return None
+            if s.client or s.tasks == 0:
+                total += s.compute_s
+                continue
+            per_task = s.compute_s / s.tasks + costs.task_overhead_s
+            total += math.ceil(s.tasks / slots) * per_task
+    return total
+
+
+# -- a whole run ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """Every image's plan, the inputs that could not be opened, and the calibration."""
+
+    images: list[ImageEstimate]
+    bad: list[tuple[str, str]]
+    segmenter: str
+    costs: Costs | None
+    seconds: float = 0.0  # how long planning took
+    totals: dict[str, int] = field(default_factory=dict)
+
+    def wall(self, workers: int, threads: int) -> float | None:
+        if self.costs is None:
+            return None
+        return wall_seconds(self.images, workers=workers, threads=threads, costs=self.costs)
+
+
+def plan_run(
+    config: RunConfig,
+    *,
+    costs: Costs | None = None,
+    calibrate: bool = False,
+    workdir: str | Path | None = None,
+) -> RunPlan:
+    """Open every input's header and plan it; with ``calibrate``, measure the costs on one
+    block of the first image first (`measure_costs`), else use ``costs``.
+
+    Raises
+    ------
+    SegpipeError
+        A bad segmenter, or (under ``on_error: fail``) bad inputs, as `segpipe run` would.
+    """
+    from segpipe.errors import InputsError, SegpipeError
+    from segpipe.io.collection import resolve_inputs
+
+    t0 = time.perf_counter()
+    config = config.resolved()
+    segmenter = get_segmenter(config.segmenter.name, **config.segmenter.options())
+    paths = resolve_inputs(config.input, missing_ok=config.on_error == "skip")
+    specs: list[SourceSpec] = []
+    bad: list[tuple[str, str]] = []
+    for p in paths:
+        try:
+            specs.append(open_source(p, channel=config.channel, axes=config.axes))
+        except SegpipeError as err:
+            bad.append((p, str(err)))
+    if bad and config.on_error == "fail":
+        raise InputsError("\n".join(msg for _, msg in bad))
+    halo = None if config.halo == "auto" else config.halo
+    if calibrate and specs:
+        costs = measure_costs(
+            specs[0], segmenter, tile=config.tile, halo=halo, workdir=workdir, base=costs
+        )
+    images = [
+        plan_image(s, tile=config.tile, segmenter=segmenter, halo=halo, costs=costs) for s in specs
+    ]
+    return RunPlan(images, bad, segmenter.name, costs, time.perf_counter() - t0)
+
+
+# -- measuring the costs -------------------------------------------------------------
+
+
+def _timed(fn: Callable[[], Any], repeats: int = 1) -> tuple[float, Any]:
+    """Fastest of ``repeats`` runs (block functions rewrite the same chunks: idempotent)."""
+    best, out = math.inf, None
+    for _ in range(max(1, repeats)):
+        t = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t)
+    return best, out
+
+
+def measure_costs(
+    spec: SourceSpec,
+    segmenter: Segmenter,
+    *,
+    tile: int | Sequence[int] = 1024,
+    halo: int | Sequence[int] | None = None,
+    workdir: str | Path | None = None,
+    base: Costs | None = None,
+    repeats: int = 1,
+) -> Costs:
+    """Time the pipeline's real block functions on one block of ``spec``, one thread.
+
+    Copies a region of up to 3 tiles per axis of the image into a scratch store
+    (reading only those pixels), runs every stage's block function on all its
+    blocks (later stages need earlier results) and times them on the middle
+    block: ingest (from the image itself), filter, histogram, segment, a pair
+    task, relabel, downsample, panoptic and measure. The segmenter's working set
+    is the tracemalloc peak of ``segment()`` on that block. Per-task overhead and
+    the stitch cost per block come from ``base`` when given.
+
+    Returns
+    -------
+    Costs
+        ``stages`` in ns per pixel, ``segment[segmenter.name]``, ``pairs[mode]``.
+    """
+    import zarr
+
+    from segpipe import pipeline, stitch
+    from segpipe.io import omezarr
+    from segpipe.io.readers import read_region
+    from segpipe.measure import measure_block
+    from segpipe.panoptic import catalogue_for, choose_divisor, panoptic_block
+    from segpipe.stats import Extrema, hist_range, merge_histograms
+
+    ndim = len(spec.shape)
+    mode = segmenter.stitch
+    tiles = tuple(min(t, s) for t, s in zip(_per_axis(tile, ndim) or (), spec.shape, strict=True))
+    own = workdir is None
+    root = Path(workdir or tempfile.mkdtemp(prefix="segpipe-calibrate-"))
+    try:
+        region = tuple(slice(0, min(3 * t, s)) for t, s in zip(tiles, spec.shape, strict=True))
+        sub = tuple(r.stop for r in region)
+        mid = tuple(min(1, -(-s // t) - 1) for s, t in zip(sub, tiles, strict=True))
+        # ingest from the user's own file: its format decides that cost
+        src = str(root / "source.zarr")
+        zarr.create_array(store=src, shape=sub, chunks=tiles, dtype=spec.out_dtype, fill_value=0)
+        for r in pipeline._regions(sub, tiles):
+            zarr.open_array(src, mode="r+")[r] = read_region(spec, r)
+        local = open_source(src, axes="ZYX"[3 - ndim :])
+        plan = pipeline.ImagePlan(
+            local,
+            str(root / "out.zarr"),
+            tiles,
+            segmenter,
+            None if halo is None else _per_axis(halo, ndim),
+        )
+        grid = plan.grid(plan.segment_halo)
+        middle = grid.block(mid)
+        core_px = math.prod(middle.shape)
+        ns: dict[str, float] = {}
+
+        def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+            return _timed(fn, repeats)
+
+        def per_px(stage: str, seconds: float, px: int) -> None:
+            ns[stage] = seconds / max(px, 1) * 1e9
+
+        omezarr.create_array(plan.raw, shape=sub, chunks=tiles, dtype=local.out_dtype)
+        t_ingest, _ = timed(lambda: pipeline.ingest_block(spec, plan.raw, middle.core))
+        parts = [pipeline.ingest_block(local, plan.raw, b.core) for b in plan.grid()]
+        per_px("ingest", t_ingest, core_px)
+        extrema = Extrema.merge(parts)
+        if segmenter.has_filter():
+            omezarr.create_array(plan.filtered, shape=sub, chunks=tiles, dtype=np.float32)
+            fgrid = plan.grid(segmenter.filter_halo(ndim))
+            parts = [pipeline.filter_block(plan.raw, plan.filtered, b, segmenter) for b in fgrid]
+            extrema = Extrema.merge(parts)
+            fb = fgrid.block(mid)
+            t, _ = timed(lambda: pipeline.filter_block(plan.raw, plan.filtered, fb, segmenter))
+            per_px("filter", t, math.prod(r.stop - r.start for r in fb.read))
+        lo, hi = hist_range(extrema)
+        hists = [pipeline.histogram_block(plan.source, b.core, lo, hi) for b in plan.grid()]
+        t, _ = timed(lambda: pipeline.histogram_block(plan.source, middle.core, lo, hi))
+        per_px("statistics", t, core_px)
+        params = dict(segmenter.prepare(merge_histograms(hists, extrema)))
+        for kind, dtype in (("semantic", np.uint8),):
+            omezarr.create_array(plan.label(kind), shape=sub, chunks=tiles, dtype=dtype)
+        omezarr.create_array(plan.local_labels, shape=sub, chunks=tiles, dtype=np.uint32)
+        blocks = list(grid)
+        pairs = list(grid.neighbour_pairs())
+        directions: dict[int, list[tuple[int, ...]]] = {b.id: [] for b in blocks}
+        for a, b, d in pairs:
+            directions[a.id].append(d)
+            directions[b.id].append(tuple(-x for x in d))
+        mdir = str(plan.markers("segment").directory)
+        counts = [pipeline.segment_block(plan, b, params, directions[b.id], mdir) for b in blocks]
+        t_seg, _ = timed(
+            lambda: pipeline.segment_block(plan, middle, params, directions[middle.id], mdir)
+        )
+        read_px = math.prod(r.stop - r.start for r in middle.read)
+        data = np.asarray(zarr.open_array(plan.source, mode="r")[middle.read], np.float32)
+        tracemalloc.start()
+        try:
+            segmenter.segment(data, params)
+            working = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        seg = SegmentCost(t_seg / read_px * 1e9, working / read_px)
+        edges: list[tuple[int, int, Any]] = []
+        pair_times: list[float] = []
+        for a, b, d in pairs:
+            t0 = time.perf_counter()
+            e = pipeline.pair_edges(mdir, a.id, b.id, d, mode)
+            t = time.perf_counter() - t0
+            edges.append((a.id, b.id, e))
+            if middle.id in (a.id, b.id):
+                pair_times.append(t)
+        ids = stitch.global_ids(counts, edges)
+        omezarr.create_array(plan.label("instances"), shape=sub, chunks=tiles, dtype=ids.dtype)
+        for b in blocks:
+            pipeline.relabel_block(
+                plan.local_labels, plan.label("instances"), b.core, ids.block_lut(b.id)
+            )
+        lut = ids.block_lut(middle.id)
+        t, _ = timed(
+            lambda: pipeline.relabel_block(
+                plan.local_labels, plan.label("instances"), middle.core, lut
+            )
+        )
+        per_px("relabel", t, core_px)
+        half = tuple(-(-s // 2) for s in sub[-2:])
+        small = (*sub[:-2], *half)
+        down = str(root / "down")
+        omezarr.create_array(down, shape=small, chunks=tiles, dtype=local.out_dtype)
+        first = tuple(slice(0, min(t, s)) for t, s in zip(tiles, small, strict=True))
+        t, _ = timed(lambda: omezarr.downsample_block(plan.raw, down, first))
+        per_px("pyramid", t, math.prod(r.stop for r in first))
+        catalogue = catalogue_for(segmenter)
+        pan = plan.label("panoptic")
+        omezarr.create_array(pan, shape=sub, chunks=tiles, dtype=np.uint64, labels=True)
+        args = (plan.label("semantic"), plan.label("instances"), pan, middle.core)
+        t, _ = timed(lambda: panoptic_block(*args, choose_divisor(ids.count), catalogue))
+        per_px("panoptic", t, core_px)
+        stuff = tuple(c.id for c in catalogue.classes if not c.thing)
+        t, _ = timed(
+            lambda: measure_block(
+                plan.label("instances"),
+                plan.label("semantic"),
+                plan.raw,
+                middle.core,
+                str(root / "parts"),
+                middle.id,
+                sub,
+                stuff,
+            )
+        )
+        per_px("measure", t, core_px)
+        pair_s = float(np.median(pair_times)) if pair_times else 0.0
+        where = f"{spec.path}: block {mid} of tile {tiles}, {segmenter.name}, one thread"
+        stages = {**(base.stages if base else {}), **ns}
+        return Costs(
+            stages=stages,
+            segment={**(base.segment if base else {}), segmenter.name: seg},
+            pairs={**(base.pairs if base else {}), mode: pair_s},
+            task_overhead_s=base.task_overhead_s if base else 0.0,
+            merge_s_per_block=base.merge_s_per_block if base else 0.0,
+            source=where,
+        )
+    finally:
+        if own:
+            shutil.rmtree(root, ignore_errors=True)
