@@ -59,5 +59,6 @@ def test_default_unet_beats_watershed(run_cli, tmp_path: Path) -> None:  # type:
     print(summary)  # shown with pytest -s
     assert unet.pq is not None and ws.pq is not None
     assert unet.pq >= 0.90, summary
+    assert _nuclei(unet) >= 0.90, summary  # the instances alone, not averaged with background
     assert unet.pq > ws.pq, summary
     assert _nuclei(unet) > _nuclei(ws), summary
