@@ -41,7 +41,7 @@ PREFECT_STAGES = (
     "preview",
 )
 COMPRESSION = (
-    "bytes are uncompressed array bytes (what a task decodes or encodes); on disk the "
+    "uncompressed array bytes (what a task decodes or encodes); on disk the "
     "image codec (blosc-lz4) saves little on noisy images (~1.3x) and label arrays "
     "(blosc-zstd) shrink ~50x"
 )
@@ -148,9 +148,14 @@ def neighbour_pair_counts(grid: Sequence[int]) -> dict[tuple[int, ...], int]:
 
 
 def _pyramid(shape: Sequence[int], tile: Sequence[int]) -> list[tuple[int, ...]]:
-    from segpipe.io.omezarr import pyramid_shapes
-
-    return pyramid_shapes(shape, min_size=max(256, min(tile[-2:])))
+    """Level shapes as `segpipe.io.omezarr.pyramid_shapes` gives them to the write stage
+    (kept here: importing ome-zarr costs most of a plan's second)."""
+    min_size = max(256, min(tile[-2:]))
+    shapes = [tuple(shape)]
+    while max(shapes[-1][-2:]) > min_size:
+        s = shapes[-1]
+        shapes.append((*s[:-2], -(-s[-2] // 2), -(-s[-1] // 2)))
+    return shapes
 
 
 # -- the plan of one image -----------------------------------------------------------
