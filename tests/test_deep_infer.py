@@ -207,3 +207,13 @@ def test_provenance_survives_a_resume(client, tmp_path: Path) -> None:
     assert {b for b, r in runs.items() if r == first.token} == {0, 2, 3, 5, 6, 8}
     assert all(w.startswith("tcp://") for w in table["worker"])
     assert set(table["device"]) == {"cpu"} and all(s > 0 for s in table["seconds"])
+
+
+def test_2d_network_on_a_volume_runs_plane_by_plane(models: dict[str, Path]) -> None:
+    image, _ = synthetic.render((slice(0, 3), slice(0, 72), slice(0, 80)), seed=4, noise=0.02)
+    seg = get_segmenter("unet", model=str(models["unet"]), tile=96)
+    params = {"lo": float(image.min()), "hi": float(image.max())}
+    volume = seg.segment(image.astype(np.float32), params).semantic
+    planes = [seg.segment(p.astype(np.float32), params).semantic for p in image]
+    assert volume is not None and all(p is not None for p in planes)
+    np.testing.assert_array_equal(volume, np.stack(planes))  # type: ignore[arg-type]
