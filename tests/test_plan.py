@@ -1,0 +1,262 @@
+"""`segpipe plan`: its numbers against hand-computed cases and the real grid, and a
+header-only plan of a 10⁶-block virtual image in seconds and bounded memory."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+import typer
+import zarr
+from typer.testing import CliRunner
+
+from flows.plan_cli import register
+from segpipe import synthetic
+from segpipe.blocks import BlockGrid
+from segpipe.config import RunConfig
+from segpipe.io import omezarr
+from segpipe.io.readers import SourceSpec, open_source
+from segpipe.plan import (
+    PREFECT_STAGES,
+    Costs,
+    SegmentCost,
+    _pyramid,
+    _read_extent,
+    load_costs,
+    neighbour_pair_counts,
+    plan_image,
+    plan_run,
+    wall_seconds,
+)
+from segpipe.segmenters import get_segmenter
+
+MiB = 2**20
+
+
+def _spec(shape: tuple[int, ...], dtype: str = "uint16") -> SourceSpec:
+    axes = "ZYX"[3 - len(shape) :]
+    return SourceSpec("/x.zarr", "x", "zarr", axes, shape, dtype, None, chunks=(256,) * len(shape))
+
+
+def _app() -> typer.Typer:
+    app = typer.Typer()
+    register(app)
+
+    @app.command()
+    def other() -> None:  # a second command keeps `plan` a subcommand
+        pass
+
+    return app
+
+
+def test_4096_at_tile_1024_by_hand() -> None:
+    est = plan_image(_spec((4096, 4096)), tile=1024, segmenter=get_segmenter("otsu", sigma=0))
+    assert est.grid == (4, 4) and est.blocks == 16
+    # 4 rows × 3 right + 3 × 4 down + 3 × 3 down-right + 3 × 3 down-left
+    assert est.pairs == 12 + 12 + 9 + 9 == 42
+    assert est.levels == 3  # 4096, 2048, 1024 (pyramids stop at the tile)
+    tasks = {s.name: s.tasks for s in est.stages}
+    assert tasks == {
+        "ingest": 16,
+        "statistics": 16,
+        "segment": 16,
+        "links": 42,
+        "stitch": 0,
+        "relabel": 16,
+        "pyramid": 3 * (4 + 1),  # image, semantic, instances at 2048² and 1024²
+        "panoptic": 16 + 4 + 1,
+        "measure": 16,
+        "preview": 1,
+    }
+    assert est.prefect_tasks == len(PREFECT_STAGES) == 8
+    px = 4096 * 4096
+    ingest, segment, links = est.stage("ingest"), est.stage("segment"), est.stage("links")
+    assert (ingest.read_bytes, ingest.write_bytes) == (2 * px, 2 * px)
+    assert segment.read_bytes == 2 * px  # no halo, no filter: the uint16 image once
+    # faces: 24 face pairs × 2 views × 1024 px, 18 corner pairs × 2 views × 1 px; 5 B/px
+    views = (24 * 2 * 1024 + 18 * 2) * 5
+    assert segment.write_bytes == px * (1 + 4) + views
+    assert links.read_bytes == views
+    assert est.stage("relabel").read_bytes == est.stage("relabel").write_bytes == 4 * px
+    assert est.stage("pyramid").write_bytes == (2048**2 + 1024**2) * (2 + 1 + 4)
+    assert est.stage("pyramid").read_bytes == (4096**2 + 2048**2) * (2 + 1 + 4)
+    assert est.stage("panoptic").write_bytes == px * 8 + (2048**2 + 1024**2) * 8
+    assert est.stage("measure").read_bytes == px * (4 + 1 + 2)
+    # segment thread peak: float32 block, full uint32 labels, core local + semantic
+    assert est.peak_thread_bytes["segment"] == 1024**2 * (4 + 4 + 5)
+    # a strip TIFF (decode unit wider than a block) is ingested in 4 full-width bands
+    strips = SourceSpec(
+        "/s.tif", "s", "tiff", "YX", (4096, 4096), "uint16", None, chunks=(16, 4096)
+    )
+    otsu = get_segmenter("otsu", sigma=0)
+    assert plan_image(strips, tile=1024, segmenter=otsu).stage("ingest").tasks == 4
+
+
+def test_4096_with_smoothing_and_watershed_halos_by_hand() -> None:
+    otsu = plan_image(_spec((4096, 4096)), tile=1024, segmenter=get_segmenter("otsu", sigma=2))
+    assert otsu.filter_halo == (8, 8)  # int(4 * 2 + 0.5), as scipy
+    # per axis: 4096 core + 3 inner left halos + 3 inner right halos of 8 px
+    assert otsu.stage("filter").read_bytes == (4096 + 6 * 8) ** 2 * 2
+    assert otsu.stage("filter").write_bytes == 4096**2 * 4
+    assert otsu.stage("segment").read_bytes == 4096**2 * 4  # the float32 filtered image
+    ws = get_segmenter("watershed")
+    est = plan_image(_spec((4096, 4096)), tile=1024, segmenter=ws, halo=32)
+    assert est.halo == (32, 32)
+    assert est.stage("segment").read_bytes == (4096 + 6 * 32) ** 2 * 4
+    # overlap windows: faces 1024 × 64 px, corners 64 × 64 px; uint32
+    views = (24 * 2 * 1024 * 64 + 18 * 2 * 64 * 64) * 4
+    assert est.stage("links").read_bytes == views
+    assert est.peak_thread_bytes["segment"] > (1024 + 64) ** 2 * 8
+
+
+@pytest.mark.parametrize(
+    "shape,tile,halo",
+    [((4096, 4096), (1024, 1024), (8, 8)), ((1000, 777), (256, 100), (300, 3))],
+)
+def test_grid_arithmetic_equals_the_real_grid(
+    shape: tuple[int, ...], tile: tuple[int, ...], halo: tuple[int, ...]
+) -> None:
+    grid = BlockGrid.build(shape, tile=tile, halo=halo)
+    read = sum(np.prod([r.stop - r.start for r in b.read]) for b in grid)
+    ours = np.prod([_read_extent(s, t, h) for s, t, h in zip(shape, tile, halo, strict=True)])
+    assert ours == read
+    assert sum(neighbour_pair_counts(grid.grid_shape).values()) == len(list(grid.neighbour_pairs()))
+
+
+def test_read_extent_and_pairs_on_many_grids() -> None:
+    for size, tile, halo in itertools.product([1, 5, 64, 100], [1, 7, 32, 100], [0, 1, 9, 40]):
+        grid = BlockGrid.build((size,), tile=tile, halo=halo)
+        want = sum(b.read[0].stop - b.read[0].start for b in grid)
+        assert _read_extent(size, grid.tile[0], halo) == want, (size, tile, halo)
+    for shape in [(3, 4, 5), (1, 2, 7), (2, 2, 2)]:
+        grid = BlockGrid.build(shape, tile=1)
+        assert sum(neighbour_pair_counts(shape).values()) == len(list(grid.neighbour_pairs()))
+    for shape in [(4096, 4096), (30, 5000, 3000)]:
+        assert _pyramid(shape, (1024, 1024)) == omezarr.pyramid_shapes(shape, min_size=1024)
+
+
+def test_wall_time_model() -> None:
+    est = plan_image(_spec((4096, 4096)), tile=1024, segmenter=get_segmenter("otsu", sigma=0))
+    stages = dict.fromkeys(["ingest", "statistics", "relabel", "pyramid", "panoptic"], 1.0)
+    costs = Costs(
+        stages={**stages, "measure": 1.0},
+        segment={"otsu": SegmentCost(10.0, 20.0)},
+        pairs={"faces": 0.001},
+        task_overhead_s=0.0,
+        merge_s_per_block=0.0,
+    )
+    est = plan_image(_spec((4096, 4096)), tile=1024, segmenter=get_segmenter("otsu", sigma=0))
+    priced = plan_image(
+        _spec((4096, 4096)), tile=1024, segmenter=get_segmenter("otsu", sigma=0), costs=costs
+    )
+    assert est.stage("segment").compute_s is None
+    px = 4096**2
+    assert priced.stage("segment").compute_s == pytest.approx(10e-9 * px)
+    assert priced.stage("links").compute_s == pytest.approx(0.042)
+    one = wall_seconds([priced], workers=1, threads=1, costs=costs)
+    assert one == pytest.approx(sum(s.compute_s or 0.0 for s in priced.stages))
+    # 16 threads: every 16-block stage is one wave of one block
+    sixteen = wall_seconds([priced], workers=4, threads=4, costs=costs)
+    assert sixteen is not None and one is not None
+    assert sixteen == pytest.approx(one / 16, rel=0.25)
+    assert priced.peak_thread_bytes["segment"] == 1024**2 * (4 + 20 + 4 + 5)
+    missing = plan_image(
+        _spec((64, 64)), tile=32, segmenter=get_segmenter("watershed"), costs=costs
+    )
+    assert wall_seconds([missing], workers=1, threads=1, costs=costs) is None
+
+
+def test_shipped_calibration_table_covers_the_builtin_segmenters() -> None:
+    costs = load_costs()
+    for name in ["otsu", "multiotsu", "threshold", "local", "region-growing", "watershed"]:
+        assert costs.segment[name].ns_per_px > 0
+    assert set(costs.pairs) == {"faces", "overlap"}
+    assert costs.task_overhead_s > 0 and costs.merge_s_per_block > 0
+
+
+def _virtual(tmp_path: Path) -> Path:
+    """A 1 024 000² uint16 Zarr v3 array of 1024² chunks with no chunk written: 10⁶ blocks."""
+    path = tmp_path / "virtual.zarr"
+    zarr.create_array(
+        store=str(path),
+        shape=(1_024_000, 1_024_000),
+        chunks=(1024, 1024),
+        dtype="uint16",
+        fill_value=0,
+    )
+    assert not any(p.name != "zarr.json" for p in path.iterdir())  # nothing but metadata
+    return path
+
+
+def test_virtual_million_block_image_plans_in_seconds_and_bounded_memory(
+    tmp_path: Path,
+) -> None:
+    path = _virtual(tmp_path)
+    config = RunConfig(input=str(path), output=str(tmp_path / "out.zarr"))
+    plan_run(config)  # imports (scikit-image for the segmenter) are not the plan's cost
+    tracemalloc.start()
+    t = time.perf_counter()
+    try:
+        result = plan_run(config, costs=load_costs())
+        seconds = time.perf_counter() - t
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    (est,) = result.images
+    assert est.blocks == 1_000_000 and est.grid == (1000, 1000)
+    assert est.pairs == 2 * 1000 * 999 + 2 * 999 * 999
+    assert est.stage("ingest").read_bytes == 1_024_000**2 * 2
+    assert seconds < 2.0, seconds
+    assert peak < 4 * MiB, peak  # counted, never one object per block
+    wall = result.wall(64, 4)
+    assert wall is not None and wall > 0
+    assert not (tmp_path / "out.zarr").exists()  # planning writes nothing
+    print(f"10^6-block plan: {seconds * 1e3:.1f} ms, tracemalloc peak {peak / MiB:.2f} MiB")
+
+
+def test_cli_plans_the_virtual_image(tmp_path: Path) -> None:
+    path = _virtual(tmp_path)
+    run = tmp_path / "run.yaml"
+    run.write_text(f"input: {path}\noutput: {tmp_path / 'out.zarr'}\nsegmenter: watershed\n")
+    runner = CliRunner()
+    res = runner.invoke(
+        _app(), ["plan", "--config", str(run), "-n", "1", "-n", "64", "--threads", "4"]
+    )
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.split())
+    assert "1,000,000 blocks" in text
+    assert "8 Prefect tasks" in text
+    assert "64 worker(s) × 4 thread(s)" in text
+    assert "Planned in" in text and "header-only" in text
+    res = runner.invoke(_app(), ["plan", "--config", str(run), "--json", "-"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.output)
+    (image,) = data["images"]
+    assert image["blocks"] == 1_000_000
+    assert {s["name"]: s["tasks"] for s in image["stages"]}["segment"] == 1_000_000
+    assert data["wall_seconds"]["1"] > data["wall_seconds"]["16"] > 0
+
+
+def test_cli_errors_name_the_problem(tmp_path: Path) -> None:
+    res = CliRunner().invoke(_app(), ["plan", "--input", str(tmp_path / "missing.tif")])
+    assert res.exit_code == 1
+    assert "missing.tif" in res.output
+
+
+def test_calibrate_times_one_block_of_the_first_image(tmp_path: Path) -> None:
+    path = synthetic.write_tiff(tmp_path / "cells.tif", (600, 500), tile=128, seed=2)
+    assert open_source(path).shape == (600, 500)
+    config = RunConfig(input=str(path), output=str(tmp_path / "out.zarr"), tile=256)
+    result = plan_run(config, calibrate=True, workdir=tmp_path / "cal")
+    assert result.costs is not None
+    seg = result.costs.segment["otsu"]
+    assert seg.ns_per_px > 0 and seg.working_bytes_per_px > 0
+    assert set(result.costs.stages) >= {"ingest", "filter", "statistics", "relabel", "measure"}
+    assert "cells.tif" in result.costs.source
+    # with no table, overheads are unknown (0) but the time is still estimated
+    assert result.wall(1, 1) is not None and result.wall(1, 1) > 0  # type: ignore[operator]
