@@ -369,7 +369,12 @@ def _number(n_batches: int, work: Path, dtype: np.dtype[Any]) -> int:
         inside = ~is_root & (final >= off)
         gid[inside] = gid[final[inside] - off]
         outside = final < off
-        gid[outside] = _lookup(open_k, open_v, final[outside])
+        if outside.any():
+            wanted = final[outside]
+            pos = np.minimum(np.searchsorted(open_k, wanted), max(len(open_k) - 1, 0))
+            if not len(open_k) or (open_k[pos] != wanted).any():  # a bug, never a result
+                raise AssertionError(f"merge: batch {s} names a root no longer held.")
+            gid[outside] = open_v[pos]
         open_k = np.concatenate([open_k, own[is_root]])
         open_v = np.concatenate([open_v, gid[is_root]])
         alive = ~np.isin(open_k, last)
