@@ -26,6 +26,7 @@ from segpipe.deep.nets import NetSpec, build
 from segpipe.io.readers import open_source
 from segpipe.pipeline import ImagePlan, run_image
 from segpipe.segmenters import get_segmenter
+from segpipe.segmenters.deep import DeepResult
 
 pytestmark = pytest.mark.integration
 
@@ -217,3 +218,17 @@ def test_2d_network_on_a_volume_runs_plane_by_plane(models: dict[str, Path]) -> 
     planes = [seg.segment(p.astype(np.float32), params).semantic for p in image]
     assert volume is not None and all(p is not None for p in planes)
     np.testing.assert_array_equal(volume, np.stack(planes))  # type: ignore[arg-type]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_mixed_precision_agrees_with_float32_cpu(models: dict[str, Path]) -> None:
+    image, _ = synthetic.render((slice(0, 300), slice(0, 260)), seed=5, noise=0.02)
+    seg = get_segmenter("unet", model=str(models["unet"]), tile=96, device="cuda")
+    lo, hi = np.percentile(image, [1, 99.8])
+    params = {"lo": float(lo), "hi": float(hi)}
+    result = seg.segment(image.astype(np.float32), params)
+    assert isinstance(result, DeepResult) and result.device == "cuda"
+    agree = float((result.semantic == _whole(models["unet"], image)).mean())
+    print(f"unet on CUDA (autocast): {agree:.5%} of pixels agree with float32 on the CPU")
+    assert agree >= 0.99
