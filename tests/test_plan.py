@@ -116,7 +116,11 @@ def test_4096_with_smoothing_and_watershed_halos_by_hand() -> None:
 
 @pytest.mark.parametrize(
     "shape,tile,halo",
-    [((4096, 4096), (1024, 1024), (8, 8)), ((1000, 777), (256, 100), (300, 3))],
+    [
+        ((4096, 4096), (1024, 1024), (8, 8)),
+        ((1000, 777), (256, 100), (300, 3)),
+        ((40, 300, 200), (16, 128, 64), (2, 5, 70)),
+    ],
 )
 def test_grid_arithmetic_equals_the_real_grid(
     shape: tuple[int, ...], tile: tuple[int, ...], halo: tuple[int, ...]
