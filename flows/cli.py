@@ -305,6 +305,7 @@ def segmenters() -> None:
 
 
 from flows.cluster_cli import register as register_cluster  # noqa: E402
+from flows.plan_cli import register as register_plan  # noqa: E402
 from flows.serve import register as register_serve  # noqa: E402
 from flows.tools import register  # noqa: E402
 from flows.train_cli import register as register_train  # noqa: E402
@@ -312,6 +313,7 @@ from flows.train_cli import register as register_train  # noqa: E402
 register(app)
 register_serve(app)
 register_cluster(app)
+register_plan(app)
 register_train(app)
 
 
