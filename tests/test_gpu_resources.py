@@ -96,6 +96,10 @@ def test_deep_blocks_run_on_the_gpu_worker(mixed_cluster: tuple[str, str], tmp_p
     with Client(address) as client:
         assert gpu_resources(client, seg) == {"GPU": 1}
         run_image(client, plan)
+        logs = client.get_worker_logs()
+    said = {w: [m for _, m in lines if "inference on" in m] for w, lines in logs.items()}
+    assert len(said[gpu]) == 1 and "inference on cpu" in said[gpu][0], said  # once per worker
+    assert not any(v for w, v in said.items() if w != gpu), said
     table = provenance.read_table(plan.provenance)
     assert len(table["block"]) == 16
     assert set(table["worker"]) == {gpu}, table["worker"]

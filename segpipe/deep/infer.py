@@ -117,12 +117,17 @@ _ANNOUNCED: set[str] = set()
 
 
 def load_runner(
-    path: str | Path, *, device: str = "auto", fallback: NetSpec | None = None
+    path: str | Path,
+    *,
+    device: str = "auto",
+    fallback: NetSpec | None = None,
+    announce: bool = True,
 ) -> Runner:
     """The model at ``path`` on ``device``, loaded once per process and kept.
 
     Keyed by (path, mtime, device, fallback): a replaced file is loaded again.
-    The first model a process puts on a device logs one line naming it.
+    The first model a process puts on a device logs one line naming the device
+    (unless ``announce`` is false: the client's check of the file is no worker).
 
     Raises
     ------
@@ -140,22 +145,38 @@ def load_runner(
     key = (str(p), mtime, dev, fallback)
     with _LOCK:  # a worker's threads share one copy of the weights
         runner = _CACHE.get(key)
-        if runner is not None:
-            return runner
-        loaded = checkpoint.load(p, fallback)
-        net = loaded.net.to(dev)
-        autocast: torch.dtype | None = None
-        if dev == "cuda":
-            bf16 = torch.cuda.is_bf16_supported()
-            autocast = torch.bfloat16 if bf16 else torch.float16
-        if not loaded.scripted:
-            net = net.to(memory_format=_memory_format(loaded.meta.spec.ndim + 2))
-        runner = Runner(net, loaded.meta, p, dev, autocast)
-        _CACHE[key] = runner
-        if dev not in _ANNOUNCED:
+        if runner is None:
+            runner = _load(p, dev, fallback)
+            _CACHE[key] = runner
+        if announce and dev not in _ANNOUNCED:
             _ANNOUNCED.add(dev)
-            log.info("segpipe: inference on %s in this worker (model %s)", _describe(dev), p.name)
+            _logger().info(
+                "segpipe: inference on %s in this worker (model %s)", _describe(dev), p.name
+            )
         return runner
+
+
+def _load(p: Path, dev: str, fallback: NetSpec | None) -> Runner:
+    loaded = checkpoint.load(p, fallback)
+    net = loaded.net.to(dev)
+    autocast: torch.dtype | None = None
+    if dev == "cuda":
+        autocast = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if not loaded.scripted:
+        net = net.to(memory_format=_memory_format(loaded.meta.spec.ndim + 2))
+    return Runner(net, loaded.meta, p, dev, autocast)
+
+
+def _logger() -> logging.Logger:
+    """The Dask worker's own logger inside a worker (its log is what the worker prints
+    and the dashboard shows); this module's logger elsewhere."""
+    from distributed import get_worker
+
+    try:
+        get_worker()
+    except ValueError:
+        return log
+    return logging.getLogger("distributed.worker")
 
 
 def _describe(device: str) -> str:

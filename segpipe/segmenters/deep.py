@@ -106,7 +106,9 @@ class DeepSegmenter(Segmenter):
         # Load and run the model once here, on the client: a missing, corrupt or
         # mismatched file is named before any block is computed.
         try:
-            runner = infer.load_runner(self.path, device="cpu", fallback=self.fallback)
+            runner = infer.load_runner(
+                self.path, device="cpu", fallback=self.fallback, announce=False
+            )
         except InputNotFoundError as err:
             hint = "" if o.model else f"; the shipped {self.name} weights are missing: give model="
             raise ModelFileError(f"{err}{hint}") from err
