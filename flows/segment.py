@@ -22,11 +22,11 @@ from segpipe.io.collection import resolve_inputs
 from segpipe.io.readers import SourceSpec, image_name, open_source
 from segpipe.io.store import OutputLock, check_name, image_state, mark_image, open_output
 from segpipe.measure import Measured, measure
+from segpipe.merge import MergedIds
 from segpipe.panoptic import PanopticResult, catalogue_for, write_panoptic
 from segpipe.preview import write_preview
 from segpipe.segmenters import Segmenter, get_segmenter
 from segpipe.stats import Extrema, ImageStats
-from segpipe.stitch import GlobalIds
 
 ProgressFn = Callable[[str, int, int], None]
 
@@ -211,9 +211,9 @@ def segment_blocks(plan: pipeline.ImagePlan, stats: ImageStats) -> pipeline.Segm
     return pipeline.segment(_client(), plan, stats, _progress(plan.name))
 
 
-@task(name="stitch", task_run_name="stitch-{plan.name}", cache_policy=NO_CACHE)
-def stitch_labels(plan: pipeline.ImagePlan, segmented: pipeline.Segmented) -> GlobalIds:
-    return pipeline.stitch_ids(segmented)
+@task(name="stitch", task_run_name="stitch-{plan.name}", **_STAGE)
+def stitch_labels(plan: pipeline.ImagePlan, segmented: pipeline.Segmented) -> MergedIds:
+    return pipeline.stitch_ids(_client(), plan, segmented, _progress(plan.name))
 
 
 @task(
@@ -221,7 +221,7 @@ def stitch_labels(plan: pipeline.ImagePlan, segmented: pipeline.Segmented) -> Gl
     task_run_name="write-{plan.name}",
     **_STAGE,
 )
-def write_outputs(plan: pipeline.ImagePlan, ids: GlobalIds) -> int:
+def write_outputs(plan: pipeline.ImagePlan, ids: MergedIds) -> int:
     return pipeline.write(_client(), plan, ids, _progress(plan.name))
 
 

@@ -15,7 +15,7 @@ import math
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,7 @@ import zarr
 from distributed import Client, as_completed
 from numpy.typing import NDArray
 
-from segpipe import stitch
+from segpipe import merge, stitch
 from segpipe.blocks import Block, BlockGrid
 from segpipe.deep import provenance
 from segpipe.errors import BlockFailedError, OutputWriteError, UnsupportedImageError
@@ -540,14 +540,14 @@ def gpu_resources(client: Client, segmenter: Segmenter) -> dict[str, float] | No
 @dataclass(frozen=True)
 class Segmented:
     counts: list[int]
-    edges: list[tuple[int, int, NDArray[np.int64]]]
     params: dict[str, Any]
 
 
 def segment(
     client: Client, plan: ImagePlan, stats: ImageStats, progress: ProgressFn = _noop
 ) -> Segmented:
-    """Segment every block (with its halo), write semantic + local labels, find links."""
+    """Segment every block (with its halo): semantic + local labels, and in each block's
+    marker its object count and its views toward its neighbours (for `stitch_ids`)."""
     params = dict(plan.segmenter.prepare(stats))
     tile = plan.grid().tile
     markers = plan.markers("segment")
@@ -580,15 +580,7 @@ def segment(
     computed = dict(zip((b.id for b in todo), counts_todo, strict=True))
     for b in blocks:
         counts[b.id] = computed[b.id] if b.id in computed else _count_in(markers.load(b.id))
-    edge_arrays = map_blocks(
-        client,
-        pair_edges,
-        [(str(markers.directory), a.id, b.id, d, plan.segmenter.stitch) for a, b, d in pairs],
-        stage="links",
-        progress=progress,
-    )
-    edges = [(a.id, b.id, e) for (a, b, _), e in zip(pairs, edge_arrays, strict=True)]
-    return Segmented(counts, edges, {k: _plain(v) for k, v in params.items()})
+    return Segmented(counts, {k: _plain(v) for k, v in params.items()})
 
 
 def _plain(value: Any) -> Any:
@@ -599,13 +591,93 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def stitch_ids(segmented: Segmented) -> stitch.GlobalIds:
-    """Global consecutive ids from block counts and links."""
-    return stitch.global_ids(segmented.counts, segmented.edges)
+def imap_blocks(
+    client: Client,
+    fn: Callable[..., Any],
+    args: Iterable[tuple[Any, ...]],
+    *,
+    stage: str,
+    total: int,
+    progress: ProgressFn = _noop,
+    window: int = WINDOW,
+) -> Iterator[Any]:
+    """Yield ``fn(*a)`` for each ``a`` in order, with at most ``window`` tasks submitted and
+    not yet consumed: a consumer that streams the results holds ``window`` of them, never
+    all (the links of 10⁶ blocks)."""
+    token = uuid.uuid4().hex[:8]
+    items = enumerate(args)
+    futures: dict[int, Any] = {}
+
+    def fill() -> None:
+        while len(futures) < window:
+            nxt = next(items, None)
+            if nxt is None:
+                return
+            i, a = nxt
+            futures[i] = client.submit(fn, *a, key=f"{stage}-{token}-{i}", retries=RETRIES)
+
+    progress(stage, 0, total)
+    done = 0
+    try:
+        fill()
+        while done in futures:
+            f = futures.pop(done)
+            result = f.result()
+            f.release()
+            done += 1
+            progress(stage, done, total)
+            fill()
+            yield result
+    finally:  # an error here or in the consumer: drop what is still queued
+        if futures:
+            client.cancel(list(futures.values()))
+
+
+def stitch_ids(
+    client: Client, plan: ImagePlan, segmented: Segmented, progress: ProgressFn = _noop
+) -> merge.MergedIds:
+    """Global consecutive ids: one task per touching pair of blocks turns their views
+    (from the segment markers) into links, streamed in block order into `merge.merge_ids`,
+    whose memory is bounded by a row of blocks; its lookup tables go to scratch."""
+    grid = plan.grid(plan.segment_halo)
+    marker_dir = str(plan.markers("segment").directory)
+    mode = plan.segmenter.stitch
+    total = sum(1 for _ in grid.neighbour_pairs())
+    pairs = ((a.id, b.id, d) for a, b, d in grid.neighbour_pairs())
+    links = imap_blocks(
+        client,
+        pair_edges,
+        ((marker_dir, a, b, d, mode) for a, b, d in pairs),
+        stage="links",
+        total=total,
+        progress=progress,
+    )
+    edges = ((a.id, b.id, e) for (a, b, _), e in zip(grid.neighbour_pairs(), links, strict=True))
+    work = Path(plan.scratch) / "merge"
+    shutil.rmtree(work, ignore_errors=True)
+    return merge.merge_ids(grid.grid_shape, segmented.counts, edges, work)
+
+
+class _Lazy(Sequence[tuple[Any, ...]]):
+    """Task arguments made when a task is submitted, not all up front (10⁶ lookup tables)."""
+
+    def __init__(self, n: int, make: Callable[[int], tuple[Any, ...]]) -> None:
+        self.n, self.make = n, make
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> tuple[Any, ...]:  # type: ignore[override]
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        return self.make(i)
 
 
 def write(
-    client: Client, plan: ImagePlan, ids: stitch.GlobalIds, progress: ProgressFn = _noop
+    client: Client,
+    plan: ImagePlan,
+    ids: merge.MergedIds | stitch.GlobalIds,
+    progress: ProgressFn = _noop,
 ) -> int:
     """Relabel to global ids, build the pyramids and NGFF metadata; return the level count."""
     tile = plan.grid().tile
@@ -617,7 +689,15 @@ def write(
     map_blocks(
         client,
         relabel_block,
-        [(plan.local_labels, plan.label("instances"), b.core, ids.block_lut(b.id)) for b in blocks],
+        _Lazy(
+            len(blocks),
+            lambda i: (
+                plan.local_labels,
+                plan.label("instances"),
+                blocks[i].core,
+                ids.block_lut(blocks[i].id),
+            ),
+        ),
         stage="relabel",
         progress=progress,
         markers=markers,
@@ -774,7 +854,7 @@ def run_image(client: Client, plan: ImagePlan, progress: ProgressFn = _noop) -> 
     raw = timed("ingest", lambda: ingest(client, plan, progress))
     stats = timed("statistics", lambda: statistics(client, plan, raw, progress))
     seg = timed("segment", lambda: segment(client, plan, stats, progress))
-    ids = timed("stitch", lambda: stitch_ids(seg))
+    ids = timed("stitch", lambda: stitch_ids(client, plan, seg, progress))
     timed("write", lambda: write(client, plan, ids, progress))
     from segpipe import measure, panoptic, preview  # they build on this module
 
