@@ -1,15 +1,20 @@
 """Throughput of `otsu` end to end, side by side in one run (the performance issue's baseline).
 
-Usage: python -m bench.throughput [--sizes 4096 8192] [--repeats 3] [--workdir DIR]
+Usage: python -m bench.throughput [--sizes 4096 8192 16384] [--repeats 3]
+                                  [--segmenters otsu watershed unet] [--workdir DIR]
 
 For each size, on the same synthetic tiled uint16 TIFF, medians over
 ``--repeats`` runs of:
 - scikit-image on the whole image in one process (float32: gaussian σ=2,
   threshold_otsu, label; no I/O but the TIFF read);
 - segpipe's stages (`pipeline.run_image`, TIFF in, OME-Zarr out) on a
-  LocalCluster of 2 worker processes × 1 thread, with time per stage;
+  LocalCluster of 2 worker processes × 1 thread, with time per stage and the
+  workers' busy share of it (the sum of the stage's task compute times from
+  Dask's task stream / (wall × threads)); the rest is the scheduler, the
+  client and waiting;
 - dask-image (`ndfilters.gaussian_filter` + global Otsu + `ndmeasure.label`)
-  on the same LocalCluster.
+  on the same LocalCluster, up to ``--dask-image-max`` pixels a side;
+- every other ``--segmenters`` entry through segpipe alone (throughput only).
 """
 
 from __future__ import annotations
@@ -38,16 +43,45 @@ def _skimage(path: Path) -> float:
     return time.perf_counter() - t0
 
 
-def _segpipe(client: Any, path: Path, out: Path, tile: int) -> tuple[float, dict[str, float]]:
+def _segpipe(
+    client: Any, path: Path, out: Path, tile: int, segmenter: str = "otsu"
+) -> tuple[float, dict[str, float], dict[str, float]]:
+    """Seconds, seconds per stage, and busy share of the workers per stage."""
+    from distributed import get_task_stream
+
     from segpipe.io.readers import open_source
     from segpipe.pipeline import ImagePlan, run_image
     from segpipe.segmenters import get_segmenter
 
     shutil.rmtree(out, ignore_errors=True)
-    plan = ImagePlan(open_source(path), str(out), (tile, tile), get_segmenter("otsu", sigma=2.0))
+    plan = ImagePlan(open_source(path), str(out), (tile, tile), get_segmenter(segmenter))
+    threads = sum(w["nthreads"] for w in client.scheduler_info()["workers"].values())
     t0 = time.perf_counter()
-    result = run_image(client, plan)
-    return time.perf_counter() - t0, result.stages
+    with get_task_stream(client) as ts:
+        result = run_image(client, plan)
+    seconds = time.perf_counter() - t0
+    busy: dict[str, float] = {}
+    for task in ts.data:
+        stage = _STAGE_OF.get(str(task["key"]).split("-", 1)[0].rstrip("0123456789"), "other")
+        spent = sum(s["stop"] - s["start"] for s in task["startstops"] if s["action"] == "compute")
+        busy[stage] = busy.get(stage, 0.0) + spent
+    share = {k: busy.get(k, 0.0) / (v * threads) for k, v in result.stages.items() if v > 0}
+    return seconds, result.stages, share
+
+
+# Dask task key prefixes → the stage of `run_image` they belong to.
+_STAGE_OF = {
+    "ingest": "ingest",
+    "filter": "statistics",
+    "statistics": "statistics",
+    "segment": "segment",
+    "links": "stitch",
+    "relabel": "write",
+    "pyramid": "write",
+    "panoptic": "panoptic",
+    "measure": "measure",
+    "preview": "preview",
+}
 
 
 def _dask_image(client: Any, path: Path, tile: int) -> float:
@@ -69,7 +103,9 @@ def _dask_image(client: Any, path: Path, tile: int) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[4096, 8192])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[4096, 8192, 16384])
+    parser.add_argument("--segmenters", nargs="+", default=["otsu"])
+    parser.add_argument("--dask-image-max", type=int, default=8192)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tile", type=int, default=1024)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/segpipe-bench"))
@@ -88,16 +124,22 @@ def main(argv: list[str] | None = None) -> int:
             path = args.workdir / f"nuclei-{size}.tif"
             if not path.exists():
                 synthetic.write_tiff(path, (size, size), tile=512, seed=1)
-            sk, sp, di, stages = [], [], [], []
+            sk, sp, di, stages, shares = [], [], [], [], []
+            others: dict[str, list[float]] = {s: [] for s in args.segmenters if s != "otsu"}
+            out = args.workdir / f"tp-{size}.zarr"
             for _ in range(args.repeats):
                 sk.append(_skimage(path))
-                seconds, stage = _segpipe(client, path, args.workdir / f"tp-{size}.zarr", args.tile)
+                seconds, stage, share = _segpipe(client, path, out, args.tile)
                 sp.append(seconds)
                 stages.append(stage)
-                if not args.no_dask_image:
+                shares.append(share)
+                if not args.no_dask_image and size <= args.dask_image_max:
                     di.append(_dask_image(client, path, args.tile))
+                for name in others:
+                    others[name].append(_segpipe(client, path, out, args.tile, name)[0])
             mpx = size * size / 1e6
             med = {k: statistics.median(s[k] for s in stages) for k in stages[0]}
+            busy = {k: statistics.median(s.get(k, 0.0) for s in shares) for k in stages[0]}
             row = (
                 size,
                 statistics.median(sk),
@@ -109,7 +151,17 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"{size}²: skimage {row[1]:.2f} s ({mpx / row[1]:.2f} Mpx/s), segpipe "
                 f"{row[2]:.2f} s ({mpx / row[2]:.2f} Mpx/s), dask-image {row[3]:.2f} s; "
-                "segpipe stages: " + ", ".join(f"{k} {v:.2f}" for k, v in med.items()),
+                "segpipe stages (s, workers busy): "
+                + ", ".join(f"{k} {v:.2f} ({busy[k]:.0%})" for k, v in med.items()),
+                flush=True,
+            )
+            for name, secs in others.items():
+                m = statistics.median(secs)
+                print(f"{size}²: segpipe {name} {m:.2f} s ({mpx / m:.2f} Mpx/s)", flush=True)
+            merged = med.get("stitch", 0) + med.get("write", 0)
+            print(
+                f"{size}²: stitch + write (relabel, pyramids) share of segpipe otsu: "
+                f"{merged / sum(med.values()):.1%}",
                 flush=True,
             )
     print("\nsize   skimage s  segpipe s  dask-image s  segpipe/skimage speed  segpipe/dask-image")

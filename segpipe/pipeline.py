@@ -406,6 +406,7 @@ def prepare_array(
     chunks: Sequence[int],
     dtype: Any,
     labels: bool = True,
+    compress: bool = True,
 ) -> None:
     """Create the array a stage writes, unless a resumed stage already wrote parts of it."""
     if markers.count():
@@ -417,7 +418,9 @@ def prepare_array(
         except Exception:  # missing or unreadable: its markers lie
             pass
         markers.clear()
-    omezarr.create_array(path, shape=shape, chunks=chunks, dtype=dtype, labels=labels)
+    omezarr.create_array(
+        path, shape=shape, chunks=chunks, dtype=dtype, labels=labels, compress=compress
+    )
 
 
 def build_pyramid(
@@ -496,6 +499,7 @@ def statistics(
             chunks=tile,
             dtype=np.float32,
             labels=False,
+            compress=False,  # scratch, read twice: raw floats are faster than lz4 on noise
         )
         blocks = list(plan.grid(plan.segmenter.filter_halo(plan.ndim)))
         parts = map_blocks(
