@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-all lint install clean
+.PHONY: demo test test-all lint bench install clean
 
 $(BIN)/segpipe: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,9 @@ test: $(BIN)/segpipe
 
 test-all: $(BIN)/segpipe
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: $(BIN)/segpipe
+	$(BIN)/python -m bench
 
 lint: $(BIN)/segpipe
 	$(BIN)/ruff check segpipe flows tests bench
