@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-all lint bench install clean
+.PHONY: demo test test-all test-gpu lint bench install clean
 
 $(BIN)/segpipe: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,10 +20,13 @@ demo: $(BIN)/segpipe
 	$(BIN)/segpipe demo
 
 test: $(BIN)/segpipe
-	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
 
 test-all: $(BIN)/segpipe
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not gpu" $(PYTEST_ARGS)
+
+test-gpu: $(BIN)/segpipe
+	$(BIN)/python -m pytest -m gpu $(PYTEST_ARGS)
 
 bench: $(BIN)/segpipe
 	$(BIN)/python -m bench

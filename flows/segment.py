@@ -111,7 +111,7 @@ def prepare_run(config: RunConfig, *, resume: bool | None = None) -> Prepared:
         raise InputsError(f"{len(bad)} of {len(paths)} inputs are bad:\n  {lines}")
     lock = open_output(
         config.output,
-        config.run_settings(),
+        {**config.run_settings(), **segmenter.identity()},
         overwrite=config.overwrite,
         # --full recomputes every image of a store of these settings: it may reuse it.
         resume=(config.resume or config.full) if resume is None else resume,

@@ -76,9 +76,8 @@ def test_random_bytes_model(run_cli, tmp_path: Path) -> None:
     model = tmp_path / "noise.pt"
     model.write_bytes(np.random.default_rng(0).bytes(4096))
     result = _run(run_cli, tmp_path, model, "depth=2", "width=8")
-    # Not a zip: torch reads it as a legacy pickle, whose unpickler refuses the bytes
-    # (segpipe.io.models reports that as "pickled objects other than tensors").
-    _refused(result, tmp_path / "o.zarr", "noise.pt", "refused")
+    # Not a zip: torch reads it as a legacy pickle, whose unpickler finds no pickle.
+    _refused(result, tmp_path / "o.zarr", "noise.pt", "not a readable PyTorch checkpoint")
 
 
 def test_truncated_model(run_cli, tmp_path: Path) -> None:
@@ -166,3 +165,21 @@ def test_state_dict_without_sidecar(run_cli, tmp_path: Path) -> None:
     semantic, instances = _labels(tmp_path / "o.zarr")
     assert (semantic == _reference(_net(), tmp_path, (1.0, 99.8))).mean() > 0.99
     assert semantic.shape == instances.shape == (200, 180)
+
+
+def test_new_weights_under_the_same_path_are_another_run(run_cli, tmp_path: Path) -> None:
+    model = _state_dict(tmp_path / "bare.pt")
+    args = ["--input", str(_image(tmp_path)), "--output", str(tmp_path / "o.zarr"), "-s", "unet"]
+    args += ["--tile", "128", "--set", f"model={model}", "--set", "depth=2", "--set", "width=8"]
+    first = run_cli(*args)
+    assert first.exit_code == 0, first.output
+    again = run_cli(*args, "--resume")
+    assert again.exit_code == 0, again.output
+    assert "0 processed, 1 unchanged" in " ".join(again.output.split())
+    net = _net()
+    with torch.no_grad():
+        next(net.parameters()).mul_(2.0)  # retrained weights, same file name
+    torch.save(net.state_dict(), model)
+    changed = run_cli(*args, "--resume")
+    assert changed.exit_code == 1  # never "unchanged" results of the old weights
+    assert "o.zarr" in changed.output and "--overwrite" in changed.output, changed.output

@@ -49,6 +49,8 @@ def load_weights(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        if "global" not in str(err).lower():  # no reference to code: bytes that are no pickle
+            raise ModelFileError(f"{p}: not a readable PyTorch checkpoint (corrupt?).") from err
         raise ModelFileError(
             f"{p}: refused: the file holds pickled objects other than tensors (code could "
             f"run on load); save a state_dict instead ({str(err).splitlines()[0]})."

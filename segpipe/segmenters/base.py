@@ -125,3 +125,7 @@ class Segmenter(ABC):
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, **self.options.model_dump()}
+
+    def identity(self) -> dict[str, Any]:
+        """What decides output pixels beyond the options (e.g. a model file's digest)."""
+        return {}

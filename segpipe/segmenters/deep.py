@@ -192,6 +192,16 @@ class DeepSegmenter(Segmenter):
         instances = instances_from_classes(pred.classes, pred.boundary, min_size=self.min_size)
         return DeepResult(pred.classes, instances, pred.device, pred.tiles, pred.batch)
 
+    def identity(self) -> dict[str, Any]:
+        """The model file's SHA-256: new weights under the same path are another run."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        with self.path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        return {"model_sha256": digest.hexdigest()}
+
     def describe(self) -> dict[str, Any]:
         return {
             **super().describe(),
