@@ -24,7 +24,10 @@ with warnings.catch_warnings():
 
 SCRATCH = "_segpipe"
 IMAGE_CODEC = BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
-LABEL_CODEC = BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle")
+# Labels are long runs of equal ids: zstd alone beats bitshuffle + zstd on this data
+# (1024² synthetic labels, one thread: uint32 write 9.0 vs 11.7 ns/px, read 5.5 vs 6.7,
+# 44x vs 32x smaller; uint64 panoptic the same ratio at equal speed).
+LABEL_CODEC = BloscCodec(cname="zstd", clevel=1, shuffle="noshuffle")
 
 
 def create_array(
