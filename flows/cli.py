@@ -56,7 +56,7 @@ def _fail(err: BaseException, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
-def _summary(rows: list[dict[str, Any]], output: str, *, full: bool = False) -> None:
+def _summary(rows: list[dict[str, Any]], output: str, *, mode: str = "") -> None:
     table = Table(title="segpipe summary")
     for col in ("image", "shape", "objects", "seconds", "Mpx/s", "status"):
         table.add_column(col, justify="right" if col != "image" else "left")
@@ -72,7 +72,7 @@ def _summary(rows: list[dict[str, Any]], output: str, *, full: bool = False) -> 
     out.print(table)
     from flows.monitor import totals, totals_line
 
-    out.print(totals_line(totals(rows), full=full), highlight=False)
+    out.print(totals_line(totals(rows), mode=mode), highlight=False)
     for r in rows:
         if r.get("preview"):
             out.print(f"Preview {r['image']}: {r['preview']}", soft_wrap=True, highlight=False)
@@ -234,7 +234,9 @@ def run(
                 f"{url}: refused the credentials (HTTP {status}); check prefect.auth_string."
             )
         )
-    _summary(rows, cfg.resolved().output, full=cfg.full)
+    from flows.monitor import run_mode
+
+    _summary(rows, cfg.resolved().output, mode=run_mode(cfg))
     out.print(f"Done in {time.perf_counter() - t0:.1f} s.")
 
 

@@ -97,19 +97,30 @@ def totals(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def totals_line(t: dict[str, Any], *, full: bool) -> str:
-    mode = "full run" if full else "incremental: only new or changed images"
+def run_mode(config: Any) -> str:
+    """``full`` (every image recomputed), ``incremental`` (unchanged images skipped) or ``""``."""
+    return "full" if config.full else "incremental" if config.resume else ""
+
+
+def totals_line(t: dict[str, Any], *, mode: str = "") -> str:
+    """``3 image(s): 2 processed, 1 unchanged, 0 failed (incremental…); …`` for logs and UIs."""
+    how = {
+        "full": " (full run: every image recomputed)",
+        "incremental": " (incremental: only new or changed images)",
+    }.get(mode, "")
     return (
         f"{t['images']} image(s): {t['processed']} processed, {t['unchanged']} unchanged, "
-        f"{t['failed']} failed ({mode}); {t['objects']} objects in {t['seconds']} s, "
+        f"{t['failed']} failed{how}; {t['objects']} objects in {t['seconds']} s, "
         f"{t['Mpx/s']} Mpx/s"
     )
 
 
-def summary_artifacts(rows: Sequence[dict[str, Any]], *, title: str, full: bool) -> dict[str, Any]:
+def summary_artifacts(
+    rows: Sequence[dict[str, Any]], *, title: str, mode: str = ""
+) -> dict[str, Any]:
     """The summary table artifact and the markdown artifact with previews; returns totals."""
     t = totals(rows)
-    line = totals_line(t, full=full)
+    line = totals_line(t, mode=mode)
     columns = ("image", "status", "shape", "objects", "seconds", "Mpx/s", "output", "error")
     create_table_artifact(
         key="segpipe-summary",

@@ -335,9 +335,11 @@ def segment_collection(config: dict[str, Any]) -> list[dict[str, Any]]:
         prepared.lock.release()
         _tracker.clear()
     t = monitor.summary_artifacts(
-        rows, title=f"segpipe {cfg.segmenter.name} on {cfg.input} → {cfg.output}", full=cfg.full
+        rows,
+        title=f"segpipe {cfg.segmenter.name} on {cfg.input} → {cfg.output}",
+        mode=monitor.run_mode(cfg),
     )
-    logger.info(monitor.totals_line(t, full=cfg.full))
+    logger.info(monitor.totals_line(t, mode=monitor.run_mode(cfg)))
     failed = [r for r in rows if r["status"] == "failed"]
     if failed:
         raise ImagesFailedError(
