@@ -76,7 +76,7 @@ _STAGE_OF = {
     "statistics": "statistics",
     "segment": "segment",
     "links": "stitch",
-    "relabel": "write",
+    "relabel": "relabel",
     "pyramid": "write",
     "panoptic": "panoptic",
     "measure": "measure",
@@ -158,9 +158,9 @@ def main(argv: list[str] | None = None) -> int:
             for name, secs in others.items():
                 m = statistics.median(secs)
                 print(f"{size}²: segpipe {name} {m:.2f} s ({mpx / m:.2f} Mpx/s)", flush=True)
-            merged = med.get("stitch", 0) + med.get("write", 0)
+            merged = med.get("stitch", 0) + med.get("relabel", 0)
             print(
-                f"{size}²: stitch + write (relabel, pyramids) share of segpipe otsu: "
+                f"{size}²: stitch + relabel share of segpipe otsu: "
                 f"{merged / sum(med.values()):.1%}",
                 flush=True,
             )

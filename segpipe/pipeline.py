@@ -682,8 +682,13 @@ def write(
     plan: ImagePlan,
     ids: merge.MergedIds | stitch.GlobalIds,
     progress: ProgressFn = _noop,
+    times: dict[str, float] | None = None,
 ) -> int:
-    """Relabel to global ids, build the pyramids and NGFF metadata; return the level count."""
+    """Relabel to global ids, build the pyramids and NGFF metadata; return the level count.
+
+    With ``times``, the seconds of the relabel pass go to ``times["relabel"]``.
+    """
+    t0 = time.perf_counter()
     tile = plan.grid().tile
     markers = plan.markers("relabel")
     prepare_array(
@@ -708,6 +713,8 @@ def write(
         run=plan.token,
         names=[_where(plan, b.core) for b in blocks],
     )
+    if times is not None:
+        times["relabel"] = time.perf_counter() - t0
     shapes = omezarr.pyramid_shapes(plan.spec.shape, min_size=max(256, min(tile[-2:])))
     sources = {
         "image": lambda k: str(Path(plan.group) / str(k)),
@@ -859,7 +866,8 @@ def run_image(client: Client, plan: ImagePlan, progress: ProgressFn = _noop) -> 
     stats = timed("statistics", lambda: statistics(client, plan, raw, progress))
     seg = timed("segment", lambda: segment(client, plan, stats, progress))
     ids = timed("stitch", lambda: stitch_ids(client, plan, seg, progress))
-    timed("write", lambda: write(client, plan, ids, progress))
+    timed("write", lambda: write(client, plan, ids, progress, times))
+    times["write"] -= times["relabel"]  # the rest: pyramids and metadata
     from segpipe import measure, panoptic, preview  # they build on this module
 
     catalogue = plan.catalogue or panoptic.catalogue_for(plan.segmenter)
