@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from flows.console import console, fail, out
 from segpipe.errors import ImagesFailedError, SegpipeError
 
 app = typer.Typer(
@@ -23,8 +23,6 @@ app = typer.Typer(
     rich_markup_mode="rich",
     pretty_exceptions_enable=False,
 )
-console = Console(stderr=True)
-out = Console()
 
 RUN_EXAMPLES = """
 [b]Examples[/b]
@@ -49,11 +47,6 @@ class _BarReporter:
             if stage not in self.tasks:
                 self.tasks[stage] = self.progress.add_task(stage, total=total)
             self.progress.update(self.tasks[stage], completed=done, total=total)
-
-
-def _fail(err: BaseException, code: int = 1) -> None:
-    console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
 
 
 def _summary(rows: list[dict[str, Any]], output: str, *, mode: str = "") -> None:
@@ -219,17 +212,17 @@ def run(
         rows = execute(cfg, show_progress=not quiet)
     except ImagesFailedError as err:
         _summary(err.rows, cfg.resolved().output)
-        _fail(err, 3)
+        fail(err, 3)
     except SegpipeError as err:
-        _fail(err)
+        fail(err)
     except typer.BadParameter as err:
-        _fail(err, 2)
+        fail(err, 2)
     except Exception as err:
         status = getattr(getattr(err, "response", None), "status_code", None)
         if status not in (401, 403):
             raise
         url = os.environ.get("PREFECT_API_URL", "the Prefect API")
-        _fail(
+        fail(
             SegpipeError(
                 f"{url}: refused the credentials (HTTP {status}); check prefect.auth_string."
             )
@@ -277,7 +270,7 @@ def demo(
     try:
         rows = execute(cfg, show_progress=not quiet)
     except SegpipeError as err:
-        _fail(err)
+        fail(err)
     _summary(rows, cfg.resolved().output)
     out.print(
         f"Open it in napari:  napari --plugin napari-ome-zarr {cfg.resolved().output}/plate-a",

@@ -12,13 +12,10 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from flows.console import fail, out
 from segpipe.errors import SegpipeError
-
-console = Console(stderr=True)
-out = Console()
 
 PLAN_EXAMPLES = """
 [b]Examples[/b]
@@ -169,8 +166,7 @@ def plan(
             table = load_costs(COSTS_FILE)
         result = plan_run(cfg, costs=table, calibrate=calibrate)
     except SegpipeError as err:
-        console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
-        raise typer.Exit(1) from None
+        fail(err)
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if json_out is not None:
         text = json.dumps(_as_json(result, ns, threads), indent=2, default=str)

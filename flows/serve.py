@@ -7,11 +7,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 
+from flows.console import console, fail
 from segpipe.errors import SegpipeError
-
-console = Console(stderr=True)
 
 SERVE_EXAMPLES = """
 [b]Examples[/b]
@@ -71,8 +69,7 @@ def register(app: typer.Typer) -> None:
             get_segmenter(cfg.segmenter.name, **cfg.segmenter.options())  # fail before serving
             schedule = check_cron(cron, timezone)
         except SegpipeError as err:
-            console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
-            raise typer.Exit(1) from None
+            fail(err)
         if cfg.prefect is not None:  # before Prefect reads its settings
             if cfg.prefect.api_url:
                 os.environ["PREFECT_API_URL"] = cfg.prefect.api_url

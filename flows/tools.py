@@ -8,13 +8,10 @@ from typing import Annotated, Any
 
 import typer
 from rich import box
-from rich.console import Console
 from rich.table import Table
 
+from flows.console import fail, out
 from segpipe.errors import SegpipeError
-
-console = Console(stderr=True)
-out = Console()
 
 EVALUATE_EXAMPLES = """
 [b]Examples[/b]
@@ -23,11 +20,6 @@ EVALUATE_EXAMPLES = """
   segpipe evaluate out.zarr/plate-a/labels/panoptic truth.zarr/plate-a --json scores.json
   segpipe evaluate pred.tif truth.tif --divisor 1000 --ignore 4 --cluster local
 """
-
-
-def _fail(err: BaseException, code: int = 1) -> None:
-    console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
 
 
 def _fmt(value: float | None) -> str:
@@ -93,9 +85,9 @@ def evaluate(
             with connect(cluster) as client:
                 metrics = ev.evaluate(pred, gt, client=client, **kwargs)
     except SegpipeError as err:
-        _fail(err)
+        fail(err)
     except typer.BadParameter as err:
-        _fail(err, 2)
+        fail(err, 2)
     table = Table(
         title=f"segpipe evaluate: {Path(pred).name} vs {Path(gt).name}",
         box=box.SIMPLE_HEAD,
@@ -155,7 +147,7 @@ def inspect(
     try:
         info = inspect_store(store)
     except SegpipeError as err:
-        _fail(err)
+        fail(err)
     run = info.run.get("run", {})
     out.print(
         f"[b]{info.path}[/b]  segmenter {run.get('segmenter', '?')} "

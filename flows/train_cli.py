@@ -7,13 +7,10 @@ from typing import Annotated
 
 import typer
 from pydantic import ValidationError
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from flows.console import console, fail, out
 from segpipe.errors import SegpipeError
-
-console = Console(stderr=True)
-out = Console()
 
 TRAIN_EXAMPLES = """
 [b]Examples[/b]
@@ -23,11 +20,6 @@ TRAIN_EXAMPLES = """
   segpipe train --arch unet --ndim 3 --patch 32,64,64 --batch 2 --out unet3d.pt
   segpipe train --arch unet --steps 250 --patch 96 --out unet.pt --resume   # after a stop
 """
-
-
-def _fail(err: BaseException, code: int = 1) -> None:
-    console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
 
 
 def _ints(text: str, option: str) -> tuple[int, ...]:
@@ -136,9 +128,9 @@ def train(
     except ValidationError as err:
         problem = err.errors()[0]
         where = "--" + "-".join(str(p) for p in problem["loc"][:1]).replace("_", "-")
-        _fail(typer.BadParameter(f"{where}: {problem['msg']}."), 2)
+        fail(typer.BadParameter(f"{where}: {problem['msg']}."), 2)
     except typer.BadParameter as err:
-        _fail(err, 2)
+        fail(err, 2)
     progress = Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -159,7 +151,7 @@ def train(
                 config, resume=resume, progress=report, command=command_line(config, resume=resume)
             )
     except SegpipeError as err:
-        _fail(err)
+        fail(err)
     except KeyboardInterrupt:
         ckpt = checkpoint_path(config.out)
         console.print(
