@@ -24,8 +24,9 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 
+from segpipe.pipeline import STAGES
+
 INTERVAL = 2.0  # seconds between progress updates sent to the API
-STAGES = ("ingest", "statistics", "segment", "stitch", "write", "panoptic", "measure", "preview")
 THUMBNAIL = 320  # px: previews are embedded in the markdown artifact at this width
 
 

@@ -38,6 +38,8 @@ from segpipe.stats import Extrema, ImageStats, block_histogram, hist_range, merg
 
 ProgressFn = Callable[[str, int, int], None]
 _OUTPUT_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.EPERM}
+STAGES = ("ingest", "statistics", "segment", "stitch", "write", "panoptic", "measure", "preview")
+"""The stages of one image, in order: one Prefect task each per image (never per block)."""
 RETRIES = 2  # a block lost with its worker is recomputed elsewhere
 WINDOW = 512  # block tasks in flight per stage: bounds the scheduler's memory
 

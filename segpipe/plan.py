@@ -26,20 +26,10 @@ import numpy as np
 from segpipe.config import RunConfig
 from segpipe.errors import ConfigError
 from segpipe.io.readers import SourceSpec, open_source
+from segpipe.pipeline import STAGES
 from segpipe.segmenters import Segmenter, get_segmenter
 
 COSTS_FILE = Path(__file__).resolve().parent.parent / "bench" / "plan_costs.json"
-# Prefect tasks per image (flows/segment.py): per stage and image, never per block
-PREFECT_STAGES = (
-    "ingest",
-    "statistics",
-    "segment",
-    "stitch",
-    "write",
-    "panoptic",
-    "measure",
-    "preview",
-)
 COMPRESSION = (
     "uncompressed array bytes (what a task decodes or encodes); on disk the "
     "image codec (blosc-lz4) saves little on noisy images (~1.3x) and label arrays "
@@ -190,7 +180,7 @@ class ImageEstimate:
     levels: int
     stages: tuple[Stage, ...]
     peak_thread_bytes: dict[str, int]  # per stage: block + halo, working set, labels
-    prefect_tasks: int = len(PREFECT_STAGES)
+    prefect_tasks: int = len(STAGES)
 
     @property
     def pixels(self) -> int:

@@ -21,8 +21,8 @@ from segpipe.blocks import BlockGrid
 from segpipe.config import RunConfig
 from segpipe.io import omezarr
 from segpipe.io.readers import SourceSpec, open_source
+from segpipe.pipeline import STAGES
 from segpipe.plan import (
-    PREFECT_STAGES,
     Costs,
     SegmentCost,
     _pyramid,
@@ -73,7 +73,7 @@ def test_4096_at_tile_1024_by_hand() -> None:
         "measure": 16,
         "preview": 1,
     }
-    assert est.prefect_tasks == len(PREFECT_STAGES) == 8
+    assert est.prefect_tasks == len(STAGES) == 8
     px = 4096 * 4096
     ingest, segment, links = est.stage("ingest"), est.stage("segment"), est.stage("links")
     assert (ingest.read_bytes, ingest.write_bytes) == (2 * px, 2 * px)
