@@ -560,7 +560,14 @@ def segment(
     prepare_array(
         plan.label("semantic"), markers, shape=plan.spec.shape, chunks=tile, dtype=np.uint8
     )
-    prepare_array(plan.local_labels, markers, shape=plan.spec.shape, chunks=tile, dtype=np.uint32)
+    prepare_array(  # scratch, written and read once: raw ids beat any codec here
+        plan.local_labels,
+        markers,
+        shape=plan.spec.shape,
+        chunks=tile,
+        dtype=np.uint32,
+        compress=False,
+    )
     grid = plan.grid(plan.segment_halo)
     blocks = list(grid)
     pairs = list(grid.neighbour_pairs())
