@@ -64,10 +64,10 @@ def _stage_table(title: str, images: list[Any]) -> Table:
         "segment": f"{_axes(first.grid)} (±{_axes(first.halo)})",
         "links": "neighbour pairs",
         "stitch": "client",
-        "relabel": _axes(first.grid),
+        "relabel": f"{_axes(first.grid)}: instances, panoptic, object sums",
         "pyramid": f"{first.levels - 1} levels × 3 arrays",
-        "panoptic": f"{_axes(first.grid)} + pyramid",
-        "measure": _axes(first.grid),
+        "panoptic": "its pyramid",
+        "measure": "client: tables",
         "preview": "1",
     }
     for stage in first.stages:

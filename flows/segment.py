@@ -14,16 +14,16 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows import monitor
-from segpipe import pipeline
+from segpipe import pipeline, relabel
 from segpipe.cluster import connect_run, dashboard
 from segpipe.config import RunConfig
 from segpipe.errors import ImagesFailedError, InputsError, SegpipeError
 from segpipe.io.collection import resolve_inputs
 from segpipe.io.readers import SourceSpec, image_name, open_source
 from segpipe.io.store import OutputLock, check_name, image_state, mark_image, open_output
-from segpipe.measure import Measured, measure
+from segpipe.measure import Measured, write_tables
 from segpipe.merge import MergedIds
-from segpipe.panoptic import PanopticResult, catalogue_for, write_panoptic
+from segpipe.panoptic import PanopticResult, catalogue_for, finish_panoptic
 from segpipe.preview import write_preview
 from segpipe.segmenters import Segmenter, get_segmenter
 from segpipe.stats import Extrema, ImageStats
@@ -222,17 +222,23 @@ def stitch_labels(plan: pipeline.ImagePlan, segmented: pipeline.Segmented) -> Me
     **_STAGE,
 )
 def write_outputs(plan: pipeline.ImagePlan, ids: MergedIds) -> int:
-    return pipeline.write(_client(), plan, ids, _progress(plan.name))
+    return pipeline.write(_client(), plan, ids, _progress(plan.name), catalogue=plan.catalogue)
 
 
 @task(name="panoptic", task_run_name="panoptic-{plan.name}", **_STAGE)
 def write_panoptic_labels(plan: pipeline.ImagePlan, count: int) -> PanopticResult:
-    return write_panoptic(_client(), plan, count, plan.catalogue, _progress(plan.name))
+    done = relabel.relabelled(plan, count)  # level 0 came from the write stage's pass
+    return finish_panoptic(
+        _client(), plan, done.divisor, plan.catalogue, done.unassigned(), _progress(plan.name)
+    )
 
 
 @task(name="measure", task_run_name="measure-{plan.name}", **_STAGE)
-def measure_objects(plan: pipeline.ImagePlan, divisor: int) -> Measured:
-    return measure(_client(), plan, plan.catalogue, divisor, _progress(plan.name))
+def measure_objects(plan: pipeline.ImagePlan, count: int) -> Measured:
+    done = relabel.relabelled(plan, count)  # the write stage's pass summed each block
+    return write_tables(
+        plan, plan.catalogue, done.divisor, done.open_groups(), relabel.parts_dir(plan)
+    )
 
 
 @task(name="preview", task_run_name="preview-{plan.name}", **_STAGE)
@@ -258,9 +264,9 @@ def _segment_one(plan: pipeline.ImagePlan, *, full: bool) -> tuple[pipeline.Imag
     _enter("write")
     write_outputs(plan, ids)
     _enter("panoptic")
-    pan = write_panoptic_labels(plan, ids.count)
+    write_panoptic_labels(plan, ids.count)
     _enter("measure")
-    measure_objects(plan, pan.divisor)
+    measure_objects(plan, ids.count)
     _enter("preview")
     write_previews(plan)
     result = pipeline.ImageResult(

@@ -9,12 +9,16 @@
 - `histogram`: ``np.histogram(x, bins, range=(lo, hi))`` counts for float32
   data in one pass (NumPy's float32 bin estimate, then its edge corrections).
 
-Both release the GIL, so a Dask worker's threads run them in parallel.
+- `panoptic` and `object_stats`: the panoptic encoding and per-object sums of a
+  block of local labels in one sweep each (no sort, no temporaries per pixel).
+
+All release the GIL, so a Dask worker's threads run them in parallel.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numba
 import numpy as np
@@ -144,3 +148,116 @@ def histogram(
     flat = np.ascontiguousarray(data, dtype=np.float32).reshape(-1)
     _histogram(flat, np.float32(lo), np.float32(hi), edges, counts)
     return counts, float(flat.sum(dtype=np.float64))
+
+
+# -- label passes: one sweep over a block, no sort ------------------------------------
+
+
+@numba.njit(cache=True, nogil=True)
+def _panoptic(sem, inst, divisor, thing, known, out):  # type: ignore[no-untyped-def]  # pragma: no cover
+    unassigned = 0
+    for j in range(sem.shape[0]):
+        c = sem[j]
+        if not known[c]:
+            return -1
+        v = np.uint64(c) * divisor
+        if thing[c]:
+            i = np.uint64(inst[j])
+            if i == 0:
+                unassigned += 1
+            v += i
+        out[j] = v
+    return unassigned
+
+
+def panoptic(
+    semantic: NDArray[np.uint8],
+    instances: NDArray[np.unsignedinteger],
+    divisor: int,
+    thing: NDArray[np.bool_],
+    known: NDArray[np.bool_],
+) -> tuple[NDArray[np.uint64], int] | None:
+    """``class * divisor + instance`` (instance 0 where the class is not a thing) and the
+    count of thing pixels without an instance; None if a class is not ``known``.
+
+    ``thing`` and ``known`` are 256-entry lookup tables; every instance id must be below
+    ``divisor`` (not checked).
+    """
+    out = np.empty(semantic.shape, np.uint64)
+    sem = np.ascontiguousarray(semantic, dtype=np.uint8).reshape(-1)
+    inst = np.ascontiguousarray(instances).reshape(-1)
+    bad = _panoptic(sem, inst, np.uint64(divisor), thing, known, out.reshape(-1))
+    return None if bad < 0 else (out, int(bad))
+
+
+@numba.njit(cache=True, nogil=True)
+def _object_stats(local, sem, image, cls, count, csum, lo, hi, isum, imin, imax):  # type: ignore[no-untyped-def]  # pragma: no cover
+    # Row l >= 1 of the accumulators: local object l; row n + 1 + k: background of class k.
+    n = cls.shape[0] - 257
+    planes, rows, cols = local.shape
+    for p in range(planes):
+        for r in range(rows):
+            for c in range(cols):
+                k = np.int64(sem[p, r, c])
+                lab = np.int64(local[p, r, c])
+                if lab == 0:
+                    lab = n + 1 + k
+                elif cls[lab] < 0:
+                    cls[lab] = k
+                elif cls[lab] != k:
+                    return False  # an object of several classes: the caller sorts instead
+                v = np.float64(image[p, r, c])
+                count[lab] += 1
+                csum[lab, 0] += p
+                csum[lab, 1] += r
+                csum[lab, 2] += c
+                lo[lab, 0] = min(lo[lab, 0], p)
+                lo[lab, 1] = min(lo[lab, 1], r)
+                lo[lab, 2] = min(lo[lab, 2], c)
+                hi[lab, 0] = max(hi[lab, 0], p)
+                hi[lab, 1] = max(hi[lab, 1], r)
+                hi[lab, 2] = max(hi[lab, 2], c)
+                isum[lab] += v
+                imin[lab] = min(imin[lab], v)
+                imax[lab] = max(imax[lab], v)
+    return True
+
+
+def object_stats(
+    local: NDArray[np.unsignedinteger],
+    semantic: NDArray[np.uint8],
+    image: NDArray[Any],
+    n: int,
+) -> dict[str, NDArray[Any]] | None:
+    """Per-object sums of one block in one sweep, for local ids ``1..n`` (0: background).
+
+    Returns arrays with one row per local id and then one per background class
+    (row ``n + 1 + k``): ``cls`` (-1 where absent), ``count``, ``csum``, ``lo``, ``hi``
+    (per axis, in block coordinates), ``isum``, ``imin``, ``imax``. None when an object
+    has pixels of more than one class (the caller falls back to a sort by key).
+    """
+    ndim = local.ndim
+    shape3 = (1,) * (3 - ndim) + local.shape
+    rows = n + 1 + 256
+    acc: dict[str, NDArray[Any]] = {
+        "cls": np.full(rows, -1, np.int64),
+        "count": np.zeros(rows, np.int64),
+        "csum": np.zeros((rows, 3), np.int64),
+        "lo": np.full((rows, 3), np.iinfo(np.int64).max, np.int64),
+        "hi": np.full((rows, 3), -1, np.int64),
+        "isum": np.zeros(rows, np.float64),
+        "imin": np.full(rows, np.inf),
+        "imax": np.full(rows, -np.inf),
+    }
+    ok = _object_stats(
+        np.ascontiguousarray(local).reshape(shape3),
+        np.ascontiguousarray(semantic, dtype=np.uint8).reshape(shape3),
+        np.ascontiguousarray(image).reshape(shape3),
+        *acc.values(),
+    )
+    if not ok:
+        return None
+    acc["cls"][n + 1 :] = np.where(acc["count"][n + 1 :] > 0, np.arange(256), -1)
+    for key in ("csum", "lo", "hi"):
+        acc[key] = acc[key][:, 3 - ndim :]
+    return acc

@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 import zarr
 from numpy.typing import NDArray
 
+from segpipe import kernels
 from segpipe.errors import UnsupportedImageError
 from segpipe.io.markers import Markers
 from segpipe.panoptic import Catalogue
@@ -176,6 +177,43 @@ def block_groups(
         np.minimum.reduceat(values, starts),
         np.maximum.reduceat(values, starts),
     )
+
+
+def local_groups(
+    local: NDArray[np.unsignedinteger],
+    lut: NDArray[np.integer],
+    semantic: NDArray[np.integer],
+    image: NDArray[Any],
+    *,
+    offset: Sequence[int],
+) -> Groups:
+    """`block_groups` of ``lut[local]`` from block-local ids ``1..len(lut) - 1``, in one
+    sweep (`segpipe.kernels.object_stats`) instead of a sort of every pixel.
+
+    Falls back to `block_groups` where an object has pixels of several classes.
+    """
+    n = len(lut) - 1
+    acc = kernels.object_stats(local, np.asarray(semantic, np.uint8), image, n)
+    if acc is None:
+        return block_groups(lut[local], semantic, image, offset=offset)
+    rows = np.flatnonzero(acc["count"])
+    ids = np.concatenate([np.asarray(lut, np.uint64), np.zeros(256, np.uint64)])[rows]
+    base = np.asarray(offset, np.int64)
+    count = acc["count"][rows]
+    groups = Groups(
+        ids,
+        acc["cls"][rows].astype(np.uint64),
+        count,
+        acc["csum"][rows] + count[:, None] * base,
+        acc["lo"][rows] + base,
+        acc["hi"][rows] + base,
+        acc["isum"][rows],
+        acc["imin"][rows],
+        acc["imax"][rows],
+    )
+    # Sorted by (instance, class); two local ids of one object (joined through another
+    # block) become one row.
+    return _reduce(groups, _pack(groups.instance, groups.cls))[1]
 
 
 def _reduce(groups: Groups, key: NDArray[Any]) -> tuple[NDArray[Any], Groups]:
@@ -340,20 +378,33 @@ def measure_block(
         from segpipe.pipeline import span
 
         raise UnsupportedImageError(f"{instances_path} [{span(region)}]: {err}") from err
-    # Open: may continue in another block, or has stuff pixels (stuff segments and the
-    # instances in them are summed over the whole image).
+    return keep_closed(groups, instances, region, shape, stuff, parts_dir, block_id)
+
+
+def keep_closed(
+    groups: Groups,
+    instances: NDArray[np.integer],
+    region: tuple[slice, ...],
+    shape: Sequence[int],
+    stuff: Sequence[int],
+    parts_dir: str,
+    block_id: int,
+) -> Groups:
+    """Save the groups of objects wholly inside the block to ``parts_dir``; return the
+    open ones: those on a face toward another block, and every instance with stuff
+    pixels (stuff segments and the instances in them are summed over the whole image)."""
     with_stuff = groups.instance[np.isin(groups.cls, np.asarray(stuff, np.uint64))]
     open_ids = np.union1d(open_instances(instances, region, shape).astype(np.uint64), with_stuff)
     is_open = np.isin(groups.instance, open_ids)
-    Markers(parts_dir).save(block_id, _groups_out(groups.take(~is_open)))
+    Markers(parts_dir).save(block_id, groups_out(groups.take(~is_open)))
     return groups.take(is_open)
 
 
-def _groups_out(groups: Groups) -> dict[str, NDArray[Any]]:
+def groups_out(groups: Groups) -> dict[str, NDArray[Any]]:
     return {f: getattr(groups, f) for f in Groups.__dataclass_fields__}
 
 
-def _groups_in(arrays: dict[str, NDArray[Any]]) -> Groups:
+def groups_in(arrays: dict[str, NDArray[Any]]) -> Groups:
     return Groups(**{f: arrays[f] for f in Groups.__dataclass_fields__})
 
 
@@ -464,11 +515,9 @@ def measure(
     spans) while merging, like the stitch stage's lookup table.
     """
     from segpipe import pipeline
-    from segpipe.io.store import mark_image
 
     blocks = list(plan.grid())
     stuff = tuple(c.id for c in catalogue.classes if not c.thing)
-    out = tables_dir(plan)
     # Objects wholly inside a block wait in scratch (removed with it when the image is
     # complete) so that a resumed stage finds them next to its markers.
     parts_dir = Path(plan.scratch) / "measure-parts"
@@ -492,10 +541,45 @@ def measure(
         stage="measure",
         progress=progress or pipeline._noop,
         markers=plan.markers("measure"),
-        codec=(_groups_out, _groups_in),
+        codec=(groups_out, groups_in),
         names=[f"{plan.label('instances')} [{pipeline.span(b.core)}]" for b in blocks],
         run=plan.token,
     )
+    return write_tables(plan, catalogue, divisor, open_parts, parts_dir)
+
+
+def write_tables(
+    plan: ImagePlan,
+    catalogue: Catalogue,
+    divisor: int,
+    open_parts: Sequence[Groups],
+    parts_dir: Path,
+) -> Measured:
+    """Merge the blocks' open groups, join them with the closed ones saved in
+    ``parts_dir`` and write ``objects.parquet`` and ``segments.parquet``.
+
+    Parameters
+    ----------
+    plan : ImagePlan
+        The image.
+    catalogue : Catalogue
+        The run's classes.
+    divisor : int
+        The panoptic divisor.
+    open_parts : sequence of Groups
+        Per block (in block order), the groups that may continue in another block.
+    parts_dir : Path
+        Where the block tasks saved the groups of objects wholly inside them.
+
+    Returns
+    -------
+    Measured
+    """
+    from segpipe.io.store import mark_image
+
+    blocks = list(plan.grid())
+    stuff = tuple(c.id for c in catalogue.classes if not c.thing)
+    out = tables_dir(plan)
     # Objects that cross blocks are merged here; each goes with the first block it is
     # in, which is the block whose id range holds its global id.
     owned = _open_by_owner(open_parts, stuff)
@@ -511,7 +595,7 @@ def measure(
     parts = Markers(parts_dir)
     for b in [None, *blocks]:  # None: instances with stuff pixels, gathered first
         bid = -1 if b is None else b.id
-        closed = _groups_in(parts.load(bid)) if parts.done(bid) else Groups.empty(plan.ndim)
+        closed = groups_in(parts.load(bid)) if parts.done(bid) else Groups.empty(plan.ndim)
         groups = Groups.concat([closed, owned.get(bid, Groups.empty(plan.ndim))])
         if not len(groups):
             continue

@@ -511,12 +511,10 @@ def write_panoptic(
     PanopticResult
     """
     from segpipe import pipeline
-    from segpipe.io import omezarr
 
     report = progress or pipeline._noop
     divisor = choose_divisor(count)
     tile = plan.grid().tile
-    levels = label_levels(plan)
     markers = plan.markers(KEY)
     pipeline.prepare_array(
         plan.label(KEY), markers, shape=plan.spec.shape, chunks=tile, dtype=np.uint64
@@ -544,6 +542,28 @@ def write_panoptic(
         names=[f"{plan.label(KEY)} [{pipeline.span(b.core)}]" for b in blocks],
         run=plan.token,
     )
+    return finish_panoptic(client, plan, divisor, catalogue, sum(unassigned), report)
+
+
+def finish_panoptic(
+    client: Any,
+    plan: ImagePlan,
+    divisor: int,
+    catalogue: Catalogue,
+    unassigned: int,
+    progress: ProgressFn | None = None,
+) -> PanopticResult:
+    """Build the pyramid of ``labels/panoptic`` (level 0 written) and its metadata.
+
+    The divisor and catalogue go to every level's attributes, the label group's
+    attributes and its NGFF ``image-label`` properties, and ``panoptic`` is added
+    to the image's ``labels`` list.
+    """
+    from segpipe import pipeline
+    from segpipe.io import omezarr
+
+    tile = plan.grid().tile
+    levels = label_levels(plan)
     shapes = omezarr.pyramid_shapes(plan.spec.shape, min_size=max(256, min(tile[-2:])))[:levels]
     pipeline.build_pyramid(
         client,
@@ -551,7 +571,7 @@ def write_panoptic(
         [(lambda k: plan.label(KEY, k), np.uint64, True)],
         shapes,
         stage=f"{KEY}-pyramid",
-        progress=report,
+        progress=progress or pipeline._noop,
     )
     value = attrs_value(divisor, catalogue)
     for k in range(len(shapes)):
@@ -569,4 +589,4 @@ def write_panoptic(
     listed = [str(n) for n in _attrs(labels).get("ome", {}).get("labels", [])]
     names = [n for n in listed if n != KEY] or ["instances", "semantic"]
     omezarr.write_labels_index(group_path.parent, [*names, KEY])
-    return PanopticResult(divisor, catalogue, len(shapes), sum(unassigned))
+    return PanopticResult(divisor, catalogue, len(shapes), unassigned)

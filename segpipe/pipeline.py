@@ -671,7 +671,7 @@ def stitch_ids(
     return merge.merge_ids(grid.grid_shape, segmented.counts, edges, work)
 
 
-class _Lazy(Sequence[tuple[Any, ...]]):
+class Lazy(Sequence[tuple[Any, ...]]):
     """Task arguments made when a task is submitted, not all up front (10⁶ lookup tables)."""
 
     def __init__(self, n: int, make: Callable[[int], tuple[Any, ...]]) -> None:
@@ -692,38 +692,28 @@ def write(
     ids: merge.MergedIds | stitch.GlobalIds,
     progress: ProgressFn = _noop,
     times: dict[str, float] | None = None,
+    catalogue: Any = None,
 ) -> int:
-    """Relabel to global ids, build the pyramids and NGFF metadata; return the level count.
+    """The relabel pass (`segpipe.relabel`: instances and panoptic level 0, object
+    statistics), then the pyramids of the image, semantic and instance labels and the
+    NGFF metadata; return the level count. ``catalogue``: the classes (default: the
+    plan's, else the segmenter's).
 
-    With ``times``, the seconds of the relabel pass go to ``times["relabel"]``.
+    With ``times``, the compute seconds of the pass go to ``times`` under
+    ``relabel``, ``panoptic`` and ``measure`` (its wall time shared in proportion).
     """
+    from segpipe import panoptic, relabel  # they build on this module
+
     t0 = time.perf_counter()
-    tile = plan.grid().tile
-    markers = plan.markers("relabel")
-    prepare_array(
-        plan.label("instances"), markers, shape=plan.spec.shape, chunks=tile, dtype=ids.dtype
-    )
-    blocks = list(plan.grid())
-    map_blocks(
-        client,
-        relabel_block,
-        _Lazy(
-            len(blocks),
-            lambda i: (
-                plan.local_labels,
-                plan.label("instances"),
-                blocks[i].core,
-                ids.block_lut(blocks[i].id),
-            ),
-        ),
-        stage="relabel",
-        progress=progress,
-        markers=markers,
-        run=plan.token,
-        names=[_where(plan, b.core) for b in blocks],
-    )
+    catalogue = catalogue or plan.catalogue or panoptic.catalogue_for(plan.segmenter)
+    done = relabel.relabel(client, plan, ids, catalogue, progress)
     if times is not None:
-        times["relabel"] = time.perf_counter() - t0
+        wall = time.perf_counter() - t0
+        steps = done.step_seconds()
+        busy = sum(steps.values()) or 1.0
+        for step, seconds in steps.items():
+            times[step] = times.get(step, 0.0) + wall * seconds / busy
+    tile = plan.grid().tile
     shapes = omezarr.pyramid_shapes(plan.spec.shape, min_size=max(256, min(tile[-2:])))
     sources = {
         "image": lambda k: str(Path(plan.group) / str(k)),
@@ -875,16 +865,27 @@ def run_image(client: Client, plan: ImagePlan, progress: ProgressFn = _noop) -> 
     stats = timed("statistics", lambda: statistics(client, plan, raw, progress))
     seg = timed("segment", lambda: segment(client, plan, stats, progress))
     ids = timed("stitch", lambda: stitch_ids(client, plan, seg, progress))
-    timed("write", lambda: write(client, plan, ids, progress, times))
-    times["write"] -= times["relabel"]  # the rest: pyramids and metadata
-    from segpipe import measure, panoptic, preview  # they build on this module
+    from segpipe import measure, panoptic, preview, relabel  # they build on this module
 
     catalogue = plan.catalogue or panoptic.catalogue_for(plan.segmenter)
+    t = time.perf_counter()
+    write(client, plan, ids, progress, times, catalogue)
+    times["write"] = time.perf_counter() - t - sum(times[s] for s in relabel.STEPS)
+    done = relabel.relabelled(plan, ids.count)
     pan = timed(
-        "panoptic",
-        lambda: panoptic.write_panoptic(client, plan, ids.count, catalogue, progress),
+        "panoptic+",
+        lambda: panoptic.finish_panoptic(
+            client, plan, done.divisor, catalogue, done.unassigned(), progress
+        ),
     )
-    timed("measure", lambda: measure.measure(client, plan, catalogue, pan.divisor, progress))
+    timed(
+        "measure+",
+        lambda: measure.write_tables(
+            plan, catalogue, pan.divisor, done.open_groups(), relabel.parts_dir(plan)
+        ),
+    )
+    for step in ("panoptic", "measure"):  # the pass's share plus the stage's own
+        times[step] += times.pop(step + "+")
     timed("preview", lambda: preview.write_preview(client, plan, progress))
     result = ImageResult(plan.name, plan.spec.shape, ids.count, time.perf_counter() - t0, times)
     finish(plan, result, stats, seg.params)

@@ -315,7 +315,14 @@ def plan_image(
             costs.pairs.get(mode, 0.0) * pairs if costs and mode in costs.pairs else None,
         ),
         Stage("stitch", 0, 0, 0, costs.merge_s_per_block * n if costs else None, client=True),
-        Stage("relabel", n, npx * 4, npx * 4, secs("relabel", npx)),
+        # one pass: local ids, semantic labels and image in; instances and panoptic out
+        Stage(
+            "relabel",
+            n,
+            npx * (4 + 1 + item),
+            npx * (4 + 8),
+            add(secs("relabel", npx), secs("panoptic", npx), secs("measure", npx)),
+        ),
         Stage(
             "pyramid",
             3 * up_tasks,
@@ -323,14 +330,8 @@ def plan_image(
             up_px * (item + 1 + 4),
             secs("pyramid", 3 * up_px),
         ),
-        Stage(
-            "panoptic",
-            n + up_tasks,
-            npx * 5 + up_read * 8,
-            npx * 8 + up_px * 8,
-            add(secs("panoptic", npx), secs("pyramid", up_px)),
-        ),
-        Stage("measure", n, npx * (4 + 1 + item), 0, secs("measure", npx)),
+        Stage("panoptic", up_tasks, up_read * 8, up_px * 8, secs("pyramid", up_px)),
+        Stage("measure", 0, 0, 0, 0.0 if costs else None, client=True),  # merge + tables
     ]
     preview_px = math.prod(_preview_shape(shapes))
     stages.append(Stage("preview", 1, preview_px * (item + 4), 0, 0.0 if costs else None))
@@ -345,9 +346,8 @@ def plan_image(
         "filter": filt_block * (item + 4 + 4) if segmenter.has_filter() else 0,
         # float32 block + halo, the segmenter's working set, full and core labels
         "segment": int(read_block * 4 + working + read_block * 4 + core * 5),
-        "relabel": core * 8,
-        "panoptic": core * (1 + 4 + 8 + 1),
-        "measure": core * (4 + 1 + item + 8),
+        # local ids, semantic, image, instances, panoptic (+ one row of sums per object)
+        "relabel": core * (4 + 1 + item + 4 + 8),
     }
     return ImageEstimate(
         name=spec.name,
@@ -486,9 +486,10 @@ def measure_costs(
     (reading only those pixels), runs every stage's block function on all its
     blocks (later stages need earlier results) and times them on the middle
     block: ingest (from the image itself), filter, histogram, segment, a pair
-    task, relabel, downsample, panoptic and measure. The segmenter's working set
-    is the tracemalloc peak of ``segment()`` on that block. Per-task overhead and
-    the stitch cost per block come from ``base`` when given.
+    task, relabel (its relabel, panoptic and measure steps apart) and downsample.
+    The segmenter's working set is the tracemalloc peak of ``segment()`` on that
+    block. Per-task overhead and the stitch cost per block come from ``base``
+    when given.
 
     Returns
     -------
@@ -497,11 +498,10 @@ def measure_costs(
     """
     import zarr
 
-    from segpipe import pipeline, stitch
+    from segpipe import pipeline, relabel, stitch
     from segpipe.io import omezarr
     from segpipe.io.readers import read_region
-    from segpipe.measure import measure_block
-    from segpipe.panoptic import catalogue_for, choose_divisor, panoptic_block
+    from segpipe.panoptic import catalogue_for, choose_divisor
     from segpipe.stats import Extrema, hist_range, merge_histograms
 
     ndim = len(spec.shape)
@@ -557,7 +557,9 @@ def measure_costs(
         params = dict(segmenter.prepare(merge_histograms(hists, extrema)))
         for kind, dtype in (("semantic", np.uint8),):
             omezarr.create_array(plan.label(kind), shape=sub, chunks=tiles, dtype=dtype)
-        omezarr.create_array(plan.local_labels, shape=sub, chunks=tiles, dtype=np.uint32)
+        omezarr.create_array(
+            plan.local_labels, shape=sub, chunks=tiles, dtype=np.uint32, compress=False
+        )
         blocks = list(grid)
         pairs = list(grid.neighbour_pairs())
         directions: dict[int, list[tuple[int, ...]]] = {b.id: [] for b in blocks}
@@ -588,18 +590,29 @@ def measure_costs(
             if middle.id in (a.id, b.id):
                 pair_times.append(t)
         ids = stitch.global_ids(counts, edges)
-        omezarr.create_array(plan.label("instances"), shape=sub, chunks=tiles, dtype=ids.dtype)
-        for b in blocks:
-            pipeline.relabel_block(
-                plan.local_labels, plan.label("instances"), b.core, ids.block_lut(b.id)
-            )
-        lut = ids.block_lut(middle.id)
-        t, _ = timed(
-            lambda: pipeline.relabel_block(
-                plan.local_labels, plan.label("instances"), middle.core, lut
-            )
+        catalogue = catalogue_for(segmenter)
+        job = relabel.BlockJob(
+            local=plan.local_labels,
+            semantic=plan.label("semantic"),
+            image=plan.raw,
+            instances=plan.label("instances"),
+            panoptic=plan.label("panoptic"),
+            parts=str(root / "parts"),
+            shape=sub,
+            divisor=choose_divisor(ids.count),
+            catalogue=catalogue,
         )
-        per_px("relabel", t, core_px)
+        omezarr.create_array(plan.label("instances"), shape=sub, chunks=tiles, dtype=ids.dtype)
+        omezarr.create_array(job.panoptic, shape=sub, chunks=tiles, dtype=np.uint64, labels=True)
+        for b in blocks:
+            relabel.relabel_block(job, b.core, b.id, ids.block_lut(b.id))
+        lut = ids.block_lut(middle.id)
+        steps = np.full(len(relabel.STEPS), np.inf)
+        for _ in range(max(1, repeats)):  # each step's fastest
+            done = relabel.relabel_block(job, middle.core, middle.id, lut)
+            steps = np.minimum(steps, done["seconds"])
+        for step, seconds in zip(relabel.STEPS, steps, strict=True):
+            per_px(step, float(seconds), core_px)
         half = tuple(-(-s // 2) for s in sub[-2:])
         small = (*sub[:-2], *half)
         down = str(root / "down")
@@ -607,26 +620,6 @@ def measure_costs(
         first = tuple(slice(0, min(t, s)) for t, s in zip(tiles, small, strict=True))
         t, _ = timed(lambda: omezarr.downsample_block(plan.raw, down, first))
         per_px("pyramid", t, math.prod(r.stop for r in first))
-        catalogue = catalogue_for(segmenter)
-        pan = plan.label("panoptic")
-        omezarr.create_array(pan, shape=sub, chunks=tiles, dtype=np.uint64, labels=True)
-        args = (plan.label("semantic"), plan.label("instances"), pan, middle.core)
-        t, _ = timed(lambda: panoptic_block(*args, choose_divisor(ids.count), catalogue))
-        per_px("panoptic", t, core_px)
-        stuff = tuple(c.id for c in catalogue.classes if not c.thing)
-        t, _ = timed(
-            lambda: measure_block(
-                plan.label("instances"),
-                plan.label("semantic"),
-                plan.raw,
-                middle.core,
-                str(root / "parts"),
-                middle.id,
-                sub,
-                stuff,
-            )
-        )
-        per_px("measure", t, core_px)
         pair_s = float(np.median(pair_times)) if pair_times else 0.0
         where = f"{spec.path}: block {mid} of tile {tiles}, {segmenter.name}, one thread"
         stages = {**(base.stages if base else {}), **ns}

@@ -56,3 +56,22 @@ def test_histogram_counts_equal_numpy(n: int, nbins: int, seed: int) -> None:
     counts, total = kernels.histogram(data, lo, hi, edges)
     assert np.array_equal(counts, ref)
     assert total == float(data.sum(dtype=np.float64))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 2000), st.integers(0, 2**32 - 1))
+def test_panoptic_encoding_by_hand(n: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    semantic = rng.integers(0, 6, size=n).astype(np.uint8)
+    instances = rng.integers(0, 999, size=n).astype(np.uint32)
+    thing = np.zeros(256, bool)
+    thing[[1, 3, 4]] = True
+    known = np.zeros(256, bool)
+    known[:6] = True
+    out, unassigned = kernels.panoptic(semantic, instances, 1000, thing, known) or (None, 0)
+    pairs = list(zip(semantic.tolist(), instances.tolist(), strict=True))
+    expected = [c * 1000 + (i if c in (1, 3, 4) else 0) for c, i in pairs]
+    assert out is not None and out.tolist() == expected
+    assert unassigned == sum(1 for c, i in pairs if c in (1, 3, 4) and i == 0)
+    known[5] = False  # a class outside the catalogue
+    assert (kernels.panoptic(semantic, instances, 1000, thing, known) is None) == (5 in semantic)
