@@ -112,17 +112,24 @@ class BlockGrid:
         for index in itertools.product(*(range(g) for g in self.grid_shape)):
             yield self.block(index)
 
-    def neighbour_pairs(self) -> Iterator[tuple[Block, Block, tuple[int, ...]]]:
-        """Each pair of blocks that touch (faces, edges, corners) once, with their offset."""
+    def forward_neighbours(self, a: Block) -> list[tuple[Block, tuple[int, ...]]]:
+        """The blocks touching ``a`` (faces, edges, corners) at a lexicographically
+        positive offset, with that offset: each touching pair is one block's forward
+        neighbour exactly once."""
         ndim = len(self.shape)
-        offsets = [
-            d
-            for d in itertools.product((-1, 0, 1), repeat=ndim)
-            if any(d) and next(x for x in d if x) > 0  # lexicographically positive
-        ]
         grid = self.grid_shape
+        out = []
+        for d in itertools.product((-1, 0, 1), repeat=ndim):
+            if not any(d) or next(x for x in d if x) < 0:
+                continue
+            j = tuple(i + o for i, o in zip(a.index, d, strict=True))
+            if all(0 <= x < g for x, g in zip(j, grid, strict=True)):
+                out.append((self.block(j), d))
+        return out
+
+    def neighbour_pairs(self) -> Iterator[tuple[Block, Block, tuple[int, ...]]]:
+        """Each pair of blocks that touch (faces, edges, corners) once, with their offset,
+        grouped by the first block in block order."""
         for a in self:
-            for d in offsets:
-                j = tuple(i + o for i, o in zip(a.index, d, strict=True))
-                if all(0 <= x < g for x, g in zip(j, grid, strict=True)):
-                    yield a, self.block(j), d
+            for b, d in self.forward_neighbours(a):
+                yield a, b, d

@@ -247,10 +247,7 @@ def segment_block(
     return count
 
 
-def pair_edges(marker_dir: str, a: int, b: int, d: tuple[int, ...], mode: str) -> NDArray[np.int64]:
-    """Links between the objects of blocks ``a`` and ``b`` = a + ``d``, from their markers."""
-    markers = Markers(marker_dir)
-    va, vb = markers.load(a), markers.load(b)
+def _edges(va: Arrays, vb: Arrays, d: tuple[int, ...], mode: str) -> NDArray[np.int64]:
     back = tuple(-x for x in d)
     if mode == "faces":
         return stitch.face_edges(
@@ -259,6 +256,22 @@ def pair_edges(marker_dir: str, a: int, b: int, d: tuple[int, ...], mode: str) -
             d,
         )
     return stitch.overlap_edges(va[_dkey(d) + "_v"], vb[_dkey(back) + "_v"])
+
+
+def pair_edges(marker_dir: str, a: int, b: int, d: tuple[int, ...], mode: str) -> NDArray[np.int64]:
+    """Links between the objects of blocks ``a`` and ``b`` = a + ``d``, from their markers."""
+    markers = Markers(marker_dir)
+    return _edges(markers.load(a), markers.load(b), d, mode)
+
+
+def block_links(
+    marker_dir: str, a: int, forward: Sequence[tuple[int, tuple[int, ...]]], mode: str
+) -> list[NDArray[np.int64]]:
+    """`pair_edges` of block ``a`` with each of its ``forward`` neighbours ``(b, d)``:
+    one task per block reads its own marker once."""
+    markers = Markers(marker_dir)
+    va = markers.load(a)
+    return [_edges(va, markers.load(b), d, mode) for b, d in forward]
 
 
 def relabel_block(src: str, dst: str, region: tuple[slice, ...], lut: NDArray[Any]) -> None:
@@ -634,13 +647,17 @@ def imap_blocks(
     try:
         fill()
         while done in futures:
-            f = futures.pop(done)
-            result = f.result()
-            f.release()
-            done += 1
+            # the next result, and those after it already finished: one round trip
+            batch = [futures.pop(done)]
+            while done + len(batch) in futures and futures[done + len(batch)].done():
+                batch.append(futures.pop(done + len(batch)))
+            results = client.gather(batch)
+            for f in batch:
+                f.release()
+            done += len(batch)
             progress(stage, done, total)
             fill()
-            yield result
+            yield from results
     finally:  # an error here or in the consumer: drop what is still queued
         if futures:
             client.cancel(list(futures.values()))
@@ -649,23 +666,30 @@ def imap_blocks(
 def stitch_ids(
     client: Client, plan: ImagePlan, segmented: Segmented, progress: ProgressFn = _noop
 ) -> merge.MergedIds:
-    """Global consecutive ids: one task per touching pair of blocks turns their views
-    (from the segment markers) into links, streamed in block order into `merge.merge_ids`,
-    whose memory is bounded by a row of blocks; its lookup tables go to scratch."""
+    """Global consecutive ids: one task per block turns its views and those of its
+    forward neighbours (from the segment markers) into links, streamed in block order
+    into `merge.merge_ids`, whose memory is bounded by a row of blocks; its lookup
+    tables go to scratch."""
     grid = plan.grid(plan.segment_halo)
     marker_dir = str(plan.markers("segment").directory)
     mode = plan.segmenter.stitch
-    total = sum(1 for _ in grid.neighbour_pairs())
-    pairs = ((a.id, b.id, d) for a, b, d in grid.neighbour_pairs())
+
+    def forward(a: Block) -> list[tuple[int, tuple[int, ...]]]:
+        return [(b.id, d) for b, d in grid.forward_neighbours(a)]
+
     links = imap_blocks(
         client,
-        pair_edges,
-        ((marker_dir, a, b, d, mode) for a, b, d in pairs),
+        block_links,
+        ((marker_dir, a.id, forward(a), mode) for a in grid),
         stage="links",
-        total=total,
+        total=len(grid),
         progress=progress,
     )
-    edges = ((a.id, b.id, e) for (a, b, _), e in zip(grid.neighbour_pairs(), links, strict=True))
+    edges = (
+        (a.id, b, e)
+        for a, found in zip(grid, links, strict=True)
+        for (b, _), e in zip(forward(a), found, strict=True)
+    )
     work = Path(plan.scratch) / "merge"
     shutil.rmtree(work, ignore_errors=True)
     return merge.merge_ids(grid.grid_shape, segmented.counts, edges, work)

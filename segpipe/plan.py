@@ -308,8 +308,8 @@ def plan_image(
             seg_cost.ns_per_px * read_seg * 1e-9 if seg_cost else None,
         ),
         Stage(
-            "links",
-            pairs,
+            "links",  # one task per block: its pairs with its forward neighbours
+            n,
             view_bytes,
             0,
             costs.pairs.get(mode, 0.0) * pairs if costs and mode in costs.pairs else None,

@@ -65,7 +65,7 @@ def test_4096_at_tile_1024_by_hand() -> None:
         "ingest": 16,
         "statistics": 16,
         "segment": 16,
-        "links": 42,
+        "links": 16,  # one task per block: the 42 pairs, each with its first block
         "stitch": 0,
         "relabel": 16,
         "pyramid": 3 * (4 + 1),  # image, semantic, instances at 2048² and 1024²
