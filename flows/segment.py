@@ -229,7 +229,13 @@ def write_outputs(plan: pipeline.ImagePlan, ids: MergedIds) -> int:
 def write_panoptic_labels(plan: pipeline.ImagePlan, count: int) -> PanopticResult:
     done = relabel.relabelled(plan, count)  # level 0 came from the write stage's pass
     return finish_panoptic(
-        _client(), plan, done.divisor, plan.catalogue, done.unassigned(), _progress(plan.name)
+        _client(),
+        plan,
+        done.divisor,
+        plan.catalogue,
+        done.unassigned(),
+        _progress(plan.name),
+        start=2 if relabel.writes_level1(plan) else 1,
     )
 
 

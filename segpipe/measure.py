@@ -26,6 +26,7 @@ from numpy.typing import NDArray
 
 from segpipe import kernels
 from segpipe.errors import UnsupportedImageError
+from segpipe.io import omezarr
 from segpipe.io.markers import Markers
 from segpipe.panoptic import Catalogue
 
@@ -367,7 +368,7 @@ def measure_block(
     block (and the stuff) are returned, for the client to merge."""
 
     def read(path: str) -> NDArray[Any]:
-        return np.asarray(zarr.open_array(path, mode="r")[region])
+        return np.asarray(omezarr.open_array(path, mode="r")[region])
 
     instances = read(instances_path)
     try:

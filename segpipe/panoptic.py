@@ -20,6 +20,7 @@ from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from segpipe.errors import ConfigError, InputReadError, UnsupportedImageError
+from segpipe.io import omezarr
 
 if TYPE_CHECKING:
     from segpipe.pipeline import ImagePlan, ProgressFn
@@ -437,13 +438,13 @@ def panoptic_block(
     Returns the number of pixels of thing classes with no instance (0 for the
     classical segmenters), so the stage can report them.
     """
-    semantic = np.asarray(zarr.open_array(semantic_path, mode="r")[region])
-    instances = np.asarray(zarr.open_array(instances_path, mode="r")[region])
+    semantic = np.asarray(omezarr.open_array(semantic_path, mode="r")[region])
+    instances = np.asarray(omezarr.open_array(instances_path, mode="r")[region])
     try:
         out = encode(semantic, instances, divisor=divisor, catalogue=catalogue)
     except ConfigError as err:
         raise ConfigError(f"{semantic_path}: {err}") from err
-    zarr.open_array(dst, mode="r+")[region] = out
+    omezarr.open_array(dst, mode="r+")[region] = out
     thing = catalogue.thing_lut()[semantic]
     return int(np.count_nonzero(thing & (instances == 0)))
 
@@ -552,15 +553,16 @@ def finish_panoptic(
     catalogue: Catalogue,
     unassigned: int,
     progress: ProgressFn | None = None,
+    start: int = 1,
 ) -> PanopticResult:
-    """Build the pyramid of ``labels/panoptic`` (level 0 written) and its metadata.
+    """Build levels ``start``.. of ``labels/panoptic`` (those below written) and its
+    metadata.
 
     The divisor and catalogue go to every level's attributes, the label group's
     attributes and its NGFF ``image-label`` properties, and ``panoptic`` is added
     to the image's ``labels`` list.
     """
     from segpipe import pipeline
-    from segpipe.io import omezarr
 
     tile = plan.grid().tile
     levels = label_levels(plan)
@@ -572,6 +574,7 @@ def finish_panoptic(
         shapes,
         stage=f"{KEY}-pyramid",
         progress=progress or pipeline._noop,
+        start=start,
     )
     value = attrs_value(divisor, catalogue)
     for k in range(len(shapes)):

@@ -117,7 +117,7 @@ class ImagePlan:
 
 
 def _read(path: str, region: tuple[slice, ...]) -> NDArray[Any]:
-    return np.asarray(zarr.open_array(path, mode="r")[region])
+    return np.asarray(omezarr.open_array(path, mode="r")[region])
 
 
 def _as_float32(block: NDArray[Any]) -> NDArray[np.float32]:
@@ -185,14 +185,14 @@ def ingest_block(spec: SourceSpec, dst: str, region: tuple[slice, ...]) -> Extre
             f"{spec.path}: {ext.nonfinite} NaN/inf pixels in rows {region[-2].start}:"
             f"{region[-2].stop}; clean the image first."
         )
-    zarr.open_array(dst, mode="r+")[region] = data
+    omezarr.open_array(dst, mode="r+")[region] = data
     return ext
 
 
 def filter_block(src: str, dst: str, block: Block, segmenter: Segmenter) -> Extrema:
     data = _as_float32(_read(src, block.read))
     out = segmenter.preprocess(data)[block.core_in_read]
-    zarr.open_array(dst, mode="r+")[block.core] = out
+    omezarr.open_array(dst, mode="r+")[block.core] = out
     return Extrema.of(out)
 
 
@@ -224,8 +224,8 @@ def segment_block(
         result.semantic[core] if result.semantic is not None else (result.instances[core] > 0)
     ).astype(np.uint8)
     local, full, count = stitch.sequential_core(result.instances, core)
-    zarr.open_array(plan.label("semantic"), mode="r+")[block.core] = semantic
-    zarr.open_array(plan.local_labels, mode="r+")[block.core] = local
+    omezarr.open_array(plan.label("semantic"), mode="r+")[block.core] = semantic
+    omezarr.open_array(plan.local_labels, mode="r+")[block.core] = local
     grid = plan.grid(plan.segment_halo)
     arrays: Arrays = {"count": np.array(count, np.int64)}
     for d in directions:
@@ -276,7 +276,7 @@ def block_links(
 
 def relabel_block(src: str, dst: str, region: tuple[slice, ...], lut: NDArray[Any]) -> None:
     local = _read(src, region)
-    zarr.open_array(dst, mode="r+")[region] = lut[local]
+    omezarr.open_array(dst, mode="r+")[region] = lut[local]
 
 
 # -- helpers -----------------------------------------------------------------
@@ -446,11 +446,12 @@ def build_pyramid(
     *,
     stage: str,
     progress: ProgressFn = _noop,
+    start: int = 1,
 ) -> None:
-    """Levels 1.. of each ``(path of level k, dtype, is labels)`` by striding level k-1
-    (nearest, never interpolated); one marked task per output chunk."""
+    """Levels ``start``.. of each ``(path of level k, dtype, is labels)`` by striding
+    level k-1 (nearest, never interpolated); one marked task per output chunk."""
     tile = plan.grid().tile
-    for k in range(1, len(shapes)):
+    for k in range(start, len(shapes)):
         markers = plan.markers(f"{stage}-{k}")
         jobs = []
         for path, dtype, labels in arrays:
@@ -723,8 +724,9 @@ def write(
     NGFF metadata; return the level count. ``catalogue``: the classes (default: the
     plan's, else the segmenter's).
 
-    With ``times``, the compute seconds of the pass go to ``times`` under
-    ``relabel``, ``panoptic`` and ``measure`` (its wall time shared in proportion).
+    With ``times``, the pass's wall time goes to ``times`` under ``relabel``,
+    ``panoptic``, ``measure`` and ``write`` (level 1 of the pyramids), in proportion
+    to its tasks' compute time in each.
     """
     from segpipe import panoptic, relabel  # they build on this module
 
@@ -737,8 +739,7 @@ def write(
         busy = sum(steps.values()) or 1.0
         for step, seconds in steps.items():
             times[step] = times.get(step, 0.0) + wall * seconds / busy
-    tile = plan.grid().tile
-    shapes = omezarr.pyramid_shapes(plan.spec.shape, min_size=max(256, min(tile[-2:])))
+    shapes = relabel.level_shapes(plan)
     sources = {
         "image": lambda k: str(Path(plan.group) / str(k)),
         "semantic": lambda k: plan.label("semantic", k),
@@ -752,6 +753,7 @@ def write(
         shapes,
         stage="pyramid",
         progress=progress,
+        start=2 if relabel.writes_level1(plan) else 1,
     )
     levels = len(shapes)
     omezarr.write_image_metadata(plan.group, ndim=plan.ndim, levels=levels, name=plan.name)
@@ -894,12 +896,18 @@ def run_image(client: Client, plan: ImagePlan, progress: ProgressFn = _noop) -> 
     catalogue = plan.catalogue or panoptic.catalogue_for(plan.segmenter)
     t = time.perf_counter()
     write(client, plan, ids, progress, times, catalogue)
-    times["write"] = time.perf_counter() - t - sum(times[s] for s in relabel.STEPS)
+    times["write"] = time.perf_counter() - t - sum(times[s] for s in relabel.STEPS[:3])
     done = relabel.relabelled(plan, ids.count)
     pan = timed(
         "panoptic+",
         lambda: panoptic.finish_panoptic(
-            client, plan, done.divisor, catalogue, done.unassigned(), progress
+            client,
+            plan,
+            done.divisor,
+            catalogue,
+            done.unassigned(),
+            progress,
+            start=2 if relabel.writes_level1(plan) else 1,
         ),
     )
     timed(

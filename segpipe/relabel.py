@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import zarr
 from numpy.typing import NDArray
 
 from segpipe import kernels, measure, panoptic
 from segpipe.errors import ConfigError, UnsupportedImageError
+from segpipe.io import omezarr
 from segpipe.io.markers import Arrays, Markers
 from segpipe.panoptic import Catalogue
 
@@ -33,7 +33,8 @@ if TYPE_CHECKING:
 
 STAGE = "relabel"
 PARTS = "relabel-parts"
-STEPS = ("relabel", "panoptic", "measure")  # the parts of a task's time it reports
+# the parts of a task's time it reports; "write": level 1 of the pyramids
+STEPS = ("relabel", "panoptic", "measure", "write")
 
 
 @dataclass(frozen=True)
@@ -49,10 +50,29 @@ class BlockJob:
     shape: tuple[int, ...]
     divisor: int
     catalogue: Catalogue
+    level1: tuple[str, str, str, str] | None  # image, semantic, instances, panoptic
+
+
+def level_shapes(plan: ImagePlan) -> list[tuple[int, ...]]:
+    """Shapes of the image's pyramid levels (as every label array has them)."""
+
+    tile = plan.grid().tile
+    return omezarr.pyramid_shapes(plan.spec.shape, min_size=max(256, min(tile[-2:])))
+
+
+def writes_level1(plan: ImagePlan) -> bool:
+    """Whether the pass writes level 1 of every pyramid from the blocks in memory: when
+    there is a level 1 and even Y/X tiles make each block's half a whole chunk of it."""
+    tile = plan.grid().tile
+    return len(level_shapes(plan)) > 1 and all(t % 2 == 0 for t in tile[-2:])
+
+
+def _half(region: tuple[slice, ...]) -> tuple[slice, ...]:
+    return (*region[:-2], *(slice(s.start // 2, -(-s.stop // 2)) for s in region[-2:]))
 
 
 def _read(path: str, region: tuple[slice, ...]) -> NDArray[Any]:
-    return np.asarray(zarr.open_array(path, mode="r")[region])
+    return np.asarray(omezarr.open_array(path, mode="r")[region])
 
 
 def relabel_block(
@@ -64,7 +84,7 @@ def relabel_block(
     t0 = time.perf_counter()
     local = _read(job.local, region)
     instances = lut[local]
-    zarr.open_array(job.instances, mode="r+")[region] = instances
+    omezarr.open_array(job.instances, mode="r+")[region] = instances
     t1 = time.perf_counter()
     semantic = _read(job.semantic, region)
     cat = job.catalogue
@@ -75,11 +95,12 @@ def relabel_block(
         except ConfigError as err:
             raise ConfigError(f"{job.semantic}: {err}") from err
         raise AssertionError("kernels.panoptic and panoptic.encode disagree")  # pragma: no cover
-    zarr.open_array(job.panoptic, mode="r+")[region] = encoded[0]
+    omezarr.open_array(job.panoptic, mode="r+")[region] = encoded[0]
     t2 = time.perf_counter()
     offset = [s.start for s in region]
+    image = _read(job.image, region)
     try:
-        groups = measure.local_groups(local, lut, semantic, _read(job.image, region), offset=offset)
+        groups = measure.local_groups(local, lut, semantic, image, offset=offset)
     except UnsupportedImageError as err:
         from segpipe.pipeline import span
 
@@ -88,9 +109,14 @@ def relabel_block(
         groups, instances, region, job.shape, job.catalogue.stuff, job.parts, block_id
     )
     t3 = time.perf_counter()
+    if job.level1 is not None:  # every second Y/X pixel, as omezarr.downsample_block
+        half = _half(region)
+        for path, data in zip(job.level1, (image, semantic, instances, encoded[0]), strict=True):
+            omezarr.open_array(path, mode="r+")[half] = data[..., ::2, ::2]
+    t4 = time.perf_counter()
     arrays = measure.groups_out(open_groups)
     arrays["unassigned"] = np.array(encoded[1], np.int64)
-    arrays["seconds"] = np.array([t1 - t0, t2 - t1, t3 - t2], np.float64)
+    arrays["seconds"] = np.array([t1 - t0, t2 - t1, t3 - t2, t4 - t3], np.float64)
     return arrays
 
 
@@ -166,11 +192,21 @@ def relabel(
     tile = plan.grid().tile
     markers = plan.markers(STAGE)
     shape = plan.spec.shape
-    for path, dtype in (
-        (plan.label("instances"), ids.dtype),
-        (plan.label(panoptic.KEY), np.uint64),
-    ):
+    arrays = [  # (level 0, level 1, dtype, is labels)
+        (plan.raw, str(Path(plan.group) / "1"), plan.spec.out_dtype, False),
+        (plan.label("semantic"), plan.label("semantic", 1), np.uint8, True),
+        (plan.label("instances"), plan.label("instances", 1), ids.dtype, True),
+        (plan.label(panoptic.KEY), plan.label(panoptic.KEY, 1), np.uint64, True),
+    ]
+    for path, _, dtype, _ in arrays[2:]:
         pipeline.prepare_array(path, markers, shape=shape, chunks=tile, dtype=dtype)
+    level1 = writes_level1(plan)
+    if level1:  # chunks of half a tile: each block writes whole chunks
+        half = (*tile[:-2], tile[-2] // 2, tile[-1] // 2)
+        for _, path, dtype, labels in arrays:
+            pipeline.prepare_array(
+                path, markers, shape=level_shapes(plan)[1], chunks=half, dtype=dtype, labels=labels
+            )
     job = BlockJob(
         local=plan.local_labels,
         semantic=plan.label("semantic"),
@@ -181,6 +217,7 @@ def relabel(
         shape=tuple(shape),
         divisor=divisor,
         catalogue=catalogue,
+        level1=(arrays[0][1], arrays[1][1], arrays[2][1], arrays[3][1]) if level1 else None,
     )
     blocks = list(plan.grid())
     pipeline.map_blocks(
