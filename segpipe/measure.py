@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 TABLES = "tables"
 CLASS_SLOTS = 256  # semantic labels are uint8: (instance, class) packs into one uint64 key
 ROW_GROUP = 1 << 20
+BATCH_ROWS = 1 << 16  # objects gathered before a table write: ~8 MB on the client
 
 
 @dataclass(frozen=True)
@@ -302,9 +303,7 @@ def objects_table(groups: Groups, catalogue: Catalogue) -> pa.Table:
     cols: dict[str, Any] = {
         "label": pa.array(labels, pa.uint64()),
         "class": pa.array(cls.astype(np.uint8), pa.uint8()),
-        "class_name": pa.array(
-            [catalogue.name(int(c)) for c in cls], pa.string()
-        ).dictionary_encode(),
+        "class_name": _class_names(cls, catalogue),
         "is_thing": pa.array(thing[cls.astype(np.intp)], pa.bool_()),
     }
     cols.update(_geometry(merged, ndim))
@@ -594,12 +593,12 @@ def write_tables(
     counts = np.zeros(CLASS_SLOTS, np.int64)
     writers = _TableWriters(out, meta)
     parts = Markers(parts_dir)
-    for b in [None, *blocks]:  # None: instances with stuff pixels, gathered first
-        bid = -1 if b is None else b.id
-        closed = groups_in(parts.load(bid)) if parts.done(bid) else Groups.empty(plan.ndim)
-        groups = Groups.concat([closed, owned.get(bid, Groups.empty(plan.ndim))])
-        if not len(groups):
-            continue
+    batch: list[Groups] = []
+
+    def flush() -> None:
+        nonlocal counts
+        groups = Groups.concat(batch)
+        batch.clear()
         objects = objects_table(groups, catalogue)
         objects = objects.take(pa.compute.sort_indices(objects, [("label", "ascending")]))
         segments = segments_table(groups, catalogue, divisor)
@@ -608,6 +607,18 @@ def write_tables(
             np.asarray(objects.column("class").to_numpy(), np.intp), minlength=CLASS_SLOTS
         )
         writers.write(objects, segments)
+
+    for b in [None, *blocks]:  # None: instances with stuff pixels, gathered first
+        bid = -1 if b is None else b.id
+        if parts.done(bid):
+            batch.append(groups_in(parts.load(bid)))
+        if bid in owned:
+            batch.append(owned[bid])
+        # blocks own consecutive id ranges: a batch of them sorts like one block
+        if sum(len(g) for g in batch) >= BATCH_ROWS:
+            flush()
+    if any(len(g) for g in batch):
+        flush()
     n_objects, n_segments = writers.close(catalogue, divisor, plan.ndim)
     per_class = {c.name: int(counts[c.id]) for c in catalogue.classes}
     info: dict[str, Any] = {
