@@ -111,12 +111,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/segpipe-bench"))
     parser.add_argument("--no-dask-image", action="store_true")
     args = parser.parse_args(argv)
+    import dask
     from distributed import Client, LocalCluster
+
+    from segpipe.backends import worker_env_config
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     print(machine())
     rows = []
     with (
+        dask.config.set(worker_env_config()),  # segpipe's worker settings, for both
         LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1") as cluster,
         Client(cluster) as client,
     ):

@@ -36,14 +36,15 @@ ALLOWED_FAILURES = 3
 
 
 def _local(n: int, threads: int) -> LocalCluster:
-    return LocalCluster(
-        n_workers=n,
-        threads_per_worker=threads,
-        processes=True,
-        host="127.0.0.1",
-        dashboard_address="127.0.0.1:0",
-        silence_logs=50,  # block errors reach the user once, through the client
-    )
+    with dask.config.set(backends.worker_env_config()):
+        return LocalCluster(
+            n_workers=n,
+            threads_per_worker=threads,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address="127.0.0.1:0",
+            silence_logs=50,  # block errors reach the user once, through the client
+        )
 
 
 @contextmanager

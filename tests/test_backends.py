@@ -299,3 +299,31 @@ def test_unknown_cluster_is_refused_with_the_choices(cluster: str) -> None:
         connect(cluster),
     ):
         pass
+
+
+def test_workers_get_segpipes_malloc_settings_everywhere(tmp_path: Path) -> None:
+    """Local workers get them from the nanny; SLURM jobs, Kubernetes pods and the
+    container images through the variable Dask reads as the nannies' environment."""
+    import ast
+
+    from distributed import Client
+
+    from segpipe.backends import WORKER_ENV, WORKER_ENV_VAR
+    from segpipe.cluster import local_cluster
+
+    with local_cluster(workers=1, threads=1) as cluster, Client(cluster) as client:
+        env = client.run(lambda: {k: os.environ.get(k) for k in WORKER_ENV})
+    assert list(env.values()) == [WORKER_ENV]
+    value = repr(WORKER_ENV)
+    assert ast.literal_eval(value) == WORKER_ENV  # as Dask parses it
+    script = backends.slurm_job_script(_config(cluster="slurm"))
+    (line,) = [ln for ln in script.splitlines() if ln.startswith(f"export {WORKER_ENV_VAR}=")]
+    assert shlex.split(line)[1] == f"{WORKER_ENV_VAR}={value}"
+    spec = backends.kubernetes_cluster_spec(
+        _config(cluster="kubernetes", kubernetes={"image": "segpipe:cpu"})
+    )
+    worker_env = spec["spec"]["worker"]["spec"]["containers"][0]["env"]
+    assert {"name": WORKER_ENV_VAR, "value": value} in worker_env
+    root = Path(__file__).resolve().parent.parent / "deploy" / "docker"
+    for dockerfile in ("Dockerfile.cpu", "Dockerfile.cuda"):
+        assert f'ENV {WORKER_ENV_VAR}="{value}"' in (root / dockerfile).read_text()
