@@ -247,6 +247,17 @@ def segment_block(
     return count
 
 
+def _view_keys(d: tuple[int, ...], mode: str) -> tuple[str, ...]:
+    return (_dkey(d) + "_l", _dkey(d) + "_s") if mode == "faces" else (_dkey(d) + "_v",)
+
+
+def _views(marker: Path, directions: Sequence[tuple[int, ...]], mode: str) -> Arrays:
+    """Only the views toward ``directions`` from a segment marker (an ``.npz`` reads
+    the members asked for, not the other views and the provenance)."""
+    with np.load(marker, allow_pickle=False) as data:
+        return {k: data[k] for d in directions for k in _view_keys(d, mode)}
+
+
 def _edges(va: Arrays, vb: Arrays, d: tuple[int, ...], mode: str) -> NDArray[np.int64]:
     back = tuple(-x for x in d)
     if mode == "faces":
@@ -268,15 +279,14 @@ def block_links(
     marker_dir: str, a: int, forward: Sequence[tuple[int, tuple[int, ...]]], mode: str
 ) -> list[NDArray[np.int64]]:
     """`pair_edges` of block ``a`` with each of its ``forward`` neighbours ``(b, d)``:
-    one task per block reads its own marker once."""
+    one task per block; each marker is opened once and only the views used are read."""
     markers = Markers(marker_dir)
-    va = markers.load(a)
-    return [_edges(va, markers.load(b), d, mode) for b, d in forward]
-
-
-def relabel_block(src: str, dst: str, region: tuple[slice, ...], lut: NDArray[Any]) -> None:
-    local = _read(src, region)
-    omezarr.open_array(dst, mode="r+")[region] = lut[local]
+    va = _views(markers.path(a), [d for _, d in forward], mode)
+    out = []
+    for b, d in forward:
+        vb = _views(markers.path(b), [tuple(-x for x in d)], mode)
+        out.append(_edges(va, vb, d, mode))
+    return out
 
 
 # -- helpers -----------------------------------------------------------------
