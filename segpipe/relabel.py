@@ -78,9 +78,10 @@ def _read(path: str, region: tuple[slice, ...]) -> NDArray[Any]:
 def relabel_block(
     job: BlockJob, region: tuple[slice, ...], block_id: int, lut: NDArray[np.unsignedinteger]
 ) -> Arrays:
-    """Write instances and panoptic level 0 of ``region``; return the block's open
-    object groups, its unassigned thing pixels and the seconds of each step, as the
-    arrays of its marker."""
+    """Write instances and panoptic level 0 of ``region`` (and level 1 of the four
+    pyramids when ``job.level1``), save the sums of objects wholly inside it; return
+    its open object groups, its unassigned thing pixels and the seconds of each step,
+    as the arrays of its marker."""
     t0 = time.perf_counter()
     local = _read(job.local, region)
     instances = lut[local]
