@@ -62,7 +62,7 @@ def _stage_table(title: str, images: list[Any]) -> Table:
         "filter": f"{_axes(first.grid)} (±{_axes(first.filter_halo)})",
         "statistics": _axes(first.grid),
         "segment": f"{_axes(first.grid)} (±{_axes(first.halo)})",
-        "links": f"{_axes(first.grid)}: {first.pairs:,} pairs",
+        "links": f"rows of {_axes(first.grid)}: {first.pairs:,} pairs",
         "stitch": "client",
         "relabel": f"{_axes(first.grid)}: instances, panoptic, object sums",
         "pyramid": f"{first.levels - 1} levels × 3 arrays",

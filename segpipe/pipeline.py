@@ -289,6 +289,14 @@ def block_links(
     return out
 
 
+def row_links(
+    marker_dir: str, row: Sequence[tuple[int, Sequence[tuple[int, tuple[int, ...]]]]], mode: str
+) -> list[list[NDArray[np.int64]]]:
+    """`block_links` of each ``(block, forward neighbours)`` of a row of blocks: one task
+    per row, as a block's links take ~3 ms and a Dask task costs about as much."""
+    return [block_links(marker_dir, a, forward, mode) for a, forward in row]
+
+
 # -- helpers -----------------------------------------------------------------
 
 
@@ -677,10 +685,10 @@ def imap_blocks(
 def stitch_ids(
     client: Client, plan: ImagePlan, segmented: Segmented, progress: ProgressFn = _noop
 ) -> merge.MergedIds:
-    """Global consecutive ids: one task per block turns its views and those of its
-    forward neighbours (from the segment markers) into links, streamed in block order
-    into `merge.merge_ids`, whose memory is bounded by a row of blocks; its lookup
-    tables go to scratch."""
+    """Global consecutive ids: one task per row of blocks turns each block's views and
+    those of its forward neighbours (from the segment markers) into links, streamed
+    in block order into `merge.merge_ids`, whose memory is bounded by a row of
+    blocks; its lookup tables go to scratch."""
     grid = plan.grid(plan.segment_halo)
     marker_dir = str(plan.markers("segment").directory)
     mode = plan.segmenter.stitch
@@ -688,17 +696,28 @@ def stitch_ids(
     def forward(a: Block) -> list[tuple[int, tuple[int, ...]]]:
         return [(b.id, d) for b, d in grid.forward_neighbours(a)]
 
+    per_row = grid.grid_shape[-1]  # blocks are numbered row-major: a row is consecutive
+
+    def rows() -> Iterator[list[Block]]:
+        row: list[Block] = []
+        for a in grid:
+            row.append(a)
+            if len(row) == per_row:
+                yield row
+                row = []
+
     links = imap_blocks(
         client,
-        block_links,
-        ((marker_dir, a.id, forward(a), mode) for a in grid),
+        row_links,
+        ((marker_dir, [(a.id, forward(a)) for a in row], mode) for row in rows()),
         stage="links",
-        total=len(grid),
+        total=len(grid) // per_row,
         progress=progress,
     )
     edges = (
         (a.id, b, e)
-        for a, found in zip(grid, links, strict=True)
+        for row, found_row in zip(rows(), links, strict=True)
+        for a, found in zip(row, found_row, strict=True)
         for (b, _), e in zip(forward(a), found, strict=True)
     )
     work = Path(plan.scratch) / "merge"

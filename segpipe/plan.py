@@ -308,8 +308,8 @@ def plan_image(
             seg_cost.ns_per_px * read_seg * 1e-9 if seg_cost else None,
         ),
         Stage(
-            "links",  # one task per block: its pairs with its forward neighbours
-            n,
+            "links",  # one task per row of blocks: each block's pairs with its forward ones
+            n // grid[-1],
             view_bytes,
             0,
             costs.pairs.get(mode, 0.0) * pairs if costs and mode in costs.pairs else None,
