@@ -366,13 +366,13 @@ def measure_block(
     saved beside the tables (``parts_dir``); only those that may continue in another
     block (and the stuff) are returned, for the client to merge."""
 
-    def read(path: str) -> NDArray[Any]:
-        return np.asarray(omezarr.open_array(path, mode="r")[region])
-
-    instances = read(instances_path)
+    instances = omezarr.read_block(instances_path, region)
     try:
         groups = block_groups(
-            instances, read(semantic_path), read(image_path), offset=[s.start for s in region]
+            instances,
+            omezarr.read_block(semantic_path, region),
+            omezarr.read_block(image_path, region),
+            offset=[s.start for s in region],
         )
     except UnsupportedImageError as err:
         from segpipe.pipeline import span

@@ -438,8 +438,8 @@ def panoptic_block(
     Returns the number of pixels of thing classes with no instance (0 for the
     classical segmenters), so the stage can report them.
     """
-    semantic = np.asarray(omezarr.open_array(semantic_path, mode="r")[region])
-    instances = np.asarray(omezarr.open_array(instances_path, mode="r")[region])
+    semantic = omezarr.read_block(semantic_path, region)
+    instances = omezarr.read_block(instances_path, region)
     try:
         out = encode(semantic, instances, divisor=divisor, catalogue=catalogue)
     except ConfigError as err:

@@ -116,10 +116,6 @@ class ImagePlan:
 # -- block functions (run on workers) ----------------------------------------
 
 
-def _read(path: str, region: tuple[slice, ...]) -> NDArray[Any]:
-    return np.asarray(omezarr.open_array(path, mode="r")[region])
-
-
 def _as_float32(block: NDArray[Any]) -> NDArray[np.float32]:
     return np.asarray(block, dtype=np.float32)
 
@@ -190,7 +186,7 @@ def ingest_block(spec: SourceSpec, dst: str, region: tuple[slice, ...]) -> Extre
 
 
 def filter_block(src: str, dst: str, block: Block, segmenter: Segmenter) -> Extrema:
-    data = _as_float32(_read(src, block.read))
+    data = _as_float32(omezarr.read_block(src, block.read))
     out = segmenter.preprocess(data)[block.core_in_read]
     omezarr.open_array(dst, mode="r+")[block.core] = out
     return Extrema.of(out)
@@ -199,7 +195,7 @@ def filter_block(src: str, dst: str, block: Block, segmenter: Segmenter) -> Extr
 def histogram_block(
     src: str, region: tuple[slice, ...], lo: np.float32, hi: np.float32
 ) -> tuple[NDArray[np.int64], float]:
-    return block_histogram(_as_float32(_read(src, region)), lo, hi)
+    return block_histogram(_as_float32(omezarr.read_block(src, region)), lo, hi)
 
 
 def segment_block(
@@ -213,7 +209,7 @@ def segment_block(
     object count, the block's view toward each neighbour (read by the pair tasks) and
     its provenance (worker, device, seconds, batch, network tiles)."""
     t0 = time.perf_counter()
-    data = _as_float32(_read(plan.source, block.read))
+    data = _as_float32(omezarr.read_block(plan.source, block.read))
     if getattr(plan.segmenter, "wants_origin", False):
         params = {**params, "origin": tuple(s.start for s in block.read)}
     result = plan.segmenter.segment(data, params)

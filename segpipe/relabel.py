@@ -71,10 +71,6 @@ def _half(region: tuple[slice, ...]) -> tuple[slice, ...]:
     return (*region[:-2], *(slice(s.start // 2, -(-s.stop // 2)) for s in region[-2:]))
 
 
-def _read(path: str, region: tuple[slice, ...]) -> NDArray[Any]:
-    return np.asarray(omezarr.open_array(path, mode="r")[region])
-
-
 def relabel_block(
     job: BlockJob, region: tuple[slice, ...], block_id: int, lut: NDArray[np.unsignedinteger]
 ) -> Arrays:
@@ -83,11 +79,11 @@ def relabel_block(
     its open object groups, its unassigned thing pixels and the seconds of each step,
     as the arrays of its marker."""
     t0 = time.perf_counter()
-    local = _read(job.local, region)
+    local = omezarr.read_block(job.local, region)
     instances = lut[local]
     omezarr.open_array(job.instances, mode="r+")[region] = instances
     t1 = time.perf_counter()
-    semantic = _read(job.semantic, region)
+    semantic = omezarr.read_block(job.semantic, region)
     cat = job.catalogue
     encoded = kernels.panoptic(semantic, instances, job.divisor, cat.thing_lut(), cat.known_lut())
     if encoded is None:  # a class outside the catalogue: encode() says which
@@ -99,7 +95,7 @@ def relabel_block(
     omezarr.open_array(job.panoptic, mode="r+")[region] = encoded[0]
     t2 = time.perf_counter()
     offset = [s.start for s in region]
-    image = _read(job.image, region)
+    image = omezarr.read_block(job.image, region)
     try:
         groups = measure.local_groups(local, lut, semantic, image, offset=offset)
     except UnsupportedImageError as err:

@@ -50,6 +50,11 @@ def open_array(path: str | Path, mode: str = "r") -> zarr.Array[Any]:
     return _opened(str(path), mode, (st.st_mtime_ns, st.st_size, st.st_ino))
 
 
+def read_block(path: str | Path, region: tuple[slice, ...]) -> np.ndarray[Any, Any]:
+    """``region`` of the array at ``path`` as a NumPy array (through `open_array`)."""
+    return np.asarray(open_array(path, mode="r")[region])
+
+
 def create_array(
     path: str | Path,
     *,
