@@ -21,9 +21,9 @@ from segpipe.errors import ImagesFailedError, InputsError, SegpipeError
 from segpipe.io.collection import resolve_inputs
 from segpipe.io.readers import SourceSpec, image_name, open_source
 from segpipe.io.store import OutputLock, check_name, image_state, mark_image, open_output
-from segpipe.measure import Measured, write_tables
+from segpipe.measure import Measured
 from segpipe.merge import MergedIds
-from segpipe.panoptic import PanopticResult, catalogue_for, finish_panoptic
+from segpipe.panoptic import PanopticResult, catalogue_for
 from segpipe.preview import write_preview
 from segpipe.segmenters import Segmenter, get_segmenter
 from segpipe.stats import Extrema, ImageStats
@@ -227,24 +227,14 @@ def write_outputs(plan: pipeline.ImagePlan, ids: MergedIds) -> int:
 
 @task(name="panoptic", task_run_name="panoptic-{plan.name}", **_STAGE)
 def write_panoptic_labels(plan: pipeline.ImagePlan, count: int) -> PanopticResult:
-    done = relabel.relabelled(plan, count)  # level 0 came from the write stage's pass
-    return finish_panoptic(
-        _client(),
-        plan,
-        done.divisor,
-        plan.catalogue,
-        done.unassigned(),
-        _progress(plan.name),
-        start=2 if relabel.writes_level1(plan) else 1,
-    )
+    # level 0 came from the write stage's relabel pass
+    return relabel.finish_panoptic(_client(), plan, count, plan.catalogue, _progress(plan.name))
 
 
 @task(name="measure", task_run_name="measure-{plan.name}", **_STAGE)
 def measure_objects(plan: pipeline.ImagePlan, count: int) -> Measured:
-    done = relabel.relabelled(plan, count)  # the write stage's pass summed each block
-    return write_tables(
-        plan, plan.catalogue, done.divisor, done.open_groups(), relabel.parts_dir(plan)
-    )
+    # the write stage's relabel pass summed each block
+    return relabel.write_tables(plan, count, plan.catalogue)
 
 
 @task(name="preview", task_run_name="preview-{plan.name}", **_STAGE)

@@ -594,11 +594,13 @@ def write_tables(
     writers = _TableWriters(out, meta)
     parts = Markers(parts_dir)
     batch: list[Groups] = []
+    rows = 0
 
     def flush() -> None:
-        nonlocal counts
+        nonlocal counts, rows
         groups = Groups.concat(batch)
         batch.clear()
+        rows = 0
         objects = objects_table(groups, catalogue)
         objects = objects.take(pa.compute.sort_indices(objects, [("label", "ascending")]))
         segments = segments_table(groups, catalogue, divisor)
@@ -612,12 +614,14 @@ def write_tables(
         bid = -1 if b is None else b.id
         if parts.done(bid):
             batch.append(groups_in(parts.load(bid)))
+            rows += len(batch[-1])
         if bid in owned:
             batch.append(owned[bid])
+            rows += len(batch[-1])
         # blocks own consecutive id ranges: a batch of them sorts like one block
-        if sum(len(g) for g in batch) >= BATCH_ROWS:
+        if rows >= BATCH_ROWS:
             flush()
-    if any(len(g) for g in batch):
+    if rows:
         flush()
     n_objects, n_segments = writers.close(catalogue, divisor, plan.ndim)
     per_class = {c.name: int(counts[c.id]) for c in catalogue.classes}

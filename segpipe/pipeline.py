@@ -287,10 +287,15 @@ def block_links(
 
 def row_links(
     marker_dir: str, row: Sequence[tuple[int, Sequence[tuple[int, tuple[int, ...]]]]], mode: str
-) -> list[list[NDArray[np.int64]]]:
-    """`block_links` of each ``(block, forward neighbours)`` of a row of blocks: one task
-    per row, as a block's links take ~3 ms and a Dask task costs about as much."""
-    return [block_links(marker_dir, a, forward, mode) for a, forward in row]
+) -> list[tuple[int, int, NDArray[np.int64]]]:
+    """``(a, b, links)`` for each block ``a`` of a row and each of its ``forward``
+    neighbours ``b``, in order: one task per row, as a block's links take ~3 ms and a
+    Dask task costs about as much."""
+    return [
+        (a, b, edges)
+        for a, forward in row
+        for (b, _), edges in zip(forward, block_links(marker_dir, a, forward, mode), strict=True)
+    ]
 
 
 # -- helpers -----------------------------------------------------------------
@@ -688,16 +693,12 @@ def stitch_ids(
     grid = plan.grid(plan.segment_halo)
     marker_dir = str(plan.markers("segment").directory)
     mode = plan.segmenter.stitch
-
-    def forward(a: Block) -> list[tuple[int, tuple[int, ...]]]:
-        return [(b.id, d) for b, d in grid.forward_neighbours(a)]
-
     per_row = grid.grid_shape[-1]  # blocks are numbered row-major: a row is consecutive
 
-    def rows() -> Iterator[list[Block]]:
-        row: list[Block] = []
+    def rows() -> Iterator[list[tuple[int, list[tuple[int, tuple[int, ...]]]]]]:
+        row = []
         for a in grid:
-            row.append(a)
+            row.append((a.id, [(b.id, d) for b, d in grid.forward_neighbours(a)]))
             if len(row) == per_row:
                 yield row
                 row = []
@@ -705,17 +706,12 @@ def stitch_ids(
     links = imap_blocks(
         client,
         row_links,
-        ((marker_dir, [(a.id, forward(a)) for a in row], mode) for row in rows()),
+        ((marker_dir, row, mode) for row in rows()),
         stage="links",
         total=len(grid) // per_row,
         progress=progress,
     )
-    edges = (
-        (a.id, b, e)
-        for row, found_row in zip(rows(), links, strict=True)
-        for a, found in zip(row, found_row, strict=True)
-        for (b, _), e in zip(forward(a), found, strict=True)
-    )
+    edges = (edge for found in links for edge in found)
     work = Path(plan.scratch) / "merge"
     shutil.rmtree(work, ignore_errors=True)
     return merge.merge_ids(grid.grid_shape, segmented.counts, edges, work)
@@ -916,31 +912,17 @@ def run_image(client: Client, plan: ImagePlan, progress: ProgressFn = _noop) -> 
     stats = timed("statistics", lambda: statistics(client, plan, raw, progress))
     seg = timed("segment", lambda: segment(client, plan, stats, progress))
     ids = timed("stitch", lambda: stitch_ids(client, plan, seg, progress))
-    from segpipe import measure, panoptic, preview, relabel  # they build on this module
+    from segpipe import panoptic, preview, relabel  # they build on this module
 
     catalogue = plan.catalogue or panoptic.catalogue_for(plan.segmenter)
     t = time.perf_counter()
     write(client, plan, ids, progress, times, catalogue)
     times["write"] = time.perf_counter() - t - sum(times[s] for s in relabel.STEPS[:3])
-    done = relabel.relabelled(plan, ids.count)
-    pan = timed(
-        "panoptic+",
-        lambda: panoptic.finish_panoptic(
-            client,
-            plan,
-            done.divisor,
-            catalogue,
-            done.unassigned(),
-            progress,
-            start=2 if relabel.writes_level1(plan) else 1,
-        ),
-    )
     timed(
-        "measure+",
-        lambda: measure.write_tables(
-            plan, catalogue, pan.divisor, done.open_groups(), relabel.parts_dir(plan)
-        ),
+        "panoptic+",
+        lambda: relabel.finish_panoptic(client, plan, ids.count, catalogue, progress),
     )
+    timed("measure+", lambda: relabel.write_tables(plan, ids.count, catalogue))
     for step in ("panoptic", "measure"):  # the pass's share plus the stage's own
         times[step] += times.pop(step + "+")
     timed("preview", lambda: preview.write_preview(client, plan, progress))

@@ -231,3 +231,26 @@ def relabel(
         names=[f"{plan.label('instances')} [{pipeline.span(b.core)}]" for b in blocks],
     )
     return Relabelled(divisor, markers, len(blocks))
+
+
+def finish_panoptic(
+    client: Any,
+    plan: ImagePlan,
+    count: int,
+    catalogue: Catalogue,
+    progress: ProgressFn | None = None,
+) -> panoptic.PanopticResult:
+    """The panoptic stage after this pass: the pyramid above the levels the pass wrote,
+    and the metadata (`segpipe.panoptic.finish_panoptic`)."""
+    done = relabelled(plan, count)
+    start = 2 if writes_level1(plan) else 1
+    return panoptic.finish_panoptic(
+        client, plan, done.divisor, catalogue, done.unassigned(), progress, start=start
+    )
+
+
+def write_tables(plan: ImagePlan, count: int, catalogue: Catalogue) -> measure.Measured:
+    """The measure stage after this pass: the blocks' sums merged into the tables
+    (`segpipe.measure.write_tables`)."""
+    done = relabelled(plan, count)
+    return measure.write_tables(plan, catalogue, done.divisor, done.open_groups(), parts_dir(plan))
