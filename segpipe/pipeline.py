@@ -219,7 +219,9 @@ def segment_block(
     semantic = (
         result.semantic[core] if result.semantic is not None else (result.instances[core] > 0)
     ).astype(np.uint8)
-    local, full, count = stitch.sequential_core(result.instances, core)
+    local, full, count = stitch.sequential_core(
+        result.instances, core, sequential=result.sequential
+    )
     omezarr.open_array(plan.label("semantic"), mode="r+")[block.core] = semantic
     omezarr.open_array(plan.local_labels, mode="r+")[block.core] = local
     grid = plan.grid(plan.segment_halo)
@@ -593,13 +595,12 @@ def segment(
     prepare_array(
         plan.label("semantic"), markers, shape=plan.spec.shape, chunks=tile, dtype=np.uint8
     )
-    prepare_array(  # scratch, written and read once: raw ids beat any codec here
-        plan.local_labels,
+    prepare_array(  # scratch; lz4 (1.4 + 0.9 ns/px) costs less than writing raw ids
+        plan.local_labels,  # to new files (~3 ms/MiB on this VM's ext4)
         markers,
         shape=plan.spec.shape,
         chunks=tile,
         dtype=np.uint32,
-        compress=False,
     )
     grid = plan.grid(plan.segment_halo)
     blocks = list(grid)

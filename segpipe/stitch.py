@@ -26,15 +26,20 @@ Edges = NDArray[np.int64]  # (n, 2) pairs of local ids: (id in block a, id in bl
 
 
 def sequential_core(
-    labels: NDArray[np.integer], core: tuple[slice, ...]
+    labels: NDArray[np.integer], core: tuple[slice, ...], *, sequential: bool = False
 ) -> tuple[NDArray[np.uint32], NDArray[np.uint32], int]:
     """Renumber the objects present in ``labels[core]`` as 1..k (in id order).
 
     Returns the mapped core, the mapped full array (objects absent from the
-    core become 0) and k.
+    core become 0) and k. ``sequential``: the caller knows ``labels`` holds
+    exactly the ids 1..max; with no halo around the core that is the answer
+    (the check would count every id, ~3 ns/px).
     """
     inner = labels[core]
     top = int(labels.max(initial=0))
+    if sequential and inner.shape == labels.shape and top < 2**32:
+        same = labels.astype(np.uint32, copy=False)
+        return same, same, top
     if top > 4 * labels.size:  # sparse ids: sort instead of counting
         ids = np.unique(inner)
         ids = ids[ids > 0]

@@ -102,6 +102,33 @@ def test_sequential_core_renumbers_core_objects_in_id_order() -> None:
     assert core_labels.dtype == np.uint32
 
 
+@SETTINGS
+@given(
+    shape=st.sampled_from([(17, 23), (6, 9, 11)]),
+    classes=st.integers(1, 3),
+    density=st.floats(0.2, 0.8),
+    seed=st.integers(0, 2**16),
+)
+def test_connected_component_labels_keep_their_promise_of_sequential_ids(
+    shape: tuple[int, ...], classes: int, density: float, seed: int
+) -> None:
+    """The segmenters that say ``sequential=True`` label with `label_classes`: its ids
+    must be exactly 1..max, so skipping the count gives what counting gives."""
+    from segpipe.segmenters.threshold import label_classes
+
+    rng = np.random.default_rng(seed)
+    semantic = np.where(rng.random(shape) < density, rng.integers(1, classes + 1, shape), 0)
+    labels = label_classes(semantic.astype(np.uint8))
+    present = np.unique(labels[labels > 0])
+    np.testing.assert_array_equal(present, np.arange(1, int(labels.max(initial=0)) + 1))
+    whole = tuple(slice(0, n) for n in shape)
+    fast = sequential_core(labels, whole, sequential=True)
+    counted = sequential_core(labels, whole)
+    assert fast[2] == counted[2]
+    np.testing.assert_array_equal(fast[0], counted[0])
+    assert fast[0].dtype == np.uint32
+
+
 # -- face_view / face_edges -----------------------------------------------------------
 
 

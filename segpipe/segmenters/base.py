@@ -23,11 +23,14 @@ class SegmentResult:
     """What a segmenter returns for one block (shapes equal the block's).
 
     ``semantic`` holds a class per pixel (0 = background); ``instances`` holds
-    block-local object ids (0 = background), any numbering.
+    block-local object ids (0 = background), any numbering. ``sequential``
+    promises that they are exactly 1..max (as connected-component labelling
+    gives them), so a block without halo needs no renumbering.
     """
 
     semantic: NDArray[np.uint8] | None
     instances: NDArray[np.integer] | None
+    sequential: bool = False
 
 
 class Options(BaseModel):

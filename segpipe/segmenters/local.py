@@ -194,4 +194,4 @@ class LocalThreshold(Segmenter):
             floor=None if floor is None else np.float32(floor),
         )
         semantic = foreground.astype(np.uint8)
-        return SegmentResult(semantic, label_classes(semantic))
+        return SegmentResult(semantic, label_classes(semantic), sequential=True)

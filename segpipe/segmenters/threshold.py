@@ -140,7 +140,7 @@ class Otsu(Segmenter):
 
     def segment(self, block: NDArray[np.float32], params: Mapping[str, Any]) -> SegmentResult:
         semantic = (block > params["threshold"]).astype(np.uint8)
-        return SegmentResult(semantic, label_classes(semantic))
+        return SegmentResult(semantic, label_classes(semantic), sequential=True)
 
 
 class MultiOtsuOptions(SmoothingOptions):
@@ -178,7 +178,7 @@ class MultiOtsu(Segmenter):
 
     def segment(self, block: NDArray[np.float32], params: Mapping[str, Any]) -> SegmentResult:
         semantic = np.digitize(block, bins=params["thresholds"]).astype(np.uint8)
-        return SegmentResult(semantic, label_classes(semantic))
+        return SegmentResult(semantic, label_classes(semantic), sequential=True)
 
 
 class ThresholdOptions(SmoothingOptions):
@@ -214,4 +214,4 @@ class Threshold(Segmenter):
         assert isinstance(o, ThresholdOptions)
         t = params["threshold"]
         semantic = ((block > t) if o.above else (block <= t)).astype(np.uint8)
-        return SegmentResult(semantic, label_classes(semantic))
+        return SegmentResult(semantic, label_classes(semantic), sequential=True)
