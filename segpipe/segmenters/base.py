@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -30,7 +30,7 @@ class SegmentResult:
 
     semantic: NDArray[np.uint8] | None
     instances: NDArray[np.integer] | None
-    sequential: bool = False
+    sequential: bool = field(default=False, kw_only=True)
 
 
 class Options(BaseModel):
