@@ -25,7 +25,7 @@ import zarr
 from distributed import Client, as_completed
 from numpy.typing import NDArray
 
-from segpipe import merge, stitch
+from segpipe import halo, merge, stitch
 from segpipe.blocks import Block, BlockGrid
 from segpipe.deep import provenance
 from segpipe.errors import BlockFailedError, OutputWriteError, UnsupportedImageError
@@ -95,6 +95,14 @@ class ImagePlan:
     @property
     def filtered(self) -> str:
         return str(Path(self.scratch) / "filtered")
+
+    @property
+    def slabs(self) -> SlabJob | None:
+        """Where ingest saves the blocks' outer layers for the filter; None without one."""
+        if not self.segmenter.has_filter():
+            return None
+        width = self.segmenter.filter_halo(self.ndim)
+        return SlabJob(str(Path(self.scratch) / "slabs"), self.grid(), tuple(width))
 
     @property
     def local_labels(self) -> str:
@@ -173,7 +181,18 @@ def _marked(
 # -- block functions (run on workers) ----------------------------------------
 
 
-def ingest_block(spec: SourceSpec, dst: str, region: tuple[slice, ...]) -> Extrema:
+@dataclass(frozen=True)
+class SlabJob:
+    """Where ingest tasks leave each block's outer layers for the filter (`segpipe.halo`)."""
+
+    directory: str
+    grid: BlockGrid  # the blocks (tiles); ids as every stage numbers them
+    halo: tuple[int, ...]
+
+
+def ingest_block(
+    spec: SourceSpec, dst: str, region: tuple[slice, ...], slabs: SlabJob | None = None
+) -> Extrema:
     data = read_region(spec, region)
     ext = Extrema.of(data)
     if ext.nonfinite:
@@ -182,12 +201,18 @@ def ingest_block(spec: SourceSpec, dst: str, region: tuple[slice, ...]) -> Extre
             f"{region[-2].stop}; clean the image first."
         )
     omezarr.open_array(dst, mode="r+")[region] = data
+    if slabs is not None:
+        halo.save_region_slabs(slabs.directory, slabs.grid, region, data, slabs.halo)
     return ext
 
 
-def filter_block(src: str, dst: str, block: Block, segmenter: Segmenter) -> Extrema:
-    data = _as_float32(omezarr.read_block(src, block.read))
-    out = segmenter.preprocess(data)[block.core_in_read]
+def filter_block(
+    src: str, dst: str, block: Block, segmenter: Segmenter, slabs: SlabJob | None = None
+) -> Extrema:
+    data = None if slabs is None else halo.assemble(src, slabs.grid, block, slabs.directory)
+    if data is None:
+        data = omezarr.read_block(src, block.read)
+    out = segmenter.preprocess(_as_float32(data))[block.core_in_read]
     omezarr.open_array(dst, mode="r+")[block.core] = out
     return Extrema.of(out)
 
@@ -507,10 +532,13 @@ def ingest(client: Client, plan: ImagePlan, progress: ProgressFn = _noop) -> Ext
         labels=False,
     )
     regions = ingest_regions(plan)
+    slabs = plan.slabs
+    if slabs is not None:
+        Path(slabs.directory).mkdir(parents=True, exist_ok=True)
     parts = map_blocks(
         client,
         ingest_block,
-        [(plan.spec, plan.raw, r) for r in regions],
+        [(plan.spec, plan.raw, r, slabs) for r in regions],
         stage="ingest",
         progress=progress,
         markers=markers,
@@ -542,7 +570,7 @@ def statistics(
         parts = map_blocks(
             client,
             filter_block,
-            [(plan.raw, plan.filtered, b, plan.segmenter) for b in blocks],
+            [(plan.raw, plan.filtered, b, plan.segmenter, plan.slabs) for b in blocks],
             stage="filter",
             progress=progress,
             markers=markers,

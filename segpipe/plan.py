@@ -538,17 +538,24 @@ def measure_costs(
             ns[stage] = seconds / max(px, 1) * 1e9
 
         omezarr.create_array(plan.raw, shape=sub, chunks=tiles, dtype=local.out_dtype)
-        t_ingest, _ = timed(lambda: pipeline.ingest_block(spec, plan.raw, middle.core))
-        parts = [pipeline.ingest_block(local, plan.raw, b.core) for b in plan.grid()]
+        slabs = plan.slabs
+        if slabs is not None:
+            Path(slabs.directory).mkdir(parents=True, exist_ok=True)
+        t_ingest, _ = timed(lambda: pipeline.ingest_block(spec, plan.raw, middle.core, slabs))
+        parts = [pipeline.ingest_block(local, plan.raw, b.core, slabs) for b in plan.grid()]
         per_px("ingest", t_ingest, core_px)
         extrema = Extrema.merge(parts)
         if segmenter.has_filter():
             omezarr.create_array(plan.filtered, shape=sub, chunks=tiles, dtype=np.float32)
             fgrid = plan.grid(segmenter.filter_halo(ndim))
-            parts = [pipeline.filter_block(plan.raw, plan.filtered, b, segmenter) for b in fgrid]
+            parts = [
+                pipeline.filter_block(plan.raw, plan.filtered, b, segmenter, slabs) for b in fgrid
+            ]
             extrema = Extrema.merge(parts)
             fb = fgrid.block(mid)
-            t, _ = timed(lambda: pipeline.filter_block(plan.raw, plan.filtered, fb, segmenter))
+            t, _ = timed(
+                lambda: pipeline.filter_block(plan.raw, plan.filtered, fb, segmenter, slabs)
+            )
             per_px("filter", t, math.prod(r.stop - r.start for r in fb.read))
         lo, hi = hist_range(extrema)
         hists = [pipeline.histogram_block(plan.source, b.core, lo, hi) for b in plan.grid()]
