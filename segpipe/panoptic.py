@@ -444,7 +444,7 @@ def panoptic_block(
         out = encode(semantic, instances, divisor=divisor, catalogue=catalogue)
     except ConfigError as err:
         raise ConfigError(f"{semantic_path}: {err}") from err
-    omezarr.open_array(dst, mode="r+")[region] = out
+    omezarr.write_block(dst, region, out)
     thing = catalogue.thing_lut()[semantic]
     return int(np.count_nonzero(thing & (instances == 0)))
 

@@ -200,7 +200,7 @@ def ingest_block(
             f"{spec.path}: {ext.nonfinite} NaN/inf pixels in rows {region[-2].start}:"
             f"{region[-2].stop}; clean the image first."
         )
-    omezarr.open_array(dst, mode="r+")[region] = data
+    omezarr.write_block(dst, region, data)
     if slabs is not None:
         halo.save_region_slabs(slabs.directory, slabs.grid, region, data, slabs.halo)
     return ext
@@ -213,7 +213,7 @@ def filter_block(
     if data is None:
         data = omezarr.read_block(src, block.read)
     out = segmenter.preprocess(_as_float32(data))[block.core_in_read]
-    omezarr.open_array(dst, mode="r+")[block.core] = out
+    omezarr.write_block(dst, block.core, out)
     return Extrema.of(out)
 
 
@@ -247,8 +247,8 @@ def segment_block(
     local, full, count = stitch.sequential_core(
         result.instances, core, sequential=result.sequential
     )
-    omezarr.open_array(plan.label("semantic"), mode="r+")[block.core] = semantic
-    omezarr.open_array(plan.local_labels, mode="r+")[block.core] = local
+    omezarr.write_block(plan.label("semantic"), block.core, semantic)
+    omezarr.write_block(plan.local_labels, block.core, local)
     grid = plan.grid(plan.segment_halo)
     arrays: Arrays = {"count": np.array(count, np.int64)}
     for d in directions:

@@ -81,7 +81,7 @@ def relabel_block(
     t0 = time.perf_counter()
     local = omezarr.read_block(job.local, region)
     instances = lut[local]
-    omezarr.open_array(job.instances, mode="r+")[region] = instances
+    omezarr.write_block(job.instances, region, instances)
     t1 = time.perf_counter()
     semantic = omezarr.read_block(job.semantic, region)
     cat = job.catalogue
@@ -92,7 +92,7 @@ def relabel_block(
         except ConfigError as err:
             raise ConfigError(f"{job.semantic}: {err}") from err
         raise AssertionError("kernels.panoptic and panoptic.encode disagree")  # pragma: no cover
-    omezarr.open_array(job.panoptic, mode="r+")[region] = encoded[0]
+    omezarr.write_block(job.panoptic, region, encoded[0])
     t2 = time.perf_counter()
     offset = [s.start for s in region]
     image = omezarr.read_block(job.image, region)
@@ -109,7 +109,7 @@ def relabel_block(
     if job.level1 is not None:  # every second Y/X pixel, as omezarr.downsample_block
         half = _half(region)
         for path, data in zip(job.level1, (image, semantic, instances, encoded[0]), strict=True):
-            omezarr.open_array(path, mode="r+")[half] = data[..., ::2, ::2]
+            omezarr.write_block(path, half, data[..., ::2, ::2])
     t4 = time.perf_counter()
     arrays = measure.groups_out(open_groups)
     arrays["unassigned"] = np.array(encoded[1], np.int64)

@@ -19,6 +19,8 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
+from segpipe.io import chunks
+
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
     from ome_zarr.format import FormatV05
@@ -41,18 +43,50 @@ def _opened(path: str, mode: str, stamp: tuple[int, int, int]) -> zarr.Array[Any
     return zarr.open_array(path, mode=mode).with_config({"write_empty_chunks": True})
 
 
+def _stamp(path: str | Path) -> tuple[int, int, int]:
+    st = os.stat(Path(path) / "zarr.json")
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
 def open_array(path: str | Path, mode: str = "r") -> zarr.Array[Any]:
     """``zarr.open_array(path, mode=mode)`` for block tasks: kept per process while the
     array's ``zarr.json`` is the same file version (opening reads and parses it, ~1 ms,
     once per block and array otherwise; a re-created or re-attributed array is opened
     anew), and writing chunks of zeros rather than testing each chunk for them."""
-    st = os.stat(Path(path) / "zarr.json")
-    return _opened(str(path), mode, (st.st_mtime_ns, st.st_size, st.st_ino))
+    return _opened(str(path), mode, _stamp(path))
+
+
+@functools.lru_cache(maxsize=64)
+def _layout(path: str, stamp: tuple[int, int, int]) -> chunks.Layout | None:
+    return chunks.layout(_opened(path, "r", stamp))
+
+
+def _one_chunk(
+    path: str | Path, region: tuple[slice, ...]
+) -> tuple[chunks.Layout, tuple[int, ...]] | None:
+    if not all(isinstance(s, slice) for s in region):
+        return None
+    lay = _layout(str(path), _stamp(path))
+    index = None if lay is None else lay.index(region)
+    return None if lay is None or index is None else (lay, index)
 
 
 def read_block(path: str | Path, region: tuple[slice, ...]) -> np.ndarray[Any, Any]:
-    """``region`` of the array at ``path`` as a NumPy array (through `open_array`)."""
+    """``region`` of the array at ``path`` as a NumPy array: one whole chunk straight
+    from its file (`segpipe.io.chunks`), anything else through zarr (`open_array`)."""
+    one = _one_chunk(path, region)
+    if one is not None:
+        return chunks.read_chunk(*one)
     return np.asarray(open_array(path, mode="r")[region])
+
+
+def write_block(path: str | Path, region: tuple[slice, ...], data: np.ndarray[Any, Any]) -> None:
+    """Write ``data`` to ``region`` of the array at ``path``, as `read_block` reads."""
+    one = _one_chunk(path, region)
+    if one is not None:
+        chunks.write_chunk(*one, data)
+    else:
+        open_array(path, mode="r+")[region] = data
 
 
 def create_array(
@@ -152,7 +186,5 @@ def write_labels_index(labels_path: str | Path, names: list[str]) -> None:
 
 def downsample_block(src: str, dst: str, region: tuple[slice, ...]) -> None:
     """Write ``region`` of level k+1 as every second Y/X pixel of level k (nearest)."""
-    src_arr = open_array(src, mode="r")
-    dst_arr = open_array(dst, mode="r+")
     read = (*region[:-2], *(slice(2 * s.start, 2 * s.stop, 2) for s in region[-2:]))
-    dst_arr[region] = np.asarray(src_arr[read])
+    write_block(dst, region, np.asarray(open_array(src, mode="r")[read]))
