@@ -259,12 +259,15 @@ def _segment_one(plan: pipeline.ImagePlan, *, full: bool) -> tuple[pipeline.Imag
     ids = stitch_labels(plan, segmented)
     _enter("write")
     write_outputs(plan, ids)
+    # the preview needs only the instance pyramid: its task runs on a worker while
+    # the panoptic pyramid is built and the client writes the tables
+    shown = write_previews.submit(plan)
     _enter("panoptic")
     write_panoptic_labels(plan, ids.count)
     _enter("measure")
     measure_objects(plan, ids.count)
     _enter("preview")
-    write_previews(plan)
+    shown.result()
     result = pipeline.ImageResult(
         plan.name, plan.spec.shape, ids.count, time.perf_counter() - t0, {}
     )

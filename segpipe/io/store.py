@@ -12,6 +12,7 @@ import os
 import shutil
 import socket
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ SCRATCH = "_segpipe"
 _UNWRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC)
 
 KEY = "segpipe"
+_MARK_LOCK = threading.Lock()
 
 
 def attrs_section(group: zarr.Group, key: str) -> dict[str, Any]:
@@ -251,11 +253,15 @@ def _alive(pid: int) -> bool:
 
 
 def mark_image(image_path: str | Path, **state: Any) -> None:
-    """Update an image group's segpipe attributes (``complete`` is written last)."""
-    group = zarr.open_group(str(image_path), mode="a", zarr_format=3)
-    current: dict[str, Any] = attrs_section(group, KEY)
-    current.update(state)
-    group.attrs[KEY] = current
+    """Update an image group's segpipe attributes (``complete`` is written last).
+
+    Read, update, write under a lock: the preview and the tables record
+    themselves from two threads of one process."""
+    with _MARK_LOCK:
+        group = zarr.open_group(str(image_path), mode="a", zarr_format=3)
+        current: dict[str, Any] = attrs_section(group, KEY)
+        current.update(state)
+        group.attrs[KEY] = current
 
 
 def image_state(image_path: str | Path) -> dict[str, Any]:
