@@ -3,8 +3,9 @@
 Usage: python -m bench.calibrate [--tile 1024] [--repeats 3] [--segmenters otsu watershed ...]
 
 Times the real block functions of `segpipe.pipeline` (and the relabel pass,
-its relabel, panoptic and measure steps apart, and the pyramid) on one thread on the middle 1024² block of a synthetic uint16
-nuclei image (3 × 3 tiles, written as a tiled TIFF), once per segmenter
+its relabel, panoptic and measure steps apart, and the pyramid) on one thread
+on the middle block (1024²) of a synthetic uint16 nuclei image (3 × 3 tiles,
+written as a tiled TIFF), once per segmenter
 (`segpipe.plan.measure_costs`); the per-task overhead of Dask (`map_blocks`
 of a no-op on a LocalCluster) and the streaming merge per block
 (`segpipe.merge.merge_ids` on a 32 × 316 grid of synthetic face tables).

@@ -18,12 +18,13 @@ from pathlib import Path
 
 from bench.common import machine, run_tree
 from segpipe import synthetic
+from segpipe.config import AUTO_TILE
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sizes", type=int, nargs="+", default=[8192, 32768])
-    parser.add_argument("--tile", type=int, default=1024)
+    parser.add_argument("--tile", type=int, default=AUTO_TILE[2])  # what `tile: auto` picks
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/segpipe-bench"))
     args = parser.parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)

@@ -32,6 +32,7 @@ import tifffile
 
 from bench.common import machine
 from segpipe import synthetic
+from segpipe.config import AUTO_TILE
 
 
 def _skimage(path: Path) -> float:
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--segmenters", nargs="+", default=["otsu"])
     parser.add_argument("--dask-image-max", type=int, default=8192)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--tile", type=int, default=1024)
+    parser.add_argument("--tile", type=int, default=AUTO_TILE[2])  # what `tile: auto` picks
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/segpipe-bench"))
     parser.add_argument("--no-dask-image", action="store_true")
     args = parser.parse_args(argv)

@@ -142,7 +142,8 @@ def run(
         ),
     ] = None,
     tile: Annotated[
-        str | None, typer.Option(help="Block edge in pixels: 1024, or one per axis: 64,256,256.")
+        str | None,
+        typer.Option(help="Block edge in pixels: 2048, one per axis: 64,256,256, or auto."),
     ] = None,
     halo: Annotated[
         str | None, typer.Option(help="'auto' (what the segmenter declares) or pixels.")
@@ -233,13 +234,15 @@ def run(
     out.print(f"Done in {time.perf_counter() - t0:.1f} s.")
 
 
-def _parse_tile(text: str | None) -> int | list[int] | None:
-    if text is None:
-        return None
+def _parse_tile(text: str | None) -> str | int | list[int] | None:
+    if text is None or text == "auto":
+        return text
     try:
         parts = [int(p) for p in text.replace("x", ",").split(",") if p.strip()]
     except ValueError as err:
-        raise SegpipeError(f"--tile {text!r}: expected an int or comma-separated ints.") from err
+        raise SegpipeError(
+            f"--tile {text!r}: expected auto, an int or comma-separated ints."
+        ) from err
     return parts[0] if len(parts) == 1 else parts
 
 

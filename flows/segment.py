@@ -16,7 +16,7 @@ from prefect.cache_policies import NO_CACHE
 from flows import monitor
 from segpipe import pipeline, relabel
 from segpipe.cluster import connect_run, dashboard
-from segpipe.config import RunConfig
+from segpipe.config import RunConfig, block_tile
 from segpipe.errors import ImagesFailedError, InputsError, SegpipeError
 from segpipe.io.collection import resolve_inputs
 from segpipe.io.readers import SourceSpec, image_name, open_source
@@ -121,8 +121,7 @@ def prepare_run(config: RunConfig, *, resume: bool | None = None) -> Prepared:
 
 def make_plan(prepared: Prepared, spec: SourceSpec) -> pipeline.ImagePlan:
     ndim = len(spec.shape)
-    tile = prepared.config.tile
-    tiles = (tile,) * ndim if isinstance(tile, int) else tuple(tile)
+    tiles = block_tile(prepared.config.tile, ndim)
     halo = prepared.config.halo
     halos = None if halo == "auto" else ((halo,) * ndim if isinstance(halo, int) else tuple(halo))
     catalogue = catalogue_for(prepared.segmenter, prepared.config.classes)

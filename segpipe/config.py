@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -166,6 +167,30 @@ CLUSTER_CHOICES = (
 )
 
 
+AUTO_TILE = {2: 2048, 3: 1024}
+"""``tile: auto`` per number of axes. Planes: 2048², measured fastest for ``otsu`` on
+an 8192² image on 2 workers (3.9 s against 5.0 s at 1024² and 11.5 s at 512²: each
+block task carries a few ms of fixed cost); volumes: 1024 per axis, as before
+(not yet measured)."""
+
+
+def block_tile(tile: str | int | Sequence[int], ndim: int) -> tuple[int, ...]:
+    """The block shape for an image of ``ndim`` spatial axes from ``RunConfig.tile``.
+
+    Examples
+    --------
+    >>> block_tile("auto", 2), block_tile(512, 3), block_tile([64, 256, 256], 3)
+    ((2048, 2048), (512, 512, 512), (64, 256, 256))
+    """
+    if tile == "auto":
+        return (AUTO_TILE.get(ndim, AUTO_TILE[3]),) * ndim
+    if isinstance(tile, int):
+        return (tile,) * ndim
+    if isinstance(tile, str) or len(tile) != ndim:
+        raise ConfigError(f"tile {tile!r}: expected 'auto', an int or {ndim} ints")
+    return tuple(int(t) for t in tile)
+
+
 class RunConfig(BaseModel):
     """What one ``segpipe run`` does. Field names are the keys of ``run.yaml``."""
 
@@ -175,8 +200,8 @@ class RunConfig(BaseModel):
     """A file, a directory, a glob, or a manifest (.txt/.csv, one path per line)."""
     output: str
     """The output store, e.g. ``out.zarr``; results land in ``out.zarr/<image name>/``."""
-    tile: int | list[int] = 1024
-    """Block edge in pixels: one int, or one per axis."""
+    tile: Literal["auto"] | int | list[int] = "auto"
+    """Block edge in pixels: one int, or one per axis; ``auto``: `block_tile`."""
     halo: Literal["auto"] | int | list[int] = "auto"
     """Context per side in pixels; ``auto`` is what the segmenter declares."""
     cluster: str = "local"
@@ -220,7 +245,9 @@ class RunConfig(BaseModel):
 
     @field_validator("tile")
     @classmethod
-    def _tile_positive(cls, v: int | list[int]) -> int | list[int]:
+    def _tile_positive(cls, v: str | int | list[int]) -> str | int | list[int]:
+        if isinstance(v, str):
+            return v  # the Literal allows only "auto"
         values = [v] if isinstance(v, int) else v
         if not values or any(t < 1 for t in values):
             raise ValueError(f"expected a positive tile size, got {v!r} instead")

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from segpipe.config import RunConfig
+from segpipe.config import RunConfig, block_tile
 from segpipe.errors import ConfigError
 from segpipe.io.readers import SourceSpec, open_source
 from segpipe.pipeline import STAGES
@@ -448,11 +448,19 @@ def plan_run(
         raise InputsError("\n".join(msg for _, msg in bad))
     halo = None if config.halo == "auto" else config.halo
     if calibrate and specs:
+        tile = block_tile(config.tile, len(specs[0].shape))
         costs = measure_costs(
-            specs[0], segmenter, tile=config.tile, halo=halo, workdir=workdir, base=costs
+            specs[0], segmenter, tile=tile, halo=halo, workdir=workdir, base=costs
         )
     images = [
-        plan_image(s, tile=config.tile, segmenter=segmenter, halo=halo, costs=costs) for s in specs
+        plan_image(
+            s,
+            tile=block_tile(config.tile, len(s.shape)),
+            segmenter=segmenter,
+            halo=halo,
+            costs=costs,
+        )
+        for s in specs
     ]
     return RunPlan(images, bad, segmenter.name, costs, time.perf_counter() - t0)
 

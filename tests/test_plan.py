@@ -207,7 +207,7 @@ def test_virtual_million_block_image_plans_in_seconds_and_bounded_memory(
     tmp_path: Path,
 ) -> None:
     path = _virtual(tmp_path)
-    config = RunConfig(input=str(path), output=str(tmp_path / "out.zarr"))
+    config = RunConfig(input=str(path), output=str(tmp_path / "out.zarr"), tile=1024)
     plan_run(config)  # imports (scikit-image for the segmenter) are not the plan's cost
     tracemalloc.start()
     t = time.perf_counter()
@@ -232,7 +232,9 @@ def test_virtual_million_block_image_plans_in_seconds_and_bounded_memory(
 def test_cli_plans_the_virtual_image(tmp_path: Path) -> None:
     path = _virtual(tmp_path)
     run = tmp_path / "run.yaml"
-    run.write_text(f"input: {path}\noutput: {tmp_path / 'out.zarr'}\nsegmenter: watershed\n")
+    run.write_text(
+        f"input: {path}\noutput: {tmp_path / 'out.zarr'}\ntile: 1024\nsegmenter: watershed\n"
+    )
     runner = CliRunner()
     res = runner.invoke(
         _app(), ["plan", "--config", str(run), "-n", "1", "-n", "64", "--threads", "4"]

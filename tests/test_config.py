@@ -1,0 +1,29 @@
+"""The block size a run uses: ``tile: auto`` and explicit tiles."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from segpipe.config import AUTO_TILE, RunConfig, block_tile
+from segpipe.errors import ConfigError
+
+
+def test_auto_is_the_default_and_measured_per_dimensionality() -> None:
+    config = RunConfig(input="in.tif", output="out.zarr")
+    assert config.tile == "auto"
+    assert block_tile(config.tile, 2) == (AUTO_TILE[2],) * 2 == (2048, 2048)
+    assert block_tile(config.tile, 3) == (1024, 1024, 1024)  # volumes: as before
+
+
+def test_explicit_tiles_are_kept() -> None:
+    assert block_tile(RunConfig(input="a", output="b", tile=512).tile, 3) == (512, 512, 512)
+    assert block_tile(RunConfig(input="a", output="b", tile=[8, 64, 64]).tile, 3) == (8, 64, 64)
+    with pytest.raises(ConfigError, match="expected 'auto', an int or 2 ints"):
+        block_tile([8, 64, 64], 2)
+
+
+@pytest.mark.parametrize("tile", ["big", 0, [64, -1]])
+def test_bad_tiles_are_refused(tile: object) -> None:
+    with pytest.raises(ValidationError):
+        RunConfig(input="a", output="b", tile=tile)  # type: ignore[arg-type]
