@@ -15,7 +15,7 @@ from skimage.segmentation import find_boundaries
 
 from segpipe import pipeline, synthetic
 from segpipe.io.readers import open_source
-from segpipe.preview import choose_level, render, write_preview
+from segpipe.preview import choose_level, colours, outlines, render, stretch, write_preview
 from segpipe.segmenters import get_segmenter
 
 
@@ -101,3 +101,25 @@ def test_pure_functions() -> None:
     ring[2:4, 2:4] = False
     assert np.array_equal((rgb[..., 0] != rgb[..., 1]) | (rgb[..., 1] != rgb[..., 2]), ring)
     assert rgb[0, 0].tolist() == [0, 0, 0] and rgb[5, 5].tolist() == [255, 255, 255]
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int16])
+def test_integer_stretch_equals_the_float_percentile_formula(dtype: type) -> None:
+    """Integer images take exact percentiles from their counts and one lookup per pixel:
+    the same grey levels as ``np.percentile`` and the float formula."""
+    rng = np.random.default_rng(4)
+    info = np.iinfo(dtype)
+    for top in (3, 200, int(info.max)):
+        data = rng.integers(max(info.min, -top), top, (97, 61)).astype(dtype)
+        lo, hi = np.percentile(data.astype(np.float64), [0.5, 99.5])
+        hi = hi if hi > lo else lo + 1.0
+        want = np.round(np.clip((data - lo) / (hi - lo), 0, 1) * 255).astype(np.uint8)
+        np.testing.assert_array_equal(stretch(data), want)
+
+
+def test_outline_colours_are_each_ids_colour() -> None:
+    labels = np.zeros((40, 40), np.uint32)
+    labels[2:12, 2:12], labels[15:30, 5:20], labels[20:38, 22:39] = 7, 1234, 99
+    rgb = render(np.arange(1600, dtype=np.uint16).reshape(40, 40), labels)
+    edge = outlines(labels)
+    np.testing.assert_array_equal(rgb[edge], colours(labels[edge]))
