@@ -84,3 +84,26 @@ def test_other_codecs_are_left_to_zarr(tmp_path: Path) -> None:
     data = np.arange(256, dtype=np.uint16).reshape(16, 16)
     omezarr.write_block(path, (slice(0, 16), slice(16, 32)), data)
     np.testing.assert_array_equal(zarr.open_array(path)[0:16, 16:32], data)
+
+
+@pytest.mark.parametrize(
+    ("shape", "src_chunks", "dst_chunks"),
+    [
+        ((50, 70), (16, 32), (16, 32)),
+        ((51, 69), (8, 8), (16, 16)),  # level 1 in half tiles; odd sizes
+        ((33, 45), (7, 9), (5, 11)),  # odd chunks: chunks start at odd coordinates
+        ((5, 41, 37), (2, 8, 16), (3, 16, 16)),  # volumes keep Z
+    ],
+)
+def test_downsample_block_is_every_second_pixel(
+    tmp_path: Path, shape: tuple, src_chunks: tuple, dst_chunks: tuple
+) -> None:
+    image = _data(np.uint64, shape, 1)
+    src, dst = tmp_path / "k", tmp_path / "k1"
+    omezarr.create_array(src, shape=shape, chunks=src_chunks, dtype=np.uint64, labels=True)
+    zarr.open_array(src, mode="r+")[...] = image
+    half = (*shape[:-2], *(-(-n // 2) for n in shape[-2:]))
+    omezarr.create_array(dst, shape=half, chunks=dst_chunks, dtype=np.uint64, labels=True)
+    for b in BlockGrid.build(half, tile=dst_chunks, halo=0):
+        omezarr.downsample_block(str(src), str(dst), b.core)
+    np.testing.assert_array_equal(zarr.open_array(dst)[...], image[..., ::2, ::2])
