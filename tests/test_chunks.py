@@ -107,3 +107,13 @@ def test_downsample_block_is_every_second_pixel(
     for b in BlockGrid.build(half, tile=dst_chunks, halo=0):
         omezarr.downsample_block(str(src), str(dst), b.core)
     np.testing.assert_array_equal(zarr.open_array(dst)[...], image[..., ::2, ::2])
+
+
+def test_a_cut_short_raw_chunk_is_an_error_not_zeros(tmp_path: Path) -> None:
+    path = tmp_path / "raw"
+    omezarr.create_array(path, shape=(16, 16), chunks=(16, 16), dtype=np.float32, compress=False)
+    omezarr.write_block(path, (slice(0, 16), slice(0, 16)), np.ones((16, 16), np.float32))
+    chunk = path / "c" / "0" / "0"
+    chunk.write_bytes(chunk.read_bytes()[:100])
+    with pytest.raises(ValueError, match="chunk shorter than 1024 bytes"):
+        omezarr.read_block(path, (slice(0, 16), slice(0, 16)))

@@ -17,7 +17,7 @@ import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numcodecs
 import numpy as np
@@ -107,15 +107,15 @@ def layout(array: zarr.Array[Any]) -> Layout | None:
 def read_chunk(lay: Layout, index: tuple[int, ...]) -> NDArray[Any]:
     """Chunk ``index``, cut to the array's extent (fill value where it was never written)."""
     extent = lay.extent(index)
+    out = np.empty(lay.chunks, lay.dtype)
     try:
-        raw = lay.path(index).read_bytes()
+        with open(lay.path(index), "rb") as f:
+            if lay.blosc is not None:
+                lay.blosc.decode(f.read(), out=out)
+            elif f.readinto(cast(Any, out.reshape(-1).view(np.uint8))) != out.nbytes:
+                raise ValueError(f"{lay.path(index)}: chunk shorter than {out.nbytes} bytes")
     except FileNotFoundError:
         return np.full(extent, lay.fill_value, dtype=lay.dtype)
-    out = np.empty(lay.chunks, lay.dtype)
-    if lay.blosc is not None:
-        lay.blosc.decode(raw, out=out)
-    else:
-        out.reshape(-1).view(np.uint8)[:] = np.frombuffer(raw, np.uint8)
     if extent != lay.chunks:
         out = np.ascontiguousarray(out[tuple(slice(0, e) for e in extent)])
     return out.astype(lay.dtype.newbyteorder("="), copy=False)
