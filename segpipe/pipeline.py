@@ -568,10 +568,11 @@ def statistics(
             compress=False,  # scratch, read twice: raw floats are faster than lz4 on noise
         )
         blocks = list(plan.grid(plan.segmenter.filter_halo(plan.ndim)))
+        slabs = plan.slabs
         parts = map_blocks(
             client,
             filter_block,
-            [(plan.raw, plan.filtered, b, plan.segmenter, plan.slabs) for b in blocks],
+            [(plan.raw, plan.filtered, b, plan.segmenter, slabs) for b in blocks],
             stage="filter",
             progress=progress,
             markers=markers,
