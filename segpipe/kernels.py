@@ -193,33 +193,50 @@ def panoptic(
 @numba.njit(cache=True, nogil=True)
 def _object_stats(local, sem, image, cls, count, csum, lo, hi, isum, imin, imax):  # type: ignore[no-untyped-def]  # pragma: no cover
     # Row l >= 1 of the accumulators: local object l; row n + 1 + k: background of class k.
+    # Runs of equal (id, class) along a row share the count, coordinate and box updates;
+    # intensities are still added pixel by pixel, in the same order as a plain sweep.
     n = cls.shape[0] - 257
     planes, rows, cols = local.shape
     for p in range(planes):
         for r in range(rows):
-            for c in range(cols):
+            c = 0
+            while c < cols:
                 k = np.int64(sem[p, r, c])
                 lab = np.int64(local[p, r, c])
+                e = c + 1
+                while (
+                    e < cols and local[p, r, e] == local[p, r, c] and sem[p, r, e] == sem[p, r, c]
+                ):
+                    e += 1
                 if lab == 0:
                     lab = n + 1 + k
                 elif cls[lab] < 0:
                     cls[lab] = k
                 elif cls[lab] != k:
                     return False  # an object of several classes: the caller sorts instead
-                v = np.float64(image[p, r, c])
-                count[lab] += 1
-                csum[lab, 0] += p
-                csum[lab, 1] += r
-                csum[lab, 2] += c
+                run = e - c
+                count[lab] += run
+                csum[lab, 0] += p * run
+                csum[lab, 1] += r * run
+                csum[lab, 2] += (c + e - 1) * run // 2
                 lo[lab, 0] = min(lo[lab, 0], p)
                 lo[lab, 1] = min(lo[lab, 1], r)
                 lo[lab, 2] = min(lo[lab, 2], c)
                 hi[lab, 0] = max(hi[lab, 0], p)
                 hi[lab, 1] = max(hi[lab, 1], r)
-                hi[lab, 2] = max(hi[lab, 2], c)
-                isum[lab] += v
-                imin[lab] = min(imin[lab], v)
-                imax[lab] = max(imax[lab], v)
+                hi[lab, 2] = max(hi[lab, 2], e - 1)
+                s = isum[lab]
+                mn = imin[lab]
+                mx = imax[lab]
+                for j in range(c, e):
+                    v = np.float64(image[p, r, j])
+                    s += v
+                    mn = min(mn, v)
+                    mx = max(mx, v)
+                isum[lab] = s
+                imin[lab] = mn
+                imax[lab] = mx
+                c = e
     return True
 
 

@@ -197,3 +197,23 @@ def test_local_groups_equal_block_groups_of_the_relabelled_block(seed: int) -> N
     want = measure.block_groups(lut[local], semantic, image, offset=offset)
     for name in measure.Groups.__dataclass_fields__:
         assert np.array_equal(getattr(got, name), getattr(want, name)), name
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_local_groups_over_long_runs_and_float_images(seed: int) -> None:
+    """Blobs (long runs of one id along rows, which the sweep takes a run at a time) and
+    a float32 image: the same sums, boxes and extrema as the sort."""
+    rng = np.random.default_rng(100 + seed)
+    shape = (37, 91) if seed % 2 else (5, 23, 61)
+    local = ndi.label(ndi.gaussian_filter(rng.random(shape), 1.5) > 0.52)[0].astype(np.uint32)
+    n = int(local.max())
+    lut = np.arange(n + 1, dtype=np.uint64)
+    semantic = (local > 0).astype(np.uint8) * np.uint8(1 + seed % 3)
+    image = rng.normal(100, 30, size=shape).astype(np.float32)
+    got = measure.local_groups(local, lut, semantic, image, offset=[0] * len(shape))
+    want = measure.block_groups(lut[local], semantic, image, offset=[0] * len(shape))
+    assert n >= 2
+    for name in measure.Groups.__dataclass_fields__:
+        np.testing.assert_allclose(
+            getattr(got, name), getattr(want, name), rtol=1e-12, err_msg=name
+        )
