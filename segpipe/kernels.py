@@ -10,7 +10,8 @@
   data in one pass (NumPy's float32 bin estimate, then its edge corrections).
 
 - `panoptic` and `object_stats`: the panoptic encoding and per-object sums of a
-  block of local labels in one sweep each (no sort, no temporaries per pixel).
+  block of local labels in one sweep each (no sort, no temporaries per pixel);
+  `lookup`: a block's local ids through its lookup table.
 
 All release the GIL, so a Dask worker's threads run them in parallel.
 """
@@ -151,6 +152,33 @@ def histogram(
 
 
 # -- label passes: one sweep over a block, no sort ------------------------------------
+
+
+@numba.njit(cache=True, nogil=True)
+def _lookup(index, table, out):  # type: ignore[no-untyped-def]  # pragma: no cover
+    n = table.shape[0]
+    for j in range(index.shape[0]):
+        i = index[j]
+        if i >= n:
+            return False
+        out[j] = table[i]
+    return True
+
+
+def lookup(index: NDArray[np.unsignedinteger], table: NDArray[Any]) -> NDArray[Any]:
+    """``table[index]`` for unsigned ``index`` (NumPy first widens every index to intp:
+    2.9 against ~0.7 ns/px for uint32 block labels).
+
+    Raises
+    ------
+    IndexError
+        If an index is ``len(table)`` or more.
+    """
+    flat = np.ascontiguousarray(index).reshape(-1)
+    out = np.empty(index.shape, table.dtype)
+    if not _lookup(flat, np.ascontiguousarray(table), out.reshape(-1)):
+        raise IndexError(f"index {int(flat.max())} is out of bounds for a table of {len(table)}")
+    return out
 
 
 @numba.njit(cache=True, nogil=True)

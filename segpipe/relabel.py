@@ -80,7 +80,7 @@ def relabel_block(
     as the arrays of its marker."""
     t0 = time.perf_counter()
     local = omezarr.read_block(job.local, region)
-    instances = lut[local]
+    instances = kernels.lookup(local, lut)
     omezarr.write_block(job.instances, region, instances)
     t1 = time.perf_counter()
     semantic = omezarr.read_block(job.semantic, region)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from scipy import ndimage as ndi
@@ -75,3 +76,19 @@ def test_panoptic_encoding_by_hand(n: int, seed: int) -> None:
     assert unassigned == sum(1 for c, i in pairs if c in (1, 3, 4) and i == 0)
     known[5] = False  # a class outside the catalogue
     assert (kernels.panoptic(semantic, instances, 1000, thing, known) is None) == (5 in semantic)
+
+
+@pytest.mark.parametrize("table_dtype", [np.uint32, np.uint64])
+@pytest.mark.parametrize("shape", [(0,), (37, 53), (3, 11, 17)])
+def test_lookup_equals_numpy_indexing(table_dtype: type, shape: tuple[int, ...]) -> None:
+    rng = np.random.default_rng(len(shape))
+    table = rng.integers(0, 2**31, 300).astype(table_dtype)
+    index = rng.integers(0, 300, shape).astype(np.uint32)
+    got = kernels.lookup(index, table)
+    assert got.dtype == table.dtype and got.shape == index.shape
+    np.testing.assert_array_equal(got, table[index])
+
+
+def test_lookup_refuses_an_index_past_the_table() -> None:
+    with pytest.raises(IndexError, match="index 7 is out of bounds for a table of 7"):
+        kernels.lookup(np.array([[1, 7], [0, 2]], np.uint32), np.arange(7, dtype=np.uint32))
