@@ -100,7 +100,7 @@ def gaussian(
     sigmas = [float(sigma)] * data.ndim if np.isscalar(sigma) else [float(s) for s in sigma]  # type: ignore[arg-type, union-attr]
     if len(sigmas) != data.ndim:
         raise ValueError(f"Expected {data.ndim} sigmas, got {len(sigmas)} instead.")
-    out = data.copy()
+    out = data  # read by the first pass, never written
     for axis, s in enumerate(sigmas):
         if s <= 1e-15:  # as SciPy: such an axis is skipped
             continue
@@ -115,7 +115,7 @@ def gaussian(
             view = (pre, shape[axis], post)
             _along_middle(out.reshape(view), dst.reshape(view), w, r)
         out = dst
-    return out
+    return data.copy() if out is data else out
 
 
 @numba.njit(cache=True, nogil=True)

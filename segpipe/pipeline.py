@@ -213,7 +213,7 @@ def filter_block(
     data = None if slabs is None else halo.assemble(src, slabs.grid, block, slabs.directory)
     if data is None:
         data = omezarr.read_block(src, block.read)
-    out = segmenter.preprocess(_as_float32(data))[block.core_in_read]
+    out = np.ascontiguousarray(segmenter.preprocess(_as_float32(data))[block.core_in_read])
     omezarr.write_block(dst, block.core, out)
     return Extrema.of(out)
 
