@@ -63,7 +63,8 @@ def save_region_slabs(
     halo: Sequence[int],
 ) -> None:
     """`save_slabs` of every block of ``grid`` whose core lies in ``region`` (the tiles
-    one ingest task read, held in ``data``)."""
+    one ingest task read, held in ``data``), creating ``directory`` if needed."""
+    Path(directory).mkdir(parents=True, exist_ok=True)
     ranges = [range(r.start // t, -(-r.stop // t)) for r, t in zip(region, grid.tile, strict=True)]
     for index in itertools.product(*ranges):
         block = grid.block(index)

@@ -534,8 +534,6 @@ def ingest(client: Client, plan: ImagePlan, progress: ProgressFn = _noop) -> Ext
     )
     regions = ingest_regions(plan)
     slabs = plan.slabs
-    if slabs is not None:
-        Path(slabs.directory).mkdir(parents=True, exist_ok=True)
     parts = map_blocks(
         client,
         ingest_block,

@@ -547,8 +547,6 @@ def measure_costs(
 
         omezarr.create_array(plan.raw, shape=sub, chunks=tiles, dtype=local.out_dtype)
         slabs = plan.slabs
-        if slabs is not None:
-            Path(slabs.directory).mkdir(parents=True, exist_ok=True)
         t_ingest, _ = timed(lambda: pipeline.ingest_block(spec, plan.raw, middle.core, slabs))
         parts = [pipeline.ingest_block(local, plan.raw, b.core, slabs) for b in plan.grid()]
         per_px("ingest", t_ingest, core_px)
