@@ -111,24 +111,23 @@ def _int_percentiles(data: NDArray[np.integer], qs: Sequence[float]) -> list[flo
 
 def stretch(image: NDArray[Any], *, low: float = 0.5, high: float = 99.5) -> NDArray[np.uint8]:
     """Grey levels 0-255 between the ``low`` and ``high`` percentiles of ``image``."""
-    small_int = image.dtype.kind in "ui" and image.dtype.itemsize <= 2 and image.size > 0
-    if small_int:  # exact percentiles from counts, then one lookup per pixel
+    if image.dtype.kind in "ui" and image.dtype.itemsize <= 2 and image.size > 0:
+        # exact percentiles from counts, then one lookup per pixel
         lo, hi = _int_percentiles(image, [low, high])
-    else:
-        data = np.asarray(image, np.float64)
-        finite = data[np.isfinite(data)]
-        if finite.size == 0:
-            return np.zeros(data.shape, np.uint8)
-        lo, hi = np.percentile(finite, [low, high])
-    if hi <= lo:
-        hi = lo + 1.0
-    if small_int:
         first = int(image.min())
         values = np.arange(first, int(image.max()) + 1, dtype=np.float64)
-        table = np.round(np.clip((values - lo) / (hi - lo), 0, 1) * 255).astype(np.uint8)
-        return table[image.astype(np.intp) - first]
-    scaled = np.clip((np.nan_to_num(data, nan=lo) - lo) / (hi - lo), 0, 1)
-    return np.round(scaled * 255).astype(np.uint8)
+        return _scale(values, lo, hi)[image.astype(np.intp) - first]
+    data = np.asarray(image, np.float64)
+    finite = data[np.isfinite(data)]
+    if finite.size == 0:
+        return np.zeros(data.shape, np.uint8)
+    lo, hi = np.percentile(finite, [low, high])
+    return _scale(np.nan_to_num(data, nan=lo), lo, hi)
+
+
+def _scale(values: NDArray[np.float64], lo: float, hi: float) -> NDArray[np.uint8]:
+    hi = hi if hi > lo else lo + 1.0
+    return np.round(np.clip((values - lo) / (hi - lo), 0, 1) * 255).astype(np.uint8)
 
 
 def render(image: NDArray[Any], labels: NDArray[np.integer]) -> NDArray[np.uint8]:
