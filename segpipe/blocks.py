@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 Region = tuple[slice, ...]
+MIN_LEVEL_CHUNK = 256  # smallest Y/X chunk side of a pyramid level written from blocks
 
 
 @dataclass(frozen=True)
@@ -133,3 +134,28 @@ class BlockGrid:
         for a in self:
             for b, d in self.forward_neighbours(a):
                 yield a, b, d
+
+
+def pass_levels(levels: int, tile: Sequence[int]) -> int:
+    """How many pyramid levels above 0 the relabel pass writes from its blocks
+    (`segpipe.relabel`).
+
+    Level k is written there when a block's every 2^k-th Y/X pixel is exactly one
+    chunk of it (the tile divisible by 2^k) and that chunk is at least `MIN_LEVEL_CHUNK`
+    a side (any size for level 1); the pyramid tasks build the levels above.
+    ``levels`` counts the pyramid's levels, level 0 included.
+
+    Examples
+    --------
+    >>> pass_levels(3, (2048, 2048)), pass_levels(6, (2048, 2048)), pass_levels(6, (100, 100))
+    (2, 3, 1)
+    """
+    k = 0
+    while k + 1 < levels:
+        step = 2 ** (k + 1)
+        if any(t % step for t in tile[-2:]):
+            break
+        if k > 0 and min(tile[-2:]) // step < MIN_LEVEL_CHUNK:
+            break
+        k += 1
+    return k

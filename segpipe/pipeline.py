@@ -775,7 +775,7 @@ def write(
     plan's, else the segmenter's).
 
     With ``times``, the pass's wall time goes to ``times`` under ``relabel``,
-    ``panoptic``, ``measure`` and ``write`` (level 1 of the pyramids), in proportion
+    ``panoptic``, ``measure`` and ``write`` (the pyramid levels the pass writes), in proportion
     to its tasks' compute time in each.
     """
     from segpipe import panoptic, relabel  # they build on this module
@@ -803,7 +803,7 @@ def write(
         shapes,
         stage="pyramid",
         progress=progress,
-        start=2 if relabel.writes_level1(plan) else 1,
+        start=relabel.written_levels(plan) + 1,
     )
     levels = len(shapes)
     omezarr.write_image_metadata(plan.group, ndim=plan.ndim, levels=levels, name=plan.name)

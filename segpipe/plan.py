@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from segpipe.blocks import pass_levels
 from segpipe.config import RunConfig, block_tile
 from segpipe.errors import ConfigError
 from segpipe.io.readers import SourceSpec, open_source
@@ -257,10 +258,12 @@ def plan_image(
     pair_counts = neighbour_pair_counts(grid)
     pairs = sum(pair_counts.values())
     shapes = _pyramid(shape, tiles)
-    upper = shapes[1:]  # levels written by the pyramid tasks
+    low = pass_levels(len(shapes), tiles)  # levels the relabel pass writes from its blocks
+    low_px = sum(math.prod(s) for s in shapes[1 : 1 + low])
+    upper = shapes[1 + low :]  # levels written by the pyramid tasks
     up_tasks = sum(math.prod(_blocks(s, tiles)) for s in upper)
     up_px = sum(math.prod(s) for s in upper)
-    up_read = sum(math.prod(s) for s in shapes[:-1])  # each level reads the one below
+    up_read = sum(math.prod(s) for s in shapes[low:-1])  # each level reads the one below
     read_seg = math.prod(
         _read_extent(s, t, h) for s, t, h in zip(shape, tiles, seg_halo, strict=True)
     )
@@ -315,13 +318,19 @@ def plan_image(
             costs.pairs.get(mode, 0.0) * pairs if costs and mode in costs.pairs else None,
         ),
         Stage("stitch", 0, 0, 0, costs.merge_s_per_block * n if costs else None, client=True),
-        # one pass: local ids, semantic labels and image in; instances and panoptic out
+        # one pass: local ids, semantic labels and image in; instances and panoptic out,
+        # and the lower pyramid levels of all four
         Stage(
             "relabel",
             n,
             npx * (4 + 1 + item),
-            npx * (4 + 8),
-            add(secs("relabel", npx), secs("panoptic", npx), secs("measure", npx)),
+            npx * (4 + 8) + low_px * (item + 1 + 4 + 8),
+            add(
+                secs("relabel", npx),
+                secs("panoptic", npx),
+                secs("measure", npx),
+                secs("pyramid", 4 * low_px),
+            ),
         ),
         Stage(
             "pyramid",
@@ -614,7 +623,6 @@ def measure_costs(
             shape=sub,
             divisor=choose_divisor(ids.count),
             catalogue=catalogue,
-            level1=None,
         )
         omezarr.create_array(plan.label("instances"), shape=sub, chunks=tiles, dtype=ids.dtype)
         omezarr.create_array(job.panoptic, shape=sub, chunks=tiles, dtype=np.uint64, labels=True)
@@ -626,7 +634,7 @@ def measure_costs(
             done = relabel.relabel_block(job, middle.core, middle.id, lut)
             steps = np.minimum(steps, done["seconds"])
         for step, seconds in zip(relabel.STEPS[:3], steps[:3], strict=True):
-            per_px(step, float(seconds), core_px)  # level 1 (the 4th) is priced as pyramid
+            per_px(step, float(seconds), core_px)  # its levels (the 4th) are priced as pyramid
         half = tuple(-(-s // 2) for s in sub[-2:])
         small = (*sub[:-2], *half)
         down = str(root / "down")

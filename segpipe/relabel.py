@@ -21,6 +21,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from segpipe import kernels, measure, panoptic
+from segpipe.blocks import pass_levels
 from segpipe.errors import ConfigError, UnsupportedImageError
 from segpipe.io import omezarr
 from segpipe.io.markers import Arrays, Markers
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
 
 STAGE = "relabel"
 PARTS = "relabel-parts"
-# the parts of a task's time it reports; "write": level 1 of the pyramids
+# the parts of a task's time it reports; "write": the pyramid levels it writes
 STEPS = ("relabel", "panoptic", "measure", "write")
 
 
@@ -50,7 +51,8 @@ class BlockJob:
     shape: tuple[int, ...]
     divisor: int
     catalogue: Catalogue
-    level1: tuple[str, str, str, str] | None  # image, semantic, instances, panoptic
+    levels: tuple[tuple[str, str, str, str], ...] = ()
+    """Levels 1, 2, ... written from the block: paths of image, semantic, instances, panoptic."""
 
 
 def level_shapes(plan: ImagePlan) -> list[tuple[int, ...]]:
@@ -60,22 +62,22 @@ def level_shapes(plan: ImagePlan) -> list[tuple[int, ...]]:
     return omezarr.pyramid_shapes(plan.spec.shape, min_size=max(256, min(tile[-2:])))
 
 
-def writes_level1(plan: ImagePlan) -> bool:
-    """Whether the pass writes level 1 of every pyramid from the blocks in memory: when
-    there is a level 1 and even Y/X tiles make each block's half a whole chunk of it."""
-    tile = plan.grid().tile
-    return len(level_shapes(plan)) > 1 and all(t % 2 == 0 for t in tile[-2:])
+def written_levels(plan: ImagePlan) -> int:
+    """`segpipe.blocks.pass_levels` of ``plan``'s pyramid and tile."""
+    return pass_levels(len(level_shapes(plan)), plan.grid().tile)
 
 
-def _half(region: tuple[slice, ...]) -> tuple[slice, ...]:
-    return (*region[:-2], *(slice(s.start // 2, -(-s.stop // 2)) for s in region[-2:]))
+def _level(region: tuple[slice, ...], k: int) -> tuple[slice, ...]:
+    """``region`` of level 0 at level ``k`` (its start is a multiple of 2^k)."""
+    step = 2**k
+    return (*region[:-2], *(slice(s.start // step, -(-s.stop // step)) for s in region[-2:]))
 
 
 def relabel_block(
     job: BlockJob, region: tuple[slice, ...], block_id: int, lut: NDArray[np.unsignedinteger]
 ) -> Arrays:
-    """Write instances and panoptic level 0 of ``region`` (and level 1 of the four
-    pyramids when ``job.level1``), save the sums of objects wholly inside it; return
+    """Write instances and panoptic level 0 of ``region`` (and its part of the lower
+    levels of the four pyramids, ``job.levels``), save the sums of objects wholly inside it; return
     its open object groups, its unassigned thing pixels and the seconds of each step,
     as the arrays of its marker."""
     t0 = time.perf_counter()
@@ -106,10 +108,10 @@ def relabel_block(
         groups, instances, region, job.shape, job.catalogue.stuff, job.parts, block_id
     )
     t3 = time.perf_counter()
-    if job.level1 is not None:  # every second Y/X pixel, as omezarr.downsample_block
-        half = _half(region)
-        for path, data in zip(job.level1, (image, semantic, instances, encoded[0]), strict=True):
-            omezarr.write_block(path, half, data[..., ::2, ::2])
+    for k, paths in enumerate(job.levels, start=1):  # every 2^k-th Y/X pixel (nearest),
+        at = _level(region, k)  # as omezarr.downsample_block gives level by level
+        for path, data in zip(paths, (image, semantic, instances, encoded[0]), strict=True):
+            omezarr.write_block(path, at, data[..., :: 2**k, :: 2**k])
     t4 = time.perf_counter()
     arrays = measure.groups_out(open_groups)
     arrays["unassigned"] = np.array(encoded[1], np.int64)
@@ -189,20 +191,21 @@ def relabel(
     tile = plan.grid().tile
     markers = plan.markers(STAGE)
     shape = plan.spec.shape
-    arrays = [  # (level 0, level 1, dtype, is labels)
-        (plan.raw, str(Path(plan.group) / "1"), plan.spec.out_dtype, False),
-        (plan.label("semantic"), plan.label("semantic", 1), np.uint8, True),
-        (plan.label("instances"), plan.label("instances", 1), ids.dtype, True),
-        (plan.label(panoptic.KEY), plan.label(panoptic.KEY, 1), np.uint64, True),
+    arrays = [  # (path of level k, dtype, is labels)
+        (lambda k: str(Path(plan.group) / str(k)), plan.spec.out_dtype, False),
+        (lambda k: plan.label("semantic", k), np.uint8, True),
+        (lambda k: plan.label("instances", k), ids.dtype, True),
+        (lambda k: plan.label(panoptic.KEY, k), np.uint64, True),
     ]
-    for path, _, dtype, _ in arrays[2:]:
-        pipeline.prepare_array(path, markers, shape=shape, chunks=tile, dtype=dtype)
-    level1 = writes_level1(plan)
-    if level1:  # chunks of half a tile: each block writes whole chunks
-        half = (*tile[:-2], tile[-2] // 2, tile[-1] // 2)
-        for _, path, dtype, labels in arrays:
+    for path, dtype, _ in arrays[2:]:
+        pipeline.prepare_array(path(0), markers, shape=shape, chunks=tile, dtype=dtype)
+    shapes = level_shapes(plan)
+    levels = written_levels(plan)
+    for k in range(1, levels + 1):  # chunks of tile / 2^k: each block writes whole chunks
+        chunks = (*tile[:-2], tile[-2] // 2**k, tile[-1] // 2**k)
+        for path, dtype, labels in arrays:
             pipeline.prepare_array(
-                path, markers, shape=level_shapes(plan)[1], chunks=half, dtype=dtype, labels=labels
+                path(k), markers, shape=shapes[k], chunks=chunks, dtype=dtype, labels=labels
             )
     job = BlockJob(
         local=plan.local_labels,
@@ -214,7 +217,10 @@ def relabel(
         shape=tuple(shape),
         divisor=divisor,
         catalogue=catalogue,
-        level1=(arrays[0][1], arrays[1][1], arrays[2][1], arrays[3][1]) if level1 else None,
+        levels=tuple(
+            (arrays[0][0](k), arrays[1][0](k), arrays[2][0](k), arrays[3][0](k))
+            for k in range(1, levels + 1)
+        ),
     )
     blocks = list(plan.grid())
     pipeline.map_blocks(
@@ -243,7 +249,7 @@ def finish_panoptic(
     """The panoptic stage after this pass: the pyramid above the levels the pass wrote,
     and the metadata (`segpipe.panoptic.finish_panoptic`)."""
     done = relabelled(plan, count)
-    start = 2 if writes_level1(plan) else 1
+    start = written_levels(plan) + 1
     return panoptic.finish_panoptic(
         client, plan, done.divisor, catalogue, done.unassigned(), progress, start=start
     )

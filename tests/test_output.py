@@ -124,3 +124,37 @@ def test_rerun_same_settings_reuses_output(run_cli, small: Path, tmp_path: Path)
     first = _digest(out / "cells")
     assert run_cli(*args).exit_code == 0
     assert _digest(out / "cells") == first
+
+
+def test_lower_levels_from_the_relabel_pass_equal_striding(
+    client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Levels 1-2 come from the relabel pass (chunks of a half and a quarter tile),
+    level 3 from the pyramid tasks; every level of the image and of the three label
+    images is level 0 taken every 2^k-th pixel."""
+    from segpipe import blocks, relabel
+    from segpipe.io.readers import open_source
+    from segpipe.pipeline import ImagePlan, run_image
+    from segpipe.segmenters import get_segmenter
+
+    monkeypatch.setattr(blocks, "MIN_LEVEL_CHUNK", 32)  # 2048-px tiles' rule, scaled down
+    path = synthetic.write_tiff(tmp_path / "cells.tif", (1100, 900), seed=5)
+    plan = ImagePlan(
+        open_source(path), str(tmp_path / "out.zarr"), (128, 128), get_segmenter("otsu")
+    )
+    assert relabel.written_levels(plan) == 2 and len(relabel.level_shapes(plan)) == 4
+    run_image(client, plan)
+    image = tifffile.imread(path)
+    group = tmp_path / "out.zarr" / "cells"
+    for sub, level0 in (
+        ("", image),
+        *((f"labels/{n}", None) for n in ("semantic", "instances", "panoptic")),
+    ):
+        arrays = [zarr.open_array(str(group / sub / str(k)), mode="r") for k in range(4)]
+        level0 = arrays[0][:] if level0 is None else level0
+        assert np.array_equal(arrays[0][:], level0)
+        for k, arr in enumerate(arrays[1:], start=1):
+            assert np.array_equal(arr[:], level0[:: 2**k, :: 2**k]), (sub, k)
+        # level 3 is 138 × 113: its one chunk column is cut to the array
+        assert [a.chunks for a in arrays] == [(128, 128), (64, 64), (32, 32), (128, 113)]
+    assert zarr.open_array(str(group / "labels/instances/0"))[:].max() > 10

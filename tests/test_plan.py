@@ -67,9 +67,9 @@ def test_4096_at_tile_1024_by_hand() -> None:
         "segment": 16,
         "links": 4,  # one task per row of blocks: the 42 pairs, each with its first block
         "stitch": 0,
-        "relabel": 16,
-        "pyramid": 3 * (4 + 1),  # image, semantic, instances at 2048² and 1024²
-        "panoptic": 4 + 1,  # its pyramid: level 0 is written by the relabel pass
+        "relabel": 16,  # also levels 1 and 2 (chunks of 512² and 256²) of all four pyramids
+        "pyramid": 0,
+        "panoptic": 0,
         "measure": 0,  # the client merges the relabel pass's sums
         "preview": 1,
     }
@@ -82,12 +82,20 @@ def test_4096_at_tile_1024_by_hand() -> None:
     views = (24 * 2 * 1024 + 18 * 2) * 5
     assert segment.write_bytes == px * (1 + 4) + views
     assert links.read_bytes == views
-    # local ids, semantic labels and the image in; instances and panoptic out
+    # local ids, semantic labels and the image in; instances and panoptic out, and
+    # levels 1 and 2 of image, semantic, instances and panoptic
     assert est.stage("relabel").read_bytes == px * (4 + 1 + 2)
-    assert est.stage("relabel").write_bytes == px * (4 + 8)
-    assert est.stage("pyramid").write_bytes == (2048**2 + 1024**2) * (2 + 1 + 4)
-    assert est.stage("pyramid").read_bytes == (4096**2 + 2048**2) * (2 + 1 + 4)
-    assert est.stage("panoptic").write_bytes == (2048**2 + 1024**2) * 8
+    assert est.stage("relabel").write_bytes == px * (4 + 8) + (2048**2 + 1024**2) * (2 + 1 + 4 + 8)
+    assert est.stage("pyramid").write_bytes == est.stage("panoptic").write_bytes == 0
+    # at tile 512 the pass writes level 1 (chunks of 256²); tasks build 1024² and 512²
+    small = plan_image(_spec((4096, 4096)), tile=512, segmenter=get_segmenter("otsu", sigma=0))
+    assert small.levels == 4
+    assert small.stage("pyramid").tasks == 3 * (4 + 1)  # image, semantic, instances
+    assert small.stage("panoptic").tasks == 4 + 1
+    assert small.stage("pyramid").write_bytes == (1024**2 + 512**2) * (2 + 1 + 4)
+    assert small.stage("pyramid").read_bytes == (2048**2 + 1024**2) * (2 + 1 + 4)
+    assert small.stage("panoptic").write_bytes == (1024**2 + 512**2) * 8
+    assert small.stage("relabel").write_bytes == px * (4 + 8) + 2048**2 * (2 + 1 + 4 + 8)
     # segment thread peak: float32 block, full uint32 labels, core local + semantic
     assert est.peak_thread_bytes["segment"] == 1024**2 * (4 + 4 + 5)
     # a strip TIFF (decode unit wider than a block) is ingested in 4 full-width bands
