@@ -173,7 +173,7 @@ def preview_task(
     Reads one plane (the middle one of a volume) of the chosen pyramid level
     of the image and of the labels, never level 0 unless it is small.
     """
-    from PIL import Image
+    import imagecodecs
 
     paths = _group_levels(image_group)
     label_paths = _group_levels(labels_group)
@@ -196,8 +196,9 @@ def preview_task(
     out = Path(dst)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".partial")
-    # zlib level 1: 0.11 vs 0.34 s for a 1024² preview at level 6, and no larger (noise)
-    Image.fromarray(rgb, mode="RGB").save(tmp, format="PNG", compress_level=1)
+    # zlib level 1, each row filtered as none, sub or up (the cheapest): 0.07 s for a
+    # 1024² preview of noise, no larger than Pillow's level 1 (0.11 s) or level 6 (0.34 s)
+    tmp.write_bytes(imagecodecs.png_encode(rgb, level=1, filter=imagecodecs.PNG.FILTER.FAST))
     os.replace(tmp, out)
     return tuple(rgb.shape[:2])
 
