@@ -35,6 +35,9 @@ class Extrema:
             return Extrema(np.inf, -np.inf, 0)
         bad = 0
         if np.issubdtype(block.dtype, np.floating):
+            lo, hi = block.min(), block.max()  # NaN or inf, if any, show up here
+            if np.isfinite(lo) and np.isfinite(hi):  # then no mask (2.8 of 4.2 ns/px)
+                return Extrema(float(lo), float(hi), int(block.size))
             finite = np.isfinite(block)
             bad = int(block.size - np.count_nonzero(finite))
             if bad:

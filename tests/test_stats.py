@@ -86,6 +86,14 @@ def test_extrema_of_counts_nan_and_inf_without_comparing_them() -> None:
     assert (e.min, e.max, e.count, e.nonfinite) == (-2.0, 4.0, 3, 4)
 
 
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_extrema_of_one_nonfinite_pixel_of_either_kind(bad: float) -> None:
+    block = np.arange(12, dtype=np.float32).reshape(3, 4)
+    block[1, 2] = bad
+    e = Extrema.of(block)
+    assert (e.min, e.max, e.count, e.nonfinite) == (0.0, 11.0, 11, 1)
+
+
 def test_extrema_of_all_nan_and_empty_blocks_are_neutral() -> None:
     all_nan = Extrema.of(np.full((2, 3), np.nan, np.float32))
     assert (all_nan.min, all_nan.max, all_nan.count, all_nan.nonfinite) == (np.inf, -np.inf, 0, 6)
