@@ -5,7 +5,7 @@
   The same weights, the same per-pixel order of double-precision operations
   (SciPy's symmetric-kernel loop: centre, then pairs from the outermost in),
   float32 between axes: the same bits, so thresholds of the whole image stay
-  exact. Vectorised across the line instead of along it (2.5-3x SciPy).
+  exact. Vectorised across lines instead of along them (3-4x SciPy).
 - `histogram`: ``np.histogram(x, bins, range=(lo, hi))`` counts for float32
   data in one pass (NumPy's float32 bin estimate, then its edge corrections).
 
@@ -54,27 +54,33 @@ def _along_middle(src, dst, w, r):  # type: ignore[no-untyped-def]  # pragma: no
                 dst[p, i, c] = np.float32(acc[c])
 
 
+_STRIP = 64  # lines filtered together along the last axis
+
+
 @numba.njit(cache=True, nogil=True)
 def _along_last(src, dst, w, r):  # type: ignore[no-untyped-def]  # pragma: no cover (compiled)
-    # The last (contiguous) axis: copy the line into a padded double buffer, as
-    # SciPy does, then accumulate tap by tap across the whole line.
+    # The last (contiguous) axis, `_STRIP` lines at a time: the strip is copied
+    # transposed into a double buffer, so each tap runs across the lines as in
+    # `_along_middle` (4.5 against 7.5 ns/px tap by tap along each line).
     rows, n = src.shape
-    line = np.empty(n + 2 * r, np.float64)
-    acc = np.empty(n, np.float64)
-    for i in range(rows):
-        for c in range(n):
-            line[r + c] = src[i, c]
-        for k in range(r):
-            line[k] = src[i, 0]
-            line[r + n + k] = src[i, n - 1]
-        for c in range(n):
-            acc[c] = line[r + c] * w[r]
-        for k in range(r, 0, -1):
-            wk = w[r - k]
+    buf = np.empty((n, _STRIP), np.float64)
+    acc = np.empty(_STRIP, np.float64)
+    for r0 in range(0, rows, _STRIP):
+        m = min(_STRIP, rows - r0)
+        for j in range(m):
             for c in range(n):
-                acc[c] += (line[r + c - k] + line[r + c + k]) * wk
+                buf[c, j] = src[r0 + j, c]
         for c in range(n):
-            dst[i, c] = np.float32(acc[c])
+            for j in range(m):
+                acc[j] = buf[c, j] * w[r]
+            for k in range(r, 0, -1):
+                a = max(c - k, 0)
+                b = min(c + k, n - 1)
+                wk = w[r - k]
+                for j in range(m):
+                    acc[j] += (buf[a, j] + buf[b, j]) * wk
+            for j in range(m):
+                dst[r0 + j, c] = np.float32(acc[j])
 
 
 def gaussian(
