@@ -325,7 +325,61 @@ def test_spec_is_picklable_and_reads_in_a_fresh_cache(tmp_path: Path) -> None:
     copy = pickle.loads(pickle.dumps(spec))
     assert copy == spec
     readers._open_tiff.cache_clear()
+    readers._tiff_plane.cache_clear()
     np.testing.assert_array_equal(_read(copy), data[..., 1])
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        {"tile": (32, 48), "compression": "zlib"},
+        {"tile": (32, 32), "compression": "lzw", "predictor": True},
+        {"tile": (32, 32), "compression": "zstd"},
+        {"tile": (32, 32)},
+        {"rowsperstrip": 13, "compression": "zlib"},
+        {"tile": (32, 32), "compression": "zlib", "byteorder": ">"},
+    ],
+)
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int16, np.float32])
+def test_plain_planes_are_decoded_tile_by_tile_as_tifffile_reads_them(
+    tmp_path: Path, layout: dict[str, Any], dtype: Any
+) -> None:
+    """Tiled and stripped single-plane TIFFs take `tiff_tiles` (not tifffile's Zarr
+    store); any region equals tifffile's whole-image read, edge tiles included."""
+    data = _data((101, 157), dtype)
+    path = tmp_path / "plane.tif"
+    tifffile.imwrite(path, data, **layout)
+    spec = open_source(path)
+    readers._tiff_plane.cache_clear()
+    rng = np.random.default_rng(7)
+    for _ in range(25):
+        y0, x0 = int(rng.integers(0, 100)), int(rng.integers(0, 156))
+        region = (
+            slice(y0, int(rng.integers(y0 + 1, 102))),
+            slice(x0, int(rng.integers(x0 + 1, 158))),
+        )
+        np.testing.assert_array_equal(read_region(spec, region), tifffile.imread(path)[region])
+    assert readers._tiff_plane.cache_info().currsize == 1
+    assert readers._tiff_plane(spec, _stamp(path)) is not None
+
+
+def _stamp(path: Path) -> tuple[int, int, int]:
+    st = path.stat()
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+def test_stacks_and_samples_go_through_tifffiles_store(tmp_path: Path) -> None:
+    stack = _data((3, 40, 50), np.uint16)
+    tifffile.imwrite(tmp_path / "stack.tif", stack, tile=(16, 16), compression="zlib")
+    rgb = _data((40, 50, 3), np.uint8)
+    tifffile.imwrite(tmp_path / "rgb.tif", rgb, photometric="rgb", tile=(16, 16))
+    for name, data, options in (
+        ("stack.tif", stack, {"axes": "ZYX"}),
+        ("rgb.tif", rgb[..., 2], {"channel": 2}),
+    ):
+        spec = open_source(tmp_path / name, **options)
+        assert readers._tiff_plane(spec, _stamp(tmp_path / name)) is None
+        np.testing.assert_array_equal(_read(spec), data)
 
 
 def test_read_region_sees_a_rewritten_file(tmp_path: Path) -> None:

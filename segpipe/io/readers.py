@@ -28,6 +28,7 @@ from segpipe.errors import (
     SegpipeError,
     UnsupportedImageError,
 )
+from segpipe.io import tiff_tiles
 
 Channel = int | Literal["mean", "max", "sum"] | None
 REDUCTIONS = ("mean", "max", "sum")
@@ -701,11 +702,22 @@ def _open_tiff(spec: SourceSpec, stamp: tuple[int, int, int]) -> Any:
     return array
 
 
+@functools.lru_cache(maxsize=8)
+def _tiff_plane(spec: SourceSpec, stamp: tuple[int, int, int]) -> tiff_tiles.Plane | None:
+    """A plain tiled or stripped plane, opened once per worker process and file version."""
+    return tiff_tiles.open_plane(spec.path, spec.series, np.dtype(spec.dtype))
+
+
 def _stored(spec: SourceSpec, index: tuple[Any, ...]) -> NDArray[Any]:
     if spec.format == "tiff":
         st = os.stat(spec.path)
+        stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        if spec.axes == "YX" and spec.data_offset is None:
+            plane = _tiff_plane(spec, stamp)
+            if plane is not None:
+                return tiff_tiles.read(plane, index[0], index[1])
         # np.array copies: a view would pin the memory map and see later writes
-        return np.array(_open_tiff(spec, (st.st_mtime_ns, st.st_size, st.st_ino))[index])
+        return np.array(_open_tiff(spec, stamp)[index])
     if spec.format == "zarr":
         import zarr
 
@@ -774,6 +786,7 @@ def read_region(spec: SourceSpec, region: Sequence[slice]) -> NDArray[Any]:
         raise
     except Exception as err:
         _open_tiff.cache_clear()
+        _tiff_plane.cache_clear()
         raise InputReadError(
             f"{spec.path}: failed to read pixels ({type(err).__name__}: {err})."
         ) from err
