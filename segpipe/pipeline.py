@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zarr
@@ -36,6 +36,9 @@ from segpipe.io.readers import SourceSpec, read_region
 from segpipe.io.store import image_state, mark_image
 from segpipe.segmenters.base import Segmenter
 from segpipe.stats import Extrema, ImageStats, block_histogram, hist_range, merge_histograms
+
+if TYPE_CHECKING:
+    from segpipe.relabel import Relabelled
 
 ProgressFn = Callable[[str, int, int], None]
 _OUTPUT_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.EPERM}
@@ -775,9 +778,22 @@ def write(
     plan's, else the segmenter's).
 
     With ``times``, the pass's wall time goes to ``times`` under ``relabel``,
-    ``panoptic``, ``measure`` and ``write`` (the pyramid levels the pass writes), in proportion
-    to its tasks' compute time in each.
+    ``panoptic``, ``measure`` and ``write`` (the pyramid levels the pass writes), in
+    proportion to its tasks' compute time in each.
     """
+    relabel_pass(client, plan, ids, progress, times, catalogue)
+    return write_levels(client, plan, ids.dtype, progress)
+
+
+def relabel_pass(
+    client: Client,
+    plan: ImagePlan,
+    ids: merge.MergedIds | stitch.GlobalIds,
+    progress: ProgressFn = _noop,
+    times: dict[str, float] | None = None,
+    catalogue: Any = None,
+) -> Relabelled:
+    """The relabel pass of `write`; returns its `segpipe.relabel.Relabelled`."""
     from segpipe import panoptic, relabel  # they build on this module
 
     t0 = time.perf_counter()
@@ -789,13 +805,21 @@ def write(
         busy = sum(steps.values()) or 1.0
         for step, seconds in steps.items():
             times[step] = times.get(step, 0.0) + wall * seconds / busy
+    return done
+
+
+def write_levels(client: Client, plan: ImagePlan, dtype: Any, progress: ProgressFn = _noop) -> int:
+    """The rest of `write`: the pyramid levels above those the relabel pass wrote (of the
+    image, semantic and ``dtype`` instance labels) and the NGFF metadata; the level count."""
+    from segpipe import relabel  # it builds on this module
+
     shapes = relabel.level_shapes(plan)
     sources = {
         "image": lambda k: str(Path(plan.group) / str(k)),
         "semantic": lambda k: plan.label("semantic", k),
         "instances": lambda k: plan.label("instances", k),
     }
-    dtypes = {"image": plan.spec.out_dtype, "semantic": np.uint8, "instances": ids.dtype}
+    dtypes = {"image": plan.spec.out_dtype, "semantic": np.uint8, "instances": dtype}
     build_pyramid(
         client,
         plan,
@@ -945,18 +969,19 @@ def run_image(client: Client, plan: ImagePlan, progress: ProgressFn = _noop) -> 
 
     catalogue = plan.catalogue or panoptic.catalogue_for(plan.segmenter)
     t = time.perf_counter()
-    write(client, plan, ids, progress, times, catalogue)
+    done = relabel_pass(client, plan, ids, progress, times, catalogue)
+    write_levels(client, plan, ids.dtype, progress)
     times["write"] = time.perf_counter() - t - sum(times[s] for s in relabel.STEPS[:3])
-    # The preview needs only the instance pyramid: its one task runs on a worker
-    # while the client builds the panoptic pyramid and writes the tables (which
-    # otherwise left both workers idle, ~0.25 s at 8192²).
+    # The preview needs only the image and instance pyramids: its one task runs on a
+    # worker while the client finishes the panoptic labels and writes the tables
+    # (from the pass's results in memory, not its markers).
     with ThreadPoolExecutor(1, thread_name_prefix="segpipe-preview") as pool:
         shown = pool.submit(timed, "preview", lambda: preview.write_preview(client, plan, progress))
         timed(
             "panoptic+",
-            lambda: relabel.finish_panoptic(client, plan, ids.count, catalogue, progress),
+            lambda: relabel.finish_panoptic(client, plan, ids.count, catalogue, progress, done),
         )
-        timed("measure+", lambda: relabel.write_tables(plan, ids.count, catalogue))
+        timed("measure+", lambda: relabel.write_tables(plan, ids.count, catalogue, done))
         shown.result()
     for step in ("panoptic", "measure"):  # the pass's share plus the stage's own
         times[step] += times.pop(step + "+")

@@ -13,7 +13,8 @@ may continue in another block come back in the block's marker, for
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -122,23 +123,32 @@ def relabel_block(
 @dataclass(frozen=True)
 class Relabelled:
     """What the relabel pass leaves: the panoptic divisor and, per block, its marker
-    (open groups, unassigned pixels, seconds per step)."""
+    (open groups, unassigned pixels, seconds per step).
+
+    ``results`` holds the markers' arrays when the pass ran in this process (a block's
+    marker takes ~1.7 ms to read back, and three steps read them all); else each is
+    read from ``markers`` when asked for.
+    """
 
     divisor: int
     markers: Markers
     blocks: int
+    results: Sequence[Arrays] | None = field(default=None, repr=False)
+
+    def _block(self, i: int) -> Arrays:
+        return self.results[i] if self.results is not None else self.markers.load(i)
 
     def open_groups(self) -> list[measure.Groups]:
-        return [measure.groups_in(self.markers.load(i)) for i in range(self.blocks)]
+        return [measure.groups_in(self._block(i)) for i in range(self.blocks)]
 
     def unassigned(self) -> int:
-        return sum(int(self.markers.load(i)["unassigned"]) for i in range(self.blocks))
+        return sum(int(self._block(i)["unassigned"]) for i in range(self.blocks))
 
     def step_seconds(self) -> dict[str, float]:
         """Seconds of compute per step, summed over the blocks."""
         total = np.zeros(len(STEPS))
         for i in range(self.blocks):
-            total += self.markers.load(i)["seconds"]
+            total += self._block(i)["seconds"]
         return dict(zip(STEPS, total.tolist(), strict=True))
 
 
@@ -223,7 +233,7 @@ def relabel(
         ),
     )
     blocks = list(plan.grid())
-    pipeline.map_blocks(
+    results = pipeline.map_blocks(
         client,
         relabel_block,
         pipeline.Lazy(
@@ -236,7 +246,7 @@ def relabel(
         codec=(_as_is, _as_is),
         names=[f"{plan.label('instances')} [{pipeline.span(b.core)}]" for b in blocks],
     )
-    return Relabelled(divisor, markers, len(blocks))
+    return Relabelled(divisor, markers, len(blocks), results)
 
 
 def finish_panoptic(
@@ -245,18 +255,22 @@ def finish_panoptic(
     count: int,
     catalogue: Catalogue,
     progress: ProgressFn | None = None,
+    done: Relabelled | None = None,
 ) -> panoptic.PanopticResult:
     """The panoptic stage after this pass: the pyramid above the levels the pass wrote,
-    and the metadata (`segpipe.panoptic.finish_panoptic`)."""
-    done = relabelled(plan, count)
+    and the metadata (`segpipe.panoptic.finish_panoptic`). ``done``: the pass's result
+    when it ran in this process (default: read back from its markers)."""
+    done = done or relabelled(plan, count)
     start = written_levels(plan) + 1
     return panoptic.finish_panoptic(
         client, plan, done.divisor, catalogue, done.unassigned(), progress, start=start
     )
 
 
-def write_tables(plan: ImagePlan, count: int, catalogue: Catalogue) -> measure.Measured:
+def write_tables(
+    plan: ImagePlan, count: int, catalogue: Catalogue, done: Relabelled | None = None
+) -> measure.Measured:
     """The measure stage after this pass: the blocks' sums merged into the tables
-    (`segpipe.measure.write_tables`)."""
-    done = relabelled(plan, count)
+    (`segpipe.measure.write_tables`). ``done`` as for `finish_panoptic`."""
+    done = done or relabelled(plan, count)
     return measure.write_tables(plan, catalogue, done.divisor, done.open_groups(), parts_dir(plan))
