@@ -77,10 +77,10 @@ def _level(region: tuple[slice, ...], k: int) -> tuple[slice, ...]:
 def relabel_block(
     job: BlockJob, region: tuple[slice, ...], block_id: int, lut: NDArray[np.unsignedinteger]
 ) -> Arrays:
-    """Write instances and panoptic level 0 of ``region`` (and its part of the lower
-    levels of the four pyramids, ``job.levels``), save the sums of objects wholly inside it; return
-    its open object groups, its unassigned thing pixels and the seconds of each step,
-    as the arrays of its marker."""
+    """Write instances and panoptic level 0 of ``region`` and its part of the lower
+    levels of the four pyramids (``job.levels``), save the sums of objects wholly
+    inside it; return its open object groups, its unassigned thing pixels and the
+    seconds of each step, as the arrays of its marker."""
     t0 = time.perf_counter()
     local = omezarr.read_block(job.local, region)
     instances = kernels.lookup(local, lut)
@@ -109,10 +109,12 @@ def relabel_block(
         groups, instances, region, job.shape, job.catalogue.stuff, job.parts, block_id
     )
     t3 = time.perf_counter()
+    level: tuple[NDArray[Any], ...] = (image, semantic, instances, encoded[0])
     for k, paths in enumerate(job.levels, start=1):  # every 2^k-th Y/X pixel (nearest),
-        at = _level(region, k)  # as omezarr.downsample_block gives level by level
-        for path, data in zip(paths, (image, semantic, instances, encoded[0]), strict=True):
-            omezarr.write_block(path, at, data[..., :: 2**k, :: 2**k])
+        # each level strided from the one below, as omezarr.downsample_block does
+        level = tuple(np.ascontiguousarray(a[..., ::2, ::2]) for a in level)
+        for path, data in zip(paths, level, strict=True):
+            omezarr.write_block(path, _level(region, k), data)
     t4 = time.perf_counter()
     arrays = measure.groups_out(open_groups)
     arrays["unassigned"] = np.array(encoded[1], np.int64)
