@@ -121,7 +121,7 @@ def prepare_run(config: RunConfig, *, resume: bool | None = None) -> Prepared:
 
 def make_plan(prepared: Prepared, spec: SourceSpec) -> pipeline.ImagePlan:
     ndim = len(spec.shape)
-    tiles = block_tile(prepared.config.tile, ndim)
+    tiles = block_tile(prepared.config.tile, ndim, spec.shape)
     halo = prepared.config.halo
     halos = None if halo == "auto" else ((halo,) * ndim if isinstance(halo, int) else tuple(halo))
     catalogue = catalogue_for(prepared.segmenter, prepared.config.classes)

@@ -871,22 +871,25 @@ def begin(plan: ImagePlan) -> str:
     """Prepare the image's place in the store; return ``done``, ``resume`` or ``fresh``.
 
     ``done``: complete from the same input (nothing to do); ``resume``: an
-    interrupted run of the same input (finished blocks are kept); ``fresh``:
-    anything else (earlier results of this name are removed first).
+    interrupted run of the same input in the same blocks (finished blocks are
+    kept); ``fresh``: anything else (earlier results of this name are removed
+    first). The blocks are compared because ``tile: auto`` is resolved per image
+    and per version: markers name blocks by number.
     """
     state = image_state(plan.group)
     identity = source_identity(plan.spec)
     if state.get("source") == identity:
         if state.get("complete"):
             return "done"
-        mark_image(plan.group, complete=False)
-        return "resume"
+        if state.get("tile") == list(plan.tile):
+            mark_image(plan.group, complete=False)
+            return "resume"
     for path in (Path(plan.group), Path(plan.scratch), plan.markers("x").directory.parent):
         shutil.rmtree(path, ignore_errors=True)
     plan.provenance.unlink(missing_ok=True)
     Path(plan.group).mkdir(parents=True, exist_ok=True)
     zarr.open_group(plan.group, mode="a", zarr_format=3)
-    mark_image(plan.group, complete=False, source=identity)
+    mark_image(plan.group, complete=False, source=identity, tile=list(plan.tile))
     return "fresh"
 
 

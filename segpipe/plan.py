@@ -457,14 +457,14 @@ def plan_run(
         raise InputsError("\n".join(msg for _, msg in bad))
     halo = None if config.halo == "auto" else config.halo
     if calibrate and specs:
-        tile = block_tile(config.tile, len(specs[0].shape))
+        tile = block_tile(config.tile, len(specs[0].shape), specs[0].shape)
         costs = measure_costs(
             specs[0], segmenter, tile=tile, halo=halo, workdir=workdir, base=costs
         )
     images = [
         plan_image(
             s,
-            tile=block_tile(config.tile, len(s.shape)),
+            tile=block_tile(config.tile, len(s.shape), s.shape),
             segmenter=segmenter,
             halo=halo,
             costs=costs,

@@ -13,7 +13,11 @@ def test_auto_is_the_default_and_measured_per_dimensionality() -> None:
     config = RunConfig(input="in.tif", output="out.zarr")
     assert config.tile == "auto"
     assert block_tile(config.tile, 2) == (AUTO_TILE[2],) * 2 == (2048, 2048)
-    assert block_tile(config.tile, 3) == (1024, 1024, 1024)  # volumes: as before
+    assert block_tile(config.tile, 3) == (256, 256, 256)  # volumes: 2^24 voxels a block
+    assert block_tile(config.tile, 3, (300, 5000, 5000)) == (256, 256, 256)
+    assert block_tile(config.tile, 3, (64, 5000, 5000)) == (64, 512, 512)  # thin: whole depth
+    assert block_tile(config.tile, 3, (100, 5000, 5000)) == (100, 256, 256)
+    assert block_tile(config.tile, 3, (1, 5000, 5000)) == (1, 2048, 2048)  # never above planes'
 
 
 def test_explicit_tiles_are_kept() -> None:

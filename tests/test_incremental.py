@@ -78,3 +78,26 @@ def test_serve_refuses_a_bad_cron_or_config_before_serving(tmp_path: Path) -> No
     assert seg.exit_code == 1 and "otsu" in seg.output
     missing = runner.invoke(app, ["serve", "--config", str(tmp_path / "nope.yaml")])
     assert missing.exit_code == 1 and "nope.yaml" in missing.output
+
+
+def test_an_interrupted_image_resumes_only_in_the_same_blocks(tmp_path: Path) -> None:
+    """Markers name blocks by number: an interrupted image whose tile now resolves
+    otherwise (``tile: auto`` per image and version) starts over; a complete one is kept."""
+    from segpipe.io.readers import open_source
+    from segpipe.io.store import image_state, mark_image
+    from segpipe.pipeline import ImagePlan, begin
+    from segpipe.segmenters import get_segmenter
+
+    spec = open_source(synthetic.write_tiff(tmp_path / "v.tif", (96, 80), seed=1))
+    root, otsu = str(tmp_path / "out.zarr"), get_segmenter("otsu")
+    first = ImagePlan(spec, root, (64, 64), otsu)
+    assert begin(first) == "fresh" and image_state(first.group)["tile"] == [64, 64]
+    first.markers("ingest").save(0, {})
+    assert begin(ImagePlan(spec, root, (64, 64), otsu)) == "resume"
+    assert first.markers("ingest").done(0)  # kept for the resumed run
+    assert begin(ImagePlan(spec, root, (32, 32), otsu)) == "fresh"
+    assert not first.markers("ingest").done(0)  # another grid: its blocks start over
+    mark_image(first.group, tile=None)  # an image begun before tiles were recorded
+    assert begin(ImagePlan(spec, root, (32, 32), otsu)) == "fresh"
+    mark_image(first.group, complete=True)
+    assert begin(ImagePlan(spec, root, (64, 64), otsu)) == "done"  # complete: any tile
