@@ -101,6 +101,7 @@ def prepare_run(config: RunConfig, *, resume: bool | None = None) -> Prepared:
         try:
             spec = open_source(p, channel=config.channel, axes=config.axes)
             check_name(config.output, spec.name, p)
+            pipeline.check_tile(spec, block_tile(config.tile, len(spec.shape), spec.shape))
             sources.append(spec)
         except SegpipeError as err:
             bad.append((p, str(err)))

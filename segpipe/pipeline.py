@@ -29,7 +29,7 @@ from numpy.typing import NDArray
 from segpipe import halo, merge, stitch
 from segpipe.blocks import Block, BlockGrid
 from segpipe.deep import provenance
-from segpipe.errors import BlockFailedError, OutputWriteError, UnsupportedImageError
+from segpipe.errors import BlockFailedError, ConfigError, OutputWriteError, UnsupportedImageError
 from segpipe.io import omezarr
 from segpipe.io.markers import RUN_KEY, Arrays, Markers
 from segpipe.io.readers import SourceSpec, read_region
@@ -46,10 +46,27 @@ STAGES = ("ingest", "statistics", "segment", "stitch", "write", "panoptic", "mea
 """The stages of one image, in order: one Prefect task each per image (never per block)."""
 RETRIES = 2  # a block lost with its worker is recomputed elsewhere
 WINDOW = 512  # block tasks in flight per stage: bounds the scheduler's memory
+MAX_CHUNK_BYTES = 2**31 - 1  # what numcodecs' Blosc encodes in one call
 
 
 def _noop(stage: str, done: int, total: int) -> None:
     pass
+
+
+def check_tile(spec: SourceSpec, tile: Sequence[int]) -> None:
+    """Raise `ConfigError` (naming the file) if a block of ``tile`` cannot be one chunk.
+
+    Every array's chunk is a block; numcodecs' Blosc encodes at most 2 GiB at once, and
+    panoptic labels take 8 bytes a pixel.
+    """
+    px = math.prod(min(t, n) for t, n in zip(tile, spec.shape, strict=True))
+    if px * 8 > MAX_CHUNK_BYTES:
+        raise ConfigError(
+            f"{spec.path}: tile {list(tile)} makes blocks of {px} pixels, whose uint64 "
+            f"label chunks ({px * 8} bytes) exceed the {MAX_CHUNK_BYTES} bytes a Blosc "
+            "chunk holds; choose a smaller tile (`tile: auto` is 2048² for planes and at "
+            "most 2^24 voxels for volumes)."
+        )
 
 
 @dataclass(frozen=True)
@@ -63,6 +80,9 @@ class ImagePlan:
     halo: tuple[int, ...] | None = None  # None: what the segmenter declares
     catalogue: Any = None  # panoptic.Catalogue; None: the segmenter's classes
     token: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
+
+    def __post_init__(self) -> None:
+        check_tile(self.spec, self.tile)
 
     @property
     def name(self) -> str:

@@ -31,3 +31,15 @@ def test_explicit_tiles_are_kept() -> None:
 def test_bad_tiles_are_refused(tile: object) -> None:
     with pytest.raises(ValidationError):
         RunConfig(input="a", output="b", tile=tile)  # type: ignore[arg-type]
+
+
+def test_a_tile_whose_label_chunks_blosc_cannot_hold_is_refused_naming_the_file() -> None:
+    from segpipe.io.readers import SourceSpec
+    from segpipe.pipeline import ImagePlan, check_tile
+    from segpipe.segmenters import get_segmenter
+
+    volume = SourceSpec("/data/v.tif", "v", "tiff", "ZYX", (256, 1024, 1024), "uint16", None)
+    check_tile(volume, block_tile("auto", 3, volume.shape))  # 256³: 128 MiB of uint64
+    check_tile(volume, (256, 1024, 1023))  # 2 MiB under 2^31 bytes: fits
+    with pytest.raises(ConfigError, match=r"/data/v\.tif: tile \[1024, 1024, 1024\] makes"):
+        ImagePlan(volume, "/out", (1024, 1024, 1024), get_segmenter("otsu"))
