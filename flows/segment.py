@@ -16,7 +16,7 @@ from prefect.cache_policies import NO_CACHE
 from flows import monitor
 from segpipe import pipeline, relabel
 from segpipe.cluster import connect_run, dashboard
-from segpipe.config import RunConfig, block_tile
+from segpipe.config import RunConfig, block_tile, check_image_options
 from segpipe.errors import ImagesFailedError, InputsError, SegpipeError
 from segpipe.io.collection import resolve_inputs
 from segpipe.io.readers import SourceSpec, image_name, open_source
@@ -101,6 +101,7 @@ def prepare_run(config: RunConfig, *, resume: bool | None = None) -> Prepared:
         try:
             spec = open_source(p, channel=config.channel, axes=config.axes)
             check_name(config.output, spec.name, p)
+            check_image_options(config, segmenter, spec)
             pipeline.check_tile(spec, block_tile(config.tile, len(spec.shape), spec.shape))
             sources.append(spec)
         except SegpipeError as err:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import (
@@ -17,7 +17,11 @@ from pydantic import (
     model_validator,
 )
 
-from segpipe.errors import ConfigError
+from segpipe.errors import ConfigError, SegpipeError
+
+if TYPE_CHECKING:
+    from segpipe.io.readers import SourceSpec
+    from segpipe.segmenters.base import Segmenter
 
 
 class SegmenterConfig(BaseModel):
@@ -218,7 +222,7 @@ def block_tile(
 class RunConfig(BaseModel):
     """What one ``segpipe run`` does. Field names are the keys of ``run.yaml``."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     input: str
     """A file, a directory, a glob, or a manifest (.txt/.csv, one path per line)."""
@@ -277,6 +281,16 @@ class RunConfig(BaseModel):
             raise ValueError(f"expected a positive tile size, got {v!r} instead")
         return v
 
+    @field_validator("halo")
+    @classmethod
+    def _halo_not_negative(cls, v: str | int | list[int]) -> str | int | list[int]:
+        if isinstance(v, str):
+            return v  # the Literal allows only "auto"
+        values = [v] if isinstance(v, int) else v
+        if not values or any(h < 0 for h in values):
+            raise ValueError(f"expected 'auto' or pixels >= 0, got {v!r} instead")
+        return v
+
     @field_validator("cluster")
     @classmethod
     def _cluster_known(cls, v: str) -> str:
@@ -315,6 +329,34 @@ class RunConfig(BaseModel):
             "axes": self.axes,
             "classes": self.classes,  # the catalogue decides panoptic pixels
         }
+
+
+def check_image_options(config: RunConfig, segmenter: Segmenter, spec: SourceSpec) -> None:
+    """Refuse options that do not fit one image, before any compute.
+
+    Checks what `RunConfig` alone cannot: a per-axis ``tile`` or ``halo`` has one value per
+    axis of the image, and the segmenter's filters fit it (`Segmenter.check_image`:
+    ``sigma`` per axis and a Gaussian no wider than the image).
+
+    Raises
+    ------
+    ConfigError
+        Naming the image file, the option, and what it should be.
+    """
+    ndim = len(spec.shape)
+    # `block_tile` takes a tile list of ndim values; `parse_per_axis` a halo of 1 or ndim
+    for option, value, fits in (("tile", config.tile, {ndim}), ("halo", config.halo, {1, ndim})):
+        if isinstance(value, list) and len(value) not in fits:
+            raise ConfigError(
+                f"{spec.path}: {option} {value!r} has {len(value)} values for a {ndim}D image "
+                f"({'×'.join(map(str, spec.shape))}); give one value or {ndim}."
+            )
+    try:
+        segmenter.check_image(spec.shape)
+    except SegpipeError as err:
+        raise ConfigError(
+            f"{spec.path} ({'×'.join(map(str, spec.shape))}): segmenter {segmenter.name!r}: {err}."
+        ) from err
 
 
 def parse_value(text: str) -> Any:
@@ -368,8 +410,15 @@ def load_config(
             if isinstance(data.get(key), str) and not os.path.isabs(os.path.expanduser(data[key])):
                 data[key] = str(p.resolve().parent / data[key])
     overrides = dict(overrides or {})
-    seg = data.get("segmenter", {})
-    seg = {"name": seg} if isinstance(seg, str) else dict(seg or {})
+    seg = data.get("segmenter") or {}
+    if isinstance(seg, str):
+        seg = {"name": seg}
+    if not isinstance(seg, dict):
+        raise ConfigError(
+            f"{source}: segmenter: expected a name (segmenter: otsu) or a mapping "
+            f"(segmenter: {{name: otsu, sigma: 2}}), got {seg!r} instead."
+        )
+    seg = dict(seg)
     if overrides.get("segmenter") and overrides["segmenter"] != seg.get("name"):
         # Another segmenter: the file's options were for the old one.
         seg = {"name": overrides["segmenter"]}

@@ -150,3 +150,47 @@ def test_bad_config_file(run_cli, tmp_path: Path) -> None:
     config.write_text("input: a.tif\noutput: o.zarr\ntile: -3\nfrobnicate: 1\n")
     result = run_cli("--config", str(config))
     _fails(result, "run.yaml", "tile", "frobnicate")
+
+
+# -- every option checked before any compute (issue 15, part 4) ------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (["--halo", "-5"], ["halo", ">= 0"]),
+        (["--halo", "[1,2,3]"], ["a.tif", "halo [1, 2, 3]", "2D image", "give one value or 2"]),
+        (["--tile", "64,64,64"], ["a.tif", "tile [64, 64, 64]", "2D image"]),
+        (["--set", "sigma=1e308"], ["a.tif", "sigma", "use sigma <= 75"]),
+        (["--set", "sigma=.inf"], ["sigma", "finite"]),
+        (["--set", "sigma=.nan"], ["sigma", "finite"]),
+        (["--set", "sigma=-1"], ["sigma", ">= 0"]),
+        (["--set", "sigma=[1,1,1]"], ["a.tif", "sigma [1.0, 1.0, 1.0]", "one per axis"]),
+        (["-s", "local", "--set", "block_size=999"], ["a.tif", "block_size 999", "<= 451"]),
+        (["-s", "watershed", "--set", "h=.nan"], ["watershed", "h", "finite"]),
+        (["-s", "edges", "--set", "low=-.inf"], ["edges", "low", "finite"]),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, list) and v[0].startswith("-") else "",
+)
+def test_bad_option_is_refused_before_any_compute(
+    run_cli, tmp_path: Path, args: list[str], needles: list[str]
+) -> None:
+    path = synthetic.write_tiff(tmp_path / "a.tif", (300, 300), seed=1)
+    out = tmp_path / "o.zarr"
+    result = run_cli("--input", str(path), "--output", str(out), *args)
+    _fails(result, *needles)
+    assert result.exit_code == 1
+    assert "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
+    assert not out.exists()  # refused before the output was even claimed
+
+
+@pytest.mark.parametrize("value", ["5", "[otsu]", "{name: 5}"])
+def test_segmenter_of_the_wrong_type_in_the_config_file(
+    run_cli, tmp_path: Path, value: str
+) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_text(f"input: a.tif\noutput: o.zarr\nsegmenter: {value}\n")
+    result = run_cli("--config", str(config))
+    _fails(result, "run.yaml", "segmenter")
+    assert len(result.output.strip().splitlines()) == 1, result.output

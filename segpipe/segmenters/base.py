@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -34,33 +35,83 @@ class SegmentResult:
 
 
 class Options(BaseModel):
-    """Base of every segmenter's options: unknown keys are errors."""
+    """Base of every segmenter's options: unknown keys are errors, numbers are finite."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class SmoothingOptions(Options):
     sigma: float | list[float] = 2.0
     """Gaussian smoothing before anything else, in pixels (0 = none); one value or one per axis."""
 
+    @field_validator("sigma", mode="before")
+    @classmethod
+    def _finite(cls, v: Any) -> Any:
+        # one message instead of one per member of the union
+        for s in v if isinstance(v, list | tuple) else [v]:
+            try:
+                finite = math.isfinite(float(s))
+            except (TypeError, ValueError):
+                continue  # not a number: the type check says so
+            if not finite:
+                raise ValueError(f"expected a finite sigma >= 0 (0 = no smoothing), got {v!r}")
+        return v
+
     @field_validator("sigma")
     @classmethod
     def _not_negative(cls, v: float | list[float]) -> float | list[float]:
-        if any(s < 0 for s in ([v] if isinstance(v, int | float) else v)):
-            raise ValueError(f"expected sigma >= 0 (0 = no smoothing), got {v!r} instead")
+        values = [v] if isinstance(v, int | float) else v
+        if not values or any(s < 0 for s in values):
+            raise ValueError(
+                f"expected sigma >= 0 (0 = no smoothing), one value or one per axis, "
+                f"got {v!r} instead"
+            )
         return v
 
 
 def gaussian_radius(
     sigma: float | Sequence[float], ndim: int, truncate: float = 4.0
 ) -> tuple[int, ...]:
-    """Pixels of context a Gaussian of ``sigma`` reads per side (as scipy computes it)."""
+    """Pixels of context a Gaussian of ``sigma`` reads per side (as scipy computes it).
+
+    Raises
+    ------
+    SegmenterError
+        If ``sigma`` has neither one value nor ``ndim``, or its radius is not a finite number.
+
+    Examples
+    --------
+    >>> gaussian_radius(2.0, 2), gaussian_radius([0, 1.5, 1.5], 3)
+    ((8, 8), (0, 6, 6))
+    """
     sigmas = [float(sigma)] * ndim if isinstance(sigma, int | float) else [float(s) for s in sigma]
     if len(sigmas) != ndim:
         raise SegmenterError(
             f"Expected sigma as one value or {ndim} values, got {sigma!r} instead."
         )
-    return tuple(int(truncate * s + 0.5) if s > 0 else 0 for s in sigmas)
+    radii = [truncate * s + 0.5 if s > 0 else 0.0 for s in sigmas]
+    if not all(math.isfinite(r) for r in radii):
+        raise SegmenterError(f"Expected a finite sigma, got {sigma!r} instead.")
+    return tuple(int(r) for r in radii)
+
+
+CONTEXT_FLOOR = 32
+"""Pixels of filter context per side every image accepts, however small (sigma 7.875)."""
+
+
+def context_limit(shape: Sequence[int]) -> int:
+    """The most context per side a filter may read on an image of ``shape``.
+
+    A filter wider than the image sees only its edge pixels repeated (``mode="nearest"``)
+    and costs its kernel width per pixel, with nothing to gain; images smaller than
+    `CONTEXT_FLOOR` still take that much, so their usual options work.
+
+    Examples
+    --------
+    >>> context_limit((600, 800)), context_limit((1, 1))
+    (800, 32)
+    """
+    return max(max(shape, default=1), CONTEXT_FLOOR)
 
 
 class Segmenter(ABC):
@@ -96,6 +147,32 @@ class Segmenter(ABC):
     def filter_halo(self, ndim: int) -> tuple[int, ...]:
         """Context the ``preprocess`` filter needs per side."""
         return gaussian_radius(self.sigma(), ndim)
+
+    def check_image(self, shape: Sequence[int]) -> None:
+        """Refuse options that do not fit an image of ``shape`` (its spatial axes).
+
+        The base checks ``sigma``: one value or one per axis, and a Gaussian radius
+        within `context_limit`. Segmenters with filters of their own extend it.
+
+        Raises
+        ------
+        SegmenterError
+            Naming the option, what the image allows and what to use instead.
+        """
+        sigma = self.sigma()
+        ndim = len(shape)
+        if not isinstance(sigma, int | float) and len(sigma) != ndim:
+            raise SegmenterError(
+                f"sigma {sigma!r}: expected one value or {ndim}, one per axis of this {ndim}D image"
+            )
+        sigmas = [float(sigma)] * ndim if isinstance(sigma, int | float) else list(sigma)
+        limit = context_limit(shape)
+        # compared as floats: a huge sigma's radius overflows an int
+        if any(4.0 * s + 0.5 >= limit + 1 for s in sigmas):
+            raise SegmenterError(
+                f"sigma {sigma!r} makes a Gaussian wider than this image allows ({limit} px "
+                f"per side); use sigma <= {limit / 4:g} (0: no smoothing)"
+            )
 
     def has_filter(self) -> bool:
         s = self.sigma()

@@ -9,7 +9,7 @@ to the float32 threshold no pixel differed in any test.)
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -17,7 +17,14 @@ from numpy.typing import NDArray
 from pydantic import Field, field_validator
 from skimage.filters import threshold_local
 
-from segpipe.segmenters.base import Segmenter, SegmentResult, SmoothingOptions, gaussian_radius
+from segpipe.errors import SegmenterError
+from segpipe.segmenters.base import (
+    Segmenter,
+    SegmentResult,
+    SmoothingOptions,
+    context_limit,
+    gaussian_radius,
+)
 from segpipe.segmenters.threshold import HistMethod, histogram_threshold, label_classes
 from segpipe.stats import ImageStats
 
@@ -173,6 +180,20 @@ class LocalThreshold(Segmenter):
 
     def halo(self, ndim: int) -> tuple[int, ...]:
         return local_halo(self.opts.block_size, self.opts.method, ndim)
+
+    def check_image(self, shape: Sequence[int]) -> None:
+        """Also refuse a ``block_size`` whose neighbourhood is wider than the image."""
+        super().check_image(shape)
+        limit = context_limit(shape)
+        if max(self.halo(len(shape))) > limit:
+            widest = 2 * limit + 1  # what "mean" and "median" allow; "gaussian" reads further
+            while local_halo(widest, self.opts.method, 1)[0] > limit:
+                widest -= 2
+            raise SegmenterError(
+                f"block_size {self.opts.block_size} ({self.opts.method}) reads "
+                f"{max(self.halo(len(shape)))} px per side, more than this image allows "
+                f"({limit} px); use an odd block_size <= {widest}"
+            )
 
     def prepare(self, stats: ImageStats) -> Mapping[str, Any]:
         o = self.opts
