@@ -161,6 +161,9 @@ def run(
     channel: Annotated[
         str | None, typer.Option(help="Channel index, or mean|max|sum, for multichannel images.")
     ] = None,
+    series: Annotated[
+        int | None, typer.Option(help="Image series of TIFFs that hold several (0, 1, ...).")
+    ] = None,
     workers: Annotated[int | None, typer.Option(help="LocalCluster worker processes.")] = None,
     threads: Annotated[int | None, typer.Option(help="Threads per LocalCluster worker.")] = None,
     overwrite: Annotated[
@@ -199,6 +202,7 @@ def run(
             "cluster": cluster,
             "set": parse_sets(set_ or []),
             "channel": None if channel is None else parse_value(channel),
+            "series": series,
             "workers": workers,
             "threads": threads,
             "overwrite": overwrite or None,

@@ -99,7 +99,7 @@ def prepare_run(config: RunConfig, *, resume: bool | None = None) -> Prepared:
     bad: list[tuple[str, str]] = []
     for p in paths:
         try:
-            spec = open_source(p, channel=config.channel, axes=config.axes)
+            spec = open_source(p, channel=config.channel, axes=config.axes, series=config.series)
             check_name(config.output, spec.name, p)
             check_image_options(config, segmenter, spec)
             pipeline.check_tile(spec, block_tile(config.tile, len(spec.shape), spec.shape))

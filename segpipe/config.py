@@ -244,6 +244,9 @@ class RunConfig(BaseModel):
     """Channel to segment in multichannel images, or how to reduce them."""
     axes: str | None = None
     """Axes of plain Zarr inputs, e.g. ``ZYX`` or ``CYX``."""
+    series: int | None = Field(None, ge=0)
+    """Image series to read from TIFFs that hold several (required there: such a file is
+    refused without it, its series listed); other inputs hold one, series 0."""
     overwrite: bool = False
     """Start over in an output that holds another run (or an earlier one of this)."""
     resume: bool = False
@@ -320,7 +323,7 @@ class RunConfig(BaseModel):
 
     def run_settings(self) -> dict[str, Any]:
         """Settings that decide output pixels: a changed one makes it a different run."""
-        return {
+        settings = {
             "segmenter": self.segmenter.name,
             "options": self.segmenter.options(),
             "tile": self.tile,
@@ -329,6 +332,9 @@ class RunConfig(BaseModel):
             "axes": self.axes,
             "classes": self.classes,  # the catalogue decides panoptic pixels
         }
+        if self.series is not None:  # absent when unset: earlier stores keep their fingerprint
+            settings["series"] = self.series
+        return settings
 
 
 def check_image_options(config: RunConfig, segmenter: Segmenter, spec: SourceSpec) -> None:

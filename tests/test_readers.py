@@ -299,6 +299,88 @@ def test_pyramidal_ome_tiff_reads_level_0(tmp_path: Path) -> None:
     np.testing.assert_array_equal(_read(spec, region), data[region])
 
 
+@pytest.fixture
+def two_series(tmp_path: Path) -> tuple[Path, list[np.ndarray]]:
+    """A plain (non-OME) TIFF holding two different images: tifffile makes each a series."""
+    images = [_data((90, 70), np.uint16), _data((40, 130), np.float32)]
+    path = tmp_path / "two.tif"
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(images[0], tile=(32, 32), compression="zlib")
+        tif.write(images[1])
+    with tifffile.TiffFile(path) as tif:
+        assert [s.shape for s in tif.series] == [(90, 70), (40, 130)]
+    return path, images
+
+
+def test_tiff_with_two_series_is_refused_listing_them(
+    two_series: tuple[Path, list[np.ndarray]],
+) -> None:
+    path, _ = two_series
+    msg = _expect(UnsupportedImageError, path, "2 image series", "--series N")
+    assert "0: (90, 70) uint16" in msg and "1: (40, 130) float32" in msg
+    assert "\n" not in msg
+
+
+@pytest.mark.parametrize("series", [0, 1])
+def test_tiff_series_chosen_is_read(two_series: tuple[Path, list[np.ndarray]], series: int) -> None:
+    path, images = two_series
+    spec = open_source(path, series=series)
+    assert (spec.series, spec.shape, spec.dtype) == (
+        series,
+        images[series].shape,
+        str(images[series].dtype),
+    )
+    np.testing.assert_array_equal(_read(spec), tifffile.imread(path, series=series))
+    np.testing.assert_array_equal(_read(spec), images[series])
+    # a worker reads through its own copy of the spec
+    again = pickle.loads(pickle.dumps(spec))
+    np.testing.assert_array_equal(
+        _read(again, (slice(5, 33), slice(7, 61))), images[series][5:33, 7:61]
+    )
+
+
+def test_tiff_series_out_of_range_is_refused(two_series: tuple[Path, list[np.ndarray]]) -> None:
+    path, _ = two_series
+    msg = _expect(UnsupportedImageError, path, "series 2 requested", "choose 0 to 1", series=2)
+    assert "1: (40, 130) float32" in msg
+
+
+def test_series_of_single_image_inputs(tmp_path: Path) -> None:
+    data = _data((20, 30), np.uint8)
+    tifffile.imwrite(tmp_path / "one.tif", data)
+    Image.fromarray(data).save(tmp_path / "one.png")
+    zarr.create_array(tmp_path / "one.zarr", data=data, chunks=(8, 8))
+    for name in ("one.tif", "one.png", "one.zarr"):
+        np.testing.assert_array_equal(_read(open_source(tmp_path / name, series=0)), data)
+    _expect(UnsupportedImageError, tmp_path / "one.tif", "series 1 requested", series=1)
+    _expect(UnsupportedImageError, tmp_path / "one.png", "series 1", "one image", series=1)
+    _expect(UnsupportedImageError, tmp_path / "one.zarr", "series 1", "one image", series=1)
+
+
+@pytest.mark.parametrize("series", [-1, True, 1.5, "1"])
+def test_bad_series_value(tmp_path: Path, series: Any) -> None:
+    tifffile.imwrite(tmp_path / "a.tif", _data((8, 8), np.uint8))
+    with pytest.raises(ConfigError, match="series"):
+        open_source(tmp_path / "a.tif", series=series)
+
+
+@pytest.mark.parametrize("layout", ["strip", "tiled-zlib", "zarr"])
+def test_float16_reads_as_float32(tmp_path: Path, layout: str) -> None:
+    """float16 is stored and segmented as float32 (every float16 is exact there)."""
+    data = _data((50, 70), np.float16)
+    if layout == "zarr":
+        path = tmp_path / "half.zarr"
+        zarr.create_array(path, data=data, chunks=(16, 16))
+    else:
+        path = tmp_path / "half.tif"
+        tifffile.imwrite(path, data, **LAYOUTS[layout])
+    spec = open_source(path)
+    assert (spec.dtype, spec.out_dtype) == ("float16", np.float32)
+    out = _read(spec)
+    assert out.dtype == np.float32
+    np.testing.assert_array_equal(out, data.astype(np.float32))
+
+
 def test_read_region_is_thread_safe(tmp_path: Path) -> None:
     data = _data((256, 256), np.uint16)
     path = tmp_path / "tiles.tif"
@@ -529,7 +611,80 @@ def test_zarr_v2_array(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "v2.zarr" / ".zarray").read_text())["dtype"] == ">u2"
     spec = open_source(tmp_path / "v2.zarr")
     assert spec.dtype == "uint16"
+    assert spec.array_path == str(tmp_path / "v2.zarr")
     np.testing.assert_array_equal(_read(spec), data)
+
+
+@pytest.mark.parametrize(
+    ("shape", "options"),
+    [
+        ((70, 90), {"dimension_separator": "/", "compressor": None}),
+        ((70, 90), {"order": "F", "filters": [{"id": "delta", "dtype": "<u2"}]}),
+        ((5, 40, 33), {"dimension_separator": "."}),
+    ],
+)
+def test_zarr_v2_layouts_read_as_zarr_reads_them(
+    tmp_path: Path, shape: tuple[int, ...], options: dict[str, Any]
+) -> None:
+    data = _data(shape, np.uint16)
+    path = tmp_path / "v2.zarr"
+    chunks = tuple(min(n, 16) for n in shape)
+    z = zarr.open_array(
+        path, mode="w", shape=shape, chunks=chunks, dtype="<u2", zarr_format=2, **options
+    )
+    z[:] = data
+    assert (path / ".zarray").is_file() and not (path / "zarr.json").exists()
+    spec = open_source(path)
+    assert (spec.array_path, spec.shape, spec.chunks) == (str(path), shape, chunks)
+    np.testing.assert_array_equal(_read(spec), data)
+    region = tuple(slice(n // 3, n - 1) for n in shape)
+    np.testing.assert_array_equal(_read(spec, region), data[region])
+
+
+def test_ngff_04_written_by_ome_zarr_with_levels(tmp_path: Path, ome_writer: Any) -> None:
+    """NGFF 0.4 (Zarr v2: .zgroup/.zattrs/.zarray, "/" chunk keys): level 0 is read."""
+    write_image, ome_format = ome_writer
+    data = _data((3, 100, 80), np.float32)
+    path = tmp_path / "cells.ome.zarr"
+    root = zarr.open_group(path, mode="w", zarr_format=2)
+    write_image(
+        data, root, axes="zyx", fmt=ome_format.FormatV04(), storage_options={"chunks": (1, 32, 32)}
+    )
+    attrs = json.loads((path / ".zattrs").read_text())
+    assert attrs["multiscales"][0]["version"] == "0.4"
+    level0 = attrs["multiscales"][0]["datasets"][0]["path"]
+    assert len(attrs["multiscales"][0]["datasets"]) > 1
+    spec = open_source(path)
+    assert (spec.name, spec.axes, spec.shape) == ("cells", "ZYX", (3, 100, 80))
+    assert spec.array_path == str(path / level0) and (path / level0 / ".zarray").is_file()
+    np.testing.assert_array_equal(_read(spec), data)
+    np.testing.assert_array_equal(
+        _read(spec, (slice(1, 3), slice(30, 70), slice(5, 77))), data[1:3, 30:70, 5:77]
+    )
+
+
+def test_hand_written_ngff_04(tmp_path: Path) -> None:
+    """The NGFF 0.4 layout written by hand: multiscales in the group's .zattrs."""
+    data = _data((2, 50, 60), np.uint8)
+    path = tmp_path / "hand.zarr"
+    root = zarr.open_group(path, mode="w", zarr_format=2)
+    root.create_array("0", data=data, chunks=(1, 25, 25))
+    root.create_array("1", data=data[:, ::2, ::2], chunks=(1, 25, 25))
+    axes = [
+        {"name": "c", "type": "channel"},
+        {"name": "y", "type": "space"},
+        {"name": "x", "type": "space"},
+    ]
+    datasets = [
+        {"path": p, "coordinateTransformations": [{"type": "scale", "scale": [1.0, s, s]}]}
+        for p, s in (("0", 1.0), ("1", 2.0))
+    ]
+    (path / ".zattrs").write_text(
+        json.dumps({"multiscales": [{"version": "0.4", "axes": axes, "datasets": datasets}]})
+    )
+    spec = open_source(path, channel=1)
+    assert (spec.axes, spec.shape, spec.array_path) == ("CYX", (50, 60), str(path / "0"))
+    np.testing.assert_array_equal(_read(spec), data[1])
 
 
 @pytest.fixture
@@ -558,7 +713,7 @@ def test_ome_zarr_image(tmp_path: Path, ome_writer: Any, version: str) -> None:
         "image",
         "CZYX",
         (6, 64, 48),
-        "s0",
+        str(path / "s0"),
     )
     region = (slice(2, 6), slice(30, 64), slice(0, 20))
     np.testing.assert_array_equal(_read(spec, region), data[1, 2:6, 30:64, 0:20])
@@ -587,7 +742,8 @@ def test_hand_written_ngff_05(tmp_path: Path) -> None:
     ]
     _ngff_05(tmp_path / "hand.zarr", data, axes)
     spec = open_source(tmp_path / "hand.zarr", channel=2)
-    assert (spec.axes, spec.shape, spec.array_path) == ("1CYX", (40, 30), "full")
+    assert (spec.axes, spec.shape) == ("1CYX", (40, 30))
+    assert spec.array_path == str(tmp_path / "hand.zarr" / "full")
     np.testing.assert_array_equal(_read(spec), data[0, 2])
 
 
@@ -598,7 +754,7 @@ def test_bioformats2raw_layout(tmp_path: Path) -> None:
     axes = [{"name": "y", "type": "space"}, {"name": "x", "type": "space"}]
     _ngff_05(tmp_path / "plate.zarr" / "0", data, axes)
     spec = open_source(tmp_path / "plate.zarr")
-    assert spec.array_path == "0/full"
+    assert spec.array_path == str(tmp_path / "plate.zarr" / "0" / "full")
     np.testing.assert_array_equal(_read(spec), data)
 
 
@@ -1044,3 +1200,14 @@ def test_image_name() -> None:
     assert image_name("/a/b/plate.ome.zarr/") == "plate"
     assert image_name("/a/b/sample.1.png") == "sample.1"
     assert image_name("/a/b/.tif") == ".tif"
+    # would land on the output store's own zarr.json: the suffix stays
+    assert image_name("/a/b/zarr.json.tif") == "zarr.json.tif"
+    assert image_name("/a/b/ZARR.JSON.png") == "ZARR.JSON.png"
+
+
+def test_tiff_named_zarr_json_reads_as_a_tiff(tmp_path: Path) -> None:
+    data = _data((30, 40), np.uint16)
+    tifffile.imwrite(tmp_path / "zarr.json.tif", data, tile=(16, 16))
+    spec = open_source(tmp_path / "zarr.json.tif")
+    assert (spec.format, spec.name) == ("tiff", "zarr.json.tif")
+    np.testing.assert_array_equal(_read(spec), data)

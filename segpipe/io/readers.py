@@ -37,6 +37,7 @@ PNG_SUFFIXES = (".png",)
 JPEG_SUFFIXES = (".jpg", ".jpeg")
 PIL_SUFFIXES = PNG_SUFFIXES + JPEG_SUFFIXES
 ZARR_SUFFIXES = (".zarr", ".ome.zarr")
+ZARR_METADATA = "zarr.json"
 SUFFIXES = TIFF_SUFFIXES + PIL_SUFFIXES + ZARR_SUFFIXES
 
 # Limits against decompression bombs: a few hundred bytes can declare a
@@ -68,6 +69,9 @@ class SourceSpec:
     ones where any region reads without waste), so aligned regions decode
     nothing twice. ``data_offset`` is set for uncompressed contiguous TIFF
     data, which is read through a memory map in the file's ``byteorder``.
+    ``array_path`` is the absolute directory of the Zarr array read (the
+    level-0 dataset of an OME-Zarr image), empty for files; ``series`` the
+    TIFF image series read.
     """
 
     path: str
@@ -77,7 +81,7 @@ class SourceSpec:
     stored_shape: tuple[int, ...]
     dtype: str
     channel: Channel
-    array_path: str = ""  # inside a Zarr/OME-Zarr group
+    array_path: str = ""
     series: int = 0
     chunks: tuple[int, ...] = ()
     data_offset: int | None = None
@@ -93,7 +97,12 @@ class SourceSpec:
 
     @property
     def out_dtype(self) -> np.dtype[Any]:
+        """The dtype `read_region` returns and the stored image has: the file's, except
+        float32 for channel means and sums, and for float16, which the compiled
+        per-object kernels cannot take (every float16 is exact in float32)."""
         if "C" in self.axes and self.channel in ("mean", "sum"):
+            return np.dtype(np.float32)
+        if np.dtype(self.dtype) == np.float16:
             return np.dtype(np.float32)
         return np.dtype(self.dtype)
 
@@ -104,11 +113,19 @@ class SourceSpec:
 
 
 def image_name(path: str | Path) -> str:
-    """The output name of an input: its file name without image suffixes."""
+    """The output name of an input: its file name without image suffixes.
+
+    A name that would be ``zarr.json`` keeps its suffix: the image's folder
+    would land on the metadata file of the output store's root.
+
+    >>> image_name("/data/cells.ome.tif"), image_name("zarr.json.tif")
+    ('cells', 'zarr.json.tif')
+    """
     name = Path(str(path).rstrip("/")).name
     for suffix in sorted(SUFFIXES, key=len, reverse=True):
         if name.lower().endswith(suffix) and len(name) > len(suffix):
-            return name[: -len(suffix)]
+            stem = name[: -len(suffix)]
+            return name if stem.lower() == ZARR_METADATA else stem
     return Path(name).stem or name
 
 
@@ -256,23 +273,45 @@ def _check_tiff_segments(path: str, series: Any) -> bool:
     return one_file
 
 
-def _tiff_spec(path: str, name: str, channel: Channel, axes: str | None) -> SourceSpec:
+def _pick_series(path: str, found: Sequence[Any], series: int | None) -> int:
+    """The index of the series to read: the only one, or ``series``, which must exist."""
+    if not found:
+        raise InputReadError(f"{path}: TIFF holds no image series.")
+    listing = ", ".join(
+        f"{i}: {tuple(int(n) for n in s.shape)} {s.dtype}" for i, s in enumerate(found[:8])
+    ) + (", ..." if len(found) > 8 else "")
+    if series is None and len(found) > 1:
+        raise UnsupportedImageError(
+            f"{path}: TIFF holds {len(found)} image series ({listing}); choose one with "
+            f"--series N (`series: N` in run.yaml)."
+        )
+    index = series or 0
+    if not 0 <= index < len(found):
+        raise UnsupportedImageError(
+            f"{path}: series {index} requested, the TIFF holds {len(found)} ({listing}); "
+            f"choose 0 to {len(found) - 1}."
+        )
+    return index
+
+
+def _tiff_spec(
+    path: str, name: str, channel: Channel, axes: str | None, series: int | None
+) -> SourceSpec:
     import tifffile
     import zarr
 
     try:
         with tifffile.TiffFile(path) as tif:
-            if not tif.series:
-                raise InputReadError(f"{path}: TIFF holds no image series.")
-            series = tif.series[0]
-            one_file = _check_tiff_segments(path, series)
-            if series.dtype is None:
+            index = _pick_series(path, tif.series, series)
+            chosen = tif.series[index]
+            one_file = _check_tiff_segments(path, chosen)
+            if chosen.dtype is None:
                 raise UnsupportedImageError(
                     f"{path}: TIFF sample format/bit depth has no NumPy dtype."
                 )
-            shape = tuple(int(n) for n in series.shape)
-            norm = _normalise_axes(axes or series.axes, shape, path)
-            dtype = np.dtype(series.dtype)
+            shape = tuple(int(n) for n in chosen.shape)
+            norm = _normalise_axes(axes or chosen.axes, shape, path)
+            dtype = np.dtype(chosen.dtype)
             declared = float(np.prod(shape, dtype=np.float64)) * dtype.itemsize
             fsize = os.path.getsize(path)
             if declared > max(BOMB_FLOOR_BYTES, MAX_TIFF_RATIO * fsize):
@@ -280,7 +319,7 @@ def _tiff_spec(path: str, name: str, channel: Channel, axes: str | None) -> Sour
                     f"{path}: declares a {shape} image ({declared:.2e} bytes) in a "
                     f"{fsize}-byte file: corrupt or a decompression bomb."
                 )
-            offset = series.dataoffset
+            offset = chosen.dataoffset
             if offset is not None and one_file and dtype.kind in "uif":
                 if offset + declared > fsize:
                     raise InputReadError(
@@ -290,7 +329,7 @@ def _tiff_spec(path: str, name: str, channel: Channel, axes: str | None) -> Sour
                 chunks, chunk_bytes = (1,) * len(norm.replace("C", "").replace("1", "")), None
             else:
                 offset = None
-                chunk_shape = zarr.open_array(series.aszarr(level=0), mode="r").chunks
+                chunk_shape = zarr.open_array(chosen.aszarr(level=0), mode="r").chunks
                 chunks = _spatial(norm, chunk_shape)
                 chunk_bytes = int(np.prod(chunk_shape, dtype=np.int64)) * dtype.itemsize
             byteorder: Literal["<", ">"] = ">" if tif.byteorder == ">" else "<"
@@ -301,7 +340,17 @@ def _tiff_spec(path: str, name: str, channel: Channel, axes: str | None) -> Sour
     except Exception as err:  # tifffile raises many types for malformed files
         raise InputReadError(f"{path}: not a readable TIFF ({type(err).__name__}: {err}).") from err
     spec = SourceSpec(
-        path, name, "tiff", norm, shape, _native(dtype), channel, "", 0, chunks, offset, byteorder
+        path,
+        name,
+        "tiff",
+        norm,
+        shape,
+        _native(dtype),
+        channel,
+        series=index,
+        chunks=chunks,
+        data_offset=offset,
+        byteorder=byteorder,
     )
     return _check_array(spec, chunk_bytes)
 
@@ -599,7 +648,7 @@ def _zarr_spec(path: str, name: str, channel: Channel, axes: str | None) -> Sour
         shape,
         _native(dtype),
         channel,
-        array_path,
+        os.path.normpath(os.path.join(path, array_path)),
         chunks=_spatial(norm, chunk_shape),
     )
     return _check_array(spec, chunk_bytes)
@@ -608,8 +657,22 @@ def _zarr_spec(path: str, name: str, channel: Channel, axes: str | None) -> Sour
 # -- public --------------------------------------------------------------------------
 
 
+def parse_series(series: object) -> int | None:
+    """Validate a series choice: ``None`` (the file's only series) or an index >= 0."""
+    if series is None:
+        return None
+    if isinstance(series, int | np.integer) and not isinstance(series, bool) and series >= 0:
+        return int(series)
+    raise ConfigError(f"series: Expected a series index >= 0, got {series!r} instead.")
+
+
 def open_source(
-    path: str | Path, *, name: str | None = None, channel: Channel = None, axes: str | None = None
+    path: str | Path,
+    *,
+    name: str | None = None,
+    channel: Channel = None,
+    axes: str | None = None,
+    series: int | None = None,
 ) -> SourceSpec:
     """Inspect an input image without reading its pixels.
 
@@ -624,6 +687,9 @@ def open_source(
     axes : str, optional
         Axes of the stored array (e.g. ``"CYX"``, ``"ZYX"``) for a TIFF or Zarr array
         whose metadata does not say; overrides the metadata when given.
+    series : int, optional
+        Image series of a TIFF that holds several (required there); other inputs hold
+        one image, series 0.
 
     Returns
     -------
@@ -642,6 +708,7 @@ def open_source(
     (512, 512)
     """
     channel = parse_channel(channel)
+    series = parse_series(series)
     p = os.path.abspath(os.path.expanduser(os.fspath(path)))
     try:
         st = os.stat(p)
@@ -654,7 +721,7 @@ def open_source(
     name = name or image_name(p)
     lower = p.lower().rstrip("/")
     if os.path.isdir(p) or lower.endswith(ZARR_SUFFIXES):
-        return _zarr_spec(p, name, channel, axes)
+        return _only_series(_zarr_spec(p, name, channel, axes), series)
     if not lower.endswith(TIFF_SUFFIXES + PIL_SUFFIXES):
         raise UnsupportedImageError(
             f"{p}: unknown image type; expected one of {', '.join(SUFFIXES)}."
@@ -670,12 +737,22 @@ def open_source(
         what = f"a {found.upper()} file" if found else f"not an image (starts {head[:8]!r})"
         raise InputReadError(f"{p}: named like a {expected.upper()} but the file is {what}.")
     if expected == "tiff":
-        return _tiff_spec(p, name, channel, axes)
-    spec = _pil_spec(p, name, channel, expected)
+        return _tiff_spec(p, name, channel, axes, series)
+    spec = _only_series(_pil_spec(p, name, channel, expected), series)
     if axes is not None and _normalise_axes(axes, spec.stored_shape, p) != spec.axes:
         raise UnsupportedImageError(
             f"{p}: axes {axes!r} do not fit a {expected.upper()}, whose layout is fixed "
             f"({spec.axes}, shape {spec.stored_shape})."
+        )
+    return spec
+
+
+def _only_series(spec: SourceSpec, series: int | None) -> SourceSpec:
+    if series:
+        kind = "Zarr array" if spec.format == "zarr" else "PNG/JPEG"
+        raise UnsupportedImageError(
+            f"{spec.path}: series {series} requested, a {kind} holds one image (series 0); "
+            "drop --series, or give it only for multi-series TIFFs."
         )
     return spec
 
@@ -721,7 +798,7 @@ def _stored(spec: SourceSpec, index: tuple[Any, ...]) -> NDArray[Any]:
     if spec.format == "zarr":
         import zarr
 
-        return np.asarray(zarr.open_array(spec.path, path=spec.array_path, mode="r")[index])
+        return np.asarray(zarr.open_array(spec.array_path or spec.path, mode="r")[index])
     data = _decode_whole(spec)
     if data.shape != spec.stored_shape:
         raise InputReadError(
