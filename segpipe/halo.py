@@ -22,7 +22,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from segpipe.blocks import Block, BlockGrid
-from segpipe.io import omezarr
+from segpipe.io import omezarr, written
+from segpipe.io.markers import UNREADABLE
 
 
 def slab_path(directory: str | Path, block_id: int) -> Path:
@@ -53,6 +54,7 @@ def save_slabs(
     with open(tmp, "wb") as f:
         np.savez(f, **arrays)  # type: ignore[arg-type]
     os.replace(tmp, path)
+    written.note(path)
 
 
 def save_region_slabs(
@@ -104,7 +106,7 @@ def assemble(src: str, grid: BlockGrid, block: Block, directory: str | Path) -> 
         try:
             with np.load(slab_path(directory, neighbour), allow_pickle=False) as z:
                 piece = z[key] if key in z.files else None
-        except FileNotFoundError:
+        except UNREADABLE:  # missing or damaged: read the region instead
             return None
         if piece is None:
             return None

@@ -11,7 +11,9 @@ resumes.
 from __future__ import annotations
 
 import errno
+import hashlib
 import math
+import os
 import shutil
 import time
 import uuid
@@ -29,9 +31,17 @@ from numpy.typing import NDArray
 from segpipe import halo, merge, stitch
 from segpipe.blocks import Block, BlockGrid
 from segpipe.deep import provenance
-from segpipe.errors import BlockFailedError, ConfigError, OutputWriteError, UnsupportedImageError
-from segpipe.io import omezarr
-from segpipe.io.markers import RUN_KEY, Arrays, Markers
+from segpipe.errors import (
+    BlockFailedError,
+    ConfigError,
+    InputReadError,
+    OutputConflictError,
+    OutputWriteError,
+    SegpipeError,
+    UnsupportedImageError,
+)
+from segpipe.io import omezarr, store, written
+from segpipe.io.markers import RUN_KEY, UNREADABLE, Arrays, Markers, read_marker, save_npz
 from segpipe.io.readers import SourceSpec, read_region
 from segpipe.io.store import image_state, mark_image
 from segpipe.segmenters.base import Segmenter
@@ -114,7 +124,17 @@ class ImagePlan:
 
     def markers(self, stage: str) -> Markers:
         """Completion markers of ``stage`` for this image."""
-        return Markers(Path(self.root) / omezarr.SCRATCH / "blocks" / self.name / stage)
+        return Markers(self.blocks / stage)
+
+    @property
+    def blocks(self) -> Path:
+        """The folder of every stage's completion markers for this image."""
+        return Path(self.root) / omezarr.SCRATCH / "blocks" / self.name
+
+    @property
+    def manifest(self) -> Path:
+        """What the completed image holds: every file with its size and checksum."""
+        return Path(self.root) / omezarr.SCRATCH / "manifests" / f"{self.name}.npz"
 
     @property
     def filtered(self) -> str:
@@ -196,9 +216,11 @@ def _marked(
     run: str,
     *args: Any,
 ) -> Any:
-    """Run a block function, then write its marker (chunks first, marker last)."""
-    result = fn(*args)
-    Markers(marker_dir).save(block_id, encode(result), run=run)
+    """Run a block function, then write its marker (chunks first, marker last), which
+    records the files the function wrote."""
+    with written.recording() as files:
+        result = fn(*args)
+    Markers(marker_dir).save(block_id, encode(result), run=run, files=files)
     return result
 
 
@@ -217,7 +239,13 @@ class SlabJob:
 def ingest_block(
     spec: SourceSpec, dst: str, region: tuple[slice, ...], slabs: SlabJob | None = None
 ) -> Extrema:
-    data = read_region(spec, region)
+    try:
+        data = read_region(spec, region)
+    except OSError as err:  # deleted, moved or unreadable since the run began
+        raise InputReadError(
+            f"{spec.path}: cannot read rows {region[-2].start}:{region[-2].stop} "
+            f"({err.strerror or err}); the input changed during the run?"
+        ) from err
     ext = Extrema.of(data)
     if ext.nonfinite:
         raise UnsupportedImageError(
@@ -257,6 +285,15 @@ def segment_block(
     """Segment one block; write semantic and local labels, then a marker holding the
     object count, the block's view toward each neighbour (read by the pair tasks) and
     its provenance (worker, device, seconds, batch, network tiles)."""
+    with written.recording() as files:
+        count, arrays = _segment_block(plan, block, params, directions)
+    Markers(marker_dir).save(block.id, arrays, run=plan.token, files=files)
+    return count
+
+
+def _segment_block(
+    plan: ImagePlan, block: Block, params: dict[str, Any], directions: list[tuple[int, ...]]
+) -> tuple[int, Arrays]:
     t0 = time.perf_counter()
     data = _as_float32(omezarr.read_block(plan.source, block.read))
     if getattr(plan.segmenter, "wants_origin", False):
@@ -290,8 +327,7 @@ def segment_block(
         tiles=int(getattr(result, "tiles", 1)),
     )
     arrays.update(provenance.encode(record))
-    Markers(marker_dir).save(block.id, arrays, run=plan.token)
-    return count
+    return count, arrays
 
 
 def _view_keys(d: tuple[int, ...], mode: str) -> tuple[str, ...]:
@@ -438,12 +474,7 @@ def map_blocks(
             progress(stage, done, len(args))
     except OSError as err:
         client.cancel(list(ac.futures) if hasattr(ac, "futures") else [])
-        if err.errno in _OUTPUT_ERRNOS:
-            raise OutputWriteError(
-                f"{err.filename or 'output'}: cannot write ({err.strerror}) during {stage}; "
-                "free space or fix permissions, then rerun with --resume."
-            ) from err
-        raise
+        raise output_error(err, stage) from err
     except BaseException:
         client.cancel(list(ac.futures) if hasattr(ac, "futures") else [])
         raise
@@ -456,6 +487,17 @@ def map_blocks(
             f"Cause: {failed[0][1]}"
         ) from failed[0][1]
     return results
+
+
+def output_error(err: OSError, stage: str) -> OSError:
+    """``err`` as an `OutputWriteError` naming the file when the output cannot take a
+    write (disk full, read-only, permissions); else ``err`` itself."""
+    if isinstance(err, SegpipeError) or err.errno not in _OUTPUT_ERRNOS:
+        return err
+    return OutputWriteError(
+        f"{err.filename or 'output'}: cannot write ({err.strerror}) during {stage}; "
+        "free space or fix permissions, then rerun with --resume."
+    )
 
 
 def _regions(shape: Sequence[int], chunks: Sequence[int]) -> list[tuple[slice, ...]]:
@@ -880,37 +922,110 @@ class ImageResult:
 
 
 def source_identity(spec: SourceSpec) -> dict[str, Any]:
-    """What says an input is unchanged since a run: its path, size and mtime."""
-    path = Path(spec.path)
-    probe = path / "zarr.json" if path.is_dir() else path
-    st = probe.stat()
-    return {"path": spec.path, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    """What says an input is unchanged since a run: its path, and the size and mtime of
+    the file or, for Zarr, of every file of the array read (its chunks, not only its
+    metadata, which an in-place rewrite leaves alone)."""
+    read = Path(getattr(spec, "array_path", None) or spec.path)
+    if not read.is_dir():
+        st = read.stat()
+        return {"path": spec.path, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    digest = hashlib.sha256()
+    size = count = 0
+    for folder, dirs, names in os.walk(read):
+        dirs.sort()
+        for name in sorted(names):
+            st = os.stat(os.path.join(folder, name))
+            rel = os.path.relpath(os.path.join(folder, name), read)
+            digest.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            size += st.st_size
+            count += 1
+    return {"path": spec.path, "size": size, "files": count, "digest": digest.hexdigest()[:32]}
 
 
 def begin(plan: ImagePlan) -> str:
-    """Prepare the image's place in the store; return ``done``, ``resume`` or ``fresh``.
+    """Prepare the image's place in the store; return ``done``, ``resume``, ``repair`` or
+    ``fresh``.
 
-    ``done``: complete from the same input (nothing to do); ``resume``: an
-    interrupted run of the same input in the same blocks (finished blocks are
-    kept); ``fresh``: anything else (earlier results of this name are removed
-    first). The blocks are compared because ``tile: auto`` is resolved per image
+    ``done``: complete from the same input, and every file it was completed with is
+    intact (nothing to do); ``resume``: an interrupted run of the same input in the
+    same blocks (finished blocks are kept, each checked before it is trusted);
+    ``repair``: complete from the same input but with files missing or damaged;
+    ``fresh``: anything else. ``repair`` and ``fresh`` remove earlier results of this
+    name first. The blocks are compared because ``tile: auto`` is resolved per image
     and per version: markers name blocks by number.
+
+    Raises
+    ------
+    OutputConflictError
+        If ``OUT/<name>`` exists but segpipe did not write it (it is never deleted).
     """
     state = image_state(plan.group)
     identity = source_identity(plan.spec)
+    start = "fresh"
     if state.get("source") == identity:
         if state.get("complete"):
-            return "done"
-        if state.get("tile") == list(plan.tile):
+            if not damaged_result(plan):
+                return "done"
+            start = "repair"
+        elif state.get("tile") == list(plan.tile):
             mark_image(plan.group, complete=False)
             return "resume"
-    for path in (Path(plan.group), Path(plan.scratch), plan.markers("x").directory.parent):
-        shutil.rmtree(path, ignore_errors=True)
-    plan.provenance.unlink(missing_ok=True)
-    Path(plan.group).mkdir(parents=True, exist_ok=True)
+    group = Path(plan.group)
+    ours = state or plan.manifest.exists() or plan.blocks.exists()
+    if os.path.lexists(group) and not ours:
+        raise OutputConflictError(
+            f"{group}: exists but was not written by segpipe; it is left alone. Move it, "
+            "or rename the input."
+        )
+    for path in (group, Path(plan.scratch), plan.blocks, plan.provenance, plan.manifest):
+        store.remove(path, plan.root)
+    group.mkdir(parents=True, exist_ok=True)
     zarr.open_group(plan.group, mode="a", zarr_format=3)
     mark_image(plan.group, complete=False, source=identity, tile=list(plan.tile))
-    return "fresh"
+    return start
+
+
+def _result_files(plan: ImagePlan) -> list[Path]:
+    """Every file of the image's result but its group metadata (rewritten when marked)."""
+    group = Path(plan.group)
+    files = [Path(folder) / n for folder, _, names in os.walk(group) for n in names]
+    return sorted(f for f in files if f != group / "zarr.json")
+
+
+def write_manifest(plan: ImagePlan) -> None:
+    """Record every file of the finished image (size, mtime, checksum) in its manifest.
+
+    Checksums come from the block markers where a file is as its block wrote it, and
+    are computed here for the rest (metadata, tables, previews)."""
+    known: dict[str, written.Written] = {}
+    if plan.blocks.exists():
+        for stage in plan.blocks.iterdir():
+            for marker in stage.glob("*.npz"):
+                try:
+                    with np.load(marker, allow_pickle=False) as data:
+                        if "__files" in data.files:
+                            arrays = {k: data[k] for k in ("__files", "__files_v")}
+                            for w in written.from_arrays(arrays, stage):
+                                known[w.path] = w
+                except UNREADABLE:
+                    continue
+    files = []
+    for path in _result_files(plan):
+        st = path.stat()
+        seen = known.get(str(path))
+        if seen is None or (seen.size, seen.mtime_ns) != (st.st_size, st.st_mtime_ns):
+            seen = written.Written(str(path), st.st_size, st.st_mtime_ns, written.checksum(path))
+        files.append(seen)
+    save_npz(plan.manifest, written.to_arrays(files, plan.root))
+
+
+def damaged_result(plan: ImagePlan) -> list[str]:
+    """Files of a completed image that are missing or no longer as it was completed
+    with (an unreadable or missing manifest counts as its own path)."""
+    arrays = read_marker(plan.manifest)
+    if arrays is None:
+        return [str(plan.manifest)]
+    return written.damaged(written.from_arrays(arrays, plan.root))
 
 
 def write_provenance(plan: ImagePlan) -> Path | None:
@@ -935,17 +1050,17 @@ def write_provenance(plan: ImagePlan) -> Path | None:
 
 
 def finish(plan: ImagePlan, result: ImageResult, stats: ImageStats, params: dict[str, Any]) -> None:
-    """Write the provenance table, drop scratch data and markers, then mark the image
-    complete (written last)."""
+    """Write the provenance table and the manifest of the result, drop scratch data and
+    markers, then mark the image complete (written last)."""
     write_provenance(plan)
-    stages = plan.markers("x").directory.parent
     tally = {}
-    if stages.exists():
-        for d in sorted(stages.iterdir()):
+    if plan.blocks.exists():
+        for d in sorted(plan.blocks.iterdir()):
             computed, total = Markers(d).tally(plan.token)
             tally[d.name] = {"computed": computed, "blocks": total}
-    shutil.rmtree(plan.scratch, ignore_errors=True)
-    shutil.rmtree(plan.markers("x").directory.parent, ignore_errors=True)
+    write_manifest(plan)
+    store.remove(plan.scratch, plan.root)
+    store.remove(plan.blocks, plan.root)
     mark_image(
         plan.group,
         objects=result.objects,

@@ -85,7 +85,7 @@ def test_an_interrupted_image_resumes_only_in_the_same_blocks(tmp_path: Path) ->
     otherwise (``tile: auto`` per image and version) starts over; a complete one is kept."""
     from segpipe.io.readers import open_source
     from segpipe.io.store import image_state, mark_image
-    from segpipe.pipeline import ImagePlan, begin
+    from segpipe.pipeline import ImagePlan, begin, write_manifest
     from segpipe.segmenters import get_segmenter
 
     spec = open_source(synthetic.write_tiff(tmp_path / "v.tif", (96, 80), seed=1))
@@ -99,5 +99,6 @@ def test_an_interrupted_image_resumes_only_in_the_same_blocks(tmp_path: Path) ->
     assert not first.markers("ingest").done(0)  # another grid: its blocks start over
     mark_image(first.group, tile=None)  # an image begun before tiles were recorded
     assert begin(ImagePlan(spec, root, (32, 32), otsu)) == "fresh"
+    write_manifest(first)  # what a finished image records of its files
     mark_image(first.group, complete=True)
     assert begin(ImagePlan(spec, root, (64, 64), otsu)) == "done"  # complete: any tile

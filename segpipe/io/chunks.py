@@ -13,6 +13,7 @@ else.
 
 from __future__ import annotations
 
+import itertools
 import os
 import uuid
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ from zarr.codecs import BloscCodec, BytesCodec
 from zarr.core.chunk_grids import RegularChunkGrid
 from zarr.core.chunk_key_encodings import DefaultChunkKeyEncoding
 from zarr.storage import LocalStore
+
+from segpipe.io import written
 
 _SHUFFLE = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}
 
@@ -55,6 +58,14 @@ class Layout:
                 return None
             out.append(start // c)
         return tuple(out)
+
+    def covered(self, region: tuple[slice, ...]) -> list[tuple[int, ...]]:
+        """Indices of the chunks that ``region`` (plain slices) touches."""
+        ranges = []
+        for s, c, n in zip(region, self.chunks, self.shape, strict=True):
+            start, stop, _ = s.indices(n)
+            ranges.append(range(start // c, -(-stop // c)) if stop > start else range(0))
+        return list(itertools.product(*ranges))
 
     def path(self, index: tuple[int, ...]) -> Path:
         return self.root.joinpath("c", *(str(i) for i in index))
@@ -143,3 +154,4 @@ def write_chunk(lay: Layout, index: tuple[int, ...], data: NDArray[Any]) -> None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    written.note(path, payload)

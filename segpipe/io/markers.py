@@ -4,22 +4,61 @@ A block task writes its chunks first and its marker last, atomically
 (temporary file, then rename), so a marker means the block's output is
 whole. The marker also carries the block's small result (extrema, a
 histogram, object count and neighbour views) as plain arrays, loaded
-without pickle: a rerun reads it instead of recomputing the block.
+without pickle: a rerun reads it instead of recomputing the block. It also
+records each file the block wrote (`segpipe.io.written`); a marker is
+trusted only while it reads back whole and those files are intact, so a
+rerun recomputes a block whose chunks were deleted or damaged.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import threading
 import uuid
+import zipfile
+import zlib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
+from segpipe.io import written
+
+__all__ = ["RUN_KEY", "UNREADABLE", "Arrays", "Markers", "read_marker", "save_npz"]
+
 Arrays = dict[str, NDArray[Any]]
 RUN_KEY = "__run"
+# What reading a missing, truncated or damaged .npz raises.
+UNREADABLE = (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error)
+# Markers found whole in this process, by (path, mtime, size): a stage asks twice.
+_checked: dict[str, tuple[int, int]] = {}
+_checked_lock = threading.Lock()
+
+
+def save_npz(path: Path, arrays: Arrays) -> None:
+    """Write ``arrays`` to ``path`` as an ``.npz`` atomically (temporary file, fsync,
+    rename), readable by its owner only."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex}.tmp")
+    fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        np.savez(fh, **arrays)  # type: ignore[arg-type]
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def read_marker(path: str | Path) -> Arrays | None:
+    """Every array of the marker at ``path`` (each member's CRC checked by reading it),
+    or None when it is missing, truncated or damaged."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except UNREADABLE:
+        return None
 
 
 class Markers:
@@ -32,31 +71,58 @@ class Markers:
         return self.directory / f"{block_id}.npz"
 
     def done(self, block_id: int) -> bool:
-        return self.path(block_id).exists()
+        """Whether ``block_id`` is finished: its marker reads back whole and every file
+        it records is intact. A marker that fails the check is removed (it is ours), so
+        the block is computed again."""
+        path = self.path(block_id)
+        try:
+            st = path.stat()
+        except OSError:
+            return False
+        stamp = (st.st_mtime_ns, st.st_size)
+        with _checked_lock:
+            if _checked.get(str(path)) == stamp:
+                return True
+        arrays = read_marker(path)
+        if arrays is None or written.damaged(written.from_arrays(arrays, self.directory)):
+            path.unlink(missing_ok=True)
+            return False
+        with _checked_lock:
+            _checked[str(path)] = stamp
+        return True
+
+    def files(self, block_id: int) -> list[written.Written]:
+        """The files the marker of ``block_id`` records (paths absolute)."""
+        arrays = read_marker(self.path(block_id))
+        return [] if arrays is None else written.from_arrays(arrays, self.directory)
 
     def count(self) -> int:
         if not self.directory.exists():
             return 0
         return sum(1 for p in self.directory.iterdir() if p.suffix == ".npz")
 
-    def save(self, block_id: int, arrays: Arrays, *, run: str = "") -> None:
+    def save(
+        self,
+        block_id: int,
+        arrays: Arrays,
+        *,
+        run: str = "",
+        files: Sequence[written.Written] = (),
+    ) -> None:
         """Write the marker of ``block_id`` atomically (call after its chunks are written).
 
         ``run`` names the run that computed the block, so a resumed run can say
-        how many blocks it recomputed.
+        how many blocks it recomputed; ``files`` are what the block wrote (see
+        `segpipe.io.written.recording`), checked before the marker is trusted.
+        The marker is itself noted as written, for a block that saves it.
         """
-        arrays = {**arrays, RUN_KEY: np.array(run)}
-        self.directory.mkdir(parents=True, exist_ok=True)
-        tmp = self.directory / f".{block_id}.{uuid.uuid4().hex}.tmp"
-        with open(tmp, "wb") as fh:
-            np.savez(fh, **arrays)  # type: ignore[arg-type]
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path(block_id))
+        arrays = {**arrays, RUN_KEY: np.array(run), **written.to_arrays(files, self.directory)}
+        save_npz(self.path(block_id), arrays)
+        written.note(self.path(block_id))
 
     def load(self, block_id: int) -> Arrays:
         with np.load(self.path(block_id), allow_pickle=False) as data:
-            return {k: data[k] for k in data.files if k != RUN_KEY}
+            return {k: data[k] for k in data.files if k != RUN_KEY and not k.startswith("__")}
 
     def tally(self, run: str) -> tuple[int, int]:
         """(blocks computed by ``run``, blocks marked) in this stage."""
@@ -64,8 +130,11 @@ class Markers:
         if self.directory.exists():
             for p in self.directory.glob("*.npz"):
                 total += 1
-                with np.load(p, allow_pickle=False) as data:
-                    mine += RUN_KEY in data.files and str(data[RUN_KEY]) == run
+                try:
+                    with np.load(p, allow_pickle=False) as data:
+                        mine += RUN_KEY in data.files and str(data[RUN_KEY]) == run
+                except UNREADABLE:
+                    continue
         return mine, total
 
     def clear(self) -> None:

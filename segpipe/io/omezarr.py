@@ -20,7 +20,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
-from segpipe.io import chunks
+from segpipe.io import chunks, written
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
@@ -86,8 +86,13 @@ def write_block(path: str | Path, region: tuple[slice, ...], data: np.ndarray[An
     one = _one_chunk(path, region)
     if one is not None:
         chunks.write_chunk(*one, data)
-    else:
-        open_array(path, mode="r+")[region] = data
+        return
+    open_array(path, mode="r+")[region] = data
+    lay = _layout(str(path), _stamp(path))
+    if lay is not None:  # the chunk files the region touched, for the block's marker
+        for index in lay.covered(region):
+            if lay.path(index).exists():
+                written.note(lay.path(index))
 
 
 def create_array(
