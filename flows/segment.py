@@ -20,7 +20,15 @@ from segpipe.config import RunConfig, block_tile, check_image_options
 from segpipe.errors import ImagesFailedError, InputsError, SegpipeError
 from segpipe.io.collection import resolve_inputs
 from segpipe.io.readers import SourceSpec, image_name, open_source
-from segpipe.io.store import OutputLock, check_name, image_state, mark_image, open_output
+from segpipe.io.store import (
+    OutputLock,
+    check_apart,
+    check_local,
+    check_name,
+    image_state,
+    mark_image,
+    open_output,
+)
 from segpipe.measure import Measured
 from segpipe.merge import MergedIds
 from segpipe.panoptic import PanopticResult, catalogue_for
@@ -91,15 +99,18 @@ def prepare_run(config: RunConfig, *, resume: bool | None = None) -> Prepared:
         The segmenter or output problem; or, under ``on_error: fail``, every bad
         input, one per line.
     """
+    check_local(config.input, "--input")
+    check_local(config.output, "--output")
     config = config.resolved()
     segmenter = get_segmenter(config.segmenter.name, **config.segmenter.options())
     catalogue_for(segmenter, config.classes)  # a bad catalogue fails before any compute
-    paths = resolve_inputs(config.input, missing_ok=config.on_error == "skip")
+    paths = resolve_inputs(config.input, missing_ok=config.on_error == "skip", output=config.output)
     sources: list[SourceSpec] = []
     bad: list[tuple[str, str]] = []
     for p in paths:
         try:
             spec = open_source(p, channel=config.channel, axes=config.axes, series=config.series)
+            check_apart(p, config.output)
             check_name(config.output, spec.name, p)
             check_image_options(config, segmenter, spec)
             pipeline.check_tile(spec, block_tile(config.tile, len(spec.shape), spec.shape))
@@ -247,9 +258,15 @@ def _segment_one(plan: pipeline.ImagePlan, *, full: bool) -> tuple[pipeline.Imag
     t0 = time.perf_counter()
     if full and Path(plan.group).exists():
         mark_image(plan.group, source=None)  # forget the input it was made from: starts fresh
-    if pipeline.begin(plan) == "done":
+    start = pipeline.begin(plan)
+    if start == "done":
         get_run_logger().info("%s: unchanged since the run that completed it; skipped", plan.name)
         return pipeline.completed_result(plan), "unchanged"
+    if start == "repair":
+        get_run_logger().warning(
+            "%s: files of its completed result are missing or damaged; computing it again",
+            plan.name,
+        )
     _enter("ingest")
     raw = ingest_image(plan)
     _enter("statistics")
@@ -274,6 +291,11 @@ def _segment_one(plan: pipeline.ImagePlan, *, full: bool) -> tuple[pipeline.Imag
     )
     pipeline.finish(plan, result, stats, segmented.params)
     return result, "done"
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or "no message"
+    return f"{type(err).__name__}: {text}"
 
 
 def _run_name() -> str:
@@ -324,13 +346,20 @@ def segment_collection(config: dict[str, Any]) -> list[dict[str, Any]]:
             for spec in prepared.sources:
                 plan = make_plan(prepared, spec)
                 try:
-                    result, status = _segment_one(plan, full=cfg.full)
-                except SegpipeError as err:
+                    try:
+                        result, status = _segment_one(plan, full=cfg.full)
+                    except OSError as err:
+                        raise pipeline.output_error(err, "the run") from err
+                except Exception as err:  # under skip, whatever fails one image fails it alone
                     if cfg.on_error == "fail":
                         raise
-                    logger.error("%s failed: %s", spec.name, err)
-                    pipeline.record_failure(plan, str(err))
-                    rows.append(_failed_row(spec.name, spec.path, str(err)))
+                    problem = str(err) if isinstance(err, SegpipeError) else _one_line(err)
+                    logger.error("%s failed: %s", spec.name, problem)
+                    try:
+                        pipeline.record_failure(plan, problem)
+                    except Exception as again:  # the disk that failed the image, perhaps
+                        logger.error("%s: could not record the failure: %s", spec.name, again)
+                    rows.append(_failed_row(spec.name, spec.path, problem))
                     continue
                 finally:
                     _tracker[-1].image_done()

@@ -71,9 +71,14 @@ def _from_manifest(path: Path, *, missing_ok: bool = False) -> list[str]:
     return entries
 
 
-def _from_glob(pattern: str) -> list[str]:
+def _inside(path: str | Path, folder: str | Path) -> bool:
+    """Whether ``path`` is ``folder`` or lies inside it (links resolved)."""
+    return Path(path).resolve().is_relative_to(Path(folder).resolve())
+
+
+def _from_glob(pattern: str, skip: str | None) -> list[str]:
     matches = glob.glob(os.path.expanduser(pattern), recursive=True)
-    images = sorted(m for m in matches if _is_image(m))
+    images = sorted(m for m in matches if _is_image(m) and not (skip and _inside(m, skip)))
     if not images:
         found = f"matches {len(matches)} paths but no image" if matches else "matches no files"
         raise InputNotFoundError(
@@ -82,17 +87,21 @@ def _from_glob(pattern: str) -> list[str]:
     return images
 
 
-def _from_directory(path: Path) -> list[str]:
+def _from_directory(path: Path, skip: str | None) -> list[str]:
     # Hidden entries include macOS '._x.tif' resource forks, which are not images.
     images = sorted(
-        str(p) for p in path.iterdir() if _is_image(p.name) and not p.name.startswith(".")
+        str(p)
+        for p in path.iterdir()
+        if _is_image(p.name) and not p.name.startswith(".") and not (skip and _inside(p, skip))
     )
     if not images:
         raise InputNotFoundError(f"{path}: directory holds no images ({', '.join(SUFFIXES)}).")
     return images
 
 
-def resolve_inputs(spec: str | os.PathLike[str], *, missing_ok: bool = False) -> list[str]:
+def resolve_inputs(
+    spec: str | os.PathLike[str], *, missing_ok: bool = False, output: str | None = None
+) -> list[str]:
     """Absolute paths of the images a collection names, output names unique.
 
     Directory and glob results are sorted; a manifest keeps its own order.
@@ -108,6 +117,9 @@ def resolve_inputs(spec: str | os.PathLike[str], *, missing_ok: bool = False) ->
     missing_ok : bool
         Return manifest entries that do not exist (for the caller to report
         one by one) instead of raising.
+    output : str, optional
+        The run's output store: a directory or glob listing leaves it (and
+        anything in it) out, so a store kept beside its images is not an input.
 
     Raises
     ------
@@ -124,13 +136,13 @@ def resolve_inputs(spec: str | os.PathLike[str], *, missing_ok: bool = False) ->
     text = os.fspath(spec)
     path = Path(text).expanduser()
     if not path.exists() and glob.has_magic(text):  # a name like 'img[1].tif' is literal
-        paths = _from_glob(text)
+        paths = _from_glob(text, output)
     elif not path.exists():
         raise InputNotFoundError(f"{os.path.abspath(path)}: no such file or directory.")
     elif (
         path.is_dir() and not text.lower().rstrip("/").endswith(ZARR_SUFFIXES)
     ) and not _is_zarr_dir(path):
-        paths = _from_directory(path)
+        paths = _from_directory(path, output)
     elif path.is_file() and path.suffix.lower() in MANIFEST_SUFFIXES:
         paths = _from_manifest(path, missing_ok=missing_ok)
     else:

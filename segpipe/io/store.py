@@ -21,6 +21,7 @@ import zarr
 from segpipe.errors import ConfigError, OutputConflictError, OutputLockedError, OutputWriteError
 
 SCRATCH = "_segpipe"
+STORE_MARK = "store.json"  # OUT/_segpipe/store.json: this store was made by segpipe
 _UNWRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC)
 
 KEY = "segpipe"
@@ -72,17 +73,119 @@ def _has_images(root: Path) -> bool:
     )
 
 
+def _written_by_us(group: Path) -> bool:
+    """Whether ``group`` is a Zarr group carrying segpipe's attributes (an image it wrote)."""
+    if group.is_symlink() or not group.is_dir():
+        return False
+    try:
+        meta = json.loads((group / "zarr.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    attrs = meta.get("attributes") if isinstance(meta, dict) else None
+    return isinstance(attrs, dict) and isinstance(attrs.get(KEY), dict)
+
+
+def is_store(root: str | Path) -> bool:
+    """Whether ``root`` is an output store segpipe created: its mark inside ``_segpipe/``,
+    or (stores of earlier versions) segpipe's run fingerprint in the root's attributes."""
+    root = Path(root)
+    mark = root / SCRATCH / STORE_MARK
+    return (mark.is_file() and not mark.is_symlink()) or _held(root) is not None
+
+
+def remove(path: str | Path, root: str | Path) -> None:
+    """Delete ``path``, a file or folder segpipe wrote inside the store ``root``.
+
+    Nothing is deleted through a symbolic link or outside ``root``; a missing path
+    is fine.
+
+    Raises
+    ------
+    OutputConflictError
+        If ``path`` is a link, or lies outside the store.
+    """
+    path, root = Path(path), Path(root)
+    if not os.path.lexists(path):
+        return
+    real_root = root.resolve()
+    inside = path.parent.resolve() / path.name
+    if path.is_symlink() or not inside.is_relative_to(real_root) or inside == real_root:
+        raise OutputConflictError(
+            f"{path}: is a symbolic link or lies outside the output store {root}; segpipe "
+            "deletes only what it wrote inside its store. Remove it yourself or choose "
+            "another output."
+        )
+    if path.is_dir():
+        shutil.rmtree(path)  # does not follow links inside (fd-based on Linux)
+    else:
+        path.unlink()
+
+
 def _wipe(root: Path, keep: Path) -> None:
-    """Remove everything under ``root`` except ``keep`` (our lock)."""
+    """Remove what segpipe wrote in ``root`` (the root's metadata, its image groups and
+    ``_segpipe/`` but ``keep``, our lock); anything else there is left alone."""
     for p in root.iterdir():
-        if p == keep.parent:
+        if p.name == SCRATCH:
             for q in p.iterdir():
-                if q != keep:
-                    shutil.rmtree(q) if q.is_dir() else q.unlink()
-        elif p.is_dir():
-            shutil.rmtree(p)
-        else:
-            p.unlink()
+                if q != keep and q.name != STORE_MARK:
+                    remove(q, root)
+        elif p.name == "zarr.json" or _written_by_us(p):
+            remove(p, root)
+
+
+def check_local(path: str, what: str) -> None:
+    """Refuse a URL (``s3://…``) for ``what`` (``--input``, ``--output``) in one line:
+    segpipe reads and writes local paths only.
+
+    Raises
+    ------
+    ConfigError
+        Naming the URL.
+    """
+    if "://" in path:
+        scheme = path.split("://", 1)[0].rsplit("/", 1)[-1]
+        raise ConfigError(
+            f"{path}: {what} is a {scheme}:// URL; segpipe reads and writes local (or "
+            "mounted) paths only: copy or mount the data and give its path."
+        )
+
+
+def check_apart(source: str, root: str | Path) -> None:
+    """Refuse an input that lies inside the output store ``root``, or holds it.
+
+    Raises
+    ------
+    ConfigError
+        Naming the input: the run would overwrite it, or read its own results.
+    """
+    src, out = Path(source).resolve(), Path(root).resolve()
+    if src.is_relative_to(out):
+        raise ConfigError(
+            f"{source}: input lies inside the output store {root}; a run may replace what "
+            "is there: copy the input elsewhere or choose another output."
+        )
+    if out.is_relative_to(src):
+        raise ConfigError(
+            f"{source}: the output store {root} lies inside this input; choose an output "
+            "outside it."
+        )
+
+
+def _refuse_links(root: Path) -> None:
+    scratch = root / SCRATCH
+    if scratch.is_symlink():
+        raise OutputConflictError(
+            f"{scratch}: is a symbolic link (to {os.readlink(scratch)}); segpipe keeps its "
+            "markers and scratch inside the store and never writes or deletes through a "
+            "link: remove the link or choose another output."
+        )
+
+
+def _not_ours(root: Path) -> OutputConflictError:
+    return OutputConflictError(
+        f"{root}: output folder is not empty and is not a segpipe store; segpipe writes "
+        "only into a new or empty folder or a store it created: choose another output."
+    )
 
 
 def open_output(
@@ -90,28 +193,35 @@ def open_output(
 ) -> OutputLock:
     """Claim the output store for a run with these settings and lock it.
 
+    A new store gets segpipe's mark (``_segpipe/store.json``); a folder without it
+    (and without an earlier version's run fingerprint) is never written to or
+    emptied, ``overwrite`` or not.
+
     Raises
     ------
     OutputConflictError
-        If ``root`` holds another run's results (different settings) or
-        something that is not a segpipe store, and ``overwrite`` is False; or
-        an earlier run of the same settings and neither ``resume`` nor
+        If ``root`` is not a folder, holds something that is not a segpipe store,
+        holds another run's results (different settings) and ``overwrite`` is False,
+        or holds an earlier run of the same settings and neither ``resume`` nor
         ``overwrite`` says what to do with it.
     OutputLockedError
         If another live run holds the store.
+    OutputWriteError
+        If the folder cannot be created or written.
     """
     root = Path(root)
     fp = fingerprint(run)
-    if root.exists() and not root.is_dir():
-        raise OutputConflictError(f"{root}: output path exists and is not a directory.")
+    for parent in (root, *root.parents):
+        if parent.exists() and not parent.is_dir():
+            which = "output path" if parent == root else f"{parent}, a parent of the output,"
+            raise OutputConflictError(
+                f"{root}: {which} exists and is not a directory; choose another output."
+            )
+    _refuse_links(root)
     lock = OutputLock(root)
-    foreign = root.exists() and any(root.iterdir()) and _held(root) is None
-    if foreign and not lock.path.exists() and not overwrite:
-        # Someone else's folder: refuse before writing anything into it.
-        raise OutputConflictError(
-            f"{root}: output folder is not empty and is not a segpipe store; "
-            "choose another output or pass --overwrite."
-        )
+    in_making = root.exists() and all(p.name == SCRATCH for p in root.iterdir())
+    if root.exists() and not in_making and not is_store(root):
+        raise _not_ours(root)  # someone else's folder: refuse before writing anything
     try:
         root.mkdir(parents=True, exist_ok=True)
         lock.acquire()  # before looking further: two runs racing see one winner
@@ -120,15 +230,36 @@ def open_output(
             raise
         raise OutputWriteError(f"{root}: output folder is not writable ({err.strerror}).") from err
     try:
+        _refuse_links(root)
         start_over = _check_contents(root, fp, overwrite=overwrite, resume=resume)
+        mark = root / SCRATCH / STORE_MARK
+        if not mark.exists():
+            write_json(mark, {"written_by": "segpipe", "created": _now()})
+        if start_over:
+            _wipe(root, lock.path)
+        group = zarr.open_group(str(root), mode="a", zarr_format=3)
+        group.attrs[KEY] = {"fingerprint": fp, "run": run}
     except BaseException:
         lock.release()
         raise
-    if start_over:
-        _wipe(root, lock.path)
-    group = zarr.open_group(str(root), mode="a", zarr_format=3)
-    group.attrs[KEY] = {"fingerprint": fp, "run": run}
     return lock
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+def write_json(path: Path, value: Any) -> None:
+    """Write ``value`` as JSON to ``path`` atomically (temporary file, fsync, rename),
+    readable by its owner only."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        json.dump(value, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
 
 
 def _held(root: Path) -> dict[str, Any] | None:
@@ -145,12 +276,9 @@ def _check_contents(root: Path, fp: str, *, overwrite: bool, resume: bool) -> bo
     held = _held(root)
     if held is None:
         only_ours = all(p.name == SCRATCH for p in root.iterdir())
-        if not only_ours and not overwrite:
-            raise OutputConflictError(
-                f"{root}: output folder is not empty and is not a segpipe store; "
-                "choose another output or pass --overwrite."
-            )
-        return not only_ours
+        if not only_ours and not is_store(root):
+            raise _not_ours(root)
+        return False
     if held["fingerprint"] != fp:
         if not overwrite:
             seg = held.get("run", {}).get("segmenter", "?")
@@ -187,7 +315,7 @@ class OutputLock:
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "user": getpass.getuser(),
-            "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "started": _now(),
             "command": " ".join(sys.argv)[:500],
         }
 
