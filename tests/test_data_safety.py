@@ -242,7 +242,7 @@ def test_an_input_deleted_mid_run_is_named(client, image, tmp_path) -> None:
     plan = pipeline.ImagePlan(open_source(str(image)), str(out), (128, 128), get_segmenter("otsu"))
     pipeline.begin(plan)
     image.unlink()
-    with pytest.raises(InputReadError, match="img.tif"):
+    with pytest.raises(InputReadError, match=r"img\.tif"):
         pipeline.ingest(client, plan)
 
 
