@@ -7,7 +7,7 @@
   float32 between axes: the same bits, so thresholds of the whole image stay
   exact. Vectorised across lines instead of along them (3-4x SciPy).
 - `histogram`: ``np.histogram(x, bins, range=(lo, hi))`` counts for float32
-  data in one pass (a first guess of the bin, then the bin whose float32
+  or float64 data in one pass (a first guess of the bin, then the bin whose
   edges hold the value, as NumPy's edge corrections give).
 
 - `panoptic` and `object_stats`: the panoptic encoding and per-object sums of a
@@ -126,13 +126,12 @@ def gaussian(
 
 
 @numba.njit(cache=True, nogil=True)
-def _histogram(flat, lo, hi, edges, counts):  # type: ignore[no-untyped-def]  # pragma: no cover
+def _histogram(flat, lo, hi, scale, edges, counts):  # type: ignore[no-untyped-def]  # pragma: no cover
     # A first guess by multiplication (NumPy divides), then moved to the bin whose
     # edges hold x: NumPy's answer too, as its guess is within one bin and its
     # correction moves one bin. Four sets of counts, by pixel, so that runs of one
     # bin do not wait on their own increments: 2.7 against 4.1 ns/px.
     nbins = counts.shape[1]
-    scale = np.float32(nbins) / (hi - lo)
     for j in range(flat.shape[0]):
         x = flat[j]
         if not (x >= lo and x <= hi):  # outside the range, or NaN: not counted
@@ -146,16 +145,21 @@ def _histogram(flat, lo, hi, edges, counts):  # type: ignore[no-untyped-def]  # 
 
 
 def histogram(
-    data: NDArray[np.float32], lo: np.float32, hi: np.float32, edges: NDArray[np.float32]
+    data: NDArray[np.floating[Any]],
+    lo: np.floating[Any],
+    hi: np.floating[Any],
+    edges: NDArray[np.floating[Any]],
 ) -> tuple[NDArray[np.int64], float]:
     """``np.histogram(data, len(edges) - 1, range=(lo, hi))`` counts, and the float64 sum.
 
-    ``edges`` must be ``np.linspace(lo, hi, nbins + 1, dtype=np.float32)``, as
-    NumPy computes them; ``lo < hi``.
+    ``edges`` must be ``np.linspace(lo, hi, nbins + 1)`` in float32 or float64, strictly
+    increasing, as NumPy computes them; the data are taken in the edges' dtype.
     """
+    kind = edges.dtype.type
     counts = np.zeros((4, len(edges) - 1), np.int64)
-    flat = np.ascontiguousarray(data, dtype=np.float32).reshape(-1)
-    _histogram(flat, np.float32(lo), np.float32(hi), edges, counts)
+    flat = np.ascontiguousarray(data, dtype=edges.dtype).reshape(-1)
+    scale = kind(len(edges) - 1) / (kind(hi) - kind(lo))
+    _histogram(flat, kind(lo), kind(hi), scale, edges, counts)
     return counts.sum(axis=0), float(flat.sum(dtype=np.float64))
 
 

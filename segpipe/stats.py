@@ -2,17 +2,21 @@
 
 Thresholds come from these whole-image statistics, never from one tile. The
 histogram uses the bin edges ``np.histogram`` would use on the whole image
-(``nbins`` uniform bins over [min, max] in the data's float32 dtype), so a
-threshold computed from it equals scikit-image's on the whole image.
+(``nbins`` uniform bins over [min, max] in the data's dtype, float32 for the
+image a segmenter sees), so a threshold computed from it equals scikit-image's
+on the whole image. Where float32 cannot hold ``nbins`` distinct edges (a range
+of a few float32 steps, e.g. around 1e12), the edges are those of the float64
+copy of the image, on which NumPy can bin it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import numpy as np
-from numpy.typing import NDArray
+from numpy.typing import DTypeLike, NDArray
 
 from segpipe import kernels
 
@@ -56,10 +60,11 @@ class Extrema:
 
 @dataclass(frozen=True)
 class ImageStats:
-    """Whole-image statistics of the (filtered) float32 image a segmenter sees.
+    """Whole-image statistics of the (filtered) image a segmenter sees.
 
-    ``counts`` has ``nbins`` bins over [``min``, ``max``] with float32 ``edges``
-    exactly as ``np.histogram(image, bins=nbins)`` would compute them.
+    ``counts`` has ``nbins`` bins over [``min``, ``max``] with ``edges`` exactly as
+    ``np.histogram(image, bins=nbins)`` would compute them: in ``dtype``, the
+    image's (float32 in the pipeline), or float64 where ``dtype`` cannot hold them.
     """
 
     min: float
@@ -67,12 +72,21 @@ class ImageStats:
     count: int
     total: float
     counts: NDArray[np.int64] = field(repr=False)
-    edges: NDArray[np.float32] = field(repr=False)
+    edges: NDArray[np.floating[Any]] = field(repr=False)
+    dtype: np.dtype[np.floating[Any]] = field(default=np.dtype(np.float32))
 
     @property
-    def centers(self) -> NDArray[np.float32]:
-        """Bin centres, computed as scikit-image's ``histogram`` does."""
-        return ((self.edges[:-1] + self.edges[1:]) / 2.0).astype(np.float32)
+    def centers(self) -> NDArray[np.floating[Any]]:
+        """Bin centres in the edges' dtype, computed as scikit-image's ``histogram`` does;
+        where the sum of two edges overflows (|edges| near the dtype's maximum), the
+        midpoint taken in float64 instead."""
+        e = self.edges
+        with np.errstate(over="ignore"):
+            centres = (e[:-1] + e[1:]) / 2.0
+        if not np.all(np.isfinite(centres)):
+            wide = e.astype(np.float64)
+            centres = ((wide[:-1] + wide[1:]) / 2.0).astype(e.dtype)
+        return centres
 
     @property
     def mean(self) -> float:
@@ -113,40 +127,75 @@ class ImageStats:
         }
 
 
-def hist_range(extrema: Extrema) -> tuple[np.float32, np.float32]:
-    """The (first, last) edges ``np.histogram`` uses for a float32 image with these extrema."""
-    lo, hi = np.float32(extrema.min), np.float32(extrema.max)
+def hist_range(
+    extrema: Extrema, dtype: DTypeLike = np.float32
+) -> tuple[np.floating[Any], np.floating[Any]]:
+    """The (first, last) edges ``np.histogram`` uses for an image of ``dtype`` (float32 or
+    float64) with these extrema."""
+    kind = _float_dtype(dtype).type
+    lo, hi = kind(extrema.min), kind(extrema.max)
     if lo == hi:  # as numpy does for a constant image
-        lo, hi = lo - np.float32(0.5), hi + np.float32(0.5)
+        lo, hi = lo - kind(0.5), hi + kind(0.5)
     return lo, hi
 
 
+def _float_dtype(dtype: DTypeLike) -> np.dtype[np.floating[Any]]:
+    out = np.dtype(dtype)
+    if out not in (np.float32, np.float64):
+        raise ValueError(f"dtype: Expected float32 or float64, got {out} instead.")
+    return cast(np.dtype[np.floating[Any]], out)
+
+
+def histogram_edges(
+    lo: np.floating[Any], hi: np.floating[Any], nbins: int = NBINS
+) -> NDArray[np.floating[Any]] | None:
+    """The ``nbins + 1`` edges from `hist_range`, as ``np.histogram`` makes them for the
+    image's dtype; in float64 where that dtype has too few steps in [lo, hi] or cannot
+    hold hi - lo (NumPy refuses such an image, and bins its float64 copy); None where
+    float64 has too few steps.
+    """
+    with np.errstate(over="ignore", invalid="ignore"):  # hi - lo may overflow float32
+        edges = np.linspace(lo, hi, nbins + 1, endpoint=True, dtype=np.result_type(lo, hi))
+        if np.all(np.diff(edges) > 0):
+            return edges
+    edges = np.linspace(np.float64(lo), np.float64(hi), nbins + 1, endpoint=True)
+    return edges if np.all(np.diff(edges) > 0) else None
+
+
 def block_histogram(
-    block: NDArray[np.floating], lo: np.float32, hi: np.float32, nbins: int = NBINS
+    block: NDArray[Any], lo: np.floating[Any], hi: np.floating[Any], nbins: int = NBINS
 ) -> tuple[NDArray[np.int64], float]:
-    """Histogram counts and sum of one float32 block over the image-wide range."""
-    block = np.asarray(block, dtype=np.float32)
-    if np.any(np.diff(np.linspace(lo, hi, nbins + 1, dtype=np.float32)) <= 0):
-        # float32 cannot hold nbins edges in this range (a constant image of large
-        # magnitude): np.histogram would raise. Thresholds special-case it anyway.
+    """Histogram counts and sum of one block over the image-wide range from `hist_range`;
+    the block is taken in the range's dtype, as the image is."""
+    block = np.asarray(block, dtype=np.result_type(lo, hi))
+    edges = histogram_edges(lo, hi, nbins)
+    if edges is None:
+        # Not even float64 holds nbins edges here (a constant image of large magnitude):
+        # np.histogram would raise. Thresholds special-case it.
         counts = np.zeros(nbins, np.int64)
         counts[nbins // 2] = block.size
         return counts, float(block.sum(dtype=np.float64))
-    edges = np.linspace(lo, hi, nbins + 1, endpoint=True, dtype=np.float32)
-    return kernels.histogram(block, lo, hi, edges)  # = np.histogram(block, nbins, (lo, hi))
+    return kernels.histogram(block, edges[0], edges[-1], edges)  # np.histogram's counts
 
 
 def merge_histograms(
     parts: Iterable[tuple[NDArray[np.int64], float]],
     extrema: Extrema,
     nbins: int = NBINS,
+    *,
+    dtype: DTypeLike = np.float32,
 ) -> ImageStats:
-    """Sum per-block histograms into the image's `ImageStats`."""
-    lo, hi = hist_range(extrema)
+    """Sum per-block histograms (`block_histogram` over `hist_range` of ``dtype``) into
+    the image's `ImageStats`."""
+    lo, hi = hist_range(extrema, dtype)
     counts = np.zeros(nbins, dtype=np.int64)
     total = 0.0
     for c, s in parts:
         counts += c
         total += s
-    edges = np.linspace(lo, hi, nbins + 1, endpoint=True, dtype=np.float32)
-    return ImageStats(extrema.min, extrema.max, int(counts.sum()), total, counts, edges)
+    edges = histogram_edges(lo, hi, nbins)
+    if edges is None:
+        edges = np.linspace(lo, hi, nbins + 1, endpoint=True, dtype=np.result_type(lo, hi))
+    return ImageStats(
+        extrema.min, extrema.max, int(counts.sum()), total, counts, edges, _float_dtype(dtype)
+    )

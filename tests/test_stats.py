@@ -277,3 +277,87 @@ def test_to_dict() -> None:
     width = float(stats.edges[1] - stats.edges[0])
     for key, q in [("p1", 1), ("p50", 50), ("p99", 99)]:
         assert abs(d[key] - float(np.percentile(image, q))) <= width
+
+
+# -- ranges float32 cannot bin, float64 images ---------------------------------------
+
+
+def _stats_in(image: np.ndarray, tile: int, dtype: type) -> ImageStats:
+    grid = BlockGrid.build(image.shape, tile=tile)
+    extrema = Extrema.merge(Extrema.of(image[b.core]) for b in grid)
+    lo, hi = hist_range(extrema, dtype)
+    parts = [block_histogram(image[b.core], lo, hi) for b in grid]
+    return merge_histograms(parts, extrema, dtype=dtype)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 7, 100])
+def test_float32_range_of_few_steps_is_binned_as_its_float64_copy(steps: int) -> None:
+    """np.histogram refuses float32 data spanning fewer than 256 float32 steps (e.g. at
+    1e12, where a step is 65536): the edges are those of the float64 copy."""
+    rng = np.random.default_rng(steps)
+    lo = np.float32(1e12)
+    levels = lo + np.arange(steps + 1, dtype=np.float32) * np.spacing(lo)
+    image = rng.choice(levels, (23, 31)).astype(np.float32)
+    image[0, 0], image[-1, -1] = levels[0], levels[-1]
+    with pytest.raises(ValueError, match="Too many bins"):
+        np.histogram(image, bins=256)
+    counts, edges = np.histogram(image.astype(np.float64), bins=256)
+    stats = blockwise_stats(image, 5)
+    assert stats.edges.dtype == np.float64 and stats.dtype == np.float32
+    np.testing.assert_array_equal(stats.edges, edges)
+    np.testing.assert_array_equal(stats.counts, counts)
+    np.testing.assert_array_equal(stats.centers, sk_histogram(image.astype(np.float64), 256)[1])
+
+
+@pytest.mark.filterwarnings("ignore:This might be a color image")
+@SETTINGS
+@given(images_and_tiles(), st.sampled_from([0.0, 1e12, -3e15]), st.floats(1e-3, 1e9))
+def test_float64_image_histogram_equals_numpy(case: tuple, offset: float, scale: float) -> None:
+    image, tile = case
+    image = offset + image.astype(np.float64) / 1e6 * scale
+    try:
+        counts, edges = np.histogram(image, bins=256)
+    except ValueError as err:
+        assume("Too many bins" not in str(err))
+        raise
+    stats = _stats_in(image, tile[0], np.float64)
+    assert stats.edges.dtype == stats.dtype == np.float64
+    np.testing.assert_array_equal(stats.edges, edges)
+    np.testing.assert_array_equal(stats.counts, counts)
+    np.testing.assert_array_equal(stats.centers, sk_histogram(image, 256)[1])
+
+
+def test_float64_values_on_every_edge_are_binned_as_numpy() -> None:
+    data = 1e12 + np.random.default_rng(7).random(500)
+    lo, hi = hist_range(Extrema.of(data), np.float64)
+    edges = np.linspace(lo, hi, 257)
+    extra = np.concatenate([edges, np.nextafter(edges, np.inf), np.nextafter(edges, -np.inf)])
+    data = np.concatenate([data, extra[(extra >= lo) & (extra <= hi)]])
+    counts, total = block_histogram(data, lo, hi)
+    np.testing.assert_array_equal(counts, np.histogram(data, bins=256, range=(lo, hi))[0])
+    assert total == float(data.sum())
+
+
+def test_centres_near_the_float32_maximum_are_finite() -> None:
+    """scikit-image's float32 centres overflow to inf there; the midpoints stay finite."""
+    image = np.linspace(1.6e38, 3.4e38, 1000, dtype=np.float32)
+    counts, edges = np.histogram(image, bins=256)
+    stats = blockwise_stats(image, 300)
+    np.testing.assert_array_equal(stats.edges, edges)
+    np.testing.assert_array_equal(stats.counts, counts)
+    wide = edges.astype(np.float64)
+    assert stats.centers.dtype == np.float32 and np.all(np.isfinite(stats.centers))
+    np.testing.assert_array_equal(stats.centers, ((wide[:-1] + wide[1:]) / 2).astype(np.float32))
+
+
+def test_range_wider_than_float32_is_binned_as_its_float64_copy() -> None:
+    image = np.linspace(-3.3e38, 3.4e38, 1000, dtype=np.float32)
+    counts, edges = np.histogram(image.astype(np.float64), bins=256)
+    stats = blockwise_stats(image, 300)
+    np.testing.assert_array_equal(stats.edges, edges)
+    np.testing.assert_array_equal(stats.counts, counts)
+
+
+def test_hist_range_takes_float_dtypes_only() -> None:
+    with pytest.raises(ValueError, match="Expected float32 or float64, got int64 instead"):
+        hist_range(Extrema.of(np.arange(4)), np.int64)

@@ -305,3 +305,140 @@ def test_label_classes_hand_made() -> None:
     # (2,0) touches (1,1) only, which is class 2: its own object; so is (2,3).
     expected = np.array([[1, 1, 0, 2], [0, 2, 2, 0], [3, 0, 0, 4]])
     assert same_up_to_renumbering(labels, expected)
+
+
+# -- any finite scale ------------------------------------------------------------------
+
+
+def _stats(image: np.ndarray, tile: int | tuple[int, ...]) -> ImageStats:
+    """blockwise_stats in the image's own float dtype (float32, or float64 kept whole)."""
+    dtype = image.dtype if image.dtype == np.float64 else np.float32
+    grid = BlockGrid.build(image.shape, tile=tile)
+    extrema = Extrema.merge(Extrema.of(image[b.core]) for b in grid)
+    lo, hi = hist_range(extrema, dtype)
+    parts = [block_histogram(image[b.core], lo, hi) for b in grid]
+    return merge_histograms(parts, extrema, dtype=dtype)
+
+
+def _scaled(name: str, scale: str) -> tuple[np.ndarray, int | tuple[int, ...]]:
+    """The image as the pipeline's segmenter sees it at ``scale``, and its tile."""
+    factory, tile = IMAGES[name]
+    base = factory()
+    if scale == "x1":
+        return base.astype(np.float32), tile
+    if scale == "uint64 x2**47":  # an integer image the pipeline turns into float32
+        levels = np.round((base - base.min()) / np.ptp(base) * 60000).astype(np.uint64)
+        return (levels * np.uint64(2**47)).astype(np.float32), tile
+    if scale == "float32 x1e-30":
+        return (base.astype(np.float64) * 1e-30).astype(np.float32), tile
+    if scale == "float64 1e12 offset":  # noise far below float32's step there (65536)
+        return 1e12 + (base - base.min()) / np.ptp(base), tile
+    if scale == "float32 1e12 offset":  # a range of a few float32 steps
+        return (1e12 + (base - base.min()) / np.ptp(base) * 3e5).astype(np.float32), tile
+    raise AssertionError(scale)
+
+
+SCALES = ["x1", "uint64 x2**47", "float32 x1e-30", "float64 1e12 offset", "float32 1e12 offset"]
+# float32 and float64 copies give scikit-image the same masks on these (on uint16-3d,
+# multi-Otsu's float32 centre 43646.0 lands on pixels that its float64 one does not).
+SCALE_IMAGES = ["camera", "coins", "synthetic", "bimodal-3d", "blobs-3d"]
+
+
+@pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize("name", SCALE_IMAGES)
+def test_histogram_methods_at_any_scale_equal_scikit_image_on_float64(
+    name: str, scale: str
+) -> None:
+    """Each method's foreground equals scikit-image's on the float64 copy of the whole
+    image (its float32 arithmetic overflows at x2**47, underflows at x1e-30, and float32
+    holds no 256 bins at 1e12)."""
+    image, tile = _scaled(name, scale)
+    stats = _stats(image, tile)
+    wide = image.astype(np.float64)
+    for method in sorted(EXACT):
+        try:
+            expected = _reference(EXACT[method], wide)
+        except RuntimeError:  # threshold_minimum without two peaks
+            continue
+        got = histogram_threshold(stats, method)  # type: ignore[arg-type]
+        assert got.dtype == image.dtype, method
+        np.testing.assert_array_equal(image > got, wide > expected, err_msg=method)
+    # Li iterates on bin centres: within one bin, or (on a few float32 levels) between
+    # the same two levels
+    li, expected = li_threshold(stats), _reference(filters.threshold_li, wide)
+    width = (stats.max - stats.min) / 256
+    same = np.array_equal(image > li, wide > expected)
+    assert same or abs(float(li) - float(expected)) <= width, (li, expected)
+
+
+@pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize("name", ["camera", "synthetic", "blobs-3d"])
+@pytest.mark.parametrize("classes", [2, 3, 4])
+def test_multiotsu_at_any_scale_equals_scikit_image_on_float64(
+    name: str, scale: str, classes: int
+) -> None:
+    image, tile = _scaled(name, scale)
+    wide = image.astype(np.float64)
+    expected = _reference(filters.threshold_multiotsu, wide, classes=classes)
+    got = MultiOtsu(sigma=0, classes=classes).prepare(_stats(image, tile))["thresholds"]
+    assert got.dtype == image.dtype
+    np.testing.assert_array_equal(np.digitize(image, got), np.digitize(wide, expected))
+
+
+@pytest.mark.parametrize("method", sorted(EXACT))
+def test_power_of_two_scale_gives_the_same_bits(method: str) -> None:
+    """x2**47 is exact in float32: every threshold is the unscaled one x2**47."""
+    image, tile = _scaled("synthetic", "x1")
+    big = image * np.float32(2.0**47)
+    unscaled = histogram_threshold(blockwise_stats(image, tile), method)  # type: ignore[arg-type]
+    scaled = histogram_threshold(blockwise_stats(big, tile), method)  # type: ignore[arg-type]
+    assert scaled == unscaled * np.float32(2.0**47)
+
+
+@pytest.mark.parametrize("scale", ["uint64 x2**47", "float32 x1e-30", "float64 1e12 offset"])
+def test_otsu_segment_at_any_scale_matches_scikit_image(scale: str) -> None:
+    image, tile = _scaled("coins", scale)
+    seg = Otsu(sigma=0)
+    result = seg.segment(image, seg.prepare(_stats(image, tile)))
+    wide = image.astype(np.float64)
+    mask = wide > filters.threshold_otsu(wide)
+    assert 0.1 < mask.mean() < 0.9
+    np.testing.assert_array_equal(result.semantic, mask.astype(np.uint8))
+    assert same_up_to_renumbering(result.instances, label(mask, connectivity=2))
+
+
+def test_two_levels_a_float32_step_apart() -> None:
+    """float64 data at 1e12 seen as float32: two values 65536 apart, no 256 float32 bins
+    between them (np.histogram refuses it; the float64 copy splits them)."""
+    lo = np.float32(1e12)
+    image = np.where(np.arange(60).reshape(6, 10) % 7 == 0, np.nextafter(lo, np.inf), lo)
+    stats = blockwise_stats(image.astype(np.float32), 4)
+    assert stats.edges.dtype == np.float64
+    wide = image.astype(np.float64)
+    for method in ["otsu", "yen", "isodata", "triangle"]:
+        t = histogram_threshold(stats, method)  # type: ignore[arg-type]
+        expected = EXACT[method](wide)
+        assert t.dtype == np.float32
+        np.testing.assert_array_equal(image > t, wide > expected, err_msg=method)
+
+
+@pytest.mark.parametrize("value", [1e12, -3e30, 2.5e-38])
+def test_constant_image_at_any_magnitude(value: float) -> None:
+    for dtype in (np.float32, np.float64):
+        image = np.full((5, 4), value, dtype)
+        stats = _stats(image, 3)
+        for method in ["otsu", "li", "yen", "triangle", "isodata", "mean", "minimum"]:
+            t = histogram_threshold(stats, method)  # type: ignore[arg-type]
+            assert t == dtype(value) and t.dtype == dtype, method
+        assert not Otsu(sigma=0).segment(image, Otsu(sigma=0).prepare(stats)).semantic.any()
+
+
+def test_fixed_value_is_compared_exactly() -> None:
+    """float32(0.1) lies above 0.1: a pixel of that value is above a threshold of 0.1."""
+    image = np.array([[0.0, 0.1, 0.2], [0.1, 0.05, 0.3]], np.float32)
+    seg = Threshold(sigma=0, value=0.1)
+    result = seg.segment(image, seg.prepare(blockwise_stats(image, 2)))
+    np.testing.assert_array_equal(result.semantic, image.astype(np.float64) > 0.1)
+    below = Threshold(sigma=0, value=0.1, above=False)
+    result = below.segment(image, below.prepare(blockwise_stats(image, 2)))
+    np.testing.assert_array_equal(result.semantic, image.astype(np.float64) <= 0.1)

@@ -1,13 +1,16 @@
 """Global histogram thresholds: Otsu, multi-Otsu and the other scikit-image methods.
 
 Each threshold is computed from the whole image's histogram (``prepare``);
-blocks only compare against it, so the tiled result is exact.
+blocks only compare against it, so the tiled result is exact. scikit-image's
+methods run on bin centres scaled by a power of two into [0.5, 1): the same
+bits as on the image itself, where its float32 variance would overflow (an
+image ×2^47) or underflow (×1e-30) and pick the first bin.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 from numpy.typing import NDArray
@@ -22,14 +25,52 @@ from segpipe.stats import ImageStats
 HistMethod = Literal["otsu", "li", "yen", "triangle", "isodata", "mean", "minimum"]
 
 
-def otsu_threshold(stats: ImageStats) -> np.float32:
-    """Otsu's threshold of the whole image from its histogram (as ``threshold_otsu``)."""
+def _at_most(value: float | np.floating[Any], dtype: np.dtype[Any]) -> np.floating[Any]:
+    """The largest ``dtype`` value <= ``value``: for data of ``dtype``, ``data > t`` is
+    then ``data > value`` taken exactly (``data <= t`` likewise)."""
+    t = dtype.type(value)
+    if float(t) > float(value):
+        t = np.nextafter(t, dtype.type(-np.inf))
+    return cast(np.floating[Any], t)
+
+
+def _at_least(value: float | np.floating[Any], dtype: np.dtype[Any]) -> np.floating[Any]:
+    """The smallest ``dtype`` value >= ``value``: ``data >= t`` is ``data >= value``."""
+    t = dtype.type(value)
+    if float(t) < float(value):
+        t = np.nextafter(t, dtype.type(np.inf))
+    return cast(np.floating[Any], t)
+
+
+def _scaled_hist(stats: ImageStats) -> tuple[NDArray[np.int64], NDArray[np.floating[Any]], int]:
+    """(counts, centres / 2**e, e) with the largest |centre| / 2**e in [0.5, 1).
+
+    Scaling by a power of two is exact and every method returns one of the centres,
+    so ``result * 2**e`` is what the method gives on the unscaled centres, bit for
+    bit, whenever that does not overflow or underflow.
+    """
+    centres = stats.centers
+    e = int(np.frexp(np.max(np.abs(centres)))[1])
+    return stats.counts, np.ldexp(centres, -e).astype(centres.dtype), e
+
+
+def _occupied(stats: ImageStats) -> int:
+    return int(np.count_nonzero(stats.counts))
+
+
+def otsu_threshold(stats: ImageStats) -> np.floating[Any]:
+    """Otsu's threshold of the whole image from its histogram (as ``threshold_otsu``), in
+    the image's dtype."""
     if stats.min == stats.max:  # constant image: scikit-image returns the value itself
-        return np.float32(stats.min)
-    return np.float32(filters.threshold_otsu(hist=(stats.counts, stats.centers)))
+        return stats.dtype.type(stats.min)
+    if _occupied(stats) < 2:  # a range too narrow to bin even in float64
+        return _at_most(stats.min, stats.dtype)
+    counts, centres, e = _scaled_hist(stats)
+    t = np.ldexp(filters.threshold_otsu(hist=(counts, centres)), e)
+    return _at_most(t, stats.dtype)
 
 
-def li_threshold(stats: ImageStats) -> np.float32:
+def li_threshold(stats: ImageStats) -> np.floating[Any]:
     """Li's minimum cross-entropy threshold, iterated on the histogram.
 
     Same iteration as ``skimage.filters.threshold_li`` with pixel values
@@ -52,10 +93,10 @@ def li_threshold(stats: ImageStats) -> np.float32:
         if mean_back <= 0:
             break
         t_next = float((mean_back - mean_fore) / (np.log(mean_back) - np.log(mean_fore)))
-    return np.float32(t_next + stats.min)
+    return _at_most(t_next + stats.min, stats.dtype)
 
 
-def triangle_threshold(stats: ImageStats) -> np.float32:
+def triangle_threshold(stats: ImageStats) -> np.floating[Any]:
     """The triangle method on the image's histogram (as ``threshold_triangle``)."""
     hist = stats.counts.astype(np.float64)
     centers = stats.centers
@@ -64,7 +105,7 @@ def triangle_threshold(stats: ImageStats) -> np.float32:
     peak_height = hist[arg_peak_height]
     arg_low_level, arg_high_level = np.flatnonzero(hist)[[0, -1]]
     if arg_low_level == arg_high_level:
-        return np.float32(centers[arg_low_level])
+        return _at_most(centers[arg_low_level], stats.dtype)
     flip = arg_peak_height - arg_low_level < arg_high_level - arg_peak_height
     if flip:
         hist = hist[::-1]
@@ -81,14 +122,21 @@ def triangle_threshold(stats: ImageStats) -> np.float32:
     arg_level = int(np.argmax(length)) + arg_low_level
     if flip:
         arg_level = nbins - arg_level - 1
-    return np.float32(centers[arg_level])
+    return _at_most(centers[arg_level], stats.dtype)
 
 
-def histogram_threshold(stats: ImageStats, method: HistMethod) -> np.float32:
-    """The threshold ``method`` gives for the whole image described by ``stats``."""
+_SKIMAGE = {
+    "yen": filters.threshold_yen,
+    "isodata": filters.threshold_isodata,
+    "minimum": filters.threshold_minimum,
+}
+
+
+def histogram_threshold(stats: ImageStats, method: HistMethod) -> np.floating[Any]:
+    """The threshold ``method`` gives for the whole image described by ``stats``, in the
+    image's dtype (``data > t`` as on the whole image)."""
     if stats.min == stats.max:
-        return np.float32(stats.min)
-    hist = (stats.counts, stats.centers)
+        return stats.dtype.type(stats.min)
     if method == "otsu":
         return otsu_threshold(stats)
     if method == "li":
@@ -96,13 +144,10 @@ def histogram_threshold(stats: ImageStats, method: HistMethod) -> np.float32:
     if method == "triangle":
         return triangle_threshold(stats)
     if method == "mean":
-        return np.float32(stats.mean)
-    if method == "yen":
-        return np.float32(filters.threshold_yen(hist=hist))
-    if method == "isodata":
-        return np.float32(filters.threshold_isodata(hist=hist))
-    if method == "minimum":
-        return np.float32(filters.threshold_minimum(hist=hist))
+        return _at_most(stats.mean, stats.dtype)
+    if method in _SKIMAGE:
+        counts, centres, e = _scaled_hist(stats)
+        return _at_most(np.ldexp(_SKIMAGE[method](hist=(counts, centres)), e), stats.dtype)
     raise ValueError(f"Expected a threshold method, got {method!r} instead.")
 
 
@@ -169,12 +214,14 @@ class MultiOtsu(Segmenter):
     def prepare(self, stats: ImageStats) -> Mapping[str, Any]:
         n = int(getattr(self.options, "classes", 3))
         if stats.min == stats.max:
-            return {"thresholds": np.full(n - 1, stats.max, dtype=np.float32)}
+            return {"thresholds": np.full(n - 1, stats.max, dtype=stats.dtype)}
         # As on a whole image, scikit-image works on the normalised histogram;
         # raw counts pick another split on near-ties.
-        prob = stats.counts / np.sum(stats.counts)
-        t = filters.threshold_multiotsu(hist=(prob, stats.centers), classes=n)
-        return {"thresholds": np.asarray(t, dtype=np.float32)}
+        counts, centres, e = _scaled_hist(stats)
+        prob = counts / np.sum(counts)
+        t = np.ldexp(filters.threshold_multiotsu(hist=(prob, centres), classes=n), e)
+        # np.digitize puts a value equal to a threshold above it: round up
+        return {"thresholds": np.array([_at_least(v, stats.dtype) for v in t], stats.dtype)}
 
     def segment(self, block: NDArray[np.float32], params: Mapping[str, Any]) -> SegmentResult:
         semantic = np.digitize(block, bins=params["thresholds"]).astype(np.uint8)
@@ -206,8 +253,9 @@ class Threshold(Segmenter):
     def prepare(self, stats: ImageStats) -> Mapping[str, Any]:
         o = self.options
         assert isinstance(o, ThresholdOptions)
-        t = np.float32(o.value) if o.value is not None else histogram_threshold(stats, o.method)
-        return {"threshold": t}
+        if o.value is not None:
+            return {"threshold": _at_most(o.value, stats.dtype)}
+        return {"threshold": histogram_threshold(stats, o.method)}
 
     def segment(self, block: NDArray[np.float32], params: Mapping[str, Any]) -> SegmentResult:
         o = self.options
