@@ -1,0 +1,278 @@
+"""The relabel pass: one task per block turns its local labels into every label output.
+
+From a block's local labels (scratch), its semantic labels and the image, each
+task writes level 0 of ``labels/instances`` (global ids) and of
+``labels/panoptic``, and reduces the block to per-object statistics for the
+tables. Separate relabel, panoptic and measure passes read these arrays three
+times and sorted every pixel; here each is read once and swept once
+(`segpipe.kernels`). Objects wholly inside the block go to scratch; those that
+may continue in another block come back in the block's marker, for
+`segpipe.measure.write_tables` to merge.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from segpipe import kernels, measure, panoptic
+from segpipe.blocks import pass_levels
+from segpipe.errors import ConfigError, UnsupportedImageError
+from segpipe.io import omezarr
+from segpipe.io.markers import Arrays, Markers
+from segpipe.panoptic import Catalogue
+
+if TYPE_CHECKING:
+    from segpipe.merge import MergedIds
+    from segpipe.pipeline import ImagePlan, ProgressFn
+    from segpipe.stitch import GlobalIds
+
+STAGE = "relabel"
+PARTS = "relabel-parts"
+# the parts of a task's time it reports; "write": the pyramid levels it writes
+STEPS = ("relabel", "panoptic", "measure", "write")
+
+
+@dataclass(frozen=True)
+class BlockJob:
+    """What one relabel task needs besides its lookup table (all paths absolute)."""
+
+    local: str
+    semantic: str
+    image: str
+    instances: str
+    panoptic: str
+    parts: str
+    shape: tuple[int, ...]
+    divisor: int
+    catalogue: Catalogue
+    levels: tuple[tuple[str, str, str, str], ...] = ()
+    """Levels 1, 2, ... written from the block: paths of image, semantic, instances, panoptic."""
+
+
+def level_shapes(plan: ImagePlan) -> list[tuple[int, ...]]:
+    """Shapes of the image's pyramid levels (as every label array has them)."""
+
+    tile = plan.grid().tile
+    return omezarr.pyramid_shapes(plan.spec.shape, min_size=max(256, min(tile[-2:])))
+
+
+def written_levels(plan: ImagePlan) -> int:
+    """`segpipe.blocks.pass_levels` of ``plan``'s pyramid and tile."""
+    return pass_levels(len(level_shapes(plan)), plan.grid().tile)
+
+
+def _level(region: tuple[slice, ...], k: int) -> tuple[slice, ...]:
+    """``region`` of level 0 at level ``k`` (its start is a multiple of 2^k)."""
+    step = 2**k
+    return (*region[:-2], *(slice(s.start // step, -(-s.stop // step)) for s in region[-2:]))
+
+
+def relabel_block(
+    job: BlockJob, region: tuple[slice, ...], block_id: int, lut: NDArray[np.unsignedinteger]
+) -> Arrays:
+    """Write instances and panoptic level 0 of ``region`` and its part of the lower
+    levels of the four pyramids (``job.levels``), save the sums of objects wholly
+    inside it; return its open object groups, its unassigned thing pixels and the
+    seconds of each step, as the arrays of its marker."""
+    t0 = time.perf_counter()
+    local = omezarr.read_block(job.local, region)
+    instances = kernels.lookup(local, lut)
+    omezarr.write_block(job.instances, region, instances)
+    t1 = time.perf_counter()
+    semantic = omezarr.read_block(job.semantic, region)
+    cat = job.catalogue
+    encoded = kernels.panoptic(semantic, instances, job.divisor, cat.thing_lut(), cat.known_lut())
+    if encoded is None:  # a class outside the catalogue: encode() says which
+        try:
+            panoptic.encode(semantic, instances, divisor=job.divisor, catalogue=cat)
+        except ConfigError as err:
+            raise ConfigError(f"{job.semantic}: {err}") from err
+        raise AssertionError("kernels.panoptic and panoptic.encode disagree")  # pragma: no cover
+    omezarr.write_block(job.panoptic, region, encoded[0])
+    t2 = time.perf_counter()
+    offset = [s.start for s in region]
+    image = omezarr.read_block(job.image, region)
+    try:
+        groups = measure.local_groups(local, lut, semantic, image, offset=offset)
+    except UnsupportedImageError as err:
+        from segpipe.pipeline import span
+
+        raise UnsupportedImageError(f"{job.instances} [{span(region)}]: {err}") from err
+    open_groups = measure.keep_closed(
+        groups, instances, region, job.shape, job.catalogue.stuff, job.parts, block_id
+    )
+    t3 = time.perf_counter()
+    level: tuple[NDArray[Any], ...] = (image, semantic, instances, encoded[0])
+    for k, paths in enumerate(job.levels, start=1):  # every 2^k-th Y/X pixel (nearest),
+        # each level strided from the one below, as omezarr.downsample_block does
+        level = tuple(np.ascontiguousarray(a[..., ::2, ::2]) for a in level)
+        for path, data in zip(paths, level, strict=True):
+            omezarr.write_block(path, _level(region, k), data)
+    t4 = time.perf_counter()
+    arrays = measure.groups_out(open_groups)
+    arrays["unassigned"] = np.array(encoded[1], np.int64)
+    arrays["seconds"] = np.array([t1 - t0, t2 - t1, t3 - t2, t4 - t3], np.float64)
+    return arrays
+
+
+@dataclass(frozen=True)
+class Relabelled:
+    """What the relabel pass leaves: the panoptic divisor and, per block, its marker
+    (open groups, unassigned pixels, seconds per step).
+
+    ``results`` holds the markers' arrays when the pass ran in this process (a block's
+    marker takes ~1.7 ms to read back, and three steps read them all); else each is
+    read from ``markers`` when asked for.
+    """
+
+    divisor: int
+    markers: Markers
+    blocks: int
+    results: Sequence[Arrays] | None = field(default=None, repr=False)
+
+    def _block(self, i: int) -> Arrays:
+        return self.results[i] if self.results is not None else self.markers.load(i)
+
+    def open_groups(self) -> list[measure.Groups]:
+        return [measure.groups_in(self._block(i)) for i in range(self.blocks)]
+
+    def unassigned(self) -> int:
+        return sum(int(self._block(i)["unassigned"]) for i in range(self.blocks))
+
+    def step_seconds(self) -> dict[str, float]:
+        """Seconds of compute per step, summed over the blocks."""
+        total = np.zeros(len(STEPS))
+        for i in range(self.blocks):
+            total += self._block(i)["seconds"]
+        return dict(zip(STEPS, total.tolist(), strict=True))
+
+
+def _as_is(arrays: Arrays) -> Arrays:
+    return arrays
+
+
+def relabelled(plan: ImagePlan, count: int) -> Relabelled:
+    """The result of the relabel pass for an image of ``count`` instances, read back
+    from its markers (by a later Prefect task)."""
+    return Relabelled(
+        panoptic.choose_divisor(count), plan.markers(STAGE), sum(1 for _ in plan.grid())
+    )
+
+
+def parts_dir(plan: ImagePlan) -> Path:
+    """Where relabel tasks leave the sums of objects wholly inside their block."""
+    return Path(plan.scratch) / PARTS
+
+
+def relabel(
+    client: Any,
+    plan: ImagePlan,
+    ids: MergedIds | GlobalIds,
+    catalogue: Catalogue,
+    progress: ProgressFn | None = None,
+) -> Relabelled:
+    """Run the relabel pass over every block of ``plan`` (resumable by its markers).
+
+    Parameters
+    ----------
+    client : distributed.Client
+        The cluster.
+    plan : ImagePlan
+        An image whose segment and stitch stages have run.
+    ids : MergedIds or GlobalIds
+        Global ids per block (`segpipe.pipeline.stitch_ids`).
+    catalogue : Catalogue
+        The run's classes (decide panoptic values and stuff segments).
+    progress : callable, optional
+        ``progress(stage, done, total)``.
+
+    Returns
+    -------
+    Relabelled
+    """
+    from segpipe import pipeline
+
+    divisor = panoptic.choose_divisor(ids.count)
+    tile = plan.grid().tile
+    markers = plan.markers(STAGE)
+    shape = plan.spec.shape
+    arrays = [  # (path of level k, dtype, is labels)
+        (lambda k: str(Path(plan.group) / str(k)), plan.spec.out_dtype, False),
+        (lambda k: plan.label("semantic", k), np.uint8, True),
+        (lambda k: plan.label("instances", k), ids.dtype, True),
+        (lambda k: plan.label(panoptic.KEY, k), np.uint64, True),
+    ]
+    for path, dtype, _ in arrays[2:]:
+        pipeline.prepare_array(path(0), markers, shape=shape, chunks=tile, dtype=dtype)
+    shapes = level_shapes(plan)
+    levels = written_levels(plan)
+    for k in range(1, levels + 1):  # chunks of tile / 2^k: each block writes whole chunks
+        chunks = (*tile[:-2], tile[-2] // 2**k, tile[-1] // 2**k)
+        for path, dtype, labels in arrays:
+            pipeline.prepare_array(
+                path(k), markers, shape=shapes[k], chunks=chunks, dtype=dtype, labels=labels
+            )
+    job = BlockJob(
+        local=plan.local_labels,
+        semantic=plan.label("semantic"),
+        image=plan.raw,
+        instances=plan.label("instances"),
+        panoptic=plan.label(panoptic.KEY),
+        parts=str(parts_dir(plan)),
+        shape=tuple(shape),
+        divisor=divisor,
+        catalogue=catalogue,
+        levels=tuple(
+            (arrays[0][0](k), arrays[1][0](k), arrays[2][0](k), arrays[3][0](k))
+            for k in range(1, levels + 1)
+        ),
+    )
+    blocks = list(plan.grid())
+    results = pipeline.map_blocks(
+        client,
+        relabel_block,
+        pipeline.Lazy(
+            len(blocks), lambda i: (job, blocks[i].core, blocks[i].id, ids.block_lut(blocks[i].id))
+        ),
+        stage=STAGE,
+        progress=progress or pipeline._noop,
+        markers=markers,
+        run=plan.token,
+        codec=(_as_is, _as_is),
+        names=[f"{plan.label('instances')} [{pipeline.span(b.core)}]" for b in blocks],
+    )
+    return Relabelled(divisor, markers, len(blocks), results)
+
+
+def finish_panoptic(
+    client: Any,
+    plan: ImagePlan,
+    count: int,
+    catalogue: Catalogue,
+    progress: ProgressFn | None = None,
+    done: Relabelled | None = None,
+) -> panoptic.PanopticResult:
+    """The panoptic stage after this pass: the pyramid above the levels the pass wrote,
+    and the metadata (`segpipe.panoptic.finish_panoptic`). ``done``: the pass's result
+    when it ran in this process (default: read back from its markers)."""
+    done = done or relabelled(plan, count)
+    start = written_levels(plan) + 1
+    return panoptic.finish_panoptic(
+        client, plan, done.divisor, catalogue, done.unassigned(), progress, start=start
+    )
+
+
+def write_tables(
+    plan: ImagePlan, count: int, catalogue: Catalogue, done: Relabelled | None = None
+) -> measure.Measured:
+    """The measure stage after this pass: the blocks' sums merged into the tables
+    (`segpipe.measure.write_tables`). ``done`` as for `finish_panoptic`."""
+    done = done or relabelled(plan, count)
+    return measure.write_tables(plan, catalogue, done.divisor, done.open_groups(), parts_dir(plan))
