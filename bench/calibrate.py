@@ -2,7 +2,7 @@
 
 Usage: python -m bench.calibrate [--tile 1024] [--repeats 3] [--segmenters otsu watershed ...]
 
-Times the real block functions of `segpipe.pipeline` (and the relabel pass,
+Times the real block functions of `segpipe.stages` (and the relabel pass,
 its relabel, panoptic and measure steps apart, and the pyramid) on one thread
 on the middle block (1024²) of a synthetic uint16 nuclei image (3 × 3 tiles,
 written as a tiled TIFF), once per segmenter
@@ -37,10 +37,10 @@ def _noop(i: int) -> int:
 
 
 def task_overhead(n: int = 2000) -> float:
-    """Seconds per Dask task of `pipeline.map_blocks` on a 1-worker, 2-thread LocalCluster."""
+    """Seconds per Dask task of `engine.map_blocks` on a 1-worker, 2-thread LocalCluster."""
     from distributed import Client, LocalCluster
 
-    from segpipe.pipeline import map_blocks
+    from segpipe.engine import map_blocks
 
     with (
         LocalCluster(n_workers=1, threads_per_worker=2, host="127.0.0.1") as cluster,

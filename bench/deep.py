@@ -8,7 +8,7 @@ On the same synthetic image and the same model (the shipped U-Net, or
 ``--model``, or with ``--random`` a seeded, randomly initialised one: its
 noisy classes make the instance step several times slower than a trained
 model's), medians over ``--repeats`` of:
-- segpipe's segment stage (`pipeline.segment`: read each block + halo from
+- segpipe's segment stage (`stages.segment.segment`: read each block + halo from
   Zarr, tiled inference, instances, writes, neighbour links) on the default
   LocalCluster (`segpipe.cluster.local_cluster`), the model already loaded by
   the workers (a warm-up pass runs first, untimed);
@@ -101,11 +101,11 @@ def _plain_loop(
 
 
 def _pipeline_pass(client: Any, plan: Any, stats: Any) -> float:
-    from segpipe import pipeline
+    from segpipe import stages
 
     plan.markers("segment").clear()
     t0 = time.perf_counter()
-    pipeline.segment(client, plan, stats)
+    stages.segment.segment(client, plan, stats)
     return time.perf_counter() - t0
 
 
@@ -129,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from distributed import Client
 
-    from segpipe import pipeline
+    from segpipe import image as segpipe_image
+    from segpipe import lifecycle, stages
     from segpipe.cluster import local_cluster
     from segpipe.deep import provenance
     from segpipe.io.readers import open_source
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     seg = get_segmenter("unet", model=str(model), tile=args.tile, batch=args.batch)
     out = args.workdir / "out.zarr"
     shutil.rmtree(out, ignore_errors=True)
-    plan = pipeline.ImagePlan(open_source(path), str(out), (args.block, args.block), seg)
+    plan = segpipe_image.ImagePlan(open_source(path), str(out), (args.block, args.block), seg)
     mpx = args.size**2 / 1e6
     if cuda:  # one worker per GPU, advertising it, as a GPU cluster would
         from distributed import LocalCluster
@@ -161,9 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     with cluster, Client(cluster) as client:
         threads = client.run(torch.get_num_threads)
         print(f"workers: {len(threads)}, torch threads per worker {list(threads.values())}")
-        pipeline.begin(plan)
-        raw = pipeline.ingest(client, plan)
-        stats = pipeline.statistics(client, plan, raw)
+        lifecycle.begin(plan)
+        raw = stages.ingest.ingest(client, plan)
+        stats = stages.statistics.statistics(client, plan, raw)
         params = seg.prepare(stats)
         image = tifffile.imread(path)
         lo, hi = params["lo"], params["hi"]
@@ -174,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.repeats):
             pipe.append(_pipeline_pass(client, plan, stats))
             loops.append(_plain_loop(model, image, lo, hi, tile=args.tile, batch=args.batch))
-        pipeline.write_provenance(plan)
+        lifecycle.write_provenance(plan)
         table = provenance.read_table(plan.provenance)
     plain = [s for s, _, _ in loops]
     p_med, l_med = statistics.median(pipe), statistics.median(plain)

@@ -51,8 +51,9 @@ def _segpipe(
     """Seconds, seconds per stage, and busy share of the workers per stage."""
     from distributed import get_task_stream
 
+    from segpipe.image import ImagePlan
     from segpipe.io.readers import open_source
-    from segpipe.pipeline import ImagePlan, run_image
+    from segpipe.pipeline import run_image
     from segpipe.segmenters import get_segmenter
 
     shutil.rmtree(out, ignore_errors=True)

@@ -13,7 +13,7 @@ import io
 import math
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,67 +24,99 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 
-from segpipe.pipeline import STAGES
+from segpipe.stages import names
+
+NAMES = names()
 
 INTERVAL = 2.0  # seconds between progress updates sent to the API
 THUMBNAIL = 320  # px: previews are embedded in the markdown artifact at this width
 
 
 class RunProgress:
-    """Percent of a collection run done: images finished plus the current image's
-    stage (a Prefect task) and its block fraction, sent to a progress artifact."""
+    """How far a collection run is: images done / total (and failed), blocks done / total,
+    sent to one progress artifact and to the terminal's progress bar.
 
-    def __init__(self, images: int, *, key: str = "segpipe-progress") -> None:
+    An image's blocks count as done in proportion to the stages it has passed (and
+    the blocks of the stage it is in), so the percentage moves smoothly whatever the
+    mix of image sizes; many images are in flight at once.
+    """
+
+    def __init__(
+        self,
+        images: int,
+        blocks: int,
+        *,
+        key: str = "segpipe-progress",
+        report: Callable[[str, int, int], None] | None = None,
+    ) -> None:
         self.images = max(images, 1)
+        self.blocks_total = max(blocks, 1)
         self.finished = 0
-        self.stage = 0
-        self.fraction = 0.0
+        self.failed = 0
+        self.blocks_done = 0
+        self.current: dict[str, tuple[int, float, int]] = {}  # image: (stage, fraction, blocks)
+        self.report = report
         self.lock = threading.Lock()
         self.sent = -1.0
         self.last = 0.0
         self.artifact_id = create_progress_artifact(
-            progress=0.0, key=key, description=f"blocks done across {images} image(s)"
+            progress=0.0, key=key, description=self._description()
         )
 
+    def _partial(self) -> float:
+        """Blocks of the images in flight done, counting each stage passed."""
+        return sum(b * (k + f) / len(NAMES) for k, f, b in self.current.values())
+
     def percent(self) -> float:
-        per_image = (self.stage + self.fraction) / len(STAGES)
-        return round(100.0 * min((self.finished + per_image) / self.images, 1.0), 1)
+        done = (self.blocks_done + self._partial()) / self.blocks_total
+        return round(100.0 * min(done, 1.0), 1)
 
-    def enter(self, stage: str) -> None:
-        """The current image has reached ``stage`` (one of `STAGES`)."""
+    def _description(self) -> str:
+        blocks = int(self.blocks_done + self._partial())
+        failed = f", {self.failed} failed" if self.failed else ""
+        return (
+            f"images {self.finished}/{self.images} done{failed}; "
+            f"blocks {blocks}/{self.blocks_total} through every stage"
+        )
+
+    def update(self, image: str, blocks: int, stage: str, done: int, total: int) -> None:
+        """``image`` (of ``blocks`` blocks) has ``done`` of ``total`` blocks of ``stage``."""
         with self.lock:
-            self.stage, self.fraction = STAGES.index(stage), 0.0
+            k = NAMES.index(stage) if stage in NAMES else self.current.get(image, (0, 0, 0))[0]
+            self.current[image] = (k, done / total if total else 1.0, blocks)
         self._send()
 
-    def blocks(self, done: int, total: int) -> None:
-        """Block progress inside the current stage (called for every finished block)."""
+    def image_done(self, image: str, blocks: int, *, failed: bool = False) -> None:
         with self.lock:
-            self.fraction = done / total if total else 1.0
-        self._send()
-
-    def image_done(self) -> None:
-        with self.lock:
+            self.current.pop(image, None)
             self.finished += 1
-            self.stage, self.fraction = 0, 0.0
+            self.failed += failed
+            self.blocks_done += blocks
         self._send(force=True)
 
     def close(self) -> None:
         with self.lock:
-            self.finished = self.images
+            self.current.clear()
+            self.finished, self.blocks_done = self.images, self.blocks_total
         self._send(force=True)
 
     def _send(self, force: bool = False) -> None:
         now = time.monotonic()
-        value = self.percent()
-        if value == self.sent or (not force and now - self.last < INTERVAL):
-            return
-        self.sent, self.last = value, now
-        update_progress_artifact(self.artifact_id, progress=value)
+        with self.lock:
+            value = self.percent()
+            text = self._description()
+            if self.report is not None:
+                self.report("images", self.finished, self.images)
+                self.report("blocks", int(self.blocks_done + self._partial()), self.blocks_total)
+            if value == self.sent or (not force and now - self.last < INTERVAL):
+                return
+            self.sent, self.last = value, now
+        update_progress_artifact(self.artifact_id, progress=value, description=text)
 
 
 def totals(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Images processed, unchanged (skipped) and failed; objects, seconds, throughput."""
-    done = [r for r in rows if r["status"] == "done"]
+    done = [r for r in rows if r["status"] in ("done", "repaired")]
     seconds = sum(float(r["seconds"]) for r in done)
     pixels = sum(math.prod(int(v) for v in r["shape"].split("×")) for r in done if r["shape"])
     return {

@@ -146,6 +146,7 @@ def plan(
     estimated wall time for N workers. Images are opened header-only."""
     from flows.cli import _parse_tile
     from segpipe.config import load_config, parse_sets
+    from segpipe.pipeline import MAX_WAVES, waves
     from segpipe.plan import COMPRESSION, COSTS_FILE, load_costs, plan_run
 
     ns = sorted(set(workers or [1, 4, 16]))
@@ -200,14 +201,14 @@ def plan(
             out.print(_stage_table(f"{im.name}: {_axes(im.shape)} px", [im]))
     if len(images) > 1:
         out.print(_stage_table("all images", images))
-    prefect = sum(im.prefect_tasks for im in images)
+    prefect = len(waves(len(images)))
     peak = max(im.peak_bytes for im in images)
     worst = max(images, key=lambda im: im.peak_bytes)
     parts = ", ".join(f"{k} {_size(v)}" for k, v in worst.peak_thread_bytes.items() if v)
     out.print(
         f"Totals: {sum(im.blocks for im in images):,} blocks, "
-        f"{sum(im.dask_tasks for im in images):,} Dask tasks, {prefect} Prefect tasks "
-        f"({len(images)} images × {images[0].prefect_tasks} stages, never per block).",
+        f"{sum(im.dask_tasks for im in images):,} Dask tasks, {prefect} Prefect task runs "
+        f"(waves of images, at most {MAX_WAVES} whatever the image count; never per block).",
         highlight=False,
     )
     out.print(

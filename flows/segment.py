@@ -1,9 +1,8 @@
-"""The collection flow: one Prefect task per stage and image, never per tile."""
+"""The collection flow: one Prefect task per wave of images, never per image or tile."""
 
 from __future__ import annotations
 
 import datetime as dt
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,12 +11,14 @@ from typing import Any
 from distributed import Client
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import monitor
-from segpipe import pipeline, relabel
+from segpipe import pipeline
 from segpipe.cluster import connect_run, dashboard
 from segpipe.config import RunConfig, block_tile, check_image_options
 from segpipe.errors import ImagesFailedError, InputsError, SegpipeError
+from segpipe.image import ImagePlan, ImageResult, check_tile
 from segpipe.io.collection import resolve_inputs
 from segpipe.io.readers import SourceSpec, image_name, open_source
 from segpipe.io.store import (
@@ -26,15 +27,10 @@ from segpipe.io.store import (
     check_local,
     check_name,
     image_state,
-    mark_image,
     open_output,
 )
-from segpipe.measure import Measured
-from segpipe.merge import MergedIds
-from segpipe.panoptic import PanopticResult, catalogue_for
-from segpipe.preview import write_preview
+from segpipe.panoptic import catalogue_for
 from segpipe.segmenters import Segmenter, get_segmenter
-from segpipe.stats import Extrema, ImageStats
 
 ProgressFn = Callable[[str, int, int], None]
 
@@ -45,7 +41,8 @@ def _quiet(stage: str, done: int, total: int) -> None:
 
 @dataclass
 class _Reporter:
-    """Where block progress goes (the CLI's progress bar); set by the caller, not a parameter."""
+    """Where run progress goes (the CLI's progress bar: one row for images, one for
+    blocks); set by the caller, not a parameter."""
 
     fn: ProgressFn = _quiet
 
@@ -54,18 +51,14 @@ reporter = _Reporter()
 _tracker: list[monitor.RunProgress] = []  # the running flow's progress artifact
 
 
-def _progress(image: str) -> ProgressFn:
+def _progress(plan: ImagePlan) -> ProgressFn:
+    blocks = len(plan.grid())
+
     def report(stage: str, done: int, total: int) -> None:
-        reporter.fn(f"{image}: {stage}", done, total)
         if _tracker:
-            _tracker[-1].blocks(done, total)
+            _tracker[-1].update(plan.name, blocks, stage, done, total)
 
     return report
-
-
-def _enter(stage: str) -> None:
-    if _tracker:
-        _tracker[-1].enter(stage)
 
 
 def cluster_kind(cluster: str) -> str:
@@ -113,7 +106,7 @@ def prepare_run(config: RunConfig, *, resume: bool | None = None) -> Prepared:
             check_apart(p, config.output)
             check_name(config.output, spec.name, p)
             check_image_options(config, segmenter, spec)
-            pipeline.check_tile(spec, block_tile(config.tile, len(spec.shape), spec.shape))
+            check_tile(spec, block_tile(config.tile, len(spec.shape), spec.shape))
             sources.append(spec)
         except SegpipeError as err:
             bad.append((p, str(err)))
@@ -132,18 +125,18 @@ def prepare_run(config: RunConfig, *, resume: bool | None = None) -> Prepared:
     return Prepared(config, sources, bad, segmenter, lock)
 
 
-def make_plan(prepared: Prepared, spec: SourceSpec) -> pipeline.ImagePlan:
+def make_plan(prepared: Prepared, spec: SourceSpec) -> ImagePlan:
     ndim = len(spec.shape)
     tiles = block_tile(prepared.config.tile, ndim, spec.shape)
     halo = prepared.config.halo
     halos = None if halo == "auto" else ((halo,) * ndim if isinstance(halo, int) else tuple(halo))
     catalogue = catalogue_for(prepared.segmenter, prepared.config.classes)
-    return pipeline.ImagePlan(
+    return ImagePlan(
         spec, prepared.config.output, tiles, prepared.segmenter, halos, catalogue=catalogue
     )
 
 
-def _row(result: pipeline.ImageResult, output: str, status: str) -> dict[str, Any]:
+def _row(result: ImageResult, output: str, status: str) -> dict[str, Any]:
     group = Path(output) / result.name
     previews = image_state(group).get("previews", [])
     return {
@@ -153,7 +146,7 @@ def _row(result: pipeline.ImageResult, output: str, status: str) -> dict[str, An
         "shape": "×".join(map(str, result.shape)),
         "objects": result.objects,
         "seconds": round(result.seconds, 2),
-        "Mpx/s": round(result.mpx_per_s, 2) if status == "done" else 0.0,
+        "Mpx/s": round(result.mpx_per_s, 2) if status != "unchanged" else 0.0,
         "status": status,
         "output": str(Path(output) / result.name),
     }
@@ -196,106 +189,36 @@ def _client() -> Client:
     return Client.current()
 
 
-@task(
-    name="ingest",
-    task_run_name="ingest-{plan.name}",
-    **_STAGE,
-)
-def ingest_image(plan: pipeline.ImagePlan) -> Extrema:
-    return pipeline.ingest(_client(), plan, _progress(plan.name))
+@task(name="segment-wave", task_run_name="wave {index} of {count}", **_STAGE)
+def segment_wave(
+    plans: list[ImagePlan], index: int, count: int, skip: bool, full: bool
+) -> list[pipeline.Outcome]:
+    """Segment a wave of images, several at once (`segpipe.pipeline.run_images`)."""
+    logger = get_run_logger()
 
+    def done(outcome: pipeline.Outcome) -> None:
+        name = outcome.plan.name
+        if _tracker:
+            _tracker[-1].image_done(name, len(outcome.plan.grid()), failed=outcome.result is None)
+        if outcome.result is None:
+            logger.error("%s failed: %s", name, outcome.error)
+        elif outcome.result.status == "unchanged":
+            logger.info("%s: unchanged since the run that completed it; skipped", name)
+        else:
+            if outcome.result.status == "repaired":
+                logger.warning("%s: files of its result were missing or damaged; redone", name)
+            logger.info(
+                "%s: %d objects in %.1f s", name, outcome.result.objects, outcome.result.seconds
+            )
 
-@task(
-    name="statistics",
-    task_run_name="statistics-{plan.name}",
-    **_STAGE,
-)
-def compute_statistics(plan: pipeline.ImagePlan, raw: Extrema) -> ImageStats:
-    return pipeline.statistics(_client(), plan, raw, _progress(plan.name))
-
-
-@task(
-    name="segment",
-    task_run_name="segment-{plan.name}",
-    **_STAGE,
-)
-def segment_blocks(plan: pipeline.ImagePlan, stats: ImageStats) -> pipeline.Segmented:
-    return pipeline.segment(_client(), plan, stats, _progress(plan.name))
-
-
-@task(name="stitch", task_run_name="stitch-{plan.name}", **_STAGE)
-def stitch_labels(plan: pipeline.ImagePlan, segmented: pipeline.Segmented) -> MergedIds:
-    return pipeline.stitch_ids(_client(), plan, segmented, _progress(plan.name))
-
-
-@task(
-    name="write",
-    task_run_name="write-{plan.name}",
-    **_STAGE,
-)
-def write_outputs(plan: pipeline.ImagePlan, ids: MergedIds) -> int:
-    return pipeline.write(_client(), plan, ids, _progress(plan.name), catalogue=plan.catalogue)
-
-
-@task(name="panoptic", task_run_name="panoptic-{plan.name}", **_STAGE)
-def write_panoptic_labels(plan: pipeline.ImagePlan, count: int) -> PanopticResult:
-    # level 0 came from the write stage's relabel pass
-    return relabel.finish_panoptic(_client(), plan, count, plan.catalogue, _progress(plan.name))
-
-
-@task(name="measure", task_run_name="measure-{plan.name}", **_STAGE)
-def measure_objects(plan: pipeline.ImagePlan, count: int) -> Measured:
-    # the write stage's relabel pass summed each block
-    return relabel.write_tables(plan, count, plan.catalogue)
-
-
-@task(name="preview", task_run_name="preview-{plan.name}", **_STAGE)
-def write_previews(plan: pipeline.ImagePlan) -> str:
-    return str(write_preview(_client(), plan, _progress(plan.name)))
-
-
-def _segment_one(plan: pipeline.ImagePlan, *, full: bool) -> tuple[pipeline.ImageResult, str]:
-    t0 = time.perf_counter()
-    if full and Path(plan.group).exists():
-        mark_image(plan.group, source=None)  # forget the input it was made from: starts fresh
-    start = pipeline.begin(plan)
-    if start == "done":
-        get_run_logger().info("%s: unchanged since the run that completed it; skipped", plan.name)
-        return pipeline.completed_result(plan), "unchanged"
-    if start == "repair":
-        get_run_logger().warning(
-            "%s: files of its completed result are missing or damaged; computing it again",
-            plan.name,
-        )
-    _enter("ingest")
-    raw = ingest_image(plan)
-    _enter("statistics")
-    stats = compute_statistics(plan, raw)
-    _enter("segment")
-    segmented = segment_blocks(plan, stats)
-    _enter("stitch")
-    ids = stitch_labels(plan, segmented)
-    _enter("write")
-    write_outputs(plan, ids)
-    # the preview needs only the instance pyramid: its task runs on a worker while
-    # the panoptic pyramid is built and the client writes the tables
-    shown = write_previews.submit(plan)
-    _enter("panoptic")
-    write_panoptic_labels(plan, ids.count)
-    _enter("measure")
-    measure_objects(plan, ids.count)
-    _enter("preview")
-    shown.result()
-    result = pipeline.ImageResult(
-        plan.name, plan.spec.shape, ids.count, time.perf_counter() - t0, {}
+    return pipeline.run_images(
+        _client(),
+        plans,
+        progress=_progress,
+        done=done,
+        skip=skip,
+        full=full,
     )
-    pipeline.finish(plan, result, stats, segmented.params)
-    return result, "done"
-
-
-def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split()) or "no message"
-    return f"{type(err).__name__}: {text}"
 
 
 def _run_name() -> str:
@@ -311,7 +234,12 @@ def _run_name() -> str:
     return f"{source}-{dt.datetime.now():%Y-%m-%d-%H%M}"
 
 
-@flow(name="segpipe-run", flow_run_name=_run_name, log_prints=False)
+@flow(
+    name="segpipe-run",
+    flow_run_name=_run_name,
+    log_prints=False,
+    task_runner=ThreadPoolTaskRunner(max_workers=2),
+)
 def segment_collection(config: dict[str, Any]) -> list[dict[str, Any]]:
     """Segment every image of a collection into the output store.
 
@@ -337,34 +265,30 @@ def segment_collection(config: dict[str, Any]) -> list[dict[str, Any]]:
     rows = [_failed_row(image_name(p), p, msg) for p, msg in prepared.bad]
     for _, msg in prepared.bad:
         logger.error("skipped: %s", msg)
+    plans = [make_plan(prepared, spec) for spec in prepared.sources]
+    parts = pipeline.waves(len(plans))
     try:
-        _tracker.append(monitor.RunProgress(len(prepared.sources)))
+        blocks = sum(len(p.grid()) for p in plans)
+        _tracker.append(monitor.RunProgress(len(plans), blocks, report=reporter.fn))
         with connect_run(cfg) as client:
             logger.info(
                 "Dask dashboard: %s (scheduler %s)", dashboard(client), client.scheduler.address
             )
-            for spec in prepared.sources:
-                plan = make_plan(prepared, spec)
-                try:
-                    try:
-                        result, status = _segment_one(plan, full=cfg.full)
-                    except OSError as err:
-                        raise pipeline.output_error(err, "the run") from err
-                except Exception as err:  # under skip, whatever fails one image fails it alone
-                    if cfg.on_error == "fail":
-                        raise
-                    problem = str(err) if isinstance(err, SegpipeError) else _one_line(err)
-                    logger.error("%s failed: %s", spec.name, problem)
-                    try:
-                        pipeline.record_failure(plan, problem)
-                    except Exception as again:  # the disk that failed the image, perhaps
-                        logger.error("%s: could not record the failure: %s", spec.name, again)
-                    rows.append(_failed_row(spec.name, spec.path, problem))
-                    continue
-                finally:
-                    _tracker[-1].image_done()
-                logger.info("%s: %d objects in %.1f s", result.name, result.objects, result.seconds)
-                rows.append(_row(result, cfg.output, status))
+            # Two waves at a time: the next one starts while the last images of the one
+            # before finish, so the cluster never drains at a wave's end.
+            submitted = [
+                segment_wave.submit(
+                    [plans[i] for i in part], k + 1, len(parts), cfg.on_error == "skip", cfg.full
+                )
+                for k, part in enumerate(parts)
+            ]
+            for future in submitted:
+                for outcome in future.result():
+                    if outcome.result is None:
+                        spec = outcome.plan.spec
+                        rows.append(_failed_row(spec.name, spec.path, outcome.error))
+                    else:
+                        rows.append(_row(outcome.result, cfg.output, outcome.result.status))
         _tracker[-1].close()
     finally:
         prepared.lock.release()

@@ -621,9 +621,9 @@ def evaluate(
     if client is None:
         parts = _run_local(contingency_task, args, progress, threads)
     else:
-        from segpipe import pipeline
+        from segpipe import engine
 
-        parts = pipeline.map_blocks(
+        parts = engine.map_blocks(
             client, contingency_task, args, stage="evaluate", progress=progress
         )
     result = metrics_from_contingency(merge_contingency(parts), catalogue, ignore=ignore)

@@ -10,33 +10,24 @@ The tables go to ``OUT/<name>/tables/{objects,segments}.parquet``.
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute
-import pyarrow.parquet as pq
-import zarr
 from numpy.typing import NDArray
 
 from segpipe import kernels
 from segpipe.errors import UnsupportedImageError
-from segpipe.io import omezarr
 from segpipe.io.markers import Markers
 from segpipe.panoptic import Catalogue
 
 if TYPE_CHECKING:
-    from segpipe.pipeline import ImagePlan, ProgressFn
+    pass
 
-TABLES = "tables"
 CLASS_SLOTS = 256  # semantic labels are uint8: (instance, class) packs into one uint64 key
-ROW_GROUP = 1 << 20
-BATCH_ROWS = 1 << 16  # objects gathered before a table write: ~8 MB on the client
 
 
 @dataclass(frozen=True)
@@ -89,7 +80,7 @@ class Groups:
         )
 
 
-def _starts(sorted_keys: NDArray[Any]) -> NDArray[np.intp]:
+def group_starts(sorted_keys: NDArray[Any]) -> NDArray[np.intp]:
     """Index where each run of equal keys begins."""
     if len(sorted_keys) == 0:
         return np.zeros(0, np.intp)
@@ -99,7 +90,7 @@ def _starts(sorted_keys: NDArray[Any]) -> NDArray[np.intp]:
     return np.flatnonzero(change)
 
 
-def _pack(instance: NDArray[np.uint64], cls: NDArray[np.uint64]) -> NDArray[np.uint64]:
+def pack(instance: NDArray[np.uint64], cls: NDArray[np.uint64]) -> NDArray[np.uint64]:
     if instance.size and int(instance.max()) >= 2**56:
         raise UnsupportedImageError(
             f"instance id {int(instance.max())} is too large to measure (limit 2**56)."
@@ -149,13 +140,13 @@ def block_groups(
     base = np.zeros(ndim, np.int64) if offset is None else np.asarray(offset, np.int64)
     if instances.size == 0:
         return Groups.empty(ndim)
-    key = _pack(instances.ravel().astype(np.uint64), semantic.ravel().astype(np.uint64))
+    key = pack(instances.ravel().astype(np.uint64), semantic.ravel().astype(np.uint64))
     # Background (key 0) is most of a block and sorts slowly (many ties): take it
     # first, in pixel order, and sort the rest: the same order a stable sort gives.
     rest = np.flatnonzero(key)
     order = np.concatenate([np.flatnonzero(key == 0), rest[np.argsort(key[rest], kind="stable")]])
     sorted_key = key[order]
-    starts = _starts(sorted_key)
+    starts = group_starts(sorted_key)
     count = np.diff(np.append(starts, len(key))).astype(np.int64)
     coords = np.unravel_index(order, shape)
     coord_sum = np.empty((len(starts), ndim), np.int64)
@@ -215,10 +206,10 @@ def local_groups(
     )
     # Sorted by (instance, class); two local ids of one object (joined through another
     # block) become one row.
-    return _reduce(groups, _pack(groups.instance, groups.cls))[1]
+    return reduce_groups(groups, pack(groups.instance, groups.cls))[1]
 
 
-def _reduce(groups: Groups, key: NDArray[Any]) -> tuple[NDArray[Any], Groups]:
+def reduce_groups(groups: Groups, key: NDArray[Any]) -> tuple[NDArray[Any], Groups]:
     """Merge rows with equal ``key``: counts and sums add, minima and maxima combine.
 
     Returns the distinct keys (sorted) and one merged row each; ``instance`` and
@@ -226,7 +217,7 @@ def _reduce(groups: Groups, key: NDArray[Any]) -> tuple[NDArray[Any], Groups]:
     """
     order = np.argsort(key, kind="stable")  # stable: float sums in block order
     k = key[order]
-    starts = _starts(k)
+    starts = group_starts(k)
     if len(starts) == 0:
         return k, groups
 
@@ -252,7 +243,7 @@ def merge_groups(parts: Sequence[Groups]) -> Groups:
     if not parts:
         raise ValueError("Expected the groups of at least one block, got none.")
     groups = Groups.concat(parts)
-    return _reduce(groups, _pack(groups.instance, groups.cls))[1]
+    return reduce_groups(groups, pack(groups.instance, groups.cls))[1]
 
 
 def majority_class(groups: Groups) -> tuple[NDArray[np.uint64], NDArray[np.uint64]]:
@@ -262,7 +253,7 @@ def majority_class(groups: Groups) -> tuple[NDArray[np.uint64], NDArray[np.uint6
     """
     order = np.lexsort((groups.cls, -groups.count, groups.instance))
     inst = groups.instance[order]
-    first = _starts(inst)
+    first = group_starts(inst)
     return inst[first], groups.cls[order][first]
 
 
@@ -298,7 +289,7 @@ def objects_table(groups: Groups, catalogue: Catalogue) -> pa.Table:
     fg = groups.instance > 0
     sub = Groups(*(getattr(groups, f)[fg] for f in Groups.__dataclass_fields__))
     labels, cls = majority_class(sub)
-    _, merged = _reduce(sub, sub.instance)
+    _, merged = reduce_groups(sub, sub.instance)
     thing = catalogue.thing_lut()
     cols: dict[str, Any] = {
         "label": pa.array(labels, pa.uint64()),
@@ -323,7 +314,7 @@ def segments_table(groups: Groups, catalogue: Catalogue, divisor: int) -> pa.Tab
     thing = catalogue.thing_lut()[groups.cls.astype(np.intp)]
     instance = np.where(thing, groups.instance, np.uint64(0))
     ids = groups.cls * np.uint64(divisor) + instance
-    keys, merged = _reduce(groups, ids)
+    keys, merged = reduce_groups(groups, ids)
     category = (keys // np.uint64(divisor)).astype(np.uint8)
     cols: dict[str, Any] = {
         "id": pa.array(keys, pa.uint64()),
@@ -352,35 +343,6 @@ def open_instances(
     return np.unique(np.concatenate(faces))
 
 
-def measure_block(
-    instances_path: str,
-    semantic_path: str,
-    image_path: str,
-    region: tuple[slice, ...],
-    parts_dir: str,
-    block_id: int,
-    shape: tuple[int, ...],
-    stuff: tuple[int, ...] = (0,),
-) -> Groups:
-    """Reduce one block to `Groups`. Objects wholly inside the block are final: they are
-    saved beside the tables (``parts_dir``); only those that may continue in another
-    block (and the stuff) are returned, for the client to merge."""
-
-    instances = omezarr.read_block(instances_path, region)
-    try:
-        groups = block_groups(
-            instances,
-            omezarr.read_block(semantic_path, region),
-            omezarr.read_block(image_path, region),
-            offset=[s.start for s in region],
-        )
-    except UnsupportedImageError as err:
-        from segpipe.pipeline import span
-
-        raise UnsupportedImageError(f"{instances_path} [{span(region)}]: {err}") from err
-    return keep_closed(groups, instances, region, shape, stuff, parts_dir, block_id)
-
-
 def keep_closed(
     groups: Groups,
     instances: NDArray[np.integer],
@@ -406,236 +368,3 @@ def groups_out(groups: Groups) -> dict[str, NDArray[Any]]:
 
 def groups_in(arrays: dict[str, NDArray[Any]]) -> Groups:
     return Groups(**{f: arrays[f] for f in Groups.__dataclass_fields__})
-
-
-@dataclass(frozen=True)
-class Measured:
-    """What `measure` wrote: table paths, row counts, objects per class name."""
-
-    objects_path: str
-    segments_path: str
-    objects: int
-    segments: int
-    per_class: dict[str, int]
-
-
-def _open_by_owner(parts: Sequence[Groups], stuff: tuple[int, ...]) -> dict[int, Groups]:
-    """Merge the open groups of all blocks; give each instance to its first block, and
-    every instance with stuff pixels to one chunk (-1), so stuff segments sum once."""
-    if not any(len(p) for p in parts):
-        return {}
-    groups = Groups.concat(parts)
-    merged = _reduce(groups, _pack(groups.instance, groups.cls))[1]
-    # the first block holding each instance, whatever its classes
-    block = np.concatenate([np.full(len(p), b, np.int64) for b, p in enumerate(parts)])
-    order = np.argsort(groups.instance, kind="stable")
-    starts = _starts(groups.instance[order])
-    first_block = np.minimum.reduceat(block[order], starts)
-    ids = groups.instance[order][starts]
-    row_owner = first_block[np.searchsorted(ids, merged.instance)]
-    with_stuff = np.isin(
-        merged.instance, merged.instance[np.isin(merged.cls, np.asarray(stuff, np.uint64))]
-    )
-    row_owner[with_stuff] = -1
-    by = np.argsort(row_owner, kind="stable")
-    blocks, first = np.unique(row_owner[by], return_index=True)
-    bounds = np.append(first, len(by))
-    return {int(b): merged.take(by[bounds[i] : bounds[i + 1]]) for i, b in enumerate(blocks)}
-
-
-class _TableWriters:
-    """Both tables, written a block's rows at a time, renamed into place at the end."""
-
-    def __init__(self, out: Path, meta: dict[str, Any]) -> None:
-        self.out = out
-        self.meta = {b"segpipe": json.dumps(meta, sort_keys=True).encode()}
-        self.writers: dict[str, pq.ParquetWriter] = {}
-        self.rows = {"objects": 0, "segments": 0}
-
-    def _tmp(self, name: str) -> Path:
-        return self.out / f"{name}.parquet.partial"
-
-    def write(self, objects: pa.Table, segments: pa.Table) -> None:
-        for name, table in (("objects", objects), ("segments", segments)):
-            table = table.replace_schema_metadata(self.meta)
-            if name not in self.writers:
-                self.writers[name] = pq.ParquetWriter(
-                    self._tmp(name), table.schema, compression="zstd"
-                )
-            self.writers[name].write_table(table, row_group_size=ROW_GROUP)
-            self.rows[name] += table.num_rows
-
-    def close(self, catalogue: Catalogue, divisor: int, ndim: int) -> tuple[int, int]:
-        if not self.writers:  # no rows at all: still write empty tables
-            empty = Groups.empty(ndim)
-            self.write(objects_table(empty, catalogue), segments_table(empty, catalogue, divisor))
-        for name, writer in self.writers.items():
-            writer.close()
-            os.replace(self._tmp(name), self.out / f"{name}.parquet")
-        return self.rows["objects"], self.rows["segments"]
-
-
-def tables_dir(plan: ImagePlan) -> Path:
-    return Path(plan.group) / TABLES
-
-
-def measure(
-    client: Any,
-    plan: ImagePlan,
-    catalogue: Catalogue,
-    divisor: int,
-    progress: ProgressFn | None = None,
-) -> Measured:
-    """Measure every object and panoptic segment of an image; write both tables.
-
-    One task per block reads that block of ``labels/instances/0``,
-    ``labels/semantic/0`` and the image ``0`` and returns per-(instance, class)
-    statistics; the client merges them exactly and writes
-    ``OUT/<name>/tables/objects.parquet`` (one row per instance) and
-    ``segments.parquet`` (one row per panoptic segment). ``tables`` is also a
-    Zarr group whose ``segpipe`` attributes list the tables, and the image
-    group's ``segpipe.tables`` points to them.
-
-    Parameters
-    ----------
-    client : distributed.Client
-        The cluster.
-    plan : ImagePlan
-        An image whose ``write`` stage has run.
-    catalogue : Catalogue
-        The run's classes.
-    divisor : int
-        The panoptic divisor (`segpipe.panoptic.PanopticResult.divisor`).
-    progress : callable, optional
-        ``progress(stage, done, total)``.
-
-    Notes
-    -----
-    The client holds about 100 bytes per object (and per extra block an object
-    spans) while merging, like the stitch stage's lookup table.
-    """
-    from segpipe import pipeline
-
-    blocks = list(plan.grid())
-    stuff = tuple(c.id for c in catalogue.classes if not c.thing)
-    # Objects wholly inside a block wait in scratch (removed with it when the image is
-    # complete) so that a resumed stage finds them next to its markers.
-    parts_dir = Path(plan.scratch) / "measure-parts"
-    jobs = [
-        (
-            plan.label("instances"),
-            plan.label("semantic"),
-            plan.raw,
-            b.core,
-            str(parts_dir),
-            b.id,
-            plan.spec.shape,
-            stuff,
-        )
-        for b in blocks
-    ]
-    open_parts = pipeline.map_blocks(
-        client,
-        measure_block,
-        jobs,
-        stage="measure",
-        progress=progress or pipeline._noop,
-        markers=plan.markers("measure"),
-        codec=(groups_out, groups_in),
-        names=[f"{plan.label('instances')} [{pipeline.span(b.core)}]" for b in blocks],
-        run=plan.token,
-    )
-    return write_tables(plan, catalogue, divisor, open_parts, parts_dir)
-
-
-def write_tables(
-    plan: ImagePlan,
-    catalogue: Catalogue,
-    divisor: int,
-    open_parts: Sequence[Groups],
-    parts_dir: Path,
-) -> Measured:
-    """Merge the blocks' open groups, join them with the closed ones saved in
-    ``parts_dir`` and write ``objects.parquet`` and ``segments.parquet``.
-
-    Parameters
-    ----------
-    plan : ImagePlan
-        The image.
-    catalogue : Catalogue
-        The run's classes.
-    divisor : int
-        The panoptic divisor.
-    open_parts : sequence of Groups
-        Per block (in block order), the groups that may continue in another block.
-    parts_dir : Path
-        Where the block tasks saved the groups of objects wholly inside them.
-
-    Returns
-    -------
-    Measured
-    """
-    from segpipe.io.store import mark_image
-
-    blocks = list(plan.grid())
-    stuff = tuple(c.id for c in catalogue.classes if not c.thing)
-    out = tables_dir(plan)
-    # Objects that cross blocks are merged here; each goes with the first block it is
-    # in, which is the block whose id range holds its global id.
-    owned = _open_by_owner(open_parts, stuff)
-    meta = {
-        "image": plan.name,
-        "shape": list(plan.spec.shape),
-        "divisor": divisor,
-        "classes": catalogue.to_list(),
-    }
-    out.mkdir(parents=True, exist_ok=True)
-    counts = np.zeros(CLASS_SLOTS, np.int64)
-    writers = _TableWriters(out, meta)
-    parts = Markers(parts_dir)
-    batch: list[Groups] = []
-    rows = 0
-
-    def flush() -> None:
-        nonlocal counts, rows
-        groups = Groups.concat(batch)
-        batch.clear()
-        rows = 0
-        objects = objects_table(groups, catalogue)
-        objects = objects.take(pa.compute.sort_indices(objects, [("label", "ascending")]))
-        segments = segments_table(groups, catalogue, divisor)
-        segments = segments.take(pa.compute.sort_indices(segments, [("id", "ascending")]))
-        counts += np.bincount(
-            np.asarray(objects.column("class").to_numpy(), np.intp), minlength=CLASS_SLOTS
-        )
-        writers.write(objects, segments)
-
-    for b in [None, *blocks]:  # None: instances with stuff pixels, gathered first
-        bid = -1 if b is None else b.id
-        if parts.done(bid):
-            batch.append(groups_in(parts.load(bid)))
-            rows += len(batch[-1])
-        if bid in owned:
-            batch.append(owned[bid])
-            rows += len(batch[-1])
-        # blocks own consecutive id ranges: a batch of them sorts like one block
-        if rows >= BATCH_ROWS:
-            flush()
-    if rows:
-        flush()
-    n_objects, n_segments = writers.close(catalogue, divisor, plan.ndim)
-    per_class = {c.name: int(counts[c.id]) for c in catalogue.classes}
-    info: dict[str, Any] = {
-        "objects": {"path": f"{TABLES}/objects.parquet", "rows": n_objects},
-        "segments": {"path": f"{TABLES}/segments.parquet", "rows": n_segments},
-        "objects_per_class": per_class,
-    }
-    zarr.open_group(str(out), mode="a", zarr_format=3).attrs["segpipe"] = {TABLES: info}
-    mark_image(plan.group, tables=info)
-    return Measured(
-        str(out / "objects.parquet"),
-        str(out / "segments.parquet"),
-        n_objects,
-        n_segments,
-        per_class,
-    )

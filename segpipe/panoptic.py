@@ -20,10 +20,8 @@ from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from segpipe.errors import ConfigError, InputReadError, UnsupportedImageError
-from segpipe.io import omezarr
 
 if TYPE_CHECKING:
-    from segpipe.pipeline import ImagePlan, ProgressFn
     from segpipe.segmenters.base import Segmenter
 
 KEY = "panoptic"  # under the arrays' and label group's ``segpipe`` attributes
@@ -374,7 +372,7 @@ def attrs_value(divisor: int, catalogue: Catalogue) -> dict[str, Any]:
     return {"divisor": int(divisor), "classes": catalogue.to_list()}
 
 
-def _attrs(node: zarr.Array[Any] | zarr.Group) -> dict[str, Any]:
+def node_attrs(node: zarr.Array[Any] | zarr.Group) -> dict[str, Any]:
     return dict(node.attrs.asdict())
 
 
@@ -403,7 +401,7 @@ def read_attrs(node: zarr.Array[Any] | zarr.Group | str | Path) -> tuple[int, Ca
     if path is not None and (path.parent / "zarr.json").is_file():
         candidates.append(zarr.open_group(str(path.parent), mode="r"))
     for candidate in candidates:
-        section = _attrs(candidate).get("segpipe")
+        section = node_attrs(candidate).get("segpipe")
         value = section.get(KEY) if isinstance(section, dict) else None
         if isinstance(value, dict) and "divisor" in value:
             catalogue = parse_catalogue(value.get("classes", []), source=f"{path}: classes")
@@ -423,173 +421,3 @@ def label_properties(divisor: int, catalogue: Catalogue) -> list[dict[str, Any]]
 
 
 # -- the stage -------------------------------------------------------------------
-
-
-def panoptic_block(
-    semantic_path: str,
-    instances_path: str,
-    dst: str,
-    region: tuple[slice, ...],
-    divisor: int,
-    catalogue: Catalogue,
-) -> int:
-    """Write ``region`` of the panoptic array from the semantic and instance labels.
-
-    Returns the number of pixels of thing classes with no instance (0 for the
-    classical segmenters), so the stage can report them.
-    """
-    semantic = omezarr.read_block(semantic_path, region)
-    instances = omezarr.read_block(instances_path, region)
-    try:
-        out = encode(semantic, instances, divisor=divisor, catalogue=catalogue)
-    except ConfigError as err:
-        raise ConfigError(f"{semantic_path}: {err}") from err
-    omezarr.write_block(dst, region, out)
-    thing = catalogue.thing_lut()[semantic]
-    return int(np.count_nonzero(thing & (instances == 0)))
-
-
-def label_levels(plan: ImagePlan, kind: str = "instances") -> int:
-    """Number of pyramid levels of ``labels/<kind>``, from its NGFF metadata."""
-    group = zarr.open_group(str(Path(plan.group) / "labels" / kind), mode="r")
-    ome = _attrs(group).get("ome", {})
-    try:
-        return len(ome["multiscales"][0]["datasets"])
-    except (KeyError, IndexError, TypeError) as err:
-        raise InputReadError(
-            f"{Path(plan.group) / 'labels' / kind}: no multiscales metadata; run the write "
-            "stage first."
-        ) from err
-
-
-def _count_out(n: int) -> dict[str, NDArray[Any]]:
-    return {"count": np.array(n, np.int64)}
-
-
-def _count_in(arrays: dict[str, NDArray[Any]]) -> int:
-    return int(arrays["count"])
-
-
-@dataclass(frozen=True)
-class PanopticResult:
-    """What `write_panoptic` wrote: the divisor, the catalogue and the level count."""
-
-    divisor: int
-    catalogue: Catalogue
-    levels: int
-    unassigned: int  # thing-class pixels without an instance
-
-
-def write_panoptic(
-    client: Any,
-    plan: ImagePlan,
-    count: int,
-    catalogue: Catalogue,
-    progress: ProgressFn | None = None,
-) -> PanopticResult:
-    """Write ``labels/panoptic/0..n`` (uint64) from the semantic and instance labels.
-
-    One task per block writes whole chunks; the pyramid is strided like the
-    other labels; the divisor and catalogue go to every level's attributes,
-    the label group's attributes and its NGFF ``image-label`` properties, and
-    ``panoptic`` is added to the image's ``labels`` list.
-
-    Parameters
-    ----------
-    client : distributed.Client
-        The cluster.
-    plan : ImagePlan
-        An image whose ``write`` stage has run.
-    count : int
-        Number of global instance ids (``ids.count``); decides the divisor.
-    catalogue : Catalogue
-        The run's classes (`catalogue_for`).
-    progress : callable, optional
-        ``progress(stage, done, total)``.
-
-    Returns
-    -------
-    PanopticResult
-    """
-    from segpipe import pipeline
-
-    report = progress or pipeline._noop
-    divisor = choose_divisor(count)
-    tile = plan.grid().tile
-    markers = plan.markers(KEY)
-    pipeline.prepare_array(
-        plan.label(KEY), markers, shape=plan.spec.shape, chunks=tile, dtype=np.uint64
-    )
-    blocks = list(plan.grid())
-    jobs = [
-        (
-            plan.label("semantic"),
-            plan.label("instances"),
-            plan.label(KEY),
-            b.core,
-            divisor,
-            catalogue,
-        )
-        for b in blocks
-    ]
-    unassigned = pipeline.map_blocks(
-        client,
-        panoptic_block,
-        jobs,
-        stage=KEY,
-        progress=report,
-        markers=markers,
-        codec=(_count_out, _count_in),
-        names=[f"{plan.label(KEY)} [{pipeline.span(b.core)}]" for b in blocks],
-        run=plan.token,
-    )
-    return finish_panoptic(client, plan, divisor, catalogue, sum(unassigned), report)
-
-
-def finish_panoptic(
-    client: Any,
-    plan: ImagePlan,
-    divisor: int,
-    catalogue: Catalogue,
-    unassigned: int,
-    progress: ProgressFn | None = None,
-    start: int = 1,
-) -> PanopticResult:
-    """Build levels ``start``.. of ``labels/panoptic`` (those below written) and its
-    metadata.
-
-    The divisor and catalogue go to every level's attributes, the label group's
-    attributes and its NGFF ``image-label`` properties, and ``panoptic`` is added
-    to the image's ``labels`` list.
-    """
-    from segpipe import pipeline
-
-    tile = plan.grid().tile
-    levels = label_levels(plan)
-    shapes = omezarr.pyramid_shapes(plan.spec.shape, min_size=max(256, min(tile[-2:])))[:levels]
-    pipeline.build_pyramid(
-        client,
-        plan,
-        [(lambda k: plan.label(KEY, k), np.uint64, True)],
-        shapes,
-        stage=f"{KEY}-pyramid",
-        progress=progress or pipeline._noop,
-        start=start,
-    )
-    value = attrs_value(divisor, catalogue)
-    for k in range(len(shapes)):
-        zarr.open_array(plan.label(KEY, k), mode="r+").attrs["segpipe"] = {KEY: value}
-    group_path = Path(plan.group) / "labels" / KEY
-    omezarr.write_label_group_metadata(
-        group_path,
-        ndim=plan.ndim,
-        levels=len(shapes),
-        name=KEY,
-        properties=label_properties(divisor, catalogue),
-    )
-    zarr.open_group(str(group_path), mode="a").attrs["segpipe"] = {KEY: value}
-    labels = zarr.open_group(str(group_path.parent), mode="r")
-    listed = [str(n) for n in _attrs(labels).get("ome", {}).get("labels", [])]
-    names = [n for n in listed if n != KEY] or ["instances", "semantic"]
-    omezarr.write_labels_index(group_path.parent, [*names, KEY])
-    return PanopticResult(divisor, catalogue, len(shapes), unassigned)

@@ -27,7 +27,6 @@ from segpipe.blocks import pass_levels
 from segpipe.config import RunConfig, block_tile
 from segpipe.errors import ConfigError
 from segpipe.io.readers import SourceSpec, open_source
-from segpipe.pipeline import STAGES
 from segpipe.segmenters import Segmenter, get_segmenter
 
 COSTS_FILE = Path(__file__).resolve().parent.parent / "bench" / "plan_costs.json"
@@ -181,7 +180,6 @@ class ImageEstimate:
     levels: int
     stages: tuple[Stage, ...]
     peak_thread_bytes: dict[str, int]  # per stage: block + halo, working set, labels
-    prefect_tasks: int = len(STAGES)
 
     @property
     def pixels(self) -> int:
@@ -515,10 +513,12 @@ def measure_costs(
     """
     import zarr
 
-    from segpipe import pipeline, relabel, stitch
+    from segpipe import image as segpipe_image
+    from segpipe import stages, stitch
     from segpipe.io import omezarr
     from segpipe.io.readers import read_region
     from segpipe.panoptic import catalogue_for, choose_divisor
+    from segpipe.stages import write as relabel
     from segpipe.stats import Extrema, hist_range, merge_histograms
 
     ndim = len(spec.shape)
@@ -533,10 +533,10 @@ def measure_costs(
         # ingest from the user's own file: its format decides that cost
         src = str(root / "source.zarr")
         zarr.create_array(store=src, shape=sub, chunks=tiles, dtype=spec.out_dtype, fill_value=0)
-        for r in pipeline._regions(sub, tiles):
+        for r in stages.ingest.regions(sub, tiles):
             zarr.open_array(src, mode="r+")[r] = read_region(spec, r)
         local = open_source(src, axes="ZYX"[3 - ndim :])
-        plan = pipeline.ImagePlan(
+        plan = segpipe_image.ImagePlan(
             local,
             str(root / "out.zarr"),
             tiles,
@@ -556,25 +556,30 @@ def measure_costs(
 
         omezarr.create_array(plan.raw, shape=sub, chunks=tiles, dtype=local.out_dtype)
         slabs = plan.slabs
-        t_ingest, _ = timed(lambda: pipeline.ingest_block(spec, plan.raw, middle.core, slabs))
-        parts = [pipeline.ingest_block(local, plan.raw, b.core, slabs) for b in plan.grid()]
+        t_ingest, _ = timed(lambda: stages.ingest.ingest_block(spec, plan.raw, middle.core, slabs))
+        parts = [stages.ingest.ingest_block(local, plan.raw, b.core, slabs) for b in plan.grid()]
         per_px("ingest", t_ingest, core_px)
         extrema = Extrema.merge(parts)
         if segmenter.has_filter():
             omezarr.create_array(plan.filtered, shape=sub, chunks=tiles, dtype=np.float32)
             fgrid = plan.grid(segmenter.filter_halo(ndim))
             parts = [
-                pipeline.filter_block(plan.raw, plan.filtered, b, segmenter, slabs) for b in fgrid
+                stages.statistics.filter_block(plan.raw, plan.filtered, b, segmenter, slabs)
+                for b in fgrid
             ]
             extrema = Extrema.merge(parts)
             fb = fgrid.block(mid)
             t, _ = timed(
-                lambda: pipeline.filter_block(plan.raw, plan.filtered, fb, segmenter, slabs)
+                lambda: stages.statistics.filter_block(
+                    plan.raw, plan.filtered, fb, segmenter, slabs
+                )
             )
             per_px("filter", t, math.prod(r.stop - r.start for r in fb.read))
         lo, hi = hist_range(extrema)
-        hists = [pipeline.histogram_block(plan.source, b.core, lo, hi) for b in plan.grid()]
-        t, _ = timed(lambda: pipeline.histogram_block(plan.source, middle.core, lo, hi))
+        hists = [
+            stages.statistics.histogram_block(plan.source, b.core, lo, hi) for b in plan.grid()
+        ]
+        t, _ = timed(lambda: stages.statistics.histogram_block(plan.source, middle.core, lo, hi))
         per_px("statistics", t, core_px)
         params = dict(segmenter.prepare(merge_histograms(hists, extrema)))
         for kind, dtype in (("semantic", np.uint8),):
@@ -589,9 +594,11 @@ def measure_costs(
             directions[a.id].append(d)
             directions[b.id].append(tuple(-x for x in d))
         mdir = str(plan.markers("segment").directory)
-        counts = [pipeline.segment_block(plan, b, params, directions[b.id], mdir) for b in blocks]
+        counts = [
+            stages.segment.segment_block(plan, b, params, directions[b.id], mdir) for b in blocks
+        ]
         t_seg, _ = timed(
-            lambda: pipeline.segment_block(plan, middle, params, directions[middle.id], mdir)
+            lambda: stages.segment.segment_block(plan, middle, params, directions[middle.id], mdir)
         )
         read_px = math.prod(r.stop - r.start for r in middle.read)
         data = np.asarray(zarr.open_array(plan.source, mode="r")[middle.read], np.float32)
@@ -606,7 +613,7 @@ def measure_costs(
         pair_times: list[float] = []
         for a, b, d in pairs:
             t0 = time.perf_counter()
-            e = pipeline.pair_edges(mdir, a.id, b.id, d, mode)
+            e = stages.stitch.pair_edges(mdir, a.id, b.id, d, mode)
             t = time.perf_counter() - t0
             edges.append((a.id, b.id, e))
             if middle.id in (a.id, b.id):
@@ -644,9 +651,8 @@ def measure_costs(
         per_px("pyramid", t, math.prod(r.stop for r in first))
         pair_s = float(np.median(pair_times)) if pair_times else 0.0
         where = f"{spec.path}: block {mid} of tile {tiles}, {segmenter.name}, one thread"
-        stages = {**(base.stages if base else {}), **ns}
         return Costs(
-            stages=stages,
+            stages={**(base.stages if base else {}), **ns},
             segment={**(base.segment if base else {}), segmenter.name: seg},
             pairs={**(base.pairs if base else {}), mode: pair_s},
             task_overhead_s=base.task_overhead_s if base else 0.0,

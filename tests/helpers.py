@@ -77,7 +77,8 @@ def tiled_instances(
 
     import zarr
 
-    from segpipe.pipeline import ImagePlan, run_image
+    from segpipe.image import ImagePlan
+    from segpipe.pipeline import run_image
 
     labels = {}
     for tile in tiles:

@@ -35,8 +35,8 @@ def test_bad_tiles_are_refused(tile: object) -> None:
 
 
 def test_a_tile_whose_label_chunks_blosc_cannot_hold_is_refused_naming_the_file() -> None:
+    from segpipe.image import ImagePlan, check_tile
     from segpipe.io.readers import SourceSpec
-    from segpipe.pipeline import ImagePlan, check_tile
     from segpipe.segmenters import get_segmenter
 
     volume = SourceSpec("/data/v.tif", "v", "tiff", "ZYX", (256, 1024, 1024), "uint16", None)

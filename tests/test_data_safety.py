@@ -186,7 +186,8 @@ def test_a_damaged_complete_result_is_computed_again(
 def test_an_interrupted_image_recomputes_damaged_blocks(client, image, tmp_path, how) -> None:
     """Blocks finished before an interruption, then a chunk or a marker damaged: the
     resumed run checks each marker and recomputes what no longer holds."""
-    from segpipe import pipeline
+    from segpipe import image as segpipe_image
+    from segpipe import lifecycle, pipeline, stages
     from segpipe.io.readers import open_source
     from segpipe.io.store import open_output
     from segpipe.segmenters import get_segmenter
@@ -194,18 +195,18 @@ def test_an_interrupted_image_recomputes_damaged_blocks(client, image, tmp_path,
     out = tmp_path / "out.zarr"
     open_output(out, {"test": 1}).release()
     spec = open_source(str(image))
-    plan = pipeline.ImagePlan(spec, str(out), (128, 128), get_segmenter("otsu"))
-    assert pipeline.begin(plan) == "fresh"
-    raw = pipeline.ingest(client, plan)
-    stats = pipeline.statistics(client, plan, raw)
-    pipeline.segment(client, plan, stats)  # then the run is "interrupted"
+    plan = segpipe_image.ImagePlan(spec, str(out), (128, 128), get_segmenter("otsu"))
+    assert lifecycle.begin(plan) == "fresh"
+    raw = stages.ingest.ingest(client, plan)
+    stats = stages.statistics.statistics(client, plan, raw)
+    stages.segment.segment(client, plan, stats)  # then the run is "interrupted"
     if how in ("delete", "garbage"):
         _damage(out / "img" / "labels" / "semantic" / "0" / "c" / "1" / "0", how)
         _damage(out / "img" / "0" / "c" / "0" / "1", how)
     else:
         _damage(plan.markers("segment").path(3), how)
         _damage(plan.markers("ingest").path(0), how)
-    resumed = pipeline.ImagePlan(spec, str(out), (128, 128), get_segmenter("otsu"))
+    resumed = segpipe_image.ImagePlan(spec, str(out), (128, 128), get_segmenter("otsu"))
     assert pipeline.run_image(client, resumed).objects == _reference(tifffile.imread(image)).max()
     _check_result(out, image)
     tally = zarr.open_group(str(out / "img"), mode="r").attrs["segpipe"]["blocks"]
@@ -231,7 +232,8 @@ def test_a_zarr_input_rewritten_in_place_is_segmented_again(run_cli, tmp_path) -
 
 
 def test_an_input_deleted_mid_run_is_named(client, image, tmp_path) -> None:
-    from segpipe import pipeline
+    from segpipe import image as segpipe_image
+    from segpipe import lifecycle, stages
     from segpipe.errors import InputReadError
     from segpipe.io.readers import open_source
     from segpipe.io.store import open_output
@@ -239,20 +241,22 @@ def test_an_input_deleted_mid_run_is_named(client, image, tmp_path) -> None:
 
     out = tmp_path / "out.zarr"
     open_output(out, {"test": 1}).release()
-    plan = pipeline.ImagePlan(open_source(str(image)), str(out), (128, 128), get_segmenter("otsu"))
-    pipeline.begin(plan)
+    plan = segpipe_image.ImagePlan(
+        open_source(str(image)), str(out), (128, 128), get_segmenter("otsu")
+    )
+    lifecycle.begin(plan)
     image.unlink()
     with pytest.raises(InputReadError, match=r"img\.tif"):
-        pipeline.ingest(client, plan)
+        stages.ingest.ingest(client, plan)
 
 
 def test_skip_fails_one_image_whatever_the_exception(run_cli, tmp_path, monkeypatch) -> None:
-    from segpipe import pipeline
+    from segpipe import pipeline, stages
 
     folder = tmp_path / "scans"
     synthetic.write_tiff(folder / "a.tif", (200, 180), seed=1)
     synthetic.write_tiff(folder / "b.tif", (150, 170), seed=2)
-    statistics = pipeline.statistics
+    statistics = stages.statistics.statistics
 
     def flaky(client, plan, raw, progress=None):  # type: ignore[no-untyped-def]
         if plan.name == "a":

@@ -23,8 +23,9 @@ from skimage.segmentation import find_boundaries
 from segpipe import synthetic
 from segpipe.deep import checkpoint, infer, provenance
 from segpipe.deep.nets import NetSpec, build
+from segpipe.image import ImagePlan
 from segpipe.io.readers import open_source
-from segpipe.pipeline import ImagePlan, run_image
+from segpipe.pipeline import run_image
 from segpipe.segmenters import get_segmenter
 from segpipe.segmenters.deep import DeepResult
 
@@ -187,14 +188,14 @@ def test_worker_cache_loads_once_and_logs_one_line(
 
 def test_provenance_survives_a_resume(client, tmp_path: Path) -> None:
     """Blocks kept from an interrupted run keep their records; recomputed ones get new ones."""
-    from segpipe import pipeline
+    from segpipe import lifecycle, stages
 
     path = synthetic.write_tiff(tmp_path / "in" / "img.tif", (192, 192), tile=64, seed=1)
     seg = get_segmenter("otsu", sigma=0)
     first = ImagePlan(open_source(path), str(tmp_path / "out.zarr"), (64, 64), seg)
-    assert pipeline.begin(first) == "fresh"
-    stats = pipeline.statistics(client, first, pipeline.ingest(client, first))
-    pipeline.segment(client, first, stats)
+    assert lifecycle.begin(first) == "fresh"
+    stats = stages.statistics.statistics(client, first, stages.ingest.ingest(client, first))
+    stages.segment.segment(client, first, stats)
     markers = first.markers("segment")
     for block_id in (1, 4, 7):  # as if the run died before these blocks finished
         markers.path(block_id).unlink()

@@ -193,8 +193,8 @@ def _kill_own_worker_on_3(i: int) -> int:
 
 
 def test_block_that_kills_workers_is_named(two_workers: str) -> None:
+    from segpipe.engine import map_blocks
     from segpipe.errors import BlockFailedError
-    from segpipe.pipeline import map_blocks
 
     done: list[int] = []
     with Client(two_workers) as client:

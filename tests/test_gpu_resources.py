@@ -20,8 +20,10 @@ import torch
 from segpipe import synthetic
 from segpipe.deep import checkpoint, provenance
 from segpipe.deep.nets import NetSpec, build
+from segpipe.engine import gpu_resources
+from segpipe.image import ImagePlan
 from segpipe.io.readers import open_source
-from segpipe.pipeline import ImagePlan, gpu_resources, run_image
+from segpipe.pipeline import run_image
 from segpipe.segmenters import get_segmenter
 from tests.helpers import free_port
 

@@ -11,10 +11,12 @@ import pytest
 
 from segpipe import halo
 from segpipe.blocks import BlockGrid
+from segpipe.image import ImagePlan
 from segpipe.io import omezarr
 from segpipe.io.readers import open_source
-from segpipe.pipeline import ImagePlan, ingest, statistics
 from segpipe.segmenters import get_segmenter
+from segpipe.stages.ingest import ingest
+from segpipe.stages.statistics import statistics
 
 
 @pytest.mark.parametrize(

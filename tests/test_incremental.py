@@ -83,9 +83,10 @@ def test_serve_refuses_a_bad_cron_or_config_before_serving(tmp_path: Path) -> No
 def test_an_interrupted_image_resumes_only_in_the_same_blocks(tmp_path: Path) -> None:
     """Markers name blocks by number: an interrupted image whose tile now resolves
     otherwise (``tile: auto`` per image and version) starts over; a complete one is kept."""
+    from segpipe.image import ImagePlan
     from segpipe.io.readers import open_source
     from segpipe.io.store import image_state, mark_image
-    from segpipe.pipeline import ImagePlan, begin, write_manifest
+    from segpipe.lifecycle import begin, write_manifest
     from segpipe.segmenters import get_segmenter
 
     spec = open_source(synthetic.write_tiff(tmp_path / "v.tif", (96, 80), seed=1))

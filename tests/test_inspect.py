@@ -12,12 +12,11 @@ import pytest
 import zarr
 from typer.testing import CliRunner
 
-from segpipe import measure, pipeline, synthetic
+from segpipe import image as segpipe_image
+from segpipe import lifecycle, pipeline, synthetic
 from segpipe.inspect import inspect_store
 from segpipe.io.readers import open_source
 from segpipe.io.store import open_output
-from segpipe.panoptic import catalogue_for, write_panoptic
-from segpipe.preview import write_preview
 from segpipe.segmenters import get_segmenter
 
 
@@ -28,15 +27,11 @@ def store(tmp_path_factory: pytest.TempPathFactory, client: Any) -> Path:
     open_output(root, {"segmenter": "multiotsu", "options": {"classes": 3}}).release()
     seg = get_segmenter("multiotsu", classes=3)
     done = synthetic.write_tiff(tmp / "plate.tif", (400, 300), seed=3)
-    plan = pipeline.ImagePlan(open_source(done), str(root), (128, 128), seg)
-    result = pipeline.run_image(client, plan)
-    cat = catalogue_for(seg)
-    pan = write_panoptic(client, plan, result.objects, cat)
-    measure.measure(client, plan, cat, pan.divisor)
-    write_preview(client, plan)
+    plan = segpipe_image.ImagePlan(open_source(done), str(root), (128, 128), seg)
+    pipeline.run_image(client, plan)
     # a second image whose run stopped after it began: listed as incomplete
     other = synthetic.write_tiff(tmp / "stopped.tif", (64, 64), seed=4)
-    pipeline.begin(pipeline.ImagePlan(open_source(other), str(root), (64, 64), seg))
+    lifecycle.begin(segpipe_image.ImagePlan(open_source(other), str(root), (64, 64), seg))
     return root
 
 

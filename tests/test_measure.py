@@ -14,9 +14,10 @@ import zarr
 from scipy import ndimage as ndi
 from skimage.measure import regionprops, regionprops_table
 
-from segpipe import measure, pipeline
+from segpipe import image as segpipe_image
+from segpipe import measure, pipeline, stages
 from segpipe.io.readers import open_source
-from segpipe.panoptic import catalogue_for, default_catalogue, write_panoptic
+from segpipe.panoptic import default_catalogue
 from segpipe.segmenters import get_segmenter
 
 PROPS = (
@@ -52,17 +53,15 @@ def run(tmp: Path, image: np.ndarray, tile: int, client: Any) -> dict[str, Any]:
     path = tmp / "img.tif"
     tifffile.imwrite(path, image, metadata={"axes": axes})
     seg = get_segmenter("threshold", value=10000.0, sigma=0.0)
-    plan = pipeline.ImagePlan(open_source(path), str(tmp / "out.zarr"), (tile,) * image.ndim, seg)
+    plan = segpipe_image.ImagePlan(
+        open_source(path), str(tmp / "out.zarr"), (tile,) * image.ndim, seg
+    )
     result = pipeline.run_image(client, plan)
-    # run_image's own tables and panoptic labels (one relabel pass made them all) ...
-    tables = measure.tables_dir(plan)
+    # run_image's own tables and panoptic labels (one relabel pass made them all)
+    tables = stages.measure.tables_dir(plan)
     fused = pq.read_table(tables / "objects.parquet").to_pydict()
     panoptic = zarr.open_array(plan.label("panoptic"))[:]
-    # ... and those of the stand-alone stages, run again over the stored labels
-    cat = catalogue_for(seg)
-    pan = write_panoptic(client, plan, result.objects, cat)
-    measured = measure.measure(client, plan, cat, pan.divisor)
-    return {"plan": plan, "measured": measured, "tile": tile, "fused": fused, "panoptic": panoptic}
+    return {"plan": plan, "tile": tile, "fused": fused, "panoptic": panoptic, "result": result}
 
 
 def blocks_spanned(labels: np.ndarray, tile: int) -> dict[int, int]:
@@ -83,7 +82,6 @@ def check_against_skimage(case: dict[str, Any]) -> dict[int, int]:
     # panoptic ids of the pipeline's own pass: class * divisor + instance, by hand
     divisor = 1000 if labels.max() < 1000 else 10000
     assert np.array_equal(case["panoptic"], semantic.astype(np.uint64) * divisor + labels)
-    assert case["fused"] == pq.read_table(case["measured"].objects_path).to_pydict()
     got = case["fused"]
     assert got["label"] == ref["label"].tolist()
     assert got["area"] == ref["area"].astype(int).tolist()
@@ -97,8 +95,6 @@ def check_against_skimage(case: dict[str, Any]) -> dict[int, int]:
     # class: the semantic value under the object
     expected_class = ndi.maximum(semantic, labels, ref["label"]).astype(int).tolist()
     assert got["class"] == expected_class
-    # one block task per block
-    assert plan.markers("measure").count() == len(plan.grid())
     return blocks_spanned(labels, case["tile"])
 
 
@@ -107,14 +103,12 @@ def test_regionprops_of_objects_across_2_and_4_blocks_2d(tmp_path: Path, client:
     case = run(tmp_path, image, 32, client)
     spans = check_against_skimage(case)
     assert {1, 2, 4} <= set(spans.values()), sorted(set(spans.values()))
-    # a rerun resumes from the block markers and writes the same table
-    first = Path(case["measured"].objects_path).read_bytes()
+    # a rerun of the complete image keeps its table as it is
     plan = case["plan"]
-    markers = sorted(plan.markers("measure").directory.glob("*.npz"))
-    stamps = [p.stat().st_mtime_ns for p in markers]
-    again = measure.measure(client, plan, catalogue_for(plan.segmenter), 1000)
-    assert Path(again.objects_path).read_bytes() == first
-    assert [p.stat().st_mtime_ns for p in markers] == stamps  # no block recomputed
+    table = stages.measure.tables_dir(plan) / "objects.parquet"
+    first, stamp = table.read_bytes(), table.stat().st_mtime_ns
+    assert pipeline.run_image(client, plan).stages == {"skipped": 1.0}
+    assert table.read_bytes() == first and table.stat().st_mtime_ns == stamp
 
 
 def test_regionprops_of_objects_across_2_4_and_8_blocks_3d(tmp_path: Path, client: Any) -> None:
@@ -170,8 +164,9 @@ def test_object_class_is_the_class_of_most_of_its_pixels() -> None:
 
 def test_empty_image_writes_empty_tables(tmp_path: Path, client: Any) -> None:
     case = run(tmp_path, np.zeros((40, 30), np.uint16), 16, client)
-    objects = pq.read_table(case["measured"].objects_path)
-    segments = pq.read_table(case["measured"].segments_path).to_pydict()
+    tables = stages.measure.tables_dir(case["plan"])
+    objects = pq.read_table(tables / "objects.parquet")
+    segments = pq.read_table(tables / "segments.parquet").to_pydict()
     assert objects.num_rows == 0 and "intensity_mean" in objects.column_names
     assert segments["id"] == [0] and segments["area"] == [1200]
     assert segments["bbox-2"] == [40] and segments["bbox-3"] == [30]

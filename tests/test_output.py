@@ -132,10 +132,12 @@ def test_lower_levels_from_the_relabel_pass_equal_striding(
     """Levels 1-2 come from the relabel pass (chunks of a half and a quarter tile),
     level 3 from the pyramid tasks; every level of the image and of the three label
     images is level 0 taken every 2^k-th pixel."""
-    from segpipe import blocks, relabel
+    from segpipe import blocks
+    from segpipe.image import ImagePlan
     from segpipe.io.readers import open_source
-    from segpipe.pipeline import ImagePlan, run_image
+    from segpipe.pipeline import run_image
     from segpipe.segmenters import get_segmenter
+    from segpipe.stages import write as relabel
 
     monkeypatch.setattr(blocks, "MIN_LEVEL_CHUNK", 32)  # 2048-px tiles' rule, scaled down
     path = synthetic.write_tiff(tmp_path / "cells.tif", (1100, 900), seed=5)

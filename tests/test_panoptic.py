@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -11,7 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 import zarr
 
-from segpipe import measure, pipeline, synthetic
+from segpipe import image as segpipe_image
+from segpipe import pipeline, synthetic
 from segpipe.errors import ConfigError
 from segpipe.io.readers import open_source
 from segpipe.panoptic import (
@@ -23,7 +25,6 @@ from segpipe.panoptic import (
     encode,
     parse_catalogue,
     read_attrs,
-    write_panoptic,
 )
 from segpipe.segmenters import get_segmenter
 from segpipe.segmenters.threshold import MultiOtsu
@@ -131,11 +132,16 @@ def written(tmp_path_factory: pytest.TempPathFactory, client: Any) -> dict[str, 
     tmp = tmp_path_factory.mktemp("panoptic")
     path = synthetic.write_tiff(tmp / "cells.tif", (600, 520), seed=4)
     seg = get_segmenter("multiotsu", classes=3, sigma=1.0)
-    plan = pipeline.ImagePlan(open_source(path), str(tmp / "out.zarr"), (128, 128), seg)
-    result = pipeline.run_image(client, plan)
     catalogue = catalogue_for(seg, CLASSES)
-    pan = write_panoptic(client, plan, result.objects, catalogue)
-    measured = measure.measure(client, plan, catalogue, pan.divisor)
+    plan = segpipe_image.ImagePlan(
+        open_source(path), str(tmp / "out.zarr"), (128, 128), seg, catalogue=catalogue
+    )
+    result = pipeline.run_image(client, plan)
+    divisor, _ = read_attrs(plan.label("panoptic"))
+    group = zarr.open_group(str(Path(plan.group) / "labels" / "panoptic"), mode="r")
+    levels = len(group.attrs["ome"]["multiscales"][0]["datasets"])
+    pan = SimpleNamespace(divisor=divisor, levels=levels, unassigned=0)
+    measured = SimpleNamespace(segments_path=Path(plan.group) / "tables" / "segments.parquet")
     return {"plan": plan, "result": result, "pan": pan, "measured": measured, "cat": catalogue}
 
 

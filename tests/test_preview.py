@@ -13,6 +13,7 @@ from PIL import Image
 from scipy import ndimage as ndi
 from skimage.segmentation import find_boundaries
 
+from segpipe import image as segpipe_image
 from segpipe import pipeline, synthetic
 from segpipe.io.readers import open_source
 from segpipe.preview import choose_level, colours, outlines, render, stretch, write_preview
@@ -36,10 +37,10 @@ def corrupt_level0(group: Path) -> int:
 
 
 @pytest.fixture(scope="module")
-def plane(tmp_path_factory: pytest.TempPathFactory, client: Any) -> pipeline.ImagePlan:
+def plane(tmp_path_factory: pytest.TempPathFactory, client: Any) -> segpipe_image.ImagePlan:
     tmp = tmp_path_factory.mktemp("preview")
     path = synthetic.write_tiff(tmp / "cells.tif", (1100, 900), seed=8)
-    plan = pipeline.ImagePlan(
+    plan = segpipe_image.ImagePlan(
         open_source(path), str(tmp / "out.zarr"), (256, 256), get_segmenter("watershed")
     )
     pipeline.run_image(client, plan)
@@ -47,7 +48,7 @@ def plane(tmp_path_factory: pytest.TempPathFactory, client: Any) -> pipeline.Ima
 
 
 def test_preview_png_from_level_1_with_outlines_on_boundaries(
-    plane: pipeline.ImagePlan, client: Any
+    plane: segpipe_image.ImagePlan, client: Any
 ) -> None:
     group = Path(plane.group)
     assert corrupt_level0(group) and corrupt_level0(group / "labels" / "instances")
@@ -78,7 +79,7 @@ def test_volume_preview_is_the_middle_plane(tmp_path: Path, client: Any) -> None
     vol = ((vol - vol.min()) / np.ptp(vol) * 60000).astype(np.uint16)
     src = tmp_path / "vol.tif"
     tifffile.imwrite(src, vol, metadata={"axes": "ZYX"})
-    plan = pipeline.ImagePlan(
+    plan = segpipe_image.ImagePlan(
         open_source(src), str(tmp_path / "out.zarr"), (64, 64, 64), get_segmenter("otsu")
     )
     pipeline.run_image(client, plan)

@@ -15,8 +15,9 @@ from skimage.filters import gaussian, threshold_local
 from skimage.measure import label
 
 from segpipe.errors import SegmenterError
+from segpipe.image import ImagePlan
 from segpipe.io.readers import open_source
-from segpipe.pipeline import ImagePlan, run_image
+from segpipe.pipeline import run_image
 from segpipe.segmenters import get_segmenter
 from segpipe.segmenters.local import LocalThreshold, local_foreground, local_halo
 from segpipe.segmenters.threshold import Otsu, otsu_threshold

@@ -1,37 +1,55 @@
-"""The relabel pass: one task per block turns its local labels into every label output.
+"""Stage write: the relabel pass, then the pyramids and their NGFF metadata.
 
-From a block's local labels (scratch), its semantic labels and the image, each
-task writes level 0 of ``labels/instances`` (global ids) and of
-``labels/panoptic``, and reduces the block to per-object statistics for the
-tables. Separate relabel, panoptic and measure passes read these arrays three
-times and sorted every pixel; here each is read once and swept once
-(`segpipe.kernels`). Objects wholly inside the block go to scratch; those that
-may continue in another block come back in the block's marker, for
-`segpipe.measure.write_tables` to merge.
+One task per block turns its local labels into every label output: level 0
+of ``labels/instances`` (through its slice of the lookup table) and of
+``labels/panoptic``, its part of the lower levels of all four pyramids, and
+per-object sums for the tables (objects wholly inside the block go to
+scratch; those that may continue in another block come back in its marker,
+for the measure stage to merge). Each array is read once and swept once
+(`segpipe.kernels`). Levels above those the pass writes are strided, one
+task per output chunk.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
+from distributed import Client
 from numpy.typing import NDArray
 
 from segpipe import kernels, measure, panoptic
 from segpipe.blocks import pass_levels
+from segpipe.engine import Lazy, map_blocks, prepare_array
 from segpipe.errors import ConfigError, UnsupportedImageError
+from segpipe.image import ImagePlan, ProgressFn, noop, span
 from segpipe.io import omezarr
 from segpipe.io.markers import Arrays, Markers
+from segpipe.merge import MergedIds
 from segpipe.panoptic import Catalogue
+from segpipe.stages.ingest import regions
+from segpipe.stitch import GlobalIds
 
-if TYPE_CHECKING:
-    from segpipe.merge import MergedIds
-    from segpipe.pipeline import ImagePlan, ProgressFn
-    from segpipe.stitch import GlobalIds
+__all__ = [
+    "PARTS",
+    "STAGE",
+    "STEPS",
+    "BlockJob",
+    "Relabelled",
+    "build_pyramid",
+    "level_shapes",
+    "parts_dir",
+    "relabel",
+    "relabel_block",
+    "relabelled",
+    "write",
+    "write_levels",
+    "written_levels",
+]
 
 STAGE = "relabel"
 PARTS = "relabel-parts"
@@ -102,8 +120,6 @@ def relabel_block(
     try:
         groups = measure.local_groups(local, lut, semantic, image, offset=offset)
     except UnsupportedImageError as err:
-        from segpipe.pipeline import span
-
         raise UnsupportedImageError(f"{job.instances} [{span(region)}]: {err}") from err
     open_groups = measure.keep_closed(
         groups, instances, region, job.shape, job.catalogue.stuff, job.parts, block_id
@@ -187,7 +203,7 @@ def relabel(
     plan : ImagePlan
         An image whose segment and stitch stages have run.
     ids : MergedIds or GlobalIds
-        Global ids per block (`segpipe.pipeline.stitch_ids`).
+        Global ids per block (`segpipe.stages.stitch.stitch_ids`).
     catalogue : Catalogue
         The run's classes (decide panoptic values and stuff segments).
     progress : callable, optional
@@ -197,7 +213,6 @@ def relabel(
     -------
     Relabelled
     """
-    from segpipe import pipeline
 
     divisor = panoptic.choose_divisor(ids.count)
     tile = plan.grid().tile
@@ -210,13 +225,13 @@ def relabel(
         (lambda k: plan.label(panoptic.KEY, k), np.uint64, True),
     ]
     for path, dtype, _ in arrays[2:]:
-        pipeline.prepare_array(path(0), markers, shape=shape, chunks=tile, dtype=dtype)
+        prepare_array(path(0), markers, shape=shape, chunks=tile, dtype=dtype)
     shapes = level_shapes(plan)
     levels = written_levels(plan)
     for k in range(1, levels + 1):  # chunks of tile / 2^k: each block writes whole chunks
         chunks = (*tile[:-2], tile[-2] // 2**k, tile[-1] // 2**k)
         for path, dtype, labels in arrays:
-            pipeline.prepare_array(
+            prepare_array(
                 path(k), markers, shape=shapes[k], chunks=chunks, dtype=dtype, labels=labels
             )
     job = BlockJob(
@@ -235,44 +250,129 @@ def relabel(
         ),
     )
     blocks = list(plan.grid())
-    results = pipeline.map_blocks(
+    results = map_blocks(
         client,
         relabel_block,
-        pipeline.Lazy(
+        Lazy(
             len(blocks), lambda i: (job, blocks[i].core, blocks[i].id, ids.block_lut(blocks[i].id))
         ),
         stage=STAGE,
-        progress=progress or pipeline._noop,
+        progress=progress or noop,
         markers=markers,
         run=plan.token,
         codec=(_as_is, _as_is),
-        names=[f"{plan.label('instances')} [{pipeline.span(b.core)}]" for b in blocks],
+        names=[f"{plan.label('instances')} [{span(b.core)}]" for b in blocks],
     )
     return Relabelled(divisor, markers, len(blocks), results)
 
 
-def finish_panoptic(
-    client: Any,
+def build_pyramid(
+    client: Client,
     plan: ImagePlan,
-    count: int,
-    catalogue: Catalogue,
-    progress: ProgressFn | None = None,
-    done: Relabelled | None = None,
-) -> panoptic.PanopticResult:
-    """The panoptic stage after this pass: the pyramid above the levels the pass wrote,
-    and the metadata (`segpipe.panoptic.finish_panoptic`). ``done``: the pass's result
-    when it ran in this process (default: read back from its markers)."""
-    done = done or relabelled(plan, count)
-    start = written_levels(plan) + 1
-    return panoptic.finish_panoptic(
-        client, plan, done.divisor, catalogue, done.unassigned(), progress, start=start
+    arrays: Sequence[tuple[Callable[[int], str], Any, bool]],
+    shapes: Sequence[Sequence[int]],
+    *,
+    stage: str,
+    progress: ProgressFn = noop,
+    start: int = 1,
+) -> None:
+    """Levels ``start``.. of each ``(path of level k, dtype, is labels)`` by striding
+    level k-1 (nearest, never interpolated); one marked task per output chunk."""
+    tile = plan.grid().tile
+    for k in range(start, len(shapes)):
+        markers = plan.markers(f"{stage}-{k}")
+        jobs = []
+        for path, dtype, labels in arrays:
+            prepare_array(
+                path(k), markers, shape=shapes[k], chunks=tile, dtype=dtype, labels=labels
+            )
+            jobs += [(path(k - 1), path(k), r) for r in regions(shapes[k], tile)]
+        map_blocks(
+            client,
+            omezarr.downsample_block,
+            jobs,
+            stage=f"{stage}-{k}",
+            progress=progress,
+            markers=markers,
+            run=plan.token,
+        )
+
+
+def write(
+    client: Client,
+    plan: ImagePlan,
+    ids: MergedIds | GlobalIds,
+    progress: ProgressFn = noop,
+    times: dict[str, float] | None = None,
+    catalogue: Any = None,
+) -> int:
+    """The relabel pass (`segpipe.relabel`: instances and panoptic level 0, object
+    statistics), then the pyramids of the image, semantic and instance labels and the
+    NGFF metadata; return the level count. ``catalogue``: the classes (default: the
+    plan's, else the segmenter's).
+
+    With ``times``, the pass's wall time goes to ``times`` under ``relabel``,
+    ``panoptic``, ``measure`` and ``write`` (the pyramid levels the pass writes), in
+    proportion to its tasks' compute time in each.
+    """
+    relabel_pass(client, plan, ids, progress, times, catalogue)
+    return write_levels(client, plan, ids.dtype, progress)
+
+
+def relabel_pass(
+    client: Client,
+    plan: ImagePlan,
+    ids: MergedIds | GlobalIds,
+    progress: ProgressFn = noop,
+    times: dict[str, float] | None = None,
+    catalogue: Any = None,
+) -> Relabelled:
+    """The relabel pass of `write`; returns its `Relabelled`."""
+
+    t0 = time.perf_counter()
+    catalogue = catalogue or plan.catalogue or panoptic.catalogue_for(plan.segmenter)
+    done = relabel(client, plan, ids, catalogue, progress)
+    if times is not None:
+        wall = time.perf_counter() - t0
+        steps = done.step_seconds()
+        busy = sum(steps.values()) or 1.0
+        for step, seconds in steps.items():
+            times[step] = times.get(step, 0.0) + wall * seconds / busy
+    return done
+
+
+def write_levels(client: Client, plan: ImagePlan, dtype: Any, progress: ProgressFn = noop) -> int:
+    """The rest of `write`: the pyramid levels above those the relabel pass wrote (of the
+    image, semantic and ``dtype`` instance labels) and the NGFF metadata; the level count."""
+
+    shapes = level_shapes(plan)
+    sources = {
+        "image": lambda k: str(Path(plan.group) / str(k)),
+        "semantic": lambda k: plan.label("semantic", k),
+        "instances": lambda k: plan.label("instances", k),
+    }
+    dtypes = {"image": plan.spec.out_dtype, "semantic": np.uint8, "instances": dtype}
+    build_pyramid(
+        client,
+        plan,
+        [(sources[kind], dtypes[kind], kind != "image") for kind in sources],
+        shapes,
+        stage="pyramid",
+        progress=progress,
+        start=written_levels(plan) + 1,
     )
-
-
-def write_tables(
-    plan: ImagePlan, count: int, catalogue: Catalogue, done: Relabelled | None = None
-) -> measure.Measured:
-    """The measure stage after this pass: the blocks' sums merged into the tables
-    (`segpipe.measure.write_tables`). ``done`` as for `finish_panoptic`."""
-    done = done or relabelled(plan, count)
-    return measure.write_tables(plan, catalogue, done.divisor, done.open_groups(), parts_dir(plan))
+    levels = len(shapes)
+    omezarr.write_image_metadata(plan.group, ndim=plan.ndim, levels=levels, name=plan.name)
+    classes = plan.segmenter.classes
+    omezarr.write_label_group_metadata(
+        Path(plan.group) / "labels" / "semantic",
+        ndim=plan.ndim,
+        levels=levels,
+        name="semantic",
+        properties=[{"label-value": i, "class": c} for i, c in enumerate(classes)],
+    )
+    omezarr.write_label_group_metadata(
+        Path(plan.group) / "labels" / "instances", ndim=plan.ndim, levels=levels, name="instances"
+    )
+    omezarr.write_labels_index(Path(plan.group) / "labels", ["instances", "semantic"])
+    return levels

@@ -1,0 +1,176 @@
+"""One image in the output store: where each of its arrays, markers and tables lives.
+
+`ImagePlan` is the only place that spells the store's paths for an image; stages,
+the lifecycle and the engine ask it. Nothing here submits a task or reads pixels.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from segpipe.blocks import BlockGrid
+from segpipe.errors import ConfigError
+from segpipe.io import omezarr
+from segpipe.io.markers import Markers
+from segpipe.io.readers import SourceSpec
+from segpipe.segmenters.base import Segmenter
+
+__all__ = [
+    "MAX_CHUNK_BYTES",
+    "ImagePlan",
+    "ImageResult",
+    "ProgressFn",
+    "SlabJob",
+    "check_tile",
+    "noop",
+    "span",
+    "where",
+]
+
+ProgressFn = Callable[[str, int, int], None]
+MAX_CHUNK_BYTES = 2**31 - 1  # what numcodecs' Blosc encodes in one call
+
+
+def noop(stage: str, done: int, total: int) -> None:
+    """A progress callback that reports nowhere."""
+
+
+def check_tile(spec: SourceSpec, tile: Sequence[int]) -> None:
+    """Raise `ConfigError` (naming the file) if a block of ``tile`` cannot be one chunk.
+
+    Every array's chunk is a block; numcodecs' Blosc encodes at most 2 GiB at once, and
+    panoptic labels take 8 bytes a pixel.
+    """
+    px = math.prod(min(t, n) for t, n in zip(tile, spec.shape, strict=True))
+    if px * 8 > MAX_CHUNK_BYTES:
+        raise ConfigError(
+            f"{spec.path}: tile {list(tile)} makes blocks of {px} pixels, whose uint64 "
+            f"label chunks ({px * 8} bytes) exceed the {MAX_CHUNK_BYTES} bytes a Blosc "
+            "chunk holds; choose a smaller tile (`tile: auto` is 2048² for planes and at "
+            "most 2^24 voxels for volumes)."
+        )
+
+
+@dataclass(frozen=True)
+class SlabJob:
+    """Where ingest tasks leave each block's outer layers for the filter (`segpipe.halo`)."""
+
+    directory: str
+    grid: BlockGrid  # the blocks (tiles); ids as every stage numbers them
+    halo: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ImagePlan:
+    """Everything needed to segment one image; picklable, paths absolute."""
+
+    spec: SourceSpec
+    root: str
+    tile: tuple[int, ...]
+    segmenter: Segmenter
+    halo: tuple[int, ...] | None = None  # None: what the segmenter declares
+    catalogue: Any = None  # panoptic.Catalogue; None: the segmenter's classes
+    token: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
+
+    def __post_init__(self) -> None:
+        check_tile(self.spec, self.tile)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def ndim(self) -> int:
+        return len(self.spec.shape)
+
+    @property
+    def group(self) -> str:
+        return str(Path(self.root) / self.name)
+
+    @property
+    def raw(self) -> str:
+        return str(Path(self.group) / "0")
+
+    def label(self, kind: str, level: int = 0) -> str:
+        return str(Path(self.group) / "labels" / kind / str(level))
+
+    @property
+    def scratch(self) -> str:
+        return str(Path(self.root) / omezarr.SCRATCH / "scratch" / self.name)
+
+    @property
+    def provenance(self) -> Path:
+        """Table of where and how each segment block ran (kept after the run)."""
+        return Path(self.root) / omezarr.SCRATCH / "provenance" / f"{self.name}.parquet"
+
+    def markers(self, stage: str) -> Markers:
+        """Completion markers of ``stage`` for this image."""
+        return Markers(self.blocks / stage)
+
+    @property
+    def blocks(self) -> Path:
+        """The folder of every stage's completion markers for this image."""
+        return Path(self.root) / omezarr.SCRATCH / "blocks" / self.name
+
+    @property
+    def manifest(self) -> Path:
+        """What the completed image holds: every file with its size and checksum."""
+        return Path(self.root) / omezarr.SCRATCH / "manifests" / f"{self.name}.npz"
+
+    @property
+    def filtered(self) -> str:
+        return str(Path(self.scratch) / "filtered")
+
+    @property
+    def slabs(self) -> SlabJob | None:
+        """Where ingest saves the blocks' outer layers for the filter; None without one."""
+        if not self.segmenter.has_filter():
+            return None
+        width = self.segmenter.filter_halo(self.ndim)
+        return SlabJob(str(Path(self.scratch) / "slabs"), self.grid(), tuple(width))
+
+    @property
+    def local_labels(self) -> str:
+        return str(Path(self.scratch) / "local")
+
+    @property
+    def source(self) -> str:
+        """Array the segmenter reads: the filtered image, or the raw one."""
+        return self.filtered if self.segmenter.has_filter() else self.raw
+
+    @property
+    def segment_halo(self) -> tuple[int, ...]:
+        return self.halo if self.halo is not None else self.segmenter.halo(self.ndim)
+
+    def grid(self, halo: Sequence[int] | int = 0) -> BlockGrid:
+        return BlockGrid.build(self.spec.shape, tile=self.tile, halo=halo)
+
+
+@dataclass
+class ImageResult:
+    name: str
+    shape: tuple[int, ...]
+    objects: int
+    seconds: float
+    stages: dict[str, float]
+    status: str = "done"
+    """``done``, ``repaired`` (complete, but files were damaged), or ``unchanged``."""
+
+    @property
+    def mpx_per_s(self) -> float:
+        return math.prod(self.shape) / 1e6 / max(self.seconds, 1e-9)
+
+
+def span(region: tuple[slice, ...]) -> str:
+    """``"0:256, 512:768"``: a region as it is named in messages."""
+    return ", ".join(f"{s.start}:{s.stop}" for s in region)
+
+
+def where(plan: ImagePlan, region: tuple[slice, ...]) -> str:
+    """``"<input> [0:256, 512:768]"``: a block of an image as messages name it."""
+    return f"{plan.spec.path} [{span(region)}]"

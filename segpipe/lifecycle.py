@@ -1,0 +1,203 @@
+"""An image's life in the output store: begun, resumed, repaired, finished, failed.
+
+`begin` decides from what the store holds whether an image is done, resumes, or
+starts over; `finish` records what it holds (the manifest of its files, the
+provenance table) and marks it complete, last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from segpipe.deep import provenance
+from segpipe.errors import OutputConflictError
+from segpipe.image import ImagePlan, ImageResult, span
+from segpipe.io import store, written
+from segpipe.io.markers import RUN_KEY, UNREADABLE, Markers, read_marker, save_npz
+from segpipe.io.readers import SourceSpec
+from segpipe.io.store import image_state, mark_image
+from segpipe.stats import ImageStats
+
+__all__ = [
+    "begin",
+    "completed_result",
+    "damaged_result",
+    "finish",
+    "record_failure",
+    "source_identity",
+    "write_manifest",
+    "write_provenance",
+]
+
+
+def source_identity(spec: SourceSpec) -> dict[str, Any]:
+    """What says an input is unchanged since a run: its path, and the size and mtime of
+    the file or, for Zarr, of every file of the array read (its chunks, not only its
+    metadata, which an in-place rewrite leaves alone)."""
+    read = Path(getattr(spec, "array_path", None) or spec.path)
+    if not read.is_dir():
+        st = read.stat()
+        return {"path": spec.path, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    digest = hashlib.sha256()
+    size = count = 0
+    for folder, dirs, names in os.walk(read):
+        dirs.sort()
+        for name in sorted(names):
+            st = os.stat(os.path.join(folder, name))
+            rel = os.path.relpath(os.path.join(folder, name), read)
+            digest.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            size += st.st_size
+            count += 1
+    return {"path": spec.path, "size": size, "files": count, "digest": digest.hexdigest()[:32]}
+
+
+def begin(plan: ImagePlan) -> str:
+    """Prepare the image's place in the store; return ``done``, ``resume``, ``repair`` or
+    ``fresh``.
+
+    ``done``: complete from the same input, and every file it was completed with is
+    intact (nothing to do); ``resume``: an interrupted run of the same input in the
+    same blocks (finished blocks are kept, each checked before it is trusted);
+    ``repair``: complete from the same input but with files missing or damaged;
+    ``fresh``: anything else. ``repair`` and ``fresh`` remove earlier results of this
+    name first. The blocks are compared because ``tile: auto`` is resolved per image
+    and per version: markers name blocks by number.
+
+    Raises
+    ------
+    OutputConflictError
+        If ``OUT/<name>`` exists but segpipe did not write it (it is never deleted).
+    """
+    state = image_state(plan.group)
+    identity = source_identity(plan.spec)
+    start = "fresh"
+    if state.get("source") == identity:
+        if state.get("complete"):
+            if not damaged_result(plan):
+                return "done"
+            start = "repair"
+        elif state.get("tile") == list(plan.tile):
+            mark_image(plan.group, complete=False)
+            return "resume"
+    group = Path(plan.group)
+    ours = state or plan.manifest.exists() or plan.blocks.exists()
+    if os.path.lexists(group) and not ours:
+        raise OutputConflictError(
+            f"{group}: exists but was not written by segpipe; it is left alone. Move it, "
+            "or rename the input."
+        )
+    for path in (group, Path(plan.scratch), plan.blocks, plan.provenance, plan.manifest):
+        store.remove(path, plan.root)
+    group.mkdir(parents=True, exist_ok=True)
+    zarr.open_group(plan.group, mode="a", zarr_format=3)
+    mark_image(plan.group, complete=False, source=identity, tile=list(plan.tile))
+    return start
+
+
+def _result_files(plan: ImagePlan) -> list[Path]:
+    """Every file of the image's result but its group metadata (rewritten when marked)."""
+    group = Path(plan.group)
+    files = [Path(folder) / n for folder, _, names in os.walk(group) for n in names]
+    return sorted(f for f in files if f != group / "zarr.json")
+
+
+def write_manifest(plan: ImagePlan) -> None:
+    """Record every file of the finished image (size, mtime, checksum) in its manifest.
+
+    Checksums come from the block markers where a file is as its block wrote it, and
+    are computed here for the rest (metadata, tables, previews)."""
+    known: dict[str, written.Written] = {}
+    if plan.blocks.exists():
+        for stage in plan.blocks.iterdir():
+            for marker in stage.glob("*.npz"):
+                try:
+                    with np.load(marker, allow_pickle=False) as data:
+                        if "__files" in data.files:
+                            arrays = {k: data[k] for k in ("__files", "__files_v")}
+                            for w in written.from_arrays(arrays, stage):
+                                known[w.path] = w
+                except UNREADABLE:
+                    continue
+    files = []
+    for path in _result_files(plan):
+        st = path.stat()
+        seen = known.get(str(path))
+        if seen is None or (seen.size, seen.mtime_ns) != (st.st_size, st.st_mtime_ns):
+            seen = written.Written(str(path), st.st_size, st.st_mtime_ns, written.checksum(path))
+        files.append(seen)
+    save_npz(plan.manifest, written.to_arrays(files, plan.root))
+
+
+def damaged_result(plan: ImagePlan) -> list[str]:
+    """Files of a completed image that are missing or no longer as it was completed
+    with (an unreadable or missing manifest counts as its own path)."""
+    arrays = read_marker(plan.manifest)
+    if arrays is None:
+        return [str(plan.manifest)]
+    return written.damaged(written.from_arrays(arrays, plan.root))
+
+
+def write_provenance(plan: ImagePlan) -> Path | None:
+    """The segment markers' provenance records as ``OUT/_segpipe/provenance/<image>.parquet``;
+    None when no block recorded any (markers from an older version)."""
+    markers = plan.markers("segment")
+    rows = []
+    for b in plan.grid(plan.segment_halo):
+        if not markers.done(b.id):
+            continue
+        with np.load(markers.path(b.id), allow_pickle=False) as data:
+            # only the small entries: the neighbour views stay unread
+            keep = [k for k in data.files if k.startswith(provenance.PREFIX) or k == RUN_KEY]
+            arrays = {k: data[k] for k in keep}
+        record = provenance.decode(arrays)
+        if record is not None:
+            run = str(arrays.get(RUN_KEY, ""))
+            rows.append((b.id, span(b.core), record, run))
+    if not rows:
+        return None
+    return provenance.write_table(plan.provenance, rows)
+
+
+def finish(plan: ImagePlan, result: ImageResult, stats: ImageStats, params: dict[str, Any]) -> None:
+    """Write the provenance table and the manifest of the result, drop scratch data and
+    markers, then mark the image complete (written last)."""
+    write_provenance(plan)
+    tally = {}
+    if plan.blocks.exists():
+        for d in sorted(plan.blocks.iterdir()):
+            computed, total = Markers(d).tally(plan.token)
+            tally[d.name] = {"computed": computed, "blocks": total}
+    write_manifest(plan)
+    store.remove(plan.scratch, plan.root)
+    store.remove(plan.blocks, plan.root)
+    mark_image(
+        plan.group,
+        objects=result.objects,
+        shape=list(result.shape),
+        segmenter=plan.segmenter.describe(),
+        params=params,
+        statistics=stats.to_dict(),
+        seconds=result.seconds,
+        blocks=tally,
+        complete=True,
+    )
+
+
+def record_failure(plan: ImagePlan, problem: str) -> None:
+    """Note on the (incomplete) image why it failed; it is never marked complete."""
+    if Path(plan.group).exists():
+        mark_image(plan.group, complete=False, error=problem)
+
+
+def completed_result(plan: ImagePlan) -> ImageResult:
+    """The result recorded by an earlier run that completed this image."""
+    state = image_state(plan.group)
+    return ImageResult(
+        plan.name, plan.spec.shape, int(state["objects"]), 0.0, {"skipped": 1.0}, "unchanged"
+    )

@@ -1,0 +1,108 @@
+"""Stage panoptic: the panoptic pyramid above the levels the relabel pass wrote, and its
+metadata (divisor and class catalogue in the attributes and NGFF ``properties``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from segpipe.errors import InputReadError
+from segpipe.image import ImagePlan, ProgressFn, noop
+from segpipe.io import omezarr
+from segpipe.panoptic import KEY, Catalogue, attrs_value, label_properties, node_attrs
+from segpipe.stages.write import Relabelled, build_pyramid, relabelled, written_levels
+
+__all__ = ["PanopticResult", "finish_panoptic", "label_levels", "panoptic"]
+
+
+def label_levels(plan: ImagePlan, kind: str = "instances") -> int:
+    """Number of pyramid levels of ``labels/<kind>``, from its NGFF metadata."""
+    group = zarr.open_group(str(Path(plan.group) / "labels" / kind), mode="r")
+    ome = node_attrs(group).get("ome", {})
+    try:
+        return len(ome["multiscales"][0]["datasets"])
+    except (KeyError, IndexError, TypeError) as err:
+        raise InputReadError(
+            f"{Path(plan.group) / 'labels' / kind}: no multiscales metadata; run the write "
+            "stage first."
+        ) from err
+
+
+@dataclass(frozen=True)
+class PanopticResult:
+    """What `write_panoptic` wrote: the divisor, the catalogue and the level count."""
+
+    divisor: int
+    catalogue: Catalogue
+    levels: int
+    unassigned: int  # thing-class pixels without an instance
+
+
+def finish_panoptic(
+    client: Any,
+    plan: ImagePlan,
+    divisor: int,
+    catalogue: Catalogue,
+    unassigned: int,
+    progress: ProgressFn | None = None,
+    start: int = 1,
+) -> PanopticResult:
+    """Build levels ``start``.. of ``labels/panoptic`` (those below written) and its
+    metadata.
+
+    The divisor and catalogue go to every level's attributes, the label group's
+    attributes and its NGFF ``image-label`` properties, and ``panoptic`` is added
+    to the image's ``labels`` list.
+    """
+
+    tile = plan.grid().tile
+    levels = label_levels(plan)
+    shapes = omezarr.pyramid_shapes(plan.spec.shape, min_size=max(256, min(tile[-2:])))[:levels]
+    build_pyramid(
+        client,
+        plan,
+        [(lambda k: plan.label(KEY, k), np.uint64, True)],
+        shapes,
+        stage=f"{KEY}-pyramid",
+        progress=progress or noop,
+        start=start,
+    )
+    value = attrs_value(divisor, catalogue)
+    for k in range(len(shapes)):
+        zarr.open_array(plan.label(KEY, k), mode="r+").attrs["segpipe"] = {KEY: value}
+    group_path = Path(plan.group) / "labels" / KEY
+    omezarr.write_label_group_metadata(
+        group_path,
+        ndim=plan.ndim,
+        levels=len(shapes),
+        name=KEY,
+        properties=label_properties(divisor, catalogue),
+    )
+    zarr.open_group(str(group_path), mode="a").attrs["segpipe"] = {KEY: value}
+    labels = zarr.open_group(str(group_path.parent), mode="r")
+    listed = [str(n) for n in node_attrs(labels).get("ome", {}).get("labels", [])]
+    names = [n for n in listed if n != KEY] or ["instances", "semantic"]
+    omezarr.write_labels_index(group_path.parent, [*names, KEY])
+    return PanopticResult(divisor, catalogue, len(shapes), unassigned)
+
+
+def panoptic(
+    client: Any,
+    plan: ImagePlan,
+    count: int,
+    catalogue: Catalogue,
+    progress: ProgressFn | None = None,
+    done: Relabelled | None = None,
+) -> PanopticResult:
+    """The panoptic stage after the relabel pass: the pyramid above the levels the pass
+    wrote, and the metadata. ``done``: the pass's result when it ran in this process
+    (default: read back from its markers)."""
+    done = done or relabelled(plan, count)
+    start = written_levels(plan) + 1
+    return finish_panoptic(
+        client, plan, done.divisor, catalogue, done.unassigned(), progress, start=start
+    )
