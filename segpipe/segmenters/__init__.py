@@ -19,6 +19,7 @@ _BUILTIN = {
     "region-growing": "segpipe.segmenters.region_growing:RegionGrowing",
     "watershed": "segpipe.segmenters.watershed:Watershed",
     "edges": "segpipe.segmenters.edges:Edges",
+    "tree": "segpipe.segmenters.tree:Tree",
     "unet": "segpipe.segmenters.deep:UNet",
     "segnet": "segpipe.segmenters.deep:SegNet",
     "fcn": "segpipe.segmenters.deep:FCN",
