@@ -26,13 +26,31 @@ from segpipe.segmenters.base import Segmenter
 __all__ = [
     "RETRIES",
     "WINDOW",
+    "Inline",
     "Lazy",
+    "Runner",
     "gpu_resources",
     "imap_blocks",
     "map_blocks",
     "output_error",
     "prepare_array",
 ]
+
+
+class Inline:
+    """Runs block tasks in this process, one after another, instead of on the cluster.
+
+    The engine inside one task that carries whole small images: a one-block image
+    needs no scheduler round trip per stage. Markers, retries of the whole task and
+    results are as on the cluster.
+    """
+
+    def __repr__(self) -> str:
+        return "Inline()"
+
+
+Runner = Client | Inline
+"""Where block tasks run: a Dask client, or `Inline` in this process."""
 
 _OUTPUT_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.EPERM}
 RETRIES = 2  # a block lost with its worker is recomputed elsewhere
@@ -64,7 +82,7 @@ def _marked(
 
 
 def map_blocks(
-    client: Client,
+    client: Runner,
     fn: Callable[..., Any],
     args: Sequence[tuple[Any, ...]],
     *,
@@ -100,6 +118,18 @@ def map_blocks(
             todo.append(i)
     done = len(args) - len(todo)
     progress(stage, done, len(args))
+    if isinstance(client, Inline):
+        try:
+            for i in todo:
+                if markers is None:
+                    results[i] = fn(*args[i])
+                else:
+                    results[i] = _marked(fn, str(markers.directory), i, encode, run, *args[i])
+                done += 1
+                progress(stage, done, len(args))
+        except OSError as err:
+            raise output_error(err, stage) from err
+        return results
     pending: dict[str, int] = {}
     queue = iter(todo)
     ac = as_completed()
@@ -176,7 +206,7 @@ def output_error(err: OSError, stage: str) -> OSError:
 
 
 def imap_blocks(
-    client: Client,
+    client: Runner,
     fn: Callable[..., Any],
     args: Iterable[tuple[Any, ...]],
     *,
@@ -188,6 +218,12 @@ def imap_blocks(
     """Yield ``fn(*a)`` for each ``a`` in order, with at most ``window`` tasks submitted and
     not yet consumed: a consumer that streams the results holds ``window`` of them, never
     all (the links of 10⁶ blocks)."""
+    if isinstance(client, Inline):
+        progress(stage, 0, total)
+        for i, a in enumerate(args):
+            yield fn(*a)
+            progress(stage, i + 1, total)
+        return
     token = uuid.uuid4().hex[:8]
     items = enumerate(args)
     futures: dict[int, Any] = {}
@@ -236,10 +272,10 @@ class Lazy(Sequence[tuple[Any, ...]]):
         return self.make(i)
 
 
-def gpu_resources(client: Client, segmenter: Segmenter) -> dict[str, float] | None:
+def gpu_resources(client: Runner, segmenter: Segmenter) -> dict[str, float] | None:
     """``{"GPU": 1}`` for a segmenter that wants a GPU on a cluster with GPU workers
     (workers started with ``--resources GPU=n``); None otherwise (any worker will do)."""
-    if not segmenter.gpu:
+    if not segmenter.gpu or isinstance(client, Inline):
         return None
     workers = client.scheduler_info()["workers"].values()
     if any(float((w.get("resources") or {}).get("GPU", 0)) > 0 for w in workers):

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import zarr
 
 from segpipe.deep import provenance
 from segpipe.errors import OutputConflictError
@@ -95,7 +94,6 @@ def begin(plan: ImagePlan) -> str:
     for path in (group, Path(plan.scratch), plan.blocks, plan.provenance, plan.manifest):
         store.remove(path, plan.root)
     group.mkdir(parents=True, exist_ok=True)
-    zarr.open_group(plan.group, mode="a", zarr_format=3)
     mark_image(plan.group, complete=False, source=identity, tile=list(plan.tile))
     return start
 

@@ -12,26 +12,39 @@ spelling the stages out.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
-from distributed import Client
+from distributed import Client, as_completed
 
 from segpipe import lifecycle, panoptic
-from segpipe.engine import output_error
+from segpipe.engine import RETRIES, WINDOW, Inline, Runner, output_error
 from segpipe.errors import SegpipeError
 from segpipe.image import ImagePlan, ImageResult, ProgressFn, noop
 from segpipe.io.store import mark_image
 from segpipe.stages import STAGES, ImageRun
 
-__all__ = ["MAX_WAVES", "Outcome", "images_in_flight", "run_image", "run_images", "waves"]
+__all__ = [
+    "MAX_WAVES",
+    "PACK_PIXELS",
+    "WAVE_IMAGES",
+    "Outcome",
+    "images_in_flight",
+    "packs",
+    "run_image",
+    "run_images",
+    "run_pack",
+    "waves",
+]
 
 
 def run_image(
-    client: Client, plan: ImagePlan, progress: ProgressFn = noop, *, full: bool = False
+    client: Runner, plan: ImagePlan, progress: ProgressFn = noop, *, full: bool = False
 ) -> ImageResult:
     """Segment one image through every stage, resuming what an earlier run left.
 
@@ -97,13 +110,21 @@ MAX_WAVES = 24
 """Waves a collection is split into at most: one Prefect task run each."""
 
 
-def waves(n: int, *, most: int = MAX_WAVES) -> list[range]:
-    """Split ``n`` images into at most ``most`` consecutive waves of near-equal size.
+WAVE_IMAGES = 32
+"""Images a wave holds at least (when there are that many): a wave is where the
+pipeline drains, so it must hold enough to keep every worker thread busy."""
 
-    >>> [list(w) for w in waves(5, most=2)]
-    [[0, 1], [2, 3, 4]]
+
+def waves(n: int, *, most: int = MAX_WAVES, least: int = WAVE_IMAGES) -> list[range]:
+    """Split ``n`` images into at most ``most`` consecutive waves of near-equal size, each
+    of at least ``least`` images where ``n`` allows.
+
+    >>> [len(w) for w in waves(100, most=2)]
+    [50, 50]
+    >>> [len(w) for w in waves(40)]
+    [40]
     """
-    count = min(n, most)
+    count = max(1, min(most, n // least)) if n else 0
     return [range(n * k // count, n * (k + 1) // count) for k in range(count)]
 
 
@@ -121,6 +142,52 @@ def _one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text}"
 
 
+PACK_PIXELS = 1 << 22
+"""Pixels of small images one task carries at most (a 2048² block's worth)."""
+
+
+def _attempt(
+    runner: Runner, plan: ImagePlan, progress: ProgressFn, *, skip: bool, full: bool
+) -> Outcome:
+    """`run_image` of ``plan``; under ``skip`` a failure (whatever the exception) is
+    recorded on the image and returned instead of raised."""
+    try:
+        try:
+            return Outcome(plan, run_image(runner, plan, progress, full=full))
+        except OSError as err:
+            raise output_error(err, plan.name) from err
+    except Exception as err:
+        if not skip:
+            raise
+        problem = _one_line(err)
+        with contextlib.suppress(Exception):  # the disk that failed it, perhaps
+            lifecycle.record_failure(plan, problem)
+        return Outcome(plan, None, problem)
+
+
+def run_pack(plans: Sequence[ImagePlan], *, skip: bool, full: bool) -> list[Outcome]:
+    """Whole images, one after another, every stage in this process (`segpipe.engine.Inline`):
+    the task that carries small images, so each costs no scheduler round trip per stage."""
+    return [_attempt(Inline(), plan, noop, skip=skip, full=full) for plan in plans]
+
+
+def packs(plans: Sequence[ImagePlan], indices: Sequence[int], threads: int) -> list[list[int]]:
+    """Consecutive groups of the images ``indices`` for `run_pack`: at most `PACK_PIXELS`
+    each, and small enough that every worker thread gets several."""
+    sizes = [math.prod(plans[i].spec.shape) for i in indices]
+    limit = max(1, min(PACK_PIXELS, sum(sizes) // max(1, 4 * threads)))
+    out: list[list[int]] = []
+    held = 0
+    for i, size in zip(indices, sizes, strict=True):
+        if out and held + size <= limit:
+            out[-1].append(i)
+            held += size
+        else:
+            out.append([i])
+            held = size
+    return out
+
+
 def run_images(
     client: Client,
     plans: Sequence[ImagePlan],
@@ -131,7 +198,11 @@ def run_images(
     full: bool = False,
     in_flight: int | None = None,
 ) -> list[Outcome]:
-    """Segment ``plans`` with up to ``in_flight`` images at once; outcomes in order.
+    """Segment ``plans`` on the cluster, many images at once; outcomes in order.
+
+    Images of one block are packed into tasks that run all their stages on a
+    worker (`run_pack`); larger images go through the stages block by block,
+    ``in_flight`` of them at once (their stages overlap), while the packs run.
 
     Parameters
     ----------
@@ -140,45 +211,92 @@ def run_images(
     plans : sequence of ImagePlan
         The images.
     progress : callable
-        ``progress(plan)`` gives the block progress callback of an image.
+        ``progress(plan)`` gives the block progress callback of a large image.
     done : callable
-        Called with each image's `Outcome` as it ends (from a worker thread).
+        Called with each image's `Outcome` as it ends (from another thread).
     skip : bool
         An image that fails (whatever the exception) is recorded and the others go
         on; otherwise the first failure is raised once the images in flight end.
     full : bool
         Recompute images complete from unchanged inputs too.
     in_flight : int, optional
-        Images at once (default `images_in_flight`).
+        Large images at once (default `images_in_flight`).
 
     Returns
     -------
     list of Outcome
     """
+    outcomes: list[Outcome | None] = [None] * len(plans)
+    small = [i for i, plan in enumerate(plans) if len(plan.grid()) == 1]
+    large = [i for i, plan in enumerate(plans) if len(plan.grid()) > 1]
 
-    def one(plan: ImagePlan) -> Outcome:
-        try:
-            try:
-                outcome = Outcome(plan, run_image(client, plan, progress(plan), full=full))
-            except OSError as err:
-                raise output_error(err, plan.name) from err
-        except Exception as err:
-            if not skip:
-                raise
-            problem = _one_line(err)
-            with contextlib.suppress(Exception):  # the disk that failed it, perhaps
-                lifecycle.record_failure(plan, problem)
-            outcome = Outcome(plan, None, problem)
+    def one(i: int) -> None:
+        outcome = _attempt(client, plans[i], progress(plans[i]), skip=skip, full=full)
+        outcomes[i] = outcome
         done(outcome)
-        return outcome
 
     width = in_flight or images_in_flight(client)
     with ThreadPoolExecutor(width, thread_name_prefix="segpipe-image") as pool:
-        futures: list[Future[Outcome]] = [pool.submit(one, plan) for plan in plans]
-        finished, _ = wait(futures, return_when=FIRST_EXCEPTION)
-        failed = [f for f in finished if f.exception() is not None]
+        futures: list[Future[None]] = [pool.submit(one, i) for i in large]
+        try:
+            _run_packs(client, plans, small, outcomes, done, skip=skip, full=full)
+            finished, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+        failed = [f.exception() for f in finished if f.exception() is not None]
         if failed:
             for f in futures:
                 f.cancel()
-            raise failed[0].exception()  # type: ignore[misc]
-        return [f.result() for f in futures]
+            raise failed[0]  # type: ignore[misc]
+    return [o for o in outcomes if o is not None]
+
+
+def _run_packs(
+    client: Client,
+    plans: Sequence[ImagePlan],
+    small: Sequence[int],
+    outcomes: list[Outcome | None],
+    done: Callable[[Outcome], None],
+    *,
+    skip: bool,
+    full: bool,
+) -> None:
+    """`run_pack` over the `packs` of ``small``, at most `WINDOW` tasks submitted at once."""
+    if not small:
+        return
+    threads = sum(w.get("nthreads", 1) for w in client.scheduler_info()["workers"].values())
+    queue = iter(packs(plans, small, threads))
+    token = uuid.uuid4().hex[:8]
+    owner: dict[str, list[int]] = {}
+    ac = as_completed()
+
+    def submit() -> None:
+        pack = next(queue, None)
+        if pack is None:
+            return
+        future = client.submit(
+            run_pack,
+            [plans[i] for i in pack],
+            skip=skip,
+            full=full,
+            key=f"pack-{token}-{pack[0]}",
+            retries=RETRIES,
+        )
+        owner[str(future.key)] = pack
+        ac.add(future)
+
+    for _ in range(WINDOW):
+        submit()
+    try:
+        for future in ac:
+            pack = owner.pop(str(future.key))
+            for i, outcome in zip(pack, future.result(), strict=True):
+                outcomes[i] = outcome
+                done(outcome)
+            future.release()
+            submit()
+    except BaseException:
+        client.cancel(list(ac.futures) if hasattr(ac, "futures") else [])
+        raise

@@ -16,8 +16,9 @@ from skimage.segmentation import find_boundaries
 from segpipe import image as segpipe_image
 from segpipe import pipeline, synthetic
 from segpipe.io.readers import open_source
-from segpipe.preview import choose_level, colours, outlines, render, stretch, write_preview
+from segpipe.preview import choose_level, colours, outlines, render, stretch
 from segpipe.segmenters import get_segmenter
+from segpipe.stages.preview import write_preview
 
 
 def coloured(png: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -11,7 +11,6 @@ import functools
 import itertools
 import os
 import shutil
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,12 +19,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
-from segpipe.io import chunks, written
-
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore", DeprecationWarning)
-    from ome_zarr.format import FormatV05
-    from ome_zarr.writer import write_label_metadata, write_multiscales_metadata
+from segpipe.io import attrs, chunks, written
 
 SCRATCH = "_segpipe"
 IMAGE_CODEC = BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
@@ -155,10 +149,8 @@ def _axes(ndim: int) -> list[dict[str, str]]:
 
 def write_image_metadata(group_path: str | Path, *, ndim: int, levels: int, name: str) -> None:
     """NGFF multiscales metadata for the image group."""
-    group = zarr.open_group(str(group_path), mode="a", zarr_format=3)
-    write_multiscales_metadata(
-        group, _datasets(ndim, levels), fmt=FormatV05(), axes=_axes(ndim), name=name
-    )
+    ome = attrs.multiscales(name, _axes(ndim), _datasets(ndim, levels))
+    attrs.update(group_path, {"ome": ome})
 
 
 def write_label_group_metadata(
@@ -171,23 +163,20 @@ def write_label_group_metadata(
     colors: list[dict[str, Any]] | None = None,
 ) -> None:
     """NGFF multiscales + image-label metadata of one label image."""
-    group = zarr.open_group(str(label_path), mode="a", zarr_format=3)
-    write_multiscales_metadata(
-        group, _datasets(ndim, levels), fmt=FormatV05(), axes=_axes(ndim), name=name
-    )
-    parent = zarr.open_group(str(Path(label_path).parent), mode="a", zarr_format=3)
-    write_label_metadata(
-        parent, Path(label_path).name, colors=colors, properties=properties, fmt=FormatV05()
-    )
+    ome = attrs.multiscales(name, _axes(ndim), _datasets(ndim, levels))
+    ome["image-label"] = attrs.image_label(properties, colors)
+    attrs.update(label_path, {"ome": ome})
 
 
 def write_labels_index(labels_path: str | Path, names: list[str]) -> None:
     """The ``labels`` group that lists the label images (written last)."""
-    group = zarr.open_group(str(labels_path), mode="a", zarr_format=3)
-    value = group.attrs.asdict().get("ome")
+    try:
+        value = attrs.read(labels_path).get("ome")
+    except FileNotFoundError:  # a new group
+        value = None
     ome: dict[str, Any] = dict(value) if isinstance(value, dict) else {}
-    ome.update({"version": "0.5", "labels": list(dict.fromkeys(names))})
-    group.attrs["ome"] = ome
+    ome.update({"version": attrs.NGFF, "labels": list(dict.fromkeys(names))})
+    attrs.update(labels_path, {"ome": ome})
 
 
 def downsample_block(src: str, dst: str, region: tuple[slice, ...]) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 import zarr
 
 from segpipe.errors import ConfigError, OutputConflictError, OutputLockedError, OutputWriteError
+from segpipe.io import attrs
 
 SCRATCH = "_segpipe"
 STORE_MARK = "store.json"  # OUT/_segpipe/store.json: this store was made by segpipe
@@ -335,7 +336,7 @@ class OutputLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(2):
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
             except FileExistsError:
                 holder = self.holder()
                 if self._ours(holder):
@@ -386,16 +387,19 @@ def mark_image(image_path: str | Path, **state: Any) -> None:
     Read, update, write under a lock: the preview and the tables record
     themselves from two threads of one process."""
     with _MARK_LOCK:
-        group = zarr.open_group(str(image_path), mode="a", zarr_format=3)
-        current: dict[str, Any] = attrs_section(group, KEY)
+        try:
+            value = attrs.read(image_path).get(KEY)
+        except FileNotFoundError:  # a new group
+            value = None
+        current: dict[str, Any] = dict(value) if isinstance(value, dict) else {}
         current.update(state)
-        group.attrs[KEY] = current
+        attrs.update(image_path, {KEY: current})
 
 
 def image_state(image_path: str | Path) -> dict[str, Any]:
     """segpipe attributes of an image group ({} if absent)."""
     try:
-        group = zarr.open_group(str(image_path), mode="r")
-    except Exception:
+        value = attrs.read(image_path).get(KEY)
+    except Exception:  # no group there, or not one that parses
         return {}
-    return attrs_section(group, KEY)
+    return dict(value) if isinstance(value, dict) else {}

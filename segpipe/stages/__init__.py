@@ -14,8 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from distributed import Client
-
+from segpipe.engine import Runner
 from segpipe.image import ImagePlan, ProgressFn
 from segpipe.merge import MergedIds
 from segpipe.panoptic import Catalogue
@@ -53,32 +52,32 @@ class Stage:
     """A stage: its name, its driver, and whether it runs beside the stages after it."""
 
     name: str
-    run: Callable[[Client, ImageRun, ProgressFn], None]
+    run: Callable[[Runner, ImageRun, ProgressFn], None]
     beside: bool = False
 
-    def __call__(self, client: Client, run: ImageRun, progress: ProgressFn) -> None:
+    def __call__(self, client: Runner, run: ImageRun, progress: ProgressFn) -> None:
         t = time.perf_counter()
         self.run(client, run, progress)
         run.times[self.name] = run.times.get(self.name, 0.0) + time.perf_counter() - t
 
 
-def _ingest(client: Client, run: ImageRun, progress: ProgressFn) -> None:
+def _ingest(client: Runner, run: ImageRun, progress: ProgressFn) -> None:
     run.raw = ingest.ingest(client, run.plan, progress)
 
 
-def _statistics(client: Client, run: ImageRun, progress: ProgressFn) -> None:
+def _statistics(client: Runner, run: ImageRun, progress: ProgressFn) -> None:
     run.stats = statistics.statistics(client, run.plan, run.need("raw"), progress)
 
 
-def _segment(client: Client, run: ImageRun, progress: ProgressFn) -> None:
+def _segment(client: Runner, run: ImageRun, progress: ProgressFn) -> None:
     run.segmented = segment.segment(client, run.plan, run.need("stats"), progress)
 
 
-def _stitch(client: Client, run: ImageRun, progress: ProgressFn) -> None:
+def _stitch(client: Runner, run: ImageRun, progress: ProgressFn) -> None:
     run.ids = stitch.stitch_ids(client, run.plan, run.need("segmented"), progress)
 
 
-def _write(client: Client, run: ImageRun, progress: ProgressFn) -> None:
+def _write(client: Runner, run: ImageRun, progress: ProgressFn) -> None:
     # the relabel pass also does the panoptic and measure stages' block work: its wall
     # time is shared out among them in proportion to its tasks' compute in each
     t = time.perf_counter()
@@ -96,16 +95,16 @@ def _write(client: Client, run: ImageRun, progress: ProgressFn) -> None:
     )
 
 
-def _panoptic(client: Client, run: ImageRun, progress: ProgressFn) -> None:
+def _panoptic(client: Runner, run: ImageRun, progress: ProgressFn) -> None:
     ids = run.need("ids")
     panoptic.panoptic(client, run.plan, ids.count, run.catalogue, progress, run.relabelled)
 
 
-def _measure(client: Client, run: ImageRun, progress: ProgressFn) -> None:
+def _measure(client: Runner, run: ImageRun, progress: ProgressFn) -> None:
     measure.measure(run.plan, run.need("ids").count, run.catalogue, run.relabelled)
 
 
-def _preview(client: Client, run: ImageRun, progress: ProgressFn) -> None:
+def _preview(client: Runner, run: ImageRun, progress: ProgressFn) -> None:
     run.preview = preview.write_preview(client, run.plan, progress)
 
 

@@ -10,11 +10,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from distributed import Client
 
 from segpipe import halo
 from segpipe.blocks import BlockGrid
-from segpipe.engine import map_blocks, prepare_array
+from segpipe.engine import Runner, map_blocks, prepare_array
 from segpipe.errors import InputReadError, UnsupportedImageError
 from segpipe.image import ImagePlan, ProgressFn, SlabJob, noop, where
 from segpipe.io import omezarr
@@ -75,7 +74,7 @@ def ingest_regions(plan: ImagePlan) -> list[tuple[slice, ...]]:
     return regions(shape, tile)
 
 
-def ingest(client: Client, plan: ImagePlan, progress: ProgressFn = noop) -> Extrema:
+def ingest(client: Runner, plan: ImagePlan, progress: ProgressFn = noop) -> Extrema:
     """Copy the source image into ``OUT/<name>/0`` chunk by chunk; return its extrema."""
     markers = plan.markers("ingest")
     tile = plan.grid().tile

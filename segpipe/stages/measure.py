@@ -20,9 +20,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute
 import pyarrow.parquet as pq
-import zarr
 
 from segpipe.image import ImagePlan
+from segpipe.io import attrs
 from segpipe.io.markers import Markers
 from segpipe.io.store import mark_image
 from segpipe.measure import (
@@ -197,7 +197,7 @@ def write_tables(
         "segments": {"path": f"{TABLES}/segments.parquet", "rows": n_segments},
         "objects_per_class": per_class,
     }
-    zarr.open_group(str(out), mode="a", zarr_format=3).attrs["segpipe"] = {TABLES: info}
+    attrs.update(out, {"segpipe": {TABLES: info}})
     mark_image(plan.group, tables=info)
     return Measured(
         str(out / "objects.parquet"),

@@ -8,12 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import zarr
 
 from segpipe.errors import InputReadError
 from segpipe.image import ImagePlan, ProgressFn, noop
-from segpipe.io import omezarr
-from segpipe.panoptic import KEY, Catalogue, attrs_value, label_properties, node_attrs
+from segpipe.io import attrs, omezarr
+from segpipe.panoptic import KEY, Catalogue, attrs_value, label_properties
 from segpipe.stages.write import Relabelled, build_pyramid, relabelled, written_levels
 
 __all__ = ["PanopticResult", "finish_panoptic", "label_levels", "panoptic"]
@@ -21,8 +20,7 @@ __all__ = ["PanopticResult", "finish_panoptic", "label_levels", "panoptic"]
 
 def label_levels(plan: ImagePlan, kind: str = "instances") -> int:
     """Number of pyramid levels of ``labels/<kind>``, from its NGFF metadata."""
-    group = zarr.open_group(str(Path(plan.group) / "labels" / kind), mode="r")
-    ome = node_attrs(group).get("ome", {})
+    ome = attrs.read(Path(plan.group) / "labels" / kind).get("ome", {})
     try:
         return len(ome["multiscales"][0]["datasets"])
     except (KeyError, IndexError, TypeError) as err:
@@ -73,7 +71,7 @@ def finish_panoptic(
     )
     value = attrs_value(divisor, catalogue)
     for k in range(len(shapes)):
-        zarr.open_array(plan.label(KEY, k), mode="r+").attrs["segpipe"] = {KEY: value}
+        attrs.update(plan.label(KEY, k), {"segpipe": {KEY: value}})
     group_path = Path(plan.group) / "labels" / KEY
     omezarr.write_label_group_metadata(
         group_path,
@@ -82,9 +80,8 @@ def finish_panoptic(
         name=KEY,
         properties=label_properties(divisor, catalogue),
     )
-    zarr.open_group(str(group_path), mode="a").attrs["segpipe"] = {KEY: value}
-    labels = zarr.open_group(str(group_path.parent), mode="r")
-    listed = [str(n) for n in node_attrs(labels).get("ome", {}).get("labels", [])]
+    attrs.update(group_path, {"segpipe": {KEY: value}})
+    listed = [str(n) for n in attrs.read(group_path.parent).get("ome", {}).get("labels", [])]
     names = [n for n in listed if n != KEY] or ["instances", "semantic"]
     omezarr.write_labels_index(group_path.parent, [*names, KEY])
     return PanopticResult(divisor, catalogue, len(shapes), unassigned)

@@ -11,9 +11,10 @@ from typing import Any
 import numpy as np
 import zarr
 
-from segpipe.engine import map_blocks
+from segpipe.engine import Runner, map_blocks
 from segpipe.errors import InputReadError
 from segpipe.image import ImagePlan, ProgressFn, noop
+from segpipe.io import attrs
 from segpipe.io.store import mark_image
 from segpipe.preview import MAX_SIZE, MIN_SIZE, PREVIEWS, choose_level, render
 
@@ -21,8 +22,7 @@ __all__ = ["preview_path", "preview_task", "write_preview"]
 
 
 def _group_levels(group: str) -> list[str]:
-    node = zarr.open_group(group, mode="r")
-    ome: Any = dict(node.attrs.asdict()).get("ome", {})
+    ome: Any = attrs.read(group).get("ome", {})
     try:
         return [str(d["path"]) for d in ome["multiscales"][0]["datasets"]]
     except (KeyError, IndexError, TypeError) as err:
@@ -73,7 +73,7 @@ def preview_path(plan: ImagePlan) -> Path:
 
 
 def write_preview(
-    client: Any,
+    client: Runner,
     plan: ImagePlan,
     progress: ProgressFn | None = None,
     *,
@@ -112,9 +112,7 @@ def write_preview(
         progress=progress or noop,
     )
     relative = f"{PREVIEWS}/{dst.name}"
-    zarr.open_group(str(dst.parent), mode="a", zarr_format=3).attrs["segpipe"] = {
-        PREVIEWS: [relative]
-    }
+    attrs.update(dst.parent, {"segpipe": {PREVIEWS: [relative]}})
     mark_image(plan.group, previews=[relative])
     return str(dst)
 

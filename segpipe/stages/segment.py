@@ -14,12 +14,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from distributed import Client
 
 from segpipe import stitch
 from segpipe.blocks import Block
 from segpipe.deep import provenance
-from segpipe.engine import gpu_resources, map_blocks, prepare_array
+from segpipe.engine import Runner, gpu_resources, map_blocks, prepare_array
 from segpipe.image import ImagePlan, ProgressFn, noop, where
 from segpipe.io import omezarr, written
 from segpipe.io.markers import Arrays, Markers
@@ -108,7 +107,7 @@ def _plain(value: Any) -> Any:
 
 
 def segment(
-    client: Client, plan: ImagePlan, stats: ImageStats, progress: ProgressFn = noop
+    client: Runner, plan: ImagePlan, stats: ImageStats, progress: ProgressFn = noop
 ) -> Segmented:
     """Segment every block (with its halo): semantic + local labels, and in each block's
     marker its object count and its views toward its neighbours (for `stitch_ids`)."""

@@ -11,12 +11,11 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from distributed import Client
 from numpy.typing import NDArray
 
 from segpipe import halo
 from segpipe.blocks import Block
-from segpipe.engine import map_blocks, prepare_array
+from segpipe.engine import Runner, map_blocks, prepare_array
 from segpipe.image import ImagePlan, ProgressFn, SlabJob, noop, where
 from segpipe.io import omezarr
 from segpipe.io.markers import Arrays
@@ -58,7 +57,7 @@ def _hist_in(a: Arrays) -> tuple[NDArray[np.int64], float]:
 
 
 def statistics(
-    client: Client, plan: ImagePlan, raw: Extrema, progress: ProgressFn = noop
+    client: Runner, plan: ImagePlan, raw: Extrema, progress: ProgressFn = noop
 ) -> ImageStats:
     """Filter (when the segmenter smooths) and histogram the whole image."""
     extrema = raw

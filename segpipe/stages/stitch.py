@@ -12,11 +12,10 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
-from distributed import Client
 from numpy.typing import NDArray
 
 from segpipe import merge, stitch
-from segpipe.engine import imap_blocks
+from segpipe.engine import Runner, imap_blocks
 from segpipe.image import ImagePlan, ProgressFn, noop
 from segpipe.io import store
 from segpipe.io.markers import Arrays, Markers
@@ -81,7 +80,7 @@ def row_links(
 
 
 def stitch_ids(
-    client: Client, plan: ImagePlan, segmented: Segmented, progress: ProgressFn = noop
+    client: Runner, plan: ImagePlan, segmented: Segmented, progress: ProgressFn = noop
 ) -> merge.MergedIds:
     """Global consecutive ids: one task per row of blocks turns each block's views and
     those of its forward neighbours (from the segment markers) into links, streamed

@@ -19,12 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from distributed import Client
 from numpy.typing import NDArray
 
 from segpipe import kernels, measure, panoptic
 from segpipe.blocks import pass_levels
-from segpipe.engine import Lazy, map_blocks, prepare_array
+from segpipe.engine import Lazy, Runner, map_blocks, prepare_array
 from segpipe.errors import ConfigError, UnsupportedImageError
 from segpipe.image import ImagePlan, ProgressFn, noop, span
 from segpipe.io import omezarr
@@ -188,7 +187,7 @@ def parts_dir(plan: ImagePlan) -> Path:
 
 
 def relabel(
-    client: Any,
+    client: Runner,
     plan: ImagePlan,
     ids: MergedIds | GlobalIds,
     catalogue: Catalogue,
@@ -267,7 +266,7 @@ def relabel(
 
 
 def build_pyramid(
-    client: Client,
+    client: Runner,
     plan: ImagePlan,
     arrays: Sequence[tuple[Callable[[int], str], Any, bool]],
     shapes: Sequence[Sequence[int]],
@@ -299,7 +298,7 @@ def build_pyramid(
 
 
 def write(
-    client: Client,
+    client: Runner,
     plan: ImagePlan,
     ids: MergedIds | GlobalIds,
     progress: ProgressFn = noop,
@@ -320,7 +319,7 @@ def write(
 
 
 def relabel_pass(
-    client: Client,
+    client: Runner,
     plan: ImagePlan,
     ids: MergedIds | GlobalIds,
     progress: ProgressFn = noop,
@@ -341,7 +340,7 @@ def relabel_pass(
     return done
 
 
-def write_levels(client: Client, plan: ImagePlan, dtype: Any, progress: ProgressFn = noop) -> int:
+def write_levels(client: Runner, plan: ImagePlan, dtype: Any, progress: ProgressFn = noop) -> int:
     """The rest of `write`: the pyramid levels above those the relabel pass wrote (of the
     image, semantic and ``dtype`` instance labels) and the NGFF metadata; the level count."""
 
