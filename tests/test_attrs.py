@@ -1,0 +1,69 @@
+"""The store's metadata written as zarr.json files equals what zarr and ome-zarr write."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import zarr
+
+from segpipe.io import attrs, omezarr
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from ome_zarr.format import FormatV05
+    from ome_zarr.writer import write_label_metadata, write_multiscales_metadata
+
+
+def _meta(path: Path) -> dict:
+    return json.loads((path / "zarr.json").read_text())
+
+
+def test_image_and_label_metadata_equal_ome_zarr_writers(tmp_path: Path) -> None:
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    props = [{"label-value": 0, "class": "background"}, {"label-value": 1, "class": "cell"}]
+    for ndim in (2, 3):
+        omezarr.write_image_metadata(ours / f"img{ndim}", ndim=ndim, levels=3, name="a")
+        group = zarr.open_group(str(theirs / f"img{ndim}"), mode="a", zarr_format=3)
+        datasets = omezarr._datasets(ndim, 3)
+        write_multiscales_metadata(
+            group, datasets, fmt=FormatV05(), axes=omezarr._axes(ndim), name="a"
+        )
+        assert _meta(ours / f"img{ndim}") == _meta(theirs / f"img{ndim}")
+
+        label = f"labels{ndim}/semantic"
+        omezarr.write_label_group_metadata(
+            ours / label, ndim=ndim, levels=2, name="semantic", properties=props
+        )
+        group = zarr.open_group(str(theirs / label), mode="a", zarr_format=3)
+        write_multiscales_metadata(
+            group,
+            omezarr._datasets(ndim, 2),
+            fmt=FormatV05(),
+            axes=omezarr._axes(ndim),
+            name="semantic",
+        )
+        parent = zarr.open_group(str(theirs / f"labels{ndim}"), mode="a", zarr_format=3)
+        write_label_metadata(parent, "semantic", properties=props, fmt=FormatV05())
+        assert _meta(ours / label) == _meta(theirs / label)
+
+
+def test_update_keeps_other_attributes_and_zarr_reads_them(tmp_path: Path) -> None:
+    array = zarr.create_array(str(tmp_path / "a"), shape=(4, 4), dtype="uint8")
+    array.attrs["kept"] = 1
+    attrs.update(tmp_path / "a", {"segpipe": {"x": [1, 2]}})
+    reopened = zarr.open_array(str(tmp_path / "a"), mode="r")
+    assert reopened.attrs.asdict() == {"kept": 1, "segpipe": {"x": [1, 2]}}
+    assert reopened.shape == (4, 4)
+    attrs.update(tmp_path / "g", {"a": True})  # no node yet: a group
+    assert zarr.open_group(str(tmp_path / "g"), mode="r").attrs["a"] is True
+    assert attrs.read(tmp_path / "g") == {"a": True}
+
+
+def test_zarr_v2_nodes_go_through_zarr(tmp_path: Path) -> None:
+    zarr.open_group(str(tmp_path / "v2"), mode="w", zarr_format=2)
+    attrs.update(tmp_path / "v2", {"b": 2})
+    assert not (tmp_path / "v2" / "zarr.json").exists()
+    assert zarr.open_group(str(tmp_path / "v2"), mode="r").attrs["b"] == 2
+    assert attrs.read(tmp_path / "v2") == {"b": 2}
