@@ -1,0 +1,189 @@
+"""A collection through the engine: the same bytes as one image at a time, on 1 or 2 workers,
+and a Prefect run whose task runs do not grow with the number of images."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import zarr
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.sorting import FlowRunSort
+
+from segpipe import pipeline, synthetic
+from segpipe.config import block_tile
+from segpipe.image import ImagePlan
+from segpipe.io.readers import open_source
+from segpipe.io.store import open_output
+from segpipe.segmenters import get_segmenter
+from tests.helpers import free_port
+
+
+def _collection(folder: Path) -> list[Path]:
+    """Small fields (one block each, packed) and two images of several blocks."""
+    paths = [synthetic.write_tiff(folder / f"f{i}.tif", (160, 150), seed=i) for i in range(5)]
+    paths.append(synthetic.write_tiff(folder / "big.tif", (700, 650), seed=7))
+    paths.append(synthetic.write_tiff(folder / "wide.tif", (260, 900), seed=8))
+    return paths
+
+
+def _plans(paths: list[Path], out: Path, segmenter: str) -> list[ImagePlan]:
+    open_output(out, {"test": segmenter}).release()
+    seg = get_segmenter(segmenter)
+    plans = []
+    for p in paths:
+        spec = open_source(str(p))
+        tile = block_tile(512 if spec.shape[0] > 200 else "auto", 2, spec.shape)
+        plans.append(ImagePlan(spec, str(out), tile, seg))
+    return plans
+
+
+def _arrays(group: zarr.Group, prefix: str = "") -> dict[str, np.ndarray]:
+    out = {}
+    with warnings.catch_warnings():  # tables and previews are files beside the arrays
+        warnings.simplefilter("ignore", UserWarning)
+        members = list(group.members())
+    for name, node in members:
+        if isinstance(node, zarr.Array):
+            out[prefix + name] = node[:]
+        else:
+            out.update(_arrays(node, f"{prefix}{name}/"))
+    return out
+
+
+def _same_results(a: Path, b: Path, names: list[str]) -> None:
+    for name in names:
+        left, right = (zarr.open_group(str(root / name), mode="r") for root in (a, b))
+        arrays_a, arrays_b = _arrays(left), _arrays(right)
+        assert sorted(arrays_a) == sorted(arrays_b) and len(arrays_a) >= 4, sorted(arrays_a)
+        for key, value in arrays_a.items():
+            assert value.dtype == arrays_b[key].dtype, (name, key)
+            assert np.array_equal(value, arrays_b[key]), (name, key)
+        for table in ("objects", "segments"):
+            ta = pq.read_table(a / name / "tables" / f"{table}.parquet")
+            tb = pq.read_table(b / name / "tables" / f"{table}.parquet")
+            assert ta.equals(tb, check_metadata=True), (name, table)
+        for key in ("objects", "params", "statistics", "shape", "complete"):
+            assert left.attrs["segpipe"][key] == right.attrs["segpipe"][key], (name, key)
+
+
+@pytest.mark.parametrize("segmenter", ["otsu", "watershed"])
+def test_a_collection_equals_one_image_at_a_time_on_1_and_2_workers(
+    client: Any, tmp_path: Path, segmenter: str
+) -> None:
+    from distributed import Client, LocalCluster
+
+    paths = _collection(tmp_path / "in")
+    names = [p.stem for p in paths]
+    alone = tmp_path / "alone.zarr"
+    for plan in _plans(paths, alone, segmenter):  # one image at a time, every block a task
+        pipeline.run_image(client, plan)
+    together = tmp_path / "together.zarr"
+    outcomes = pipeline.run_images(client, _plans(paths, together, segmenter))
+    assert [o.result.status for o in outcomes if o.result] == ["done"] * len(paths)
+    _same_results(alone, together, names)
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address=None
+        ) as cluster,
+        Client(cluster) as two,
+    ):
+        on_two = tmp_path / "two.zarr"
+        pipeline.run_images(two, _plans(paths, on_two, segmenter), in_flight=3)
+    _same_results(alone, on_two, names)
+
+
+def test_packs_bound_pixels_and_keep_every_thread_busy() -> None:
+    from segpipe.io.readers import SourceSpec
+
+    def plan(shape: tuple[int, int]) -> ImagePlan:
+        spec = SourceSpec("/x.tif", "x", "tiff", "YX", shape, "uint16", None)
+        return ImagePlan(spec, "/out", (2048, 2048), get_segmenter("otsu"))
+
+    small = [plan((128, 128)) for _ in range(300)]
+    groups = pipeline.packs(small, list(range(300)), threads=2)
+    assert sorted(i for g in groups for i in g) == list(range(300))
+    assert len(groups) >= 8  # several packs per worker thread
+    fields = [plan((2048, 2048)) for _ in range(4)]
+    assert pipeline.packs(fields, [0, 1, 2, 3], threads=2) == [[0], [1], [2], [3]]
+
+
+def test_task_runs_do_not_grow_with_the_images(run_cli, tmp_path: Path) -> None:
+    folder = tmp_path / "plate"
+    for i in range(40):
+        synthetic.write_tiff(folder / f"w{i:03d}.tif", (96, 96), seed=i)
+    out = tmp_path / "out.zarr"
+    result = run_cli("-i", str(folder), "-o", str(out))
+    assert result.exit_code == 0, result.output
+    with get_client(sync_client=True) as api:
+        run = api.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=1)[0]
+        tasks = api.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
+    assert len(tasks) == 1, [t.name for t in tasks]
+    states = {
+        zarr.open_group(str(out / f"w{i:03d}"), mode="r").attrs["segpipe"]["complete"]
+        for i in range(40)
+    }
+    assert states == {True}
+
+
+@pytest.mark.slow
+def test_300_images_against_a_prefect_server_make_at_most_50_task_runs(tmp_path: Path) -> None:
+    folder = tmp_path / "plate"
+    for i in range(300):
+        synthetic.write_tiff(folder / f"w{i:03d}.tif", (128, 128), seed=i)
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env.update(PREFECT_HOME=str(tmp_path / "home"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    bin_dir = Path(sys.executable).parent
+    server = subprocess.Popen(
+        [str(bin_dir / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                if httpx.get(f"{api}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline and server.poll() is None, "prefect server did not start"
+            time.sleep(0.5)
+        out = tmp_path / "out.zarr"
+        run = subprocess.run(
+            [str(bin_dir / "segpipe"), "run", "-i", str(folder), "-o", str(out), "--quiet"],
+            env={**env, "PREFECT_API_URL": api},
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert run.returncode == 0, run.stderr[-2000:]
+        flows = httpx.post(f"{api}/flow_runs/filter", json={"limit": 1}, timeout=10).json()
+        flow_id = flows[0]["id"]
+        count = httpx.post(
+            f"{api}/task_runs/count",
+            json={"flow_runs": {"id": {"any_": [flow_id]}}},
+            timeout=10,
+        ).json()
+        assert 1 <= count <= 50, count
+        done = [
+            zarr.open_group(str(out / f"w{i:03d}"), mode="r").attrs["segpipe"]["complete"]
+            for i in range(300)
+        ]
+        assert all(done)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
