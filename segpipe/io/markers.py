@@ -39,15 +39,14 @@ _checked_lock = threading.Lock()
 
 
 def save_npz(path: Path, arrays: Arrays) -> None:
-    """Write ``arrays`` to ``path`` as an ``.npz`` atomically (temporary file, fsync,
-    rename), readable by its owner only."""
+    """Write ``arrays`` to ``path`` as an ``.npz`` atomically (temporary file, rename),
+    readable by its owner only. Not synced to disk: a marker cut short by a crash
+    does not read back whole, so its block is computed again (`Markers.done`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex}.tmp")
     fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
     with os.fdopen(fd, "wb") as fh:
         np.savez(fh, **arrays)  # type: ignore[arg-type]
-        fh.flush()
-        os.fsync(fh.fileno())
     os.replace(tmp, path)
 
 
