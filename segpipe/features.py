@@ -20,6 +20,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numba
 import numpy as np
 from numpy.typing import NDArray
 from scipy import ndimage as ndi
@@ -112,12 +113,15 @@ def _gaussian_radius(sigma: float) -> int:
 
 
 def _unknown(name: str) -> FeatureError:
-    kinds = ", ".join(f"{k}_σ" if k != "intensity" else k for k in KINDS)
-    stats = ", ".join(STATISTICS)
+    kinds = ", ".join(
+        "hessian1 … hessian3 (eigenvalues, largest first)" if k == "hessian" else k
+        for k in KINDS
+        if k != "intensity"
+    )
+    stats = ", ".join(k for k in STATISTICS if k != "pQ")
     return FeatureError(
-        f"unknown feature {name!r}; expected intensity or KIND_SIGMA with KIND one of "
-        f"{kinds} (hessian1_σ ... hessian3_σ: eigenvalues, largest first), or a statistic: "
-        f"{stats}"
+        f"unknown feature {name!r}; expected intensity, or KIND_σ with KIND one of {kinds} "
+        f"(e.g. gaussian_2); or a statistic: {stats}, p1 … p99.5"
     )
 
 
@@ -233,26 +237,103 @@ def halo(features: Iterable[Feature], ndim: int) -> tuple[int, ...]:
 # -- computation ---------------------------------------------------------------------------
 
 
+_SMOOTH = {"sobel": np.array([1.0, 2.0, 1.0]) / 4, "prewitt": np.array([1.0, 1.0, 1.0]) / 3}
+
+
+@numba.njit(cache=True, nogil=True)
+def _edges_2d(f, s, out):  # type: ignore[no-untyped-def]  # pragma: no cover (compiled)
+    # scikit-image's sobel/prewitt magnitude on a plane, as SciPy's `convolve` computes
+    # each axis (the flipped 3x3 kernel's non-zero taps in row-major order, summed in
+    # float64 from 0, mode "reflect"), then float32: sqrt(gy² + gx²) / sqrt(2)
+    rows, cols = f.shape
+    root2 = np.sqrt(np.float32(2.0))
+    for r in range(rows):
+        up, down = max(r - 1, 0), min(r + 1, rows - 1)
+        for c in range(cols):
+            left, right = max(c - 1, 0), min(c + 1, cols - 1)
+            gy = 0.0
+            gy += np.float64(f[up, left]) * -s[0]
+            gy += np.float64(f[up, c]) * -s[1]
+            gy += np.float64(f[up, right]) * -s[2]
+            gy += np.float64(f[down, left]) * s[0]
+            gy += np.float64(f[down, c]) * s[1]
+            gy += np.float64(f[down, right]) * s[2]
+            gx = 0.0
+            gx += np.float64(f[up, left]) * -s[0]
+            gx += np.float64(f[up, right]) * s[0]
+            gx += np.float64(f[r, left]) * -s[1]
+            gx += np.float64(f[r, right]) * s[1]
+            gx += np.float64(f[down, left]) * -s[2]
+            gx += np.float64(f[down, right]) * s[2]
+            a = np.float32(gy)
+            b = np.float32(gx)
+            out[r, c] = np.sqrt(a * a + b * b) / root2
+
+
 def _gradient_magnitude(smooth: NDArray[np.float32], kind: str) -> NDArray[np.float32]:
+    if smooth.ndim == 2:
+        out = np.empty_like(smooth)
+        _edges_2d(np.ascontiguousarray(smooth), _SMOOTH[kind], out)
+        return out
     from skimage import filters
 
-    out: NDArray[np.float32] = (filters.sobel if kind == "sobel" else filters.prewitt)(smooth)
+    magnitude: NDArray[np.float32] = (filters.sobel if kind == "sobel" else filters.prewitt)(smooth)
+    return magnitude
+
+
+@numba.njit(cache=True, nogil=True)
+def _gradient(f, out):  # type: ignore[no-untyped-def]  # pragma: no cover (compiled)
+    # np.gradient along axis 1 of (pre, n, post), float32 as NumPy computes it: central
+    # differences / 2 inside, one-sided at the ends (n >= 2)
+    pre, n, post = f.shape
+    two = np.float32(2.0)
+    for p in range(pre):
+        for q in range(post):
+            out[p, 0, q] = f[p, 1, q] - f[p, 0, q]
+            out[p, n - 1, q] = f[p, n - 1, q] - f[p, n - 2, q]
+        for i in range(1, n - 1):
+            for q in range(post):
+                out[p, i, q] = (f[p, i + 1, q] - f[p, i - 1, q]) / two
+
+
+def _along(f: NDArray[np.float32], axis: int) -> NDArray[np.float32]:
+    out = np.empty_like(f)
+    view = (int(np.prod(f.shape[:axis])), f.shape[axis], int(np.prod(f.shape[axis + 1 :])))
+    _gradient(f.reshape(view), out.reshape(view))
     return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _eigenvalues_2d(h00, h01, h11, big, small):  # type: ignore[no-untyped-def]  # pragma: no cover
+    # scikit-image's closed form for symmetric 2x2 matrices, operation by operation in
+    # float32: (a + c) / 2 -/+ sqrt(b**2 + ((a - c) / 2)**2)
+    two = np.float32(2.0)
+    for j in range(h00.shape[0]):
+        half_trace = (h00[j] + h11[j]) / two
+        d = (h00[j] - h11[j]) / two
+        root = np.sqrt(h01[j] * h01[j] + d * d)
+        big[j] = half_trace + root
+        small[j] = half_trace - root
 
 
 def _hessian_eigenvalues(smooth: NDArray[np.float32]) -> NDArray[np.float32]:
     """(ndim, *shape) eigenvalues, largest first, of the Hessian by central differences
-    (``np.gradient`` twice, as scikit-image's texture features)."""
+    (``np.gradient`` twice, as scikit-image's texture features, bit for bit)."""
     from skimage.feature import hessian_matrix_eigvals
 
     ndim = smooth.ndim
     if min(smooth.shape) < 2:  # np.gradient needs two samples per axis
         return np.zeros((ndim, *smooth.shape), np.float32)
-    first = np.gradient(smooth)
-    first = [first] if ndim == 1 else first
-    elements = [np.gradient(first[a], axis=b) for a in range(ndim) for b in range(a, ndim)]
-    eig: NDArray[np.float32] = hessian_matrix_eigvals(elements).astype(np.float32, copy=False)
-    return eig
+    smooth = np.ascontiguousarray(smooth, np.float32)
+    first = [_along(smooth, a) for a in range(ndim)]
+    elements = [_along(first[a], b) for a in range(ndim) for b in range(a, ndim)]
+    if ndim == 2:
+        eig = np.empty((2, *smooth.shape), np.float32)
+        h00, h01, h11 = (e.reshape(-1) for e in elements)
+        _eigenvalues_2d(h00, h01, h11, eig[0].reshape(-1), eig[1].reshape(-1))
+        return eig
+    out: NDArray[np.float32] = hessian_matrix_eigvals(elements).astype(np.float32, copy=False)
+    return out
 
 
 def _box(image: NDArray[np.float64], width: int) -> NDArray[np.float64]:
