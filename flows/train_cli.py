@@ -19,6 +19,9 @@ TRAIN_EXAMPLES = """
   segpipe train --arch fcn --data images/ --annotations masks/ --patch 256 --batch 4
   segpipe train --arch unet --ndim 3 --patch 32,64,64 --batch 2 --out unet3d.pt
   segpipe train --arch unet --steps 250 --patch 96 --out unet.pt --resume   # after a stop
+  segpipe train --arch forest --data images/ --annotations scribbles/ --out forest.npz
+  segpipe train --arch forest --data images/ --annotations scribbles/ --out cells.npz \
+      --classes '[background, nucleus, debris]' --features gaussian_1,sobel_2,log_4,std_2
 """
 
 
@@ -59,7 +62,9 @@ def _format_validation(val: dict[str, object]) -> list[str]:
 
 
 def train(
-    arch: Annotated[str, typer.Option(help="unet, segnet or fcn.")] = "unet",
+    arch: Annotated[
+        str, typer.Option(help="unet, segnet or fcn; forest: a random forest from scribbles.")
+    ] = "unet",
     ndim: Annotated[int, typer.Option(help="2 (planes) or 3 (volumes; unet only).")] = 2,
     data: Annotated[
         str, typer.Option(help="'synthetic' (generated nuclei) or a folder of TIFF/Zarr images.")
@@ -98,8 +103,38 @@ def train(
     ] = 4,
     val_size: Annotated[int, typer.Option(help="Edge of each validation image.")] = 512,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    classes: Annotated[
+        str | None,
+        typer.Option(
+            help="forest: the catalogue, as run.yaml's classes: (YAML, names, or a file); "
+            "scribble value k is class k. Default: 1 background (stuff), 2 foreground (thing)."
+        ),
+    ] = None,
+    features: Annotated[
+        str | None,
+        typer.Option(help="forest: comma-separated features (default: 24 at σ 0.5-16)."),
+    ] = None,
+    trees: Annotated[int, typer.Option(help="forest: number of trees.")] = 100,
+    max_depth: Annotated[int, typer.Option(help="forest: deepest split (0: no limit).")] = 12,
 ) -> None:
-    """Train a segmentation network (background / interior / boundary) and write its model card."""
+    """Train a segmentation network (background / interior / boundary) or a random forest
+    (from scribbles), and write its model card."""
+    if arch == "forest":
+        _train_forest(
+            ndim=ndim,
+            data=data,
+            annotations=annotations,
+            classes=classes,
+            features=features,
+            trees=trees,
+            max_depth=max_depth,
+            seed=seed,
+            normalise=normalise,
+            val_images=val_images,
+            val_size=val_size,
+            out_path=out_path,
+        )
+        return
     from segpipe.deep.train import TrainConfig, checkpoint_path, command_line
     from segpipe.deep.train import train as run_training
 
@@ -177,6 +212,85 @@ def train(
         )
         for line in _format_validation(val):
             out.print(line, highlight=False)
+
+
+def _train_forest(
+    *,
+    ndim: int,
+    data: str,
+    annotations: Path | None,
+    classes: str | None,
+    features: str | None,
+    trees: int,
+    max_depth: int,
+    seed: int,
+    normalise: str,
+    val_images: int,
+    val_size: int,
+    out_path: Path,
+) -> None:
+    """``segpipe train --arch forest``: fit, write the model and its card, print the scores."""
+    from segpipe.features import default_features
+    from segpipe.forest.train import ForestTrainConfig, parse_classes, train_forest
+
+    try:
+        if out_path == Path("model.pt"):  # the networks' default
+            out_path = Path("forest.npz")
+        if out_path.suffix != ".npz":
+            raise typer.BadParameter(f"--out {out_path}: a forest is an .npz file.")
+        options: dict[str, object] = {
+            "data": data,
+            "annotations": None if annotations is None else str(annotations),
+            "out": str(out_path),
+            "features": default_features(ndim) if features is None else features.split(","),
+            "trees": trees,
+            "max_depth": max_depth or None,
+            "seed": seed,
+            "ndim": ndim,
+            "normalise": None if normalise == "none" else _floats(normalise, "--normalise"),
+            "val_images": val_images,
+            "val_size": val_size,
+        }
+        if classes is not None:
+            options["classes"] = parse_classes(classes)
+        config = ForestTrainConfig.model_validate(options)
+    except ValidationError as err:
+        problem = err.errors()[0]
+        where = "--" + "-".join(str(p) for p in problem["loc"][:1]).replace("_", "-")
+        fail(typer.BadParameter(f"{where}: {problem['msg']}."), 2)
+    except typer.BadParameter as err:
+        fail(err, 2)
+    except SegpipeError as err:
+        fail(err, 2)
+    try:
+        with console.status("training the forest", spinner="dots"):
+            result = train_forest(config)
+    except SegpipeError as err:
+        fail(err)
+    card = result.model.meta.card
+    oob = card["oob"]
+    out.print(
+        f"Model: {result.path} (+ {result.card_path.name}): {card['trees']} trees, "
+        f"{card['nodes']} nodes, {len(result.model.meta.features)} features, trained on "
+        f"{sum(card['scribbled_pixels'].values())} scribbled pixels in {card['seconds']:.1f} s",
+        highlight=False,
+        soft_wrap=True,
+    )
+    out.print(
+        f"Out-of-bag accuracy {oob['accuracy']:.4f}; IoU per class: "
+        + ", ".join(f"{name} {s['iou']:.4f}" for name, s in oob["classes"].items()),
+        highlight=False,
+        soft_wrap=True,
+    )
+    val = card.get("validation")
+    if val:
+        out.print(
+            f"Held-out synthetic images ({val['images']} × "
+            f"{'×'.join(map(str, val['shape']))}): foreground IoU "
+            + ", ".join(f"{v:.4f}" for v in val["foreground_iou"]),
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 def register(app: typer.Typer) -> None:

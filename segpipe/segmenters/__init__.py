@@ -20,6 +20,7 @@ _BUILTIN = {
     "watershed": "segpipe.segmenters.watershed:Watershed",
     "edges": "segpipe.segmenters.edges:Edges",
     "tree": "segpipe.segmenters.tree:Tree",
+    "forest": "segpipe.segmenters.forest:Forest",
     "unet": "segpipe.segmenters.deep:UNet",
     "segnet": "segpipe.segmenters.deep:SegNet",
     "fcn": "segpipe.segmenters.deep:FCN",
