@@ -19,11 +19,12 @@ import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from typing import Any
 
 from distributed import Client, as_completed
 
 from segpipe import lifecycle, panoptic
-from segpipe.engine import RETRIES, WINDOW, Inline, Runner, output_error
+from segpipe.engine import RETRIES, WINDOW, Inline, Runner, gpu_resources, output_error
 from segpipe.errors import SegpipeError
 from segpipe.image import ImagePlan, ImageResult, ProgressFn, noop
 from segpipe.io.store import mark_image
@@ -268,6 +269,11 @@ def _run_packs(
         return
     threads = sum(w.get("nthreads", 1) for w in client.scheduler_info()["workers"].values())
     queue = iter(packs(plans, small, threads))
+    # a pack runs the segmenter too: a deep one's packs go to the GPU workers
+    extra: dict[str, Any] = {}
+    resources = gpu_resources(client, plans[small[0]].segmenter)
+    if resources:
+        extra["resources"] = resources
     token = uuid.uuid4().hex[:8]
     owner: dict[str, list[int]] = {}
     ac = as_completed()
@@ -283,6 +289,7 @@ def _run_packs(
             full=full,
             key=f"pack-{token}-{pack[0]}",
             retries=RETRIES,
+            **extra,
         )
         owner[str(future.key)] = pack
         ac.add(future)

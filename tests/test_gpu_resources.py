@@ -124,3 +124,34 @@ def test_classical_blocks_run_on_every_worker(
     assert len(table["block"]) == 16
     assert set(table["worker"]) == workers, table["worker"]
     assert set(table["device"]) == {"cpu"} and set(table["tiles"]) == {1}
+
+
+def test_packed_small_images_of_a_deep_segmenter_run_on_the_gpu_worker(
+    mixed_cluster: tuple[str, str], tmp_path: Path
+) -> None:
+    """Images of one block are packed into tasks that run every stage: for a deep
+    segmenter those tasks ask for the GPU too."""
+    from distributed import Client
+
+    from segpipe.io.store import open_output
+    from segpipe.pipeline import run_images
+
+    address, gpu = mixed_cluster
+    spec = NetSpec(arch="unet", depth=2, width=4)
+    torch.manual_seed(0)
+    model = checkpoint.save(
+        tmp_path / "tiny.pt", build(spec).eval(), checkpoint.ModelMeta(spec=spec)
+    )
+    seg = get_segmenter("unet", model=str(model), tile=64, diameter=8)
+    out = tmp_path / "out.zarr"
+    open_output(out, {"test": "packs"}).release()
+    plans = []
+    for i in range(4):
+        path = synthetic.write_tiff(tmp_path / "in" / f"small{i}.tif", (96, 96), seed=i)
+        plans.append(ImagePlan(open_source(path), str(out), (128, 128), seg))
+    with Client(address) as client:
+        outcomes = run_images(client, plans)
+    assert all(o.result is not None for o in outcomes), outcomes
+    for plan in plans:
+        table = provenance.read_table(plan.provenance)
+        assert set(table["worker"]) == {gpu}, table["worker"]
