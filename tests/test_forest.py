@@ -30,7 +30,7 @@ from segpipe.io.readers import open_source
 from segpipe.pipeline import run_image
 from segpipe.segmenters import get_segmenter
 from segpipe.synthetic import render
-from tests.helpers import same_up_to_renumbering
+from tests.helpers import panoptic_quality, same_up_to_renumbering, whole_image_stats
 
 TRAIN_SEEDS = (101, 102)  # neither a held-out seed (10000+) nor the new image's
 NEW_SEED = 4242
@@ -284,3 +284,39 @@ def test_scribbles_are_strokes_inside_their_class() -> None:
     assert np.array_equal(marks[marked], truth[marked])
     assert abs(np.mean(marks[marked] == 1) - 0.5) < 0.1  # classes take turns
     assert label(marked).max() < marked.sum() / 15  # strokes, not scattered pixels
+
+
+def test_segpipe_run_applies_the_model(run_cli: Any, trained: Path, tmp_path: Path) -> None:
+    image, _ = render((slice(0, 300), slice(0, 400)), seed=NEW_SEED + 1)
+    tifffile.imwrite(tmp_path / "cells.tif", image)
+    out = tmp_path / "out.zarr"
+    args = ["--input", str(tmp_path / "cells.tif"), "--output", str(out), "-s", "forest"]
+    result = run_cli(*args, "--set", f"model={trained}", "--tile", "128")
+    assert result.exit_code == 0, result.output
+    semantic = np.asarray(zarr.open_array(str(out / "cells" / "labels" / "semantic" / "0"))[:])
+    assert np.array_equal(semantic, classify_image(forest_model.load(trained), image))
+    missing = run_cli(*args[:-1], "forest", "--set", f"model={tmp_path / 'nope.npz'}",
+                      "--output", str(tmp_path / "other.zarr"))  # fmt: skip
+    assert missing.exit_code == 1
+    assert "nope.npz: forest model file not found" in " ".join(missing.output.split())
+    assert not (tmp_path / "other.zarr").exists()
+
+
+def test_watershed_split_separates_touching_nuclei_and_tiles_agree(
+    client: Any, trained: Path, tmp_path: Path
+) -> None:
+    image, truth = render((slice(0, 600), slice(0, 600)), seed=NEW_SEED + 2)
+    path = tmp_path / "touching.tif"
+    tifffile.imwrite(path, image)
+    seg = get_segmenter("forest", model=str(trained), split="watershed")
+    assert seg.stitch == "overlap"
+    data = image.astype(np.float32)
+    whole = seg.segment(data, seg.prepare(whole_image_stats(data)))
+    assert whole.instances is not None
+    components = label(whole.semantic == 2, connectivity=2)
+    assert panoptic_quality(truth, whole.instances) > panoptic_quality(truth, components) + 0.1
+    assert panoptic_quality(truth, whole.instances) > 0.9
+    source = open_source(str(path))
+    run_image(client, ImagePlan(source, str(tmp_path / "o.zarr"), (200, 200), seg))
+    tiled = zarr.open_array(str(tmp_path / "o.zarr" / "touching" / "labels" / "instances" / "0"))
+    assert panoptic_quality(whole.instances, np.asarray(tiled[:])) > 0.98

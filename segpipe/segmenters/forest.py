@@ -13,24 +13,28 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from numpy.typing import NDArray
 from pydantic import Field
+from scipy import ndimage as ndi
+from skimage.feature import peak_local_max
+from skimage.measure import label
+from skimage.segmentation import watershed
 
 from segpipe import features
 from segpipe.deep.postprocess import normalise, percentile_range
 from segpipe.errors import InputNotFoundError, ModelFileError, SegmenterError
 from segpipe.forest import model as forest_model
 from segpipe.forest.model import ForestModel
-from segpipe.forest.predict import predict
+from segpipe.forest.predict import predict, predict_things
 from segpipe.forest.train import normalised
 from segpipe.segmenters.base import Options, Segmenter, SegmentResult, context_limit
 from segpipe.segmenters.tree import halo_for, label_things
 from segpipe.stats import ImageStats
 
-__all__ = ["Forest", "ForestOptions"]
+__all__ = ["Forest", "ForestOptions", "split_things"]
 
 UNLABELLED = "unlabelled"
 """Name of class 0 in a forest's catalogue: scribbles use 0 for unmarked pixels, so no
@@ -43,13 +47,20 @@ class ForestOptions(Options):
     diameter: int = Field(32, ge=0)
     """Largest extent of a thing object past a block's edge, in pixels: objects are exact
     when none reaches further (see `segpipe.segmenters.tree.halo_for`)."""
+    split: Literal["components", "watershed"] = "components"
+    """Instances: connected regions of one thing class (exact across blocks), or those
+    regions split by a watershed on the thing probability (touching nuclei apart; blocks
+    then stitched by overlap in the halo, which ``diameter`` must cover)."""
+    min_distance: int = Field(5, ge=1)
+    """Smallest distance between two seeds (``split: watershed``)."""
 
 
 class Forest(Segmenter):
     """A random forest over the feature bank: each pixel gets the class the trees vote
     for; instances are connected regions of one thing class.
 
-    Options: ``model`` (required), ``diameter`` (32).
+    Options: ``model`` (required), ``diameter`` (32), ``split`` ("components"),
+    ``min_distance`` (5).
     """
 
     name = "forest"
@@ -77,6 +88,9 @@ class Forest(Segmenter):
         self._radius = max((f.radius() for f in model.bank if not isinstance(f, str)), default=0)
         self._ndim = model.meta.ndim
         self._features = list(model.meta.features)
+        if self.opts.split == "watershed":
+            # split objects are matched by overlap, not exact connected components
+            self.stitch = "overlap"  # type: ignore[misc]
 
     @property
     def opts(self) -> ForestOptions:
@@ -128,9 +142,45 @@ class Forest(Segmenter):
         model = self.model
         data = block if "lo" not in params else normalise(block, params["lo"], params["hi"])
         x = features.compute(data, model.bank, constants=params["constants"])
-        semantic = predict(model, x)
-        return SegmentResult(semantic, label_things(semantic, self.things), sequential=True)
+        if self.opts.split == "components":
+            semantic = predict(model, x)
+            return SegmentResult(semantic, label_things(semantic, self.things), sequential=True)
+        semantic, share = predict_things(model, x)
+        return SegmentResult(semantic, split_things(semantic, share, self.things, self.opts))
 
     def identity(self) -> dict[str, Any]:
         """The model file's SHA-256: another forest under the same path is another run."""
         return {"model_sha256": self.digest}
+
+
+def split_things(
+    semantic: NDArray[np.uint8],
+    share: NDArray[np.float32],
+    things: Sequence[int],
+    options: ForestOptions,
+) -> NDArray[np.int32]:
+    """Objects of each thing class: seeds at the peaks of the distance transform of the
+    class's regions (at least ``min_distance`` apart), grown over the region by a watershed
+    on the thing probability ``share`` (down from its highest); a region without a seed
+    stays one object."""
+    out = np.zeros(semantic.shape, np.int32)
+    top = 0
+    for k in things:
+        mask = semantic == k
+        if not mask.any():
+            continue
+        regions = label(mask, connectivity=mask.ndim)
+        distance = ndi.distance_transform_edt(mask)
+        peaks = peak_local_max(
+            distance, min_distance=options.min_distance, labels=regions, exclude_border=False
+        )
+        seeds = np.zeros(semantic.shape, np.int32)
+        seeds[tuple(peaks.T)] = np.arange(1, len(peaks) + 1, dtype=np.int32)
+        grown = watershed(-share, seeds, mask=mask)
+        unseeded = mask & (grown == 0)
+        if unseeded.any():
+            rest = label(unseeded, connectivity=mask.ndim)
+            grown[unseeded] = rest[unseeded] + len(peaks)
+        out[mask] = grown[mask] + top
+        top = int(out.max())
+    return out
