@@ -448,7 +448,9 @@ def plan_run(
     bad: list[tuple[str, str]] = []
     for p in paths:
         try:
-            specs.append(open_source(p, channel=config.channel, axes=config.axes))
+            specs.append(
+                open_source(p, channel=config.channel, axes=config.axes, series=config.series)
+            )
         except SegpipeError as err:
             bad.append((p, str(err)))
     if bad and config.on_error == "fail":
