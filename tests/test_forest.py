@@ -151,11 +151,29 @@ def test_bad_model_files_are_refused_naming_the_file(trained: Path, tmp_path: Pa
         ({"threshold": model.threshold.astype(np.float32)}, "expected float64"),
         ({"value": np.full_like(model.value, np.nan)}, "finite"),
         ({"meta": np.frombuffer(b"{not json", np.uint8)}, "meta is not JSON"),
+        (
+            {"meta": _meta_with(model, features=[f"gaussian_{300 + i}" for i in range(24)])},
+            "more than 1024 px",
+        ),
     ]:
         bad.write_bytes(trained.read_bytes())
         _corrupt(bad, **changes)
         with pytest.raises(ModelFileError, match=message):
             forest_model.load(bad)
+
+
+def _meta_with(model: forest_model.ForestModel, **changes: Any) -> NDArray[np.uint8]:
+    meta = {**model.meta.model_dump(mode="json"), **changes}
+    return np.frombuffer(json.dumps(meta).encode(), np.uint8)
+
+
+def test_a_small_image_gets_the_models_features(trained: Path) -> None:
+    image = render((slice(0, 40), slice(0, 50)), seed=3)[0]
+    seg = get_segmenter("forest", model=str(trained))
+    seg.check_image(image.shape)  # sigma 16 reads 66 px per side: wider than the image
+    data = image.astype(np.float32)
+    got = seg.segment(data, seg.prepare(whole_image_stats(data)))
+    assert np.array_equal(got.semantic, classify_image(forest_model.load(trained), image))
 
 
 def test_a_model_replaced_during_a_run_is_refused(trained: Path, tmp_path: Path) -> None:

@@ -28,6 +28,7 @@ from segpipe.errors import InputNotFoundError, ModelFileError
 
 __all__ = [
     "FORMAT",
+    "MAX_RADIUS",
     "ClassEntry",
     "ForestMeta",
     "ForestModel",
@@ -40,6 +41,8 @@ __all__ = [
 ]
 
 FORMAT = "segpipe-forest/1"
+MAX_RADIUS = 1024
+"""Widest feature context a model may ask for, per side (σ 256)."""
 ARRAYS = {
     "feature": np.int32,
     "threshold": np.float64,
@@ -237,9 +240,14 @@ def _check(model: ForestModel, p: Path) -> None:
     if meta.format != FORMAT:
         raise ModelFileError(f"{p}: format {meta.format!r}; this segpipe reads {FORMAT!r}.")
     try:
-        features.parse_features([n for n in meta.features if not features.is_statistic(n)])
+        bank = features.parse_features([n for n in meta.features if not features.is_statistic(n)])
     except features.FeatureError as err:
         raise ModelFileError(f"{p}: meta.features: {err}.") from err
+    wide = [f.name for f in bank if f.radius() > MAX_RADIUS]
+    if wide:
+        raise ModelFileError(
+            f"{p}: meta.features: {wide[0]} reads more than {MAX_RADIUS} px per side."
+        )
     ids = [c.id for c in meta.catalogue]
     if len(set(ids)) != len(ids) or len({c.name for c in meta.catalogue}) != len(ids):
         raise ModelFileError(f"{p}: meta.catalogue: class ids and names must be unique.")

@@ -30,7 +30,7 @@ from segpipe.forest import model as forest_model
 from segpipe.forest.model import ForestModel
 from segpipe.forest.predict import predict, predict_things
 from segpipe.forest.train import normalised
-from segpipe.segmenters.base import Options, Segmenter, SegmentResult, context_limit
+from segpipe.segmenters.base import Options, Segmenter, SegmentResult
 from segpipe.segmenters.tree import halo_for, label_things
 from segpipe.stats import ImageStats
 
@@ -116,14 +116,11 @@ class Forest(Segmenter):
         for name in self._features:
             if features.is_statistic(name):
                 continue
+            # a context wider than the image is allowed (the model asks for it; an edge
+            # repeated costs only its taps); load() bounds it
             f = features.parse_feature(name)
             if f.kind == "hessian" and f.index > len(shape):
                 raise SegmenterError(f"{self.path}: feature {name!r} needs a 3D image")
-            if f.radius() > context_limit(shape):
-                raise SegmenterError(
-                    f"{self.path}: feature {name!r} reads {f.radius()} px per side, more "
-                    f"than this image allows ({context_limit(shape)})"
-                )
 
     def halo(self, ndim: int) -> tuple[int, ...]:
         return halo_for(self._radius, self.opts.diameter, ndim)
