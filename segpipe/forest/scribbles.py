@@ -2,7 +2,8 @@
 
 Each stroke starts inside one class, away from its edge, runs straight in a random
 direction for a random length and stops before it would leave the class; strokes are
-drawn until the wanted fraction of the image is covered, the classes taking turns.
+drawn until the wanted fraction of the image is covered, the classes taking turns (the
+last stroke of a class stops where its share is reached).
 """
 
 from __future__ import annotations
@@ -80,6 +81,8 @@ def strokes(
         step /= np.linalg.norm(step) or 1.0
         for _ in range(int(rng.integers(length[0], length[1] + 1))):
             q = np.round(p).astype(int)
+            if done[c] >= per_class[c]:
+                break
             if np.any(q < 0) or np.any(q >= truth.shape) or not inside[c][tuple(q)]:
                 break
             box = tuple(slice(max(v - radius, 0), v + radius + 1) for v in q)
