@@ -378,28 +378,50 @@ def _preview_shape(shapes: Sequence[Sequence[int]], max_size: int = 1024) -> tup
     return tuple(level[-2:])
 
 
+def _image_wall(est: ImageEstimate, slots: int, costs: Costs) -> float | None:
+    """One image through the stages alone: each stage waits for all its blocks; a stage
+    of T tasks runs in ``ceil(T / slots)`` waves of its mean task time plus the per-task
+    overhead; client steps (stitch) as they are."""
+    total = 0.0
+    for s in est.stages:
+        if s.compute_s is None:
+            return None
+        if s.client or s.tasks == 0:
+            total += s.compute_s
+            continue
+        per_task = s.compute_s / s.tasks + costs.task_overhead_s
+        total += math.ceil(s.tasks / slots) * per_task
+    return total
+
+
 def wall_seconds(
     estimates: Sequence[ImageEstimate], *, workers: int, threads: int, costs: Costs
 ) -> float | None:
     """Estimated wall time of the run on ``workers`` × ``threads`` Dask threads.
 
-    Model: images and stages run one after another (each stage waits for all its
-    blocks); a stage of T tasks runs in ``ceil(T / (workers * threads))`` waves of
-    its mean task time plus the per-task overhead; stitch runs on the client.
+    Model, as `segpipe.pipeline.run_images` schedules: images of one block run
+    whole in packed tasks, their compute spread over every thread; larger images
+    run through the stages (`_image_wall` each), two per thread at once, so their
+    walls overlap up to the threads' capacity. The run takes the longer of the
+    larger images' overlapped walls and all the compute spread over the threads.
     None if a stage is not calibrated (e.g. a segmenter missing from the table).
     """
     slots = max(1, workers * threads)
-    total = 0.0
+    work = 0.0  # compute seconds of every task of every image
+    walls = []
     for est in estimates:
-        for s in est.stages:
-            if s.compute_s is None:
-                return None
-            if s.client or s.tasks == 0:
-                total += s.compute_s
-                continue
-            per_task = s.compute_s / s.tasks + costs.task_overhead_s
-            total += math.ceil(s.tasks / slots) * per_task
-    return total
+        if any(s.compute_s is None for s in est.stages):
+            return None
+        work += sum(s.compute_s or 0.0 for s in est.stages if not s.client)
+        if est.blocks > 1:
+            walls.append(_image_wall(est, slots, costs) or 0.0)
+        else:
+            work += costs.task_overhead_s
+    client = sum(s.compute_s or 0.0 for est in estimates for s in est.stages if s.client)
+    if len(walls) <= 1:  # one large image (or none): its stages' barriers decide
+        return max(sum(walls), work / slots + client) if walls else work / slots + client
+    overlapped = sum(walls) / min(len(walls), 2 * slots)
+    return max(overlapped, work / slots + client)
 
 
 # -- a whole run ---------------------------------------------------------------------

@@ -187,6 +187,30 @@ def test_wall_time_model() -> None:
     assert wall_seconds([missing], workers=1, threads=1, costs=costs) is None
 
 
+def test_wall_time_of_a_collection_spreads_small_images_over_every_thread() -> None:
+    costs = Costs(
+        stages=dict.fromkeys(
+            ["ingest", "statistics", "relabel", "pyramid", "panoptic", "measure"], 1.0
+        ),
+        segment={"otsu": SegmentCost(10.0, 20.0)},
+        pairs={"faces": 0.001},
+        task_overhead_s=0.0,
+        merge_s_per_block=0.0,
+    )
+    seg = get_segmenter("otsu", sigma=0)
+    field = plan_image(_spec((1024, 1024)), tile=2048, segmenter=seg, costs=costs)
+    one = wall_seconds([field], workers=1, threads=1, costs=costs)
+    assert one is not None
+    # 64 packed fields on 4 threads: a quarter of their work, no per-image barriers
+    many = wall_seconds([field] * 64, workers=2, threads=2, costs=costs)
+    assert many == pytest.approx(64 * one / 4)
+    big = plan_image(_spec((4096, 4096)), tile=1024, segmenter=seg, costs=costs)
+    alone = wall_seconds([big], workers=3, threads=1, costs=costs)
+    four = wall_seconds([big] * 4, workers=3, threads=1, costs=costs)
+    assert alone is not None and four is not None
+    assert four < 4 * alone  # images in flight fill the waves one image leaves part idle
+
+
 def test_shipped_calibration_table_covers_the_builtin_segmenters() -> None:
     costs = load_costs()
     for name in ["otsu", "multiotsu", "threshold", "local", "region-growing", "watershed"]:
