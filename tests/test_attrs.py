@@ -67,3 +67,43 @@ def test_zarr_v2_nodes_go_through_zarr(tmp_path: Path) -> None:
     assert not (tmp_path / "v2" / "zarr.json").exists()
     assert zarr.open_group(str(tmp_path / "v2"), mode="r").attrs["b"] == 2
     assert attrs.read(tmp_path / "v2") == {"b": 2}
+
+
+def test_arrays_are_created_and_read_as_zarr_creates_and_reads_them(tmp_path: Path) -> None:
+    from segpipe.io import chunks
+
+    for dtype in ("uint8", "uint16", "uint32", "uint64", "float32", "int16"):
+        for labels, compress in ((False, True), (True, True), (False, False)):
+            ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+            omezarr.create_array(
+                ours,
+                shape=(100, 70),
+                chunks=(64, 64),
+                dtype=dtype,
+                labels=labels,
+                compress=compress,
+            )
+            codec = None if not compress else omezarr.LABEL_CODEC if labels else omezarr.IMAGE_CODEC
+            zarr.create_array(
+                store=str(theirs),
+                shape=(100, 70),
+                chunks=(64, 64),
+                dtype=dtype,
+                compressors=codec,
+                fill_value=0,
+                zarr_format=3,
+                dimension_names=["y", "x"],
+                overwrite=True,
+            )
+            assert _meta(ours) == _meta(theirs), (dtype, labels, compress)
+            opened = zarr.open_array(str(ours), mode="r")
+            assert chunks.layout_of(ours, _meta(ours)) == chunks.layout(opened)
+    sharded = zarr.create_array(
+        store=str(tmp_path / "sharded"),
+        shape=(64, 64),
+        chunks=(16, 16),
+        shards=(32, 32),
+        dtype="uint16",
+    )
+    assert chunks.layout_of(tmp_path / "sharded", _meta(tmp_path / "sharded")) is None
+    assert chunks.layout(sharded) is None
