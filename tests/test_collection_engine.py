@@ -94,7 +94,7 @@ def test_a_collection_equals_one_image_at_a_time_on_1_and_2_workers(
     _same_results(alone, together, names)
     with (
         LocalCluster(
-            n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address=None
+            n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address="127.0.0.1:0"
         ) as cluster,
         Client(cluster) as two,
     ):
