@@ -116,6 +116,23 @@ def test_tree_with_context_equals_the_rules_by_hand_whole_and_tiled(
         assert same_up_to_renumbering(got["instances"], reference), tile
 
 
+def test_large_objects_across_small_tiles_are_exact_without_extra_context(
+    client: Any, tmp_path: Path
+) -> None:
+    """Objects many times the tile and no ``diameter`` beyond the features' radius: the
+    context's outer pixels are misclassified, yet objects are labelled on each block's
+    core and joined from their faces, so the instances equal the whole image's."""
+    image = render((slice(0, 256), slice(0, 240)), seed=9, density=0.95)[0].astype(np.float32)
+    tree = {"if": "gaussian_4 > 0.5 * otsu", "then": "nucleus", "else": "background"}
+    seg = get_segmenter("tree", tree=tree, classes=CLASSES[:2], diameter=0)
+    assert isinstance(seg, Tree)
+    semantic, instances = _whole(seg, image)  # type: ignore[arg-type]
+    assert instances.max() >= 2 and np.bincount(instances.ravel())[1:].max() > 32**2
+    got = _run(client, tmp_path, image, seg, 32)
+    assert np.array_equal(got["semantic"], semantic)
+    assert same_up_to_renumbering(got["instances"], instances)
+
+
 def test_tree_in_3d_tiled_equals_whole(client: Any, tmp_path: Path) -> None:
     image = render((slice(0, 24), slice(0, 60), slice(0, 70)), seed=2)[0].astype(np.float32)
     tree = {"if": "hessian3_1 < -0.05 * otsu", "then": "nucleus", "else": "background"}

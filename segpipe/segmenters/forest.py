@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 from numpy.typing import NDArray
@@ -65,6 +65,7 @@ class Forest(Segmenter):
 
     name = "forest"
     options_model = ForestOptions
+    wants_core: ClassVar[bool] = True  # components are labelled on the block's core alone
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
@@ -141,7 +142,8 @@ class Forest(Segmenter):
         x = features.compute(data, model.bank, constants=params["constants"])
         if self.opts.split == "components":
             semantic = predict(model, x)
-            return SegmentResult(semantic, label_things(semantic, self.things), sequential=True)
+            things = label_things(semantic, self.things, params.get("core"))
+            return SegmentResult(semantic, things, sequential=True)
         semantic, share = predict_things(model, x)
         return SegmentResult(semantic, split_things(semantic, share, self.things, self.opts))
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from numpy.typing import NDArray
@@ -350,25 +350,31 @@ def parse_catalogue_option(value: object, *, where: str) -> tuple[list[str], lis
     return names, [c.name for c in catalogue.classes if c.thing]
 
 
-def label_things(semantic: NDArray[np.uint8], things: Sequence[int]) -> NDArray[np.integer]:
+def label_things(
+    semantic: NDArray[np.uint8], things: Sequence[int], core: tuple[slice, ...] | None = None
+) -> NDArray[np.integer]:
     """Connected regions of one thing class each (full connectivity), numbered 1..k;
-    pixels of stuff classes are 0."""
+    pixels of stuff classes are 0. With ``core`` (the block within what was read),
+    only the core is labelled: the context's outer pixels may be misclassified, and
+    the pipeline joins objects across blocks exactly from their faces."""
+    if core is not None:
+        out = np.zeros(semantic.shape, np.int32)
+        out[core] = label_things(np.ascontiguousarray(semantic[core]), things)
+        return out
     lut = np.zeros(256, np.uint8)
     lut[list(things)] = 1
     thing = lut[semantic].astype(bool)
     masked = np.where(thing, semantic, np.uint8(0))
-    out: NDArray[np.integer] = label(masked, background=0, connectivity=semantic.ndim)
-    return out
+    labelled: NDArray[np.integer] = label(masked, background=0, connectivity=semantic.ndim)
+    return labelled
 
 
 def halo_for(radius: int, diameter: int, ndim: int) -> tuple[int, ...]:
-    """Context for exact classes and exact connected components.
-
-    Classes need the features' ``radius``. Objects are labelled over the block and its
-    context, where the context's outer ``radius`` pixels may be misclassified; a thing
-    reaching at most ``diameter`` past the block's edge never touches them, so two
-    objects are never joined through them. Without context (``radius`` 0) every pixel
-    read is exact.
+    """Context per side: the features' ``radius`` (exact classes), plus ``diameter``
+    where objects are matched by overlap in the context (a forest's watershed split).
+    Connected components need no more: they are labelled on each block's core alone
+    (``wants_core``) and joined across blocks from their faces. Without context
+    (``radius`` 0) every pixel read is exact.
     """
     return (radius + diameter if radius > 0 else 0,) * ndim
 
@@ -406,6 +412,7 @@ class Tree(Segmenter):
 
     name = "tree"
     options_model = TreeOptions
+    wants_core: ClassVar[bool] = True  # objects are labelled on the block's core alone
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
@@ -466,4 +473,5 @@ class Tree(Segmenter):
             return cache[key]
 
         semantic = evaluate(self.root, values, block.shape)
-        return SegmentResult(semantic, label_things(semantic, self.things), sequential=True)
+        things = label_things(semantic, self.things, params.get("core"))
+        return SegmentResult(semantic, things, sequential=True)

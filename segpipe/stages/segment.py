@@ -56,6 +56,8 @@ def _segment_block(
     data = as_float32(omezarr.read_block(plan.source, block.read))
     if getattr(plan.segmenter, "wants_origin", False):
         params = {**params, "origin": tuple(s.start for s in block.read)}
+    if getattr(plan.segmenter, "wants_core", False):  # the block within what was read
+        params = {**params, "core": block.core_in_read}
     result = plan.segmenter.segment(data, params)
     core = block.core_in_read
     if result.instances is None:
