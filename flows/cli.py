@@ -3,18 +3,67 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import threading
 import time
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from types import FrameType
 from typing import Annotated, Any
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from typer.core import TyperGroup
 
-from flows.console import console, fail, out
+from flows.console import console, crash, fail, interrupted, out
 from segpipe.errors import ImagesFailedError, SegpipeError
+from segpipe.segmenters import available
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that a run stops as after Ctrl-C."""
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: let the clean-up finish
+    raise Terminated
+
+
+RESUMABLE = ("run", "demo")  # commands an interrupt leaves to --resume
+
+
+class _Commands(TyperGroup):
+    """Every command ends in one line on stderr, whatever stops it."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (typer.Exit, typer.Abort, typer.TyperException):
+            raise  # typer prints these (usage errors) and exits
+        except KeyboardInterrupt as err:
+            code = 143 if isinstance(err, Terminated) else 130
+            interrupted(code, resume=ctx.invoked_subcommand in RESUMABLE)
+        except SegpipeError as err:  # one that a command did not catch itself
+            fail(err)
+        except Exception as err:
+            crash(err)
+        except BaseException as err:
+            if type(err).__name__ == "TerminationSignal":  # Prefect's, for SIGTERM in a flow
+                interrupted(143, resume=ctx.invoked_subcommand in RESUMABLE)
+            raise
+
+
+def _version(show: bool) -> None:
+    if show:
+        try:
+            number = version("segpipe")
+        except PackageNotFoundError:  # a source tree that was never installed
+            from segpipe import __version__ as number
+        out.print(f"segpipe {number}", highlight=False)
+        raise typer.Exit()
+
 
 app = typer.Typer(
     name="segpipe",
@@ -22,7 +71,21 @@ app = typer.Typer(
     no_args_is_help=True,
     rich_markup_mode="rich",
     pretty_exceptions_enable=False,
+    cls=_Commands,
 )
+
+
+@app.callback()
+def _options(
+    show_version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Segment image collections too large for one machine: Dask blocks, Prefect, OME-Zarr."""
+
 
 RUN_EXAMPLES = """
 [b]Examples[/b]
@@ -95,6 +158,7 @@ def execute(config: Any, *, show_progress: bool = True) -> list[dict[str, Any]]:
         f"segpipe: {len(prepared.sources)} image(s) → {cfg.output} "
         f"with [b]{cfg.segmenter.name}[/b] on cluster {cfg.cluster}",
         highlight=False,
+        soft_wrap=True,
     )
     progress = Progress(
         TextColumn("{task.description}"),
@@ -105,6 +169,9 @@ def execute(config: Any, *, show_progress: bool = True) -> list[dict[str, Any]]:
         disable=not show_progress,
         transient=False,
     )
+    from flows import start_embedded_api
+
+    start_embedded_api()  # in a session of its own: a Ctrl-C here leaves it to report the end
     with progress:
         seg_flow.reporter.fn = _BarReporter(progress)
         try:
@@ -138,7 +205,7 @@ def run(
         typer.Option(
             "--segmenter",
             "-s",
-            help="otsu, multiotsu, threshold, local, region-growing, watershed, edges.",
+            help=f"{', '.join(available())} (`segpipe segmenters` lists their options).",
         ),
     ] = None,
     tile: Annotated[
@@ -267,12 +334,14 @@ def demo(
     synthetic.write_tiff(images / "plate-a.tif", (2048, 2048), seed=1)
     synthetic.write_tiff(images / "plate-b.tif", (1536, 2560), seed=2)
     synthetic.write_tiff(images / "stack-c.tif", (24, 512, 512), seed=3)
-    cfg = RunConfig(
-        input=str(images),
-        output=str(directory / "out.zarr"),
-        tile=512,
-        segmenter={"name": segmenter},
-        overwrite=True,
+    cfg = RunConfig.model_validate(
+        {
+            "input": str(images),
+            "output": str(directory / "out.zarr"),
+            "tile": 512,
+            "segmenter": {"name": segmenter},
+            "overwrite": True,
+        }
     )
     try:
         rows = execute(cfg, show_progress=not quiet)
@@ -321,16 +390,17 @@ register_train(app)
 
 def main() -> None:
     """Console entry point."""
-    # The progress bar and one error line are the console's; Prefect's own run
-    # logs (tracebacks included) still go to its API and UI.
-    if "-v" not in sys.argv and "--verbose" not in sys.argv:
-        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
-    else:
+    # Prefect's console is silent but for critical records (flows/__init__.py); -v
+    # shows its run logs, tracebacks included (Prefect reads this at its import).
+    if "-v" in sys.argv or "--verbose" in sys.argv:
+        os.environ["PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"] = "INFO"
         sys.argv = [a for a in sys.argv if a not in ("-v", "--verbose")]
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         app()
-    except KeyboardInterrupt:
-        console.print("[red]interrupted[/]")
+    except KeyboardInterrupt:  # before or after a command (its own are caught by _Commands)
+        console.print("interrupted", highlight=False)
         sys.exit(130)
 
 

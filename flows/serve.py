@@ -75,7 +75,10 @@ def register(app: typer.Typer) -> None:
                 os.environ["PREFECT_API_URL"] = cfg.prefect.api_url
             if cfg.prefect.auth_string:
                 os.environ["PREFECT_API_AUTH_STRING"] = cfg.prefect.auth_string
+        from flows import start_embedded_api
         from flows.segment import run_tags, segment_collection
+
+        start_embedded_api()  # in its own session: after Ctrl-C it is there to pause the schedule
 
         console.print(
             f"segpipe: serving [b]segpipe-run/{name}[/b] ({cron}, {timezone or 'UTC'}) on "

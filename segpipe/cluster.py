@@ -4,6 +4,7 @@ back-end of `segpipe.backends` (local-cuda, SLURM, Kubernetes)."""
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -36,7 +37,7 @@ ALLOWED_FAILURES = 3
 
 
 def _local(n: int, threads: int) -> LocalCluster:
-    with dask.config.set(backends.worker_env_config()):
+    with dask.config.set(backends.worker_env_config()), _sigint_ignored():
         return LocalCluster(
             n_workers=n,
             threads_per_worker=threads,
@@ -45,6 +46,27 @@ def _local(n: int, threads: int) -> LocalCluster:
             dashboard_address="127.0.0.1:0",
             silence_logs=50,  # block errors reach the user once, through the client
         )
+
+
+@contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """Ignore SIGINT while the LocalCluster starts its worker processes.
+
+    A Ctrl-C in a terminal reaches every process of its group: workers would die of
+    it, each printing a traceback, while this process closes them anyway. A process
+    inherits an ignored signal (a blocked one it does not: the spawn clears the mask),
+    so only this process sees a later Ctrl-C; one within the second or two the
+    workers take to start is lost. Off the main thread nothing changes.
+    """
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @contextmanager

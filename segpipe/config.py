@@ -405,7 +405,14 @@ def load_config(
         try:
             loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
         except yaml.YAMLError as err:
-            raise ConfigError(f"{p}: not valid YAML ({err}).") from err
+            where = " ".join(str(err).split())  # PyYAML's message spans lines
+            raise ConfigError(f"{p}: not valid YAML ({where}).") from err
+        except UnicodeDecodeError as err:
+            raise ConfigError(
+                f"{p}: not a text file (byte {err.start} is not UTF-8); give a run.yaml."
+            ) from err
+        except OSError as err:
+            raise ConfigError(f"{p}: cannot read the config file ({err.strerror}).") from err
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

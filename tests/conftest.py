@@ -10,9 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-# Prefect reads its settings at import: give the session its own home first.
+# Prefect reads its settings at import: give the session its own home first, and
+# tracebacks of unexpected errors a folder of their own.
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="segpipe-prefect-"))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("SEGPIPE_LOG_DIR", tempfile.mkdtemp(prefix="segpipe-logs-"))
+# segpipe's Prefect defaults (flows/__init__.py) before any test module imports Prefect:
+# its console log handler then follows sys.stderr instead of keeping the stream it
+# found, which pytest and CliRunner close after a test.
+import flows  # noqa: F401
 
 
 @pytest.fixture(scope="session")

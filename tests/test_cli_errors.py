@@ -194,3 +194,218 @@ def test_segmenter_of_the_wrong_type_in_the_config_file(
     result = run_cli("--config", str(config))
     _fails(result, "run.yaml", "segmenter")
     assert len(result.output.strip().splitlines()) == 1, result.output
+
+
+# -- one line for every error, everywhere in the CLI (part 5) --------------------------
+
+
+def _one_error_line(text: str) -> str:
+    """The only line of ``text`` (CLI output) that starts with ``error:``; no traceback."""
+    assert "Traceback" not in text and "Logging error" not in text, text
+    lines = [line for line in text.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, text
+    return lines[0]
+
+
+def test_output_below_a_regular_file(run_cli, tmp_path: Path) -> None:
+    path = synthetic.write_tiff(tmp_path / "a.tif", (200, 200), seed=1)
+    (tmp_path / "notes.txt").write_text("a file, not a folder")
+    result = run_cli("--input", str(path), "--output", str(tmp_path / "notes.txt" / "o.zarr"))
+    assert result.exit_code == 1
+    assert "notes.txt" in _one_error_line(result.output)
+    assert (tmp_path / "notes.txt").read_text() == "a file, not a folder"
+
+
+def test_config_file_that_is_not_text(run_cli, tmp_path: Path) -> None:
+    path = synthetic.write_tiff(tmp_path / "a.tif", (64, 64), seed=1)
+    result = run_cli("--config", str(path))
+    assert result.exit_code == 1
+    assert "a.tif: not a text file" in _one_error_line(result.output)
+
+
+def test_input_deleted_mid_run(run_cli, tmp_path: Path) -> None:
+    import threading
+    import time
+
+    path = synthetic.write_tiff(tmp_path / "in" / "gone.tif", (1024, 1024), tile=64, seed=1)
+    out = tmp_path / "o.zarr"
+
+    def delete_once_begun() -> None:  # the image's group is made as its first stage starts
+        deadline = time.monotonic() + 60
+        while not (out / "gone").exists() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        path.unlink()
+
+    watcher = threading.Thread(target=delete_once_begun)
+    watcher.start()
+    result = run_cli("--input", str(path), "--output", str(out), "--tile", "64")
+    watcher.join()
+    assert result.exit_code == 1, result.output
+    assert "gone.tif" in _one_error_line(result.output)
+    _no_complete_result(out)
+    assert not (out / "_segpipe" / "lock.json").exists()
+
+
+def test_disk_full_while_the_results_are_written(run_cli, tmpfs, tmp_path: Path) -> None:
+    """The disk fills once the labels are being written: what follows (pyramids,
+    Parquet tables, preview, the `complete` mark) finds no space."""
+    import threading
+    import time
+
+    path = synthetic.write_tiff(tmp_path / "a.tif", (1024, 1024), seed=1)
+    disk = tmpfs("24m")
+    out = disk / "o.zarr"
+
+    def fill_once_labelled() -> None:
+        deadline = time.monotonic() + 60
+        while not (out / "a" / "labels").exists() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        with open(disk / "ballast", "wb") as fh:
+            try:
+                while True:
+                    fh.write(b"\0" * 2**20)
+                    fh.flush()
+            except OSError:
+                pass
+
+    watcher = threading.Thread(target=fill_once_labelled)
+    watcher.start()
+    result = run_cli("--input", str(path), "--output", str(out), "--tile", "256")
+    watcher.join()
+    assert result.exit_code == 1, result.output
+    assert "No space left on device" in _one_error_line(result.output)
+    _no_complete_result(out)
+
+
+def test_disk_full_while_the_parquet_tables_are_written(
+    run_cli, tmpfs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk fills just as the first Parquet table is opened (the hook only picks
+    the moment: the writes that fail are pyarrow's own, on a full tmpfs)."""
+    import pyarrow.parquet as pq
+
+    path = synthetic.write_tiff(tmp_path / "a.tif", (512, 512), seed=1)
+    disk = tmpfs("16m")
+    out = disk / "o.zarr"
+    opened = pq.ParquetWriter.__init__
+
+    def fill_then_open(self, where, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if not (disk / "ballast").exists():
+            with open(disk / "ballast", "wb") as fh:
+                try:
+                    while True:
+                        fh.write(b"\0" * 2**16)
+                        fh.flush()
+                except OSError:
+                    pass
+        opened(self, where, *args, **kwargs)
+
+    monkeypatch.setattr(pq.ParquetWriter, "__init__", fill_then_open)
+    # several blocks: the tables are written here, by the client (a one-block image is
+    # segmented whole on a worker)
+    result = run_cli("--input", str(path), "--output", str(out), "--tile", "256")
+    assert (disk / "ballast").exists()  # the tables were reached
+    assert result.exit_code == 1, result.output
+    assert "No space left on device" in _one_error_line(result.output)
+    _no_complete_result(out)
+    assert not (out / "_segpipe" / "lock.json").exists()
+
+
+def test_an_unexpected_error_is_one_line_and_a_private_log(
+    run_cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import flows.cli
+
+    def bug(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("a bug\nover two lines")
+
+    monkeypatch.setenv("SEGPIPE_LOG_DIR", str(tmp_path / "logs"))
+    monkeypatch.setattr(flows.cli, "execute", bug)
+    path = synthetic.write_tiff(tmp_path / "a.tif", (64, 64), seed=1)
+    result = run_cli("--input", str(path), "--output", str(tmp_path / "o.zarr"))
+    assert result.exit_code == 1
+    line = _one_error_line(result.output)
+    assert line.startswith("error: RuntimeError: a bug over two lines (traceback in ")
+    log = Path(line.rsplit("traceback in ", 1)[1].rstrip(")"))
+    assert log.parent == tmp_path / "logs"
+    assert oct(log.parent.stat().st_mode & 0o777) == "0o700"
+    assert oct(log.stat().st_mode & 0o777) == "0o600"
+    text = log.read_text()
+    assert "Traceback (most recent call last)" in text and "in bug" in text
+
+
+def test_every_command_has_the_last_resort(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    import segpipe.inspect
+    from flows.cli import app
+
+    def bug(store: str) -> None:
+        raise KeyError("lost")
+
+    monkeypatch.setenv("SEGPIPE_LOG_DIR", str(tmp_path / "logs"))
+    monkeypatch.setattr(segpipe.inspect, "inspect_store", bug)
+    result = CliRunner().invoke(app, ["inspect", str(tmp_path)], catch_exceptions=False)
+    assert result.exit_code == 1
+    assert _one_error_line(result.output).startswith("error: KeyError: 'lost' (traceback in ")
+
+
+def test_the_entry_point_prints_one_line(tmp_path: Path) -> None:
+    """The installed ``segpipe`` as a process: one line on stderr, the traceback in the log."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, flows.cli\n"
+        "def bug(*a, **k): raise ZeroDivisionError('division by zero')\n"
+        "flows.cli.execute = bug\n"
+        "sys.argv = ['segpipe', 'run', '-i', 'a.tif', '-o', 'o.zarr']\n"
+        "flows.cli.main()\n"
+    )
+    env = {**__import__("os").environ, "SEGPIPE_LOG_DIR": str(tmp_path / "logs")}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert done.returncode == 1, done.stderr
+    assert done.stdout == ""
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith("error: ZeroDivisionError: division by zero (traceback in ")
+    (log,) = (tmp_path / "logs").iterdir()
+    assert "segpipe run -i a.tif -o o.zarr" in log.read_text()
+
+
+# -- first use (part 6) ------------------------------------------------------------------
+
+
+def test_version() -> None:
+    from importlib.metadata import version
+
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert result.output.strip() == f"segpipe {version('segpipe')}"
+
+
+def test_run_help_lists_every_registered_segmenter() -> None:
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from segpipe.segmenters import available
+
+    result = CliRunner().invoke(app, ["run", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    text = " ".join(result.output.split())
+    assert len(available()) >= 10  # the built-in ones at least
+    for name in available():
+        assert name in text, name
+
+
+def test_the_cli_starts_without_torch() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, flows.cli; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0

@@ -1,0 +1,150 @@
+"""Ctrl-C, SIGTERM and SIGKILL of a running ``segpipe run``, as real processes.
+
+A Ctrl-C (SIGINT to the terminal's process group) or a SIGTERM stops the run in
+seconds with one line, releases the output, and leaves no process behind: no Dask
+worker, no Prefect API server. After a SIGKILL, which nothing can catch, the API
+server and the workers still go with it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from flows.console import INTERRUPTED
+from segpipe import synthetic
+
+pytestmark = pytest.mark.integration
+
+SEGPIPE = str(Path(sys.executable).parent / "segpipe")
+WATERSHED = ("-s", "watershed", "--tile", "512")
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # 16 Mpx of watershed: some 10 s of compute on 2 cores, the signal comes at ~1 s
+    return synthetic.write_tiff(tmp_path_factory.mktemp("in") / "big.tif", (4096, 4096), seed=3)
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A home of its own: segpipe's default PREFECT_HOME (~/.segpipe/prefect) in it."""
+    return tmp_path_factory.mktemp("home")
+
+
+def _env(home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "SEGPIPE_"))}
+    env["HOME"] = str(home)  # no PREFECT_API_URL: the embedded API, as on a laptop
+    return env
+
+
+class Run:
+    """``segpipe run`` in a session of its own (its own process group, as in a terminal)."""
+
+    def __init__(self, image: Path, out: Path, home: Path) -> None:
+        self.out = out
+        # files, not pipes: a process that outlived the run would hold a pipe open
+        self.stderr = out.with_name("stderr.txt")
+        with open(self.stderr, "w") as err:
+            self.proc = subprocess.Popen(
+                [SEGPIPE, "run", "-q", "-i", str(image), "-o", str(out), *WATERSHED],
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                env=_env(home),
+                start_new_session=True,
+            )
+        self.children: list[psutil.Process] = []
+
+    def wait_until_working(self) -> None:
+        """Until the image's first stage runs; then note every process the run started."""
+        deadline = time.monotonic() + 180  # a new Prefect database migrates first
+        while not (self.out / "big").exists():
+            assert self.proc.poll() is None, self.stderr.read_text()
+            assert time.monotonic() < deadline, "the run never started its first stage"
+            time.sleep(0.1)
+        time.sleep(1.0)
+        self.children = psutil.Process(self.proc.pid).children(recursive=True)
+        commands = [" ".join(c.cmdline()) for c in self.children]
+        assert any("uvicorn" in c for c in commands), commands  # the embedded API
+        assert any("spawn_main" in c for c in commands), commands  # a Dask worker
+
+    def signal(self, signum: int, *, group: bool = False) -> tuple[int, str, float]:
+        """Send ``signum``; the exit code, stderr and the seconds the run took to end."""
+        t0 = time.monotonic()
+        if group:
+            os.killpg(self.proc.pid, signum)
+        else:
+            self.proc.send_signal(signum)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        return self.proc.returncode, self.stderr.read_text(), time.monotonic() - t0
+
+    def survivors(self, timeout: float) -> list[str]:
+        """Processes the run started that are still alive after ``timeout`` seconds."""
+        _, alive = psutil.wait_procs(self.children, timeout=timeout)
+        alive = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        names = [" ".join(p.cmdline()[:4]) for p in alive]
+        for p in alive:
+            p.kill()
+        return names
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.survivors(0)
+
+
+@pytest.fixture
+def run(image: Path, home: Path, tmp_path: Path) -> Iterator[Run]:
+    r = Run(image, tmp_path / "out.zarr", home)
+    yield r
+    r.close()
+
+
+def _stopped_cleanly(r: Run, code: int, err: str, seconds: float, expected: int) -> None:
+    assert code == expected, err
+    assert seconds < 10, f"took {seconds:.1f} s to stop"
+    lines = err.strip().splitlines()
+    assert lines[-1] == INTERRUPTED, err
+    assert len(lines) == 2 and lines[0].startswith("segpipe: 1 image(s)"), err  # no traceback
+    assert not (r.out / "_segpipe" / "lock.json").exists()  # the output is free again
+    assert r.survivors(5) == []
+
+
+def test_ctrl_c_stops_in_seconds_with_one_line(run: Run, home: Path) -> None:
+    run.wait_until_working()
+    code, err, seconds = run.signal(signal.SIGINT, group=True)  # what a terminal's Ctrl-C does
+    _stopped_cleanly(run, code, err, seconds, 130)
+    # the Prefect database holds every run's parameters: this user's only
+    prefect = home / ".segpipe" / "prefect"
+    assert oct((home / ".segpipe").stat().st_mode & 0o777) == "0o700"
+    assert oct(prefect.stat().st_mode & 0o777) == "0o700"
+    databases = list(prefect.glob("prefect.db*"))
+    assert databases
+    for path in databases:
+        assert oct(path.stat().st_mode & 0o777) == "0o600", path
+
+
+def test_sigterm_stops_in_seconds_with_one_line(run: Run) -> None:
+    run.wait_until_working()
+    code, err, seconds = run.signal(signal.SIGTERM)
+    _stopped_cleanly(run, code, err, seconds, 143)
+
+
+def test_sigkill_takes_the_api_server_and_the_workers_along(run: Run) -> None:
+    run.wait_until_working()
+    code, _, _ = run.signal(signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    assert run.survivors(10) == []
