@@ -18,6 +18,7 @@ install: $(BIN)/segpipe
 
 demo: $(BIN)/segpipe
 	$(BIN)/segpipe demo
+	@echo "segpipe is installed in $(BIN); to run the README's segpipe commands: source $(BIN)/activate"
 
 test: $(BIN)/segpipe
 	$(BIN)/python -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
