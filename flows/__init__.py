@@ -21,12 +21,16 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # 2-core machine that can exceed Prefect's 20 s default.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 # The terminal shows a progress bar and one line per error: Prefect's run logs (with
-# their tracebacks) go to its API and UI, its console only for what is critical
-# (`segpipe -v` shows them). That console, the root logger's handler, writes to
-# sys.stderr as it is at each record, not to the stream it found at set-up, which may
-# be closed since (a test runner's).
-os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
-os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_STREAM", "ext://flows.console.stderr")
+# their tracebacks) go to its API and UI, and its two terminal handlers (the console,
+# which is the root logger's, and "debug", its internal errors such as an unreachable
+# API's) print only what is critical (`segpipe -v` shows the rest). Both write to
+# sys.stderr as it is at each record, not to the stream they found at set-up, which
+# may be closed since (a test runner's).
+for _handler in ("CONSOLE", "DEBUG"):
+    os.environ.setdefault(f"PREFECT_LOGGING_HANDLERS_{_handler}_LEVEL", "CRITICAL")
+    os.environ.setdefault(
+        f"PREFECT_LOGGING_HANDLERS_{_handler}_STREAM", "ext://flows.console.stderr"
+    )
 
 
 def _private_home(home: Path) -> None:

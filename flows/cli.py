@@ -394,6 +394,7 @@ def main() -> None:
     # shows its run logs, tracebacks included (Prefect reads this at its import).
     if "-v" in sys.argv or "--verbose" in sys.argv:
         os.environ["PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"] = "INFO"
+        os.environ["PREFECT_LOGGING_HANDLERS_DEBUG_LEVEL"] = "ERROR"
         sys.argv = [a for a in sys.argv if a not in ("-v", "--verbose")]
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _terminate)
