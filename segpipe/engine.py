@@ -128,7 +128,9 @@ def map_blocks(
                 done += 1
                 progress(stage, done, len(args))
         except OSError as err:
-            raise output_error(err, stage) from err
+            if (mapped := output_error(err, stage)) is None:
+                raise
+            raise mapped from err
         return results
     pending: dict[str, int] = {}
     queue = iter(todo)
@@ -179,7 +181,9 @@ def map_blocks(
             progress(stage, done, len(args))
     except OSError as err:
         client.cancel(list(ac.futures) if hasattr(ac, "futures") else [])
-        raise output_error(err, stage) from err
+        if (mapped := output_error(err, stage)) is None:
+            raise
+        raise mapped from err
     except BaseException:
         client.cancel(list(ac.futures) if hasattr(ac, "futures") else [])
         raise
@@ -194,11 +198,12 @@ def map_blocks(
     return results
 
 
-def output_error(err: OSError, stage: str) -> OSError:
+def output_error(err: OSError, stage: str) -> OutputWriteError | None:
     """``err`` as an `OutputWriteError` naming the file when the output cannot take a
-    write (disk full, read-only, permissions); else ``err`` itself."""
+    write (disk full, read-only, permissions); None for any other error (raise it as
+    it is: chaining an error to itself makes a cycle that serialising it never ends)."""
     if isinstance(err, SegpipeError) or err.errno not in _OUTPUT_ERRNOS:
-        return err
+        return None
     return OutputWriteError(
         f"{err.filename or 'output'}: cannot write ({err.strerror}) during {stage}; "
         "free space or fix permissions, then rerun with --resume."

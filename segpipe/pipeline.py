@@ -24,7 +24,7 @@ from typing import Any
 from distributed import Client, as_completed
 
 from segpipe import lifecycle, panoptic
-from segpipe.engine import RETRIES, WINDOW, Inline, Runner, gpu_resources, output_error
+from segpipe.engine import WINDOW, Inline, Runner, gpu_resources, output_error
 from segpipe.errors import SegpipeError
 from segpipe.image import ImagePlan, ImageResult, ProgressFn, noop
 from segpipe.io.store import mark_image
@@ -156,7 +156,9 @@ def _attempt(
         try:
             return Outcome(plan, run_image(runner, plan, progress, full=full))
         except OSError as err:
-            raise output_error(err, plan.name) from err
+            if (mapped := output_error(err, plan.name)) is None:
+                raise
+            raise mapped from err
     except Exception as err:
         if not skip:
             raise
@@ -282,13 +284,14 @@ def _run_packs(
         pack = next(queue, None)
         if pack is None:
             return
+        # No retries: an error in a pack is its images' own; a task lost with its
+        # worker is rerun by Dask anyway.
         future = client.submit(
             run_pack,
             [plans[i] for i in pack],
             skip=skip,
             full=full,
             key=f"pack-{token}-{pack[0]}",
-            retries=RETRIES,
             **extra,
         )
         owner[str(future.key)] = pack

@@ -3,6 +3,7 @@ and nothing that looks like a complete result."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -240,8 +241,34 @@ def test_input_deleted_mid_run(run_cli, tmp_path: Path) -> None:
     watcher.start()
     result = run_cli("--input", str(path), "--output", str(out), "--tile", "64")
     watcher.join()
+    # A worker that already holds the file open reads on (the pixels are still there);
+    # one that opens it after the deletion fails the image, naming the file.
+    assert result.exit_code in (0, 1), result.output
+    if result.exit_code == 1:
+        assert "gone.tif" in _one_error_line(result.output)
+        _no_complete_result(out)
+    assert not (out / "_segpipe" / "lock.json").exists()
+
+
+def test_input_cut_short_mid_run(run_cli, tmp_path: Path) -> None:
+    import threading
+    import time
+
+    path = synthetic.write_tiff(tmp_path / "in" / "cut.tif", (1024, 1024), tile=64, seed=1)
+    out = tmp_path / "o.zarr"
+
+    def truncate_once_begun() -> None:
+        deadline = time.monotonic() + 60
+        while not (out / "cut").exists() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        os.truncate(path, 4096)  # header kept, tiles gone: whoever reads next fails
+
+    watcher = threading.Thread(target=truncate_once_begun)
+    watcher.start()
+    result = run_cli("--input", str(path), "--output", str(out), "--tile", "64")
+    watcher.join()
     assert result.exit_code == 1, result.output
-    assert "gone.tif" in _one_error_line(result.output)
+    assert "cut.tif" in _one_error_line(result.output)
     _no_complete_result(out)
     assert not (out / "_segpipe" / "lock.json").exists()
 

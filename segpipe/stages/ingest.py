@@ -45,6 +45,8 @@ def ingest_block(
 ) -> Extrema:
     try:
         data = read_region(spec, region)
+    except InputReadError:
+        raise
     except OSError as err:  # deleted, moved or unreadable since the run began
         raise InputReadError(
             f"{spec.path}: cannot read rows {region[-2].start}:{region[-2].stop} "
