@@ -358,7 +358,7 @@ def demo(
 @app.command()
 def segmenters() -> None:
     """List the registered segmenters and their options."""
-    from segpipe.segmenters import available, get_segmenter
+    from segpipe.segmenters import available, segmenter_class
 
     table = Table(title="segmenters")
     table.add_column("name")
@@ -366,12 +366,18 @@ def segmenters() -> None:
     table.add_column("options (defaults)")
     for name in available():
         try:
-            seg = get_segmenter(name)
+            cls = segmenter_class(name)
         except SegpipeError as err:
             table.add_row(name, "?", f"unavailable: {err}")
             continue
-        opts = ", ".join(f"{k}={v!r}" for k, v in seg.options.model_dump().items())
-        table.add_row(name, seg.stitch, opts)
+        fields = cls.options_model.model_fields.items()
+        opts = ", ".join(
+            f"{k} (required)"
+            if f.is_required()
+            else f"{k}={f.get_default(call_default_factory=True)!r}"
+            for k, f in fields
+        )
+        table.add_row(name, cls.stitch, opts)
     out.print(table)
 
 

@@ -15,7 +15,8 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
+from uuid import UUID
 
 from prefect.artifacts import (
     create_markdown_artifact,
@@ -59,8 +60,10 @@ class RunProgress:
         self.lock = threading.Lock()
         self.sent = -1.0
         self.last = 0.0
-        self.artifact_id = create_progress_artifact(
-            progress=0.0, key=key, description=self._description()
+        # Prefect's sync-or-async decorator types it UUID | Coroutine; called here, a UUID
+        self.artifact_id = cast(
+            UUID,
+            create_progress_artifact(progress=0.0, key=key, description=self._description()),
         )
 
     def _partial(self) -> float:

@@ -6,12 +6,12 @@ import datetime as dt
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from distributed import Client
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from flows import monitor
 from segpipe import pipeline
@@ -238,7 +238,7 @@ def _run_name() -> str:
     name="segpipe-run",
     flow_run_name=_run_name,
     log_prints=False,
-    task_runner=ThreadPoolTaskRunner(max_workers=2),
+    task_runner=cast("TaskRunner[Any]", ThreadPoolTaskRunner(max_workers=2)),
 )
 def segment_collection(config: dict[str, Any]) -> list[dict[str, Any]]:
     """Segment every image of a collection into the output store.
@@ -272,7 +272,9 @@ def segment_collection(config: dict[str, Any]) -> list[dict[str, Any]]:
         _tracker.append(monitor.RunProgress(len(plans), blocks, report=reporter.fn))
         with connect_run(cfg) as client:
             logger.info(
-                "Dask dashboard: %s (scheduler %s)", dashboard(client), client.scheduler.address
+                "Dask dashboard: %s (scheduler %s)",
+                dashboard(client),
+                client.scheduler_info().get("address", "?"),
             )
             # Two waves at a time: the next one starts while the last images of the one
             # before finish, so the cluster never drains at a wave's end.

@@ -9,7 +9,14 @@ from typing import Any
 from segpipe.errors import SegmenterError
 from segpipe.segmenters.base import Options, Segmenter, SegmentResult
 
-__all__ = ["Options", "SegmentResult", "Segmenter", "available", "get_segmenter"]
+__all__ = [
+    "Options",
+    "SegmentResult",
+    "Segmenter",
+    "available",
+    "get_segmenter",
+    "segmenter_class",
+]
 
 _BUILTIN = {
     "otsu": "segpipe.segmenters.threshold:Otsu",
@@ -39,13 +46,13 @@ def available() -> list[str]:
     return sorted(_registry())
 
 
-def get_segmenter(name: str, **options: Any) -> Segmenter:
-    """Instantiate the segmenter registered as ``name`` with validated ``options``.
+def segmenter_class(name: str) -> type[Segmenter]:
+    """The class registered as ``name`` (imported, not instantiated).
 
     Raises
     ------
     SegmenterError
-        If no segmenter has that name or an option is invalid.
+        If no segmenter has that name, or its entry point is not a `Segmenter`.
     """
     registry = _registry()
     if name not in registry:
@@ -58,5 +65,15 @@ def get_segmenter(name: str, **options: Any) -> Segmenter:
         raise SegmenterError(
             f"entry point {name!r} ({registry[name]}) is not a Segmenter subclass."
         )
-    seg: Segmenter = cls(**options)
-    return seg
+    return cls
+
+
+def get_segmenter(name: str, **options: Any) -> Segmenter:
+    """Instantiate the segmenter registered as ``name`` with validated ``options``.
+
+    Raises
+    ------
+    SegmenterError
+        If no segmenter has that name or an option is invalid.
+    """
+    return segmenter_class(name)(**options)
