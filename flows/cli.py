@@ -148,18 +148,30 @@ def execute(config: Any, *, show_progress: bool = True) -> list[dict[str, Any]]:
             os.environ["PREFECT_API_URL"] = config.prefect.api_url
         if config.prefect.auth_string:
             os.environ["PREFECT_API_AUTH_STRING"] = config.prefect.auth_string
+    from flows import ApiStart
     from flows import segment as seg_flow
+    from segpipe.cluster import prestart_local
 
-    # Fail fast, before Prefect and the cluster start; the lock stays held by this
-    # process, and the flow (in this process) takes it again as a no-op.
+    # Prefect's embedded API takes seconds to start: it starts beside the checks and
+    # the cluster (in a session of its own: a Ctrl-C here leaves it to report the end).
+    t0 = time.perf_counter()
+    api = ApiStart()
+    # Fail fast, before the cluster starts; the lock stays held by this process, and
+    # the flow (in this process) takes it again as a no-op.
     prepared = seg_flow.prepare_run(config)
     cfg = prepared.config
     console.print(
         f"segpipe: {len(prepared.sources)} image(s) → {cfg.output} "
-        f"with [b]{cfg.segmenter.name}[/b] on cluster {cfg.cluster}",
+        f"with [b]{cfg.segmenter.name}[/b] on cluster {cfg.cluster}; starting "
+        + ("a LocalCluster and " if cfg.cluster == "local" else "")
+        + ("Prefect's embedded API" if not os.environ.get("PREFECT_API_URL") else "…"),
         highlight=False,
         soft_wrap=True,
     )
+    if cfg.cluster == "local":
+        prestart_local(workers=cfg.workers, threads=cfg.threads)
+    api.wait()
+    console.print(f"started in {time.perf_counter() - t0:.1f} s", highlight=False)
     progress = Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -169,9 +181,6 @@ def execute(config: Any, *, show_progress: bool = True) -> list[dict[str, Any]]:
         disable=not show_progress,
         transient=False,
     )
-    from flows import start_embedded_api
-
-    start_embedded_api()  # in a session of its own: a Ctrl-C here leaves it to report the end
     with progress:
         seg_flow.reporter.fn = _BarReporter(progress)
         try:

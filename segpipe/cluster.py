@@ -34,6 +34,22 @@ def local_cluster(*, workers: int | None = None, threads: int | None = None) -> 
 
 
 ALLOWED_FAILURES = 3
+_prestarted: list[tuple[tuple[int | None, int | None], LocalCluster]] = []
+
+
+def prestart_local(*, workers: int | None = None, threads: int | None = None) -> None:
+    """Start the run's LocalCluster now, while other start-up work goes on (call from the
+    main thread); `connect` ``local`` with the same shape takes it instead of starting
+    one (and closes it after, as any cluster it starts)."""
+    _prestarted.append(((workers, threads), local_cluster(workers=workers, threads=threads)))
+
+
+def _take_prestarted(workers: int | None, threads: int | None) -> LocalCluster | None:
+    for i, (shape, cluster) in enumerate(_prestarted):
+        if shape == (workers, threads) and cluster.status.name == "running":
+            del _prestarted[i]
+            return cluster
+    return None
 
 
 def _local(n: int, threads: int) -> LocalCluster:
@@ -102,7 +118,10 @@ def connect(
         If the scheduler cannot be reached.
     """
     if spec == "local":
-        with local_cluster(workers=workers, threads=threads) as cluster, Client(cluster) as client:
+        started = _take_prestarted(workers, threads) or local_cluster(
+            workers=workers, threads=threads
+        )
+        with started as cluster, Client(cluster) as client:
             yield client
         return
     if spec in ("local-cuda", "slurm", "kubernetes"):

@@ -118,7 +118,9 @@ def _stopped_cleanly(r: Run, code: int, err: str, seconds: float, expected: int)
     assert seconds < 10, f"took {seconds:.1f} s to stop"
     lines = err.strip().splitlines()
     assert lines[-1] == INTERRUPTED, err
-    assert len(lines) == 2 and lines[0].startswith("segpipe: 1 image(s)"), err  # no traceback
+    # the run's header, how long it took to start, and the one line: no traceback
+    assert len(lines) == 3 and lines[0].startswith("segpipe: 1 image(s)"), err
+    assert lines[1].startswith("started in "), err
     assert not (r.out / "_segpipe" / "lock.json").exists()  # the output is free again
     assert r.survivors(5) == []
 
