@@ -45,7 +45,6 @@ __all__ = [
     "relabel",
     "relabel_block",
     "relabelled",
-    "write",
     "write_levels",
     "written_levels",
 ]
@@ -295,49 +294,6 @@ def build_pyramid(
             markers=markers,
             run=plan.token,
         )
-
-
-def write(
-    client: Runner,
-    plan: ImagePlan,
-    ids: MergedIds | GlobalIds,
-    progress: ProgressFn = noop,
-    times: dict[str, float] | None = None,
-    catalogue: Any = None,
-) -> int:
-    """The relabel pass (`segpipe.relabel`: instances and panoptic level 0, object
-    statistics), then the pyramids of the image, semantic and instance labels and the
-    NGFF metadata; return the level count. ``catalogue``: the classes (default: the
-    plan's, else the segmenter's).
-
-    With ``times``, the pass's wall time goes to ``times`` under ``relabel``,
-    ``panoptic``, ``measure`` and ``write`` (the pyramid levels the pass writes), in
-    proportion to its tasks' compute time in each.
-    """
-    relabel_pass(client, plan, ids, progress, times, catalogue)
-    return write_levels(client, plan, ids.dtype, progress)
-
-
-def relabel_pass(
-    client: Runner,
-    plan: ImagePlan,
-    ids: MergedIds | GlobalIds,
-    progress: ProgressFn = noop,
-    times: dict[str, float] | None = None,
-    catalogue: Any = None,
-) -> Relabelled:
-    """The relabel pass of `write`; returns its `Relabelled`."""
-
-    t0 = time.perf_counter()
-    catalogue = catalogue or plan.catalogue or panoptic.catalogue_for(plan.segmenter)
-    done = relabel(client, plan, ids, catalogue, progress)
-    if times is not None:
-        wall = time.perf_counter() - t0
-        steps = done.step_seconds()
-        busy = sum(steps.values()) or 1.0
-        for step, seconds in steps.items():
-            times[step] = times.get(step, 0.0) + wall * seconds / busy
-    return done
 
 
 def write_levels(client: Runner, plan: ImagePlan, dtype: Any, progress: ProgressFn = noop) -> int:
