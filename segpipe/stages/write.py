@@ -297,7 +297,7 @@ def build_pyramid(
 
 
 def write_levels(client: Runner, plan: ImagePlan, dtype: Any, progress: ProgressFn = noop) -> int:
-    """The rest of `write`: the pyramid levels above those the relabel pass wrote (of the
+    """After the relabel pass: the pyramid levels above those it wrote (of the
     image, semantic and ``dtype`` instance labels) and the NGFF metadata; the level count."""
 
     shapes = level_shapes(plan)
