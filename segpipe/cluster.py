@@ -3,6 +3,7 @@ back-end of `segpipe.backends` (local-cuda, SLURM, Kubernetes)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 from collections.abc import Iterator
@@ -34,6 +35,17 @@ def local_cluster(*, workers: int | None = None, threads: int | None = None) -> 
 
 
 ALLOWED_FAILURES = 3
+
+
+class _ClientGone(logging.Filter):
+    """Drops the scheduler's CRITICAL report of a block that erred after its client left
+    (a run that stopped at its first error): the error reached the user already, once."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Closed comm")
+
+
+logging.getLogger("distributed.scheduler").addFilter(_ClientGone())
 _prestarted: list[tuple[tuple[int | None, int | None], LocalCluster]] = []
 
 
