@@ -77,7 +77,7 @@ def _same_results(a: Path, b: Path, names: list[str]) -> None:
             assert left.attrs["segpipe"][key] == right.attrs["segpipe"][key], (name, key)
 
 
-@pytest.mark.parametrize("segmenter", ["otsu", "watershed"])
+@pytest.mark.parametrize("segmenter", ["otsu", pytest.param("watershed", marks=pytest.mark.slow)])
 def test_a_collection_equals_one_image_at_a_time_on_1_and_2_workers(
     client: Any, tmp_path: Path, segmenter: str
 ) -> None:

@@ -159,10 +159,10 @@ def _damage(path: Path, how: str) -> None:
     "target, how",
     [
         ("img/0/c/0/0", "delete"),
-        ("img/labels/semantic/0/c/1/1", "delete"),
-        ("img/0/c/1/0", "garbage"),
+        pytest.param("img/labels/semantic/0/c/1/1", "delete", marks=pytest.mark.slow),
+        pytest.param("img/0/c/1/0", "garbage", marks=pytest.mark.slow),
         ("img/labels/instances/0/c/0/1", "garbage"),
-        ("img/tables/objects.parquet", "flip"),
+        pytest.param("img/tables/objects.parquet", "flip", marks=pytest.mark.slow),
         ("_segpipe/manifests/img.npz", "truncate"),
     ],
 )

@@ -139,12 +139,14 @@ def test_ctrl_c_stops_in_seconds_with_one_line(run: Run, home: Path) -> None:
         assert oct(path.stat().st_mode & 0o777) == "0o600", path
 
 
+@pytest.mark.slow
 def test_sigterm_stops_in_seconds_with_one_line(run: Run) -> None:
     run.wait_until_working()
     code, err, seconds = run.signal(signal.SIGTERM)
     _stopped_cleanly(run, code, err, seconds, 143)
 
 
+@pytest.mark.slow
 def test_sigkill_takes_the_api_server_and_the_workers_along(run: Run) -> None:
     run.wait_until_working()
     code, _, _ = run.signal(signal.SIGKILL)
