@@ -182,7 +182,15 @@ def test_a_damaged_complete_result_is_computed_again(
     assert again.exit_code == 0 and "unchanged" in again.output, again.output
 
 
-@pytest.mark.parametrize("how", ["delete", "garbage", "truncate", "flip"])
+@pytest.mark.parametrize(
+    "how",
+    [
+        "delete",
+        pytest.param("garbage", marks=pytest.mark.slow),
+        "truncate",
+        pytest.param("flip", marks=pytest.mark.slow),
+    ],
+)
 def test_an_interrupted_image_recomputes_damaged_blocks(client, image, tmp_path, how) -> None:
     """Blocks finished before an interruption, then a chunk or a marker damaged: the
     resumed run checks each marker and recomputes what no longer holds."""
