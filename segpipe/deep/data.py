@@ -156,6 +156,32 @@ def _drop_leading_ones(array: NDArray[Any], ndim: int) -> NDArray[Any]:
     return array
 
 
+def paired_files(
+    images: str | os.PathLike[str], annotations: str | os.PathLike[str], what: str
+) -> tuple[dict[str, Path], dict[str, Path]]:
+    """The files of two folders by stem, every image with its ``what`` (annotation,
+    scribbles) and the reverse.
+
+    Raises
+    ------
+    MissingPartnerError
+        Naming the first file without a partner.
+    """
+    image_files = _listing(Path(images), "image")
+    partner_files = _listing(Path(annotations), "annotation")
+    for stem, path in image_files.items():
+        if stem not in partner_files:
+            raise MissingPartnerError(
+                f"{path}: no {what} named {stem!r} in {annotations} (pairs match by name)."
+            )
+    for stem, path in partner_files.items():
+        if stem not in image_files:
+            raise MissingPartnerError(
+                f"{path}: {what} without an image named {stem!r} in {images}."
+            )
+    return image_files, partner_files
+
+
 def _listing(directory: Path, what: str) -> dict[str, Path]:
     if not directory.is_dir():
         raise InputNotFoundError(f"{directory}: {what} folder not found.")
@@ -246,18 +272,7 @@ def read_pairs(
     TrainingDataError
         Shape mismatch, wrong dtype, not one-hot (the file is named).
     """
-    image_files = _listing(Path(images), "image")
-    annotation_files = _listing(Path(annotations), "annotation")
-    for stem, path in image_files.items():
-        if stem not in annotation_files:
-            raise MissingPartnerError(
-                f"{path}: no annotation named {stem!r} in {annotations} (pairs match by name)."
-            )
-    for stem, path in annotation_files.items():
-        if stem not in image_files:
-            raise MissingPartnerError(
-                f"{path}: annotation without an image named {stem!r} in {images}."
-            )
+    image_files, annotation_files = paired_files(images, annotations, "annotation")
     pairs = []
     for stem, path in image_files.items():
         raw = _image(path, ndim)

@@ -30,12 +30,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from segpipe import features, synthetic
 from segpipe.deep.data import (
     TRAIN_SEED_MIN,
-    MissingPartnerError,
     TrainingDataError,
     _drop_leading_ones,
     _image,
-    _listing,
     _read_array,
+    paired_files,
 )
 from segpipe.deep.postprocess import image_stats, normalise, percentile_range
 from segpipe.errors import ConfigError
@@ -228,18 +227,7 @@ def read_scribbled(
     TrainingDataError
         A shape mismatch, floats, a value outside the catalogue, or no scribble at all.
     """
-    image_files = _listing(Path(images), "image")
-    scribble_files = _listing(Path(annotations), "annotation")
-    for stem, path in image_files.items():
-        if stem not in scribble_files:
-            raise MissingPartnerError(
-                f"{path}: no scribbles named {stem!r} in {annotations} (pairs match by name)."
-            )
-    for stem, path in scribble_files.items():
-        if stem not in image_files:
-            raise MissingPartnerError(
-                f"{path}: scribbles without an image named {stem!r} in {images}."
-            )
+    image_files, scribble_files = paired_files(images, annotations, "scribbles")
     known = {c.id for c in classes}
     out = []
     for stem, path in image_files.items():
