@@ -129,11 +129,15 @@ def waves(n: int, *, most: int = MAX_WAVES, least: int = WAVE_IMAGES) -> list[ra
     return [range(n * k // count, n * (k + 1) // count) for k in range(count)]
 
 
+def _threads(client: Client) -> int:
+    """Worker threads of the cluster now."""
+    return sum(w.get("nthreads", 1) for w in client.scheduler_info()["workers"].values())
+
+
 def images_in_flight(client: Client) -> int:
     """How many images to keep in flight: two per worker thread (so one image's barrier
     never leaves a thread idle), at least 2."""
-    threads = sum(w.get("nthreads", 1) for w in client.scheduler_info()["workers"].values())
-    return max(2, 2 * threads)
+    return max(2, 2 * _threads(client))
 
 
 def _one_line(err: BaseException) -> str:
@@ -269,8 +273,7 @@ def _run_packs(
     """`run_pack` over the `packs` of ``small``, at most `WINDOW` tasks submitted at once."""
     if not small:
         return
-    threads = sum(w.get("nthreads", 1) for w in client.scheduler_info()["workers"].values())
-    queue = iter(packs(plans, small, threads))
+    queue = iter(packs(plans, small, _threads(client)))
     # a pack runs the segmenter too: a deep one's packs go to the GPU workers
     extra: dict[str, Any] = {}
     resources = gpu_resources(client, plans[small[0]].segmenter)
