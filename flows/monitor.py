@@ -58,6 +58,7 @@ class RunProgress:
         self.current: dict[str, tuple[int, float, int]] = {}  # image: (stage, fraction, blocks)
         self.report = report
         self.lock = threading.Lock()
+        self.sending = threading.Lock()
         self.sent = -1.0
         self.last = 0.0
         # Prefect's sync-or-async decorator types it UUID | Coroutine; called here, a UUID
@@ -104,17 +105,27 @@ class RunProgress:
         self._send(force=True)
 
     def _send(self, force: bool = False) -> None:
-        now = time.monotonic()
         with self.lock:
-            value = self.percent()
-            text = self._description()
             if self.report is not None:
                 self.report("images", self.finished, self.images)
                 self.report("blocks", int(self.blocks_done + self._partial()), self.blocks_total)
-            if value == self.sent or (not force and now - self.last < INTERVAL):
-                return
-            self.sent, self.last = value, now
-        update_progress_artifact(self.artifact_id, progress=value, description=text)
+        # Sends leave in the order their values are taken, or an older value could reach
+        # the API after a newer one (a finished run showing 50 %). A routine update
+        # skips while another is being sent rather than hold up the pipeline's thread.
+        if not self.sending.acquire(blocking=force):
+            return
+        try:
+            now = time.monotonic()
+            with self.lock:
+                value = self.percent()
+                text = self._description()
+                stale = value == self.sent or now - self.last < INTERVAL
+                if value < self.sent or (stale and not force):
+                    return
+                self.sent, self.last = value, now
+            update_progress_artifact(self.artifact_id, progress=value, description=text)
+        finally:
+            self.sending.release()
 
 
 def totals(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:

@@ -91,7 +91,11 @@ def two_workers() -> Iterator[str]:
         yield cluster.scheduler_address
 
 
-@pytest.mark.parametrize("fraction", [0.25, 0.5, 0.75])
+# a kill early and late in the run are slow variants: the middle one stays in the default suite
+@pytest.mark.parametrize(
+    "fraction",
+    [pytest.param(0.25, marks=pytest.mark.slow), 0.5, pytest.param(0.75, marks=pytest.mark.slow)],
+)
 def test_worker_killed_mid_run(
     run_cli,
     image: Path,
