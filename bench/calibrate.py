@@ -119,6 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     if costs is None:
         return 1
     table = costs.to_json()
+    if args.out.exists():  # start-up figures come from bench.startup: kept
+        table.setdefault("startup", json.loads(args.out.read_text()).get("startup"))
+        if table["startup"] is None:
+            del table["startup"]
     table["source"] = (
         f"python -m bench.calibrate --tile {args.tile} --repeats {args.repeats}, "
         f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, synthetic uint16 nuclei, one thread; "

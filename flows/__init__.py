@@ -11,7 +11,6 @@ import os
 import stat
 import subprocess
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -94,33 +93,6 @@ def start_embedded_api() -> None:
     api.SubprocessASGIServer._instances.pop(None, None)
     # Prefect keeps one server per port (None: any free one): its own calls get this one
     _embedded_api_class()().start()
-
-
-class ApiStart:
-    """`start_embedded_api` in a thread of its own, beside the rest of a run's start-up
-    (checking inputs, starting the cluster): the thread then stays until this process
-    ends, as the kernel's parent-death signal follows the thread that started the API."""
-
-    def __init__(self) -> None:
-        self.ready = threading.Event()
-        self.error: BaseException | None = None
-        threading.Thread(target=self._run, name="segpipe-api", daemon=True).start()
-
-    def _run(self) -> None:
-        try:
-            start_embedded_api()
-        except BaseException as err:  # handed to wait()
-            self.error = err
-        finally:
-            self.ready.set()
-        threading.Event().wait()  # keep the thread: the API lives as long as it does
-
-    def wait(self) -> None:
-        """Until the API answers; its start-up error, if any, raised here."""
-        while not self.ready.wait(0.2):  # short waits: a Ctrl-C still interrupts
-            pass
-        if self.error is not None:
-            raise self.error
 
 
 @functools.cache

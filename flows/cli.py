@@ -141,6 +141,12 @@ def _summary(rows: list[dict[str, Any]], output: str, *, mode: str = "") -> None
     )
 
 
+def _import_prefect() -> None:
+    import prefect.artifacts
+    import prefect.cache_policies
+    import prefect.task_runners  # noqa: F401
+
+
 def execute(config: Any, *, show_progress: bool = True) -> list[dict[str, Any]]:
     """Check a run, then run the Prefect flow with a progress bar; returns the summary rows."""
     if config.prefect is not None:  # before Prefect is imported: it reads these once
@@ -148,29 +154,47 @@ def execute(config: Any, *, show_progress: bool = True) -> list[dict[str, Any]]:
             os.environ["PREFECT_API_URL"] = config.prefect.api_url
         if config.prefect.auth_string:
             os.environ["PREFECT_API_AUTH_STRING"] = config.prefect.auth_string
-    from flows import ApiStart
-    from flows import segment as seg_flow
+    # Prefect's API takes seconds to start: the machine's local API (`flows.local_api`)
+    # is reused when a run left it up, else started beside the checks and the cluster,
+    # in a session of its own (a Ctrl-C here leaves it to record the run's end).
+    from flows import local_api
+    from flows.prepare import in_process, prepare_run
     from segpipe.cluster import prestart_local
 
-    # Prefect's embedded API takes seconds to start: it starts beside the checks and
-    # the cluster (in a session of its own: a Ctrl-C here leaves it to report the end).
     t0 = time.perf_counter()
-    api = ApiStart()
+    api = None if os.environ.get("PREFECT_API_URL") else local_api.use()
+    # Prefect itself imports (a second or more) while the run is checked and the cluster
+    # starts; only Prefect's modules, which import nothing of segpipe's.
+    importer = threading.Thread(target=_import_prefect, name="segpipe-import", daemon=True)
+    importer.start()
     # Fail fast, before the cluster starts; the lock stays held by this process, and
     # the flow (in this process) takes it again as a no-op.
-    prepared = seg_flow.prepare_run(config)
+    prepared = prepare_run(config)
     cfg = prepared.config
+    inline = in_process(prepared)
+    local = cfg.cluster == "local" and not inline
+    starting = [
+        *(["a LocalCluster"] if local else []),
+        *(["Prefect's local API"] if api is not None and api.started else []),
+    ]
     console.print(
         f"segpipe: {len(prepared.sources)} image(s) → {cfg.output} "
-        f"with [b]{cfg.segmenter.name}[/b] on cluster {cfg.cluster}; starting "
-        + ("a LocalCluster and " if cfg.cluster == "local" else "")
-        + ("Prefect's embedded API" if not os.environ.get("PREFECT_API_URL") else "…"),
+        f"with [b]{cfg.segmenter.name}[/b] "
+        + ("in this process (one block: no cluster)" if inline else f"on cluster {cfg.cluster}")
+        + (f"; starting {' and '.join(starting)}" if starting else ""),
         highlight=False,
         soft_wrap=True,
     )
-    if cfg.cluster == "local":
+    if local:
         prestart_local(workers=cfg.workers, threads=cfg.threads)
-    api.wait()
+    importer.join()
+    from flows import segment as seg_flow
+
+    if api is not None:
+        try:
+            api.wait()
+        except RuntimeError as err:
+            fail(err)
     console.print(f"started in {time.perf_counter() - t0:.1f} s", highlight=False)
     progress = Progress(
         TextColumn("{task.description}"),

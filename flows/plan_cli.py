@@ -84,7 +84,31 @@ def _stage_table(title: str, images: list[Any]) -> Table:
     return table
 
 
-def _as_json(plan: Any, workers: list[int], threads: int) -> dict[str, Any]:
+_API_CASES = {
+    "running": "Prefect's local API running: reused",
+    "stopped": "Prefect's local API stopped: started",
+    "new": "Prefect's local API on a new database: created",
+    "remote": "the Prefect server of PREFECT_API_URL",
+}
+_CLUSTER_CASES = {
+    "none": "one image of one block: no cluster",
+    "local": "a LocalCluster started and closed",
+    "external": "the running Dask cluster",
+}
+
+
+def _startup_case(cfg: Any, images: list[Any]) -> tuple[str, str]:
+    """The Prefect API a run would find now, and what cluster it would start."""
+    from flows import local_api
+
+    remote = cfg.prefect is not None and cfg.prefect.api_url
+    api = "remote" if remote else local_api.status()
+    if cfg.cluster != "local":
+        return api, "external"
+    return api, "none" if len(images) == 1 and images[0].blocks == 1 else "local"
+
+
+def _as_json(plan: Any, workers: list[int], threads: int, startup: float | None) -> dict[str, Any]:
     from dataclasses import asdict
 
     return {
@@ -102,6 +126,7 @@ def _as_json(plan: Any, workers: list[int], threads: int) -> dict[str, Any]:
         ],
         "bad": [{"path": p, "problem": m} for p, m in plan.bad],
         "wall_seconds": {str(n): plan.wall(n, threads) for n in workers},
+        "startup_seconds": startup,  # start-up and end, beside the computing above
         "threads": threads,
     }
 
@@ -147,7 +172,7 @@ def plan(
     from flows.cli import _parse_tile
     from segpipe.config import load_config, parse_sets
     from segpipe.pipeline import MAX_WAVES, waves
-    from segpipe.plan import COMPRESSION, COSTS_FILE, load_costs, plan_run
+    from segpipe.plan import COMPRESSION, COSTS_FILE, load_costs, plan_run, startup_seconds
 
     ns = sorted(set(workers or [1, 4, 16]))
     try:
@@ -169,8 +194,12 @@ def plan(
     except SegpipeError as err:
         fail(err)
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    api, where = _startup_case(cfg, result.images)
+    startup = (
+        None if result.costs is None else startup_seconds(result.costs, api=api, cluster=where)
+    )
     if json_out is not None:
-        text = json.dumps(_as_json(result, ns, threads), indent=2, default=str)
+        text = json.dumps(_as_json(result, ns, threads, startup), indent=2, default=str)
         if str(json_out) == "-":
             sys.stdout.write(text + "\n")
             return
@@ -221,10 +250,24 @@ def plan(
     if result.costs is None:
         out.print("Wall time: no calibration table; run `python -m bench.calibrate`.")
     else:
-        walls = ", ".join(
-            f"{n} worker(s) × {threads} thread(s): {_time(result.wall(n, threads))}" for n in ns
-        )
+
+        def total(n: int) -> str:
+            wall = result.wall(n, threads)
+            if wall is None or startup is None:
+                return _time(wall)
+            return f"{_time(wall + startup)} ({_time(wall)} computing)"
+
+        walls = ", ".join(f"{n} worker(s) × {threads} thread(s): {total(n)}" for n in ns)
         out.print(f"Estimated wall time: {walls}.", highlight=False, soft_wrap=True)
+        if startup is not None:
+            out.print(
+                f"  of which start-up and end: {_time(startup)} ({_API_CASES[api]}; "
+                f"{_CLUSTER_CASES[where]})",
+                highlight=False,
+                soft_wrap=True,
+            )
+        else:
+            out.print("  start-up not included: the calibration table has no `startup`.")
         if result.wall(ns[0], threads) is None:
             out.print(
                 f"  (segmenter {result.segmenter!r} is not in the calibration table: "

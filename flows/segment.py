@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,23 +15,17 @@ from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from flows import monitor
+from flows.prepare import in_process, make_plan, prepare_run
 from segpipe import pipeline
 from segpipe.cluster import connect_run, dashboard
-from segpipe.config import RunConfig, block_tile, check_image_options
-from segpipe.errors import ImagesFailedError, InputsError, SegpipeError
-from segpipe.image import ImagePlan, ImageResult, check_tile
-from segpipe.io.collection import resolve_inputs
-from segpipe.io.readers import SourceSpec, image_name, open_source
+from segpipe.config import RunConfig
+from segpipe.engine import Inline
+from segpipe.errors import ImagesFailedError, SegpipeError
+from segpipe.image import ImagePlan, ImageResult
+from segpipe.io.readers import image_name
 from segpipe.io.store import (
-    OutputLock,
-    check_apart,
-    check_local,
-    check_name,
     image_state,
-    open_output,
 )
-from segpipe.panoptic import catalogue_for
-from segpipe.segmenters import Segmenter, get_segmenter
 
 ProgressFn = Callable[[str, int, int], None]
 
@@ -69,71 +64,6 @@ def cluster_kind(cluster: str) -> str:
 def run_tags(config: RunConfig) -> list[str]:
     """Tags of a run in the Prefect UI: the segmenter and the kind of cluster."""
     return [f"segmenter:{config.segmenter.name}", f"cluster:{cluster_kind(config.cluster)}"]
-
-
-@dataclass(frozen=True)
-class Prepared:
-    """A checked run: inputs opened (bad ones listed), the output claimed, the segmenter built."""
-
-    config: RunConfig
-    sources: list[SourceSpec]
-    bad: list[tuple[str, str]]  # (path, problem) of inputs skipped under on_error=skip
-    segmenter: Segmenter
-    lock: OutputLock
-
-
-def prepare_run(config: RunConfig, *, resume: bool | None = None) -> Prepared:
-    """Check everything before heavy compute: segmenter valid, every input readable,
-    output ours (and locked).
-
-    Raises
-    ------
-    SegpipeError
-        The segmenter or output problem; or, under ``on_error: fail``, every bad
-        input, one per line.
-    """
-    check_local(config.input, "--input")
-    check_local(config.output, "--output")
-    config = config.resolved()
-    segmenter = get_segmenter(config.segmenter.name, **config.segmenter.options())
-    catalogue_for(segmenter, config.classes)  # a bad catalogue fails before any compute
-    paths = resolve_inputs(config.input, missing_ok=config.on_error == "skip", output=config.output)
-    sources: list[SourceSpec] = []
-    bad: list[tuple[str, str]] = []
-    for p in paths:
-        try:
-            spec = open_source(p, channel=config.channel, axes=config.axes, series=config.series)
-            check_apart(p, config.output)
-            check_name(config.output, spec.name, p)
-            check_image_options(config, segmenter, spec)
-            check_tile(spec, block_tile(config.tile, len(spec.shape), spec.shape))
-            sources.append(spec)
-        except SegpipeError as err:
-            bad.append((p, str(err)))
-    if bad and config.on_error == "fail":
-        if len(bad) == 1:
-            raise InputsError(bad[0][1])
-        lines = "\n  ".join(msg for _, msg in bad)
-        raise InputsError(f"{len(bad)} of {len(paths)} inputs are bad:\n  {lines}")
-    lock = open_output(
-        config.output,
-        {**config.run_settings(), **segmenter.identity()},
-        overwrite=config.overwrite,
-        # --full recomputes every image of a store of these settings: it may reuse it.
-        resume=(config.resume or config.full) if resume is None else resume,
-    )
-    return Prepared(config, sources, bad, segmenter, lock)
-
-
-def make_plan(prepared: Prepared, spec: SourceSpec) -> ImagePlan:
-    ndim = len(spec.shape)
-    tiles = block_tile(prepared.config.tile, ndim, spec.shape)
-    halo = prepared.config.halo
-    halos = None if halo == "auto" else ((halo,) * ndim if isinstance(halo, int) else tuple(halo))
-    catalogue = catalogue_for(prepared.segmenter, prepared.config.classes)
-    return ImagePlan(
-        spec, prepared.config.output, tiles, prepared.segmenter, halos, catalogue=catalogue
-    )
 
 
 def _row(result: ImageResult, output: str, status: str) -> dict[str, Any]:
@@ -191,9 +121,10 @@ def _client() -> Client:
 
 @task(name="segment-wave", task_run_name="wave {index} of {count}", **_STAGE)
 def segment_wave(
-    plans: list[ImagePlan], index: int, count: int, skip: bool, full: bool
+    plans: list[ImagePlan], index: int, count: int, skip: bool, full: bool, inline: bool = False
 ) -> list[pipeline.Outcome]:
-    """Segment a wave of images, several at once (`segpipe.pipeline.run_images`)."""
+    """Segment a wave of images, several at once (`segpipe.pipeline.run_images`), on the
+    run's cluster or, ``inline``, in this process."""
     logger = get_run_logger()
 
     def done(outcome: pipeline.Outcome) -> None:
@@ -212,7 +143,7 @@ def segment_wave(
             )
 
     return pipeline.run_images(
-        _client(),
+        Inline() if inline else _client(),
         plans,
         progress=_progress,
         done=done,
@@ -270,17 +201,26 @@ def segment_collection(config: dict[str, Any]) -> list[dict[str, Any]]:
     try:
         blocks = sum(len(p.grid()) for p in plans)
         _tracker.append(monitor.RunProgress(len(plans), blocks, report=reporter.fn))
-        with connect_run(cfg) as client:
-            logger.info(
-                "Dask dashboard: %s (scheduler %s)",
-                dashboard(client),
-                client.scheduler_info().get("address", "?"),
-            )
+        inline = in_process(prepared)
+        with contextlib.nullcontext(None) if inline else connect_run(cfg) as client:
+            if client is None:
+                logger.info("one image of one block: segmented in this process, no cluster")
+            else:
+                logger.info(
+                    "Dask dashboard: %s (scheduler %s)",
+                    dashboard(client),
+                    client.scheduler_info().get("address", "?"),
+                )
             # Two waves at a time: the next one starts while the last images of the one
             # before finish, so the cluster never drains at a wave's end.
             submitted = [
                 segment_wave.submit(
-                    [plans[i] for i in part], k + 1, len(parts), cfg.on_error == "skip", cfg.full
+                    [plans[i] for i in part],
+                    k + 1,
+                    len(parts),
+                    cfg.on_error == "skip",
+                    cfg.full,
+                    inline,
                 )
                 for k, part in enumerate(parts)
             ]

@@ -196,7 +196,7 @@ def packs(plans: Sequence[ImagePlan], indices: Sequence[int], threads: int) -> l
 
 
 def run_images(
-    client: Client,
+    client: Runner,
     plans: Sequence[ImagePlan],
     *,
     progress: Callable[[ImagePlan], ProgressFn] = lambda plan: noop,
@@ -213,8 +213,8 @@ def run_images(
 
     Parameters
     ----------
-    client : distributed.Client
-        The cluster.
+    client : distributed.Client or Inline
+        The cluster, or `Inline`: every image in this process, one after another.
     plans : sequence of ImagePlan
         The images.
     progress : callable
@@ -233,6 +233,12 @@ def run_images(
     -------
     list of Outcome
     """
+    if isinstance(client, Inline):
+        inline = []
+        for plan in plans:
+            inline.append(_attempt(client, plan, progress(plan), skip=skip, full=full))
+            done(inline[-1])
+        return inline
     outcomes: list[Outcome | None] = [None] * len(plans)
     small = [i for i, plan in enumerate(plans) if len(plan.grid()) == 1]
     large = [i for i, plan in enumerate(plans) if len(plan.grid()) > 1]

@@ -29,6 +29,24 @@ from segpipe.errors import ConfigError
 from segpipe.io.readers import SourceSpec, open_source
 from segpipe.segmenters import Segmenter, get_segmenter
 
+__all__ = [
+    "COMPRESSION",
+    "COSTS_FILE",
+    "Costs",
+    "ImageEstimate",
+    "RunPlan",
+    "SegmentCost",
+    "Stage",
+    "Startup",
+    "load_costs",
+    "measure_costs",
+    "neighbour_pair_counts",
+    "plan_image",
+    "plan_run",
+    "startup_seconds",
+    "wall_seconds",
+]
+
 COSTS_FILE = Path(__file__).resolve().parent.parent / "bench" / "plan_costs.json"
 COMPRESSION = (
     "uncompressed array bytes (what a task decodes or encodes); on disk the "
@@ -49,6 +67,24 @@ class SegmentCost:
 
 
 @dataclass(frozen=True)
+class Startup:
+    """Measured seconds a ``segpipe run`` spends around its blocks (``python -m bench.startup``).
+
+    ``api_*_s`` is the start-up the CLI prints ("started in") with Prefect's local API
+    running (reused), stopped (its database there), or on a new database;
+    ``local_cluster_s`` a LocalCluster's start and close; ``flow_and_exit_s`` the
+    rest of a one-block run (the Prefect flow run, its artifacts, the exit).
+    """
+
+    api_running_s: float
+    api_stopped_s: float
+    api_new_database_s: float
+    local_cluster_s: float
+    flow_and_exit_s: float
+    source: str = ""
+
+
+@dataclass(frozen=True)
 class Costs:
     """Per-block costs measured on one thread (``python -m bench.calibrate`` or ``--calibrate``).
 
@@ -63,9 +99,13 @@ class Costs:
     task_overhead_s: float  # scheduler + worker overhead per Dask task
     merge_s_per_block: float  # client-side stitch per block
     source: str = ""  # what was measured, where
+    startup: Startup | None = None  # None: a table from before start-up was measured
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        table = asdict(self)
+        if table["startup"] is None:
+            del table["startup"]
+        return table
 
     @classmethod
     def from_json(cls, data: dict[str, Any], source: str = "") -> Costs:
@@ -76,6 +116,7 @@ class Costs:
             task_overhead_s=float(data["task_overhead_s"]),
             merge_s_per_block=float(data["merge_s_per_block"]),
             source=source or str(data.get("source", "")),
+            startup=Startup(**data["startup"]) if data.get("startup") else None,
         )
 
 
@@ -424,6 +465,32 @@ def wall_seconds(
     return max(overlapped, work / slots + client)
 
 
+def startup_seconds(costs: Costs, *, api: str, cluster: str) -> float | None:
+    """Seconds a run spends before its first block and after its last.
+
+    Parameters
+    ----------
+    costs : Costs
+        The calibration table (None is returned if it has no start-up figures).
+    api : str
+        ``running`` (Prefect's local API, reused), ``stopped``, ``new`` (no database
+        yet) or ``remote`` (``PREFECT_API_URL`` names a server: as a running one).
+    cluster : str
+        ``none`` (one image of one block: in the process), ``local`` (a LocalCluster
+        is started and closed) or ``external`` (a running scheduler).
+    """
+    s = costs.startup
+    if s is None:
+        return None
+    api_s = {
+        "running": s.api_running_s,
+        "remote": s.api_running_s,
+        "stopped": s.api_stopped_s,
+        "new": s.api_new_database_s,
+    }[api]
+    return api_s + (s.local_cluster_s if cluster == "local" else 0.0) + s.flow_and_exit_s
+
+
 # -- a whole run ---------------------------------------------------------------------
 
 
@@ -682,6 +749,7 @@ def measure_costs(
             task_overhead_s=base.task_overhead_s if base else 0.0,
             merge_s_per_block=base.merge_s_per_block if base else 0.0,
             source=where,
+            startup=base.startup if base else None,
         )
     finally:
         if own:

@@ -63,10 +63,11 @@ def test_help_shows_examples() -> None:
 
 @pytest.mark.integration
 def test_demo_from_a_fresh_prefect_home(tmp_path: Path) -> None:
-    """`segpipe demo` as a user runs it: embedded Prefect API, LocalCluster, < 3 minutes."""
+    """`segpipe demo` as a user runs it: local Prefect API, LocalCluster, < 3 minutes."""
     env = {
         "PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin",
         "HOME": str(tmp_path / "home"),  # no Prefect state from earlier runs
+        "SEGPIPE_API_IDLE": "5",  # its local API does not outlast the test by minutes
     }
     t0 = time.perf_counter()
     proc = subprocess.run(

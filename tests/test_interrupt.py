@@ -1,13 +1,15 @@
 """Ctrl-C, SIGTERM and SIGKILL of a running ``segpipe run``, as real processes.
 
 A Ctrl-C (SIGINT to the terminal's process group) or a SIGTERM stops the run in
-seconds with one line, releases the output, and leaves no process behind: no Dask
-worker, no Prefect API server. After a SIGKILL, which nothing can catch, the API
-server and the workers still go with it.
+seconds with one line, releases the output, and leaves no process of its own
+behind: no Dask worker. Prefect's local API (`flows.local_api`, in a session of
+its own) records the run's end, stays for the runs that follow, and exits once
+idle. After a SIGKILL, which nothing can catch, the workers still go with it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -16,6 +18,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import psutil
 import pytest
 
@@ -42,15 +45,25 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _env(home: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "SEGPIPE_"))}
-    env["HOME"] = str(home)  # no PREFECT_API_URL: the embedded API, as on a laptop
+    env["HOME"] = str(home)  # no PREFECT_API_URL: the local API, as on a laptop
+    env["SEGPIPE_API_IDLE"] = str(IDLE)
     return env
+
+
+IDLE = 3  # seconds the local API stays up unused
+
+
+def _local_api(home: Path) -> tuple[str, psutil.Process]:
+    """The address and process of the local API the runs of ``home`` share."""
+    state = json.loads((home / ".segpipe" / "prefect" / "segpipe-api.json").read_text())
+    return state["url"], psutil.Process(state["pid"])
 
 
 class Run:
     """``segpipe run`` in a session of its own (its own process group, as in a terminal)."""
 
     def __init__(self, image: Path, out: Path, home: Path) -> None:
-        self.out = out
+        self.out, self.home = out, home
         # files, not pipes: a process that outlived the run would hold a pipe open
         self.stderr = out.with_name("stderr.txt")
         with open(self.stderr, "w") as err:
@@ -73,8 +86,10 @@ class Run:
         time.sleep(1.0)
         self.children = psutil.Process(self.proc.pid).children(recursive=True)
         commands = [" ".join(c.cmdline()) for c in self.children]
-        assert any("uvicorn" in c for c in commands), commands  # the embedded API
         assert any("spawn_main" in c for c in commands), commands  # a Dask worker
+        _, api = _local_api(self.home)
+        assert "flows.local_api" in api.cmdline()
+        assert api not in self.children and os.getsid(api.pid) != os.getsid(self.proc.pid)
 
     def signal(self, signum: int, *, group: bool = False) -> tuple[int, str, float]:
         """Send ``signum``; the exit code, stderr and the seconds the run took to end."""
@@ -127,8 +142,15 @@ def _stopped_cleanly(r: Run, code: int, err: str, seconds: float, expected: int)
 
 def test_ctrl_c_stops_in_seconds_with_one_line(run: Run, home: Path) -> None:
     run.wait_until_working()
+    url, api = _local_api(home)
     code, err, seconds = run.signal(signal.SIGINT, group=True)  # what a terminal's Ctrl-C does
     _stopped_cleanly(run, code, err, seconds, 130)
+    # the local API outlived the Ctrl-C and recorded the end of the run
+    runs = httpx.post(f"{url}/flow_runs/filter", json={"limit": 5}, timeout=10).json()
+    assert runs and all(r["state_type"] not in ("RUNNING", "PENDING") for r in runs), runs
+    # then, unused, it exits and says so
+    assert psutil.wait_procs([api], timeout=IDLE + 15)[1] == []
+    assert not (home / ".segpipe" / "prefect" / "segpipe-api.json").exists()
     # the Prefect database holds every run's parameters: this user's only
     prefect = home / ".segpipe" / "prefect"
     assert oct((home / ".segpipe").stat().st_mode & 0o777) == "0o700"
@@ -147,8 +169,10 @@ def test_sigterm_stops_in_seconds_with_one_line(run: Run) -> None:
 
 
 @pytest.mark.slow
-def test_sigkill_takes_the_api_server_and_the_workers_along(run: Run) -> None:
+def test_sigkill_takes_the_workers_along_and_the_api_idles_out(run: Run, home: Path) -> None:
     run.wait_until_working()
+    _, api = _local_api(home)
     code, _, _ = run.signal(signal.SIGKILL)
     assert code == -signal.SIGKILL
     assert run.survivors(10) == []
+    assert psutil.wait_procs([api], timeout=IDLE + 15)[1] == []

@@ -1,0 +1,99 @@
+"""A run checked before any compute: inputs opened, the output claimed, plans made.
+
+Free of Prefect, so that the command line checks a run while Prefect imports
+beside it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from segpipe.config import RunConfig, block_tile, check_image_options
+from segpipe.errors import InputsError, SegpipeError
+from segpipe.image import ImagePlan, check_tile
+from segpipe.io.collection import resolve_inputs
+from segpipe.io.readers import SourceSpec, open_source
+from segpipe.io.store import OutputLock, check_apart, check_local, check_name, open_output
+from segpipe.panoptic import catalogue_for
+from segpipe.segmenters import Segmenter, get_segmenter
+
+__all__ = ["Prepared", "in_process", "make_plan", "prepare_run"]
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A checked run: inputs opened (bad ones listed), the output claimed, the segmenter built."""
+
+    config: RunConfig
+    sources: list[SourceSpec]
+    bad: list[tuple[str, str]]  # (path, problem) of inputs skipped under on_error=skip
+    segmenter: Segmenter
+    lock: OutputLock
+
+
+def prepare_run(config: RunConfig, *, resume: bool | None = None) -> Prepared:
+    """Check everything before heavy compute: segmenter valid, every input readable,
+    output ours (and locked).
+
+    Raises
+    ------
+    SegpipeError
+        The segmenter or output problem; or, under ``on_error: fail``, every bad
+        input, one per line.
+    """
+    check_local(config.input, "--input")
+    check_local(config.output, "--output")
+    config = config.resolved()
+    segmenter = get_segmenter(config.segmenter.name, **config.segmenter.options())
+    catalogue_for(segmenter, config.classes)  # a bad catalogue fails before any compute
+    paths = resolve_inputs(config.input, missing_ok=config.on_error == "skip", output=config.output)
+    sources: list[SourceSpec] = []
+    bad: list[tuple[str, str]] = []
+    for p in paths:
+        try:
+            spec = open_source(p, channel=config.channel, axes=config.axes, series=config.series)
+            check_apart(p, config.output)
+            check_name(config.output, spec.name, p)
+            check_image_options(config, segmenter, spec)
+            check_tile(spec, block_tile(config.tile, len(spec.shape), spec.shape))
+            sources.append(spec)
+        except SegpipeError as err:
+            bad.append((p, str(err)))
+    if bad and config.on_error == "fail":
+        if len(bad) == 1:
+            raise InputsError(bad[0][1])
+        lines = "\n  ".join(msg for _, msg in bad)
+        raise InputsError(f"{len(bad)} of {len(paths)} inputs are bad:\n  {lines}")
+    lock = open_output(
+        config.output,
+        {**config.run_settings(), **segmenter.identity()},
+        overwrite=config.overwrite,
+        # --full recomputes every image of a store of these settings: it may reuse it.
+        resume=(config.resume or config.full) if resume is None else resume,
+    )
+    return Prepared(config, sources, bad, segmenter, lock)
+
+
+def make_plan(prepared: Prepared, spec: SourceSpec) -> ImagePlan:
+    ndim = len(spec.shape)
+    tiles = block_tile(prepared.config.tile, ndim, spec.shape)
+    halo = prepared.config.halo
+    halos = None if halo == "auto" else ((halo,) * ndim if isinstance(halo, int) else tuple(halo))
+    catalogue = catalogue_for(prepared.segmenter, prepared.config.classes)
+    return ImagePlan(
+        spec, prepared.config.output, tiles, prepared.segmenter, halos, catalogue=catalogue
+    )
+
+
+def in_process(prepared: Prepared) -> bool:
+    """Whether the run needs no cluster: ``cluster: local`` and one image of one block.
+
+    Such a run is one task wherever it runs; a LocalCluster would add its start, its
+    workers' imports and its close (seconds) to a run of a fraction of one.
+    """
+    sources = prepared.sources
+    return (
+        prepared.config.cluster == "local"
+        and len(sources) == 1
+        and len(make_plan(prepared, sources[0]).grid()) == 1
+    )
