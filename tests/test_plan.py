@@ -30,6 +30,7 @@ from segpipe.plan import (
     neighbour_pair_counts,
     plan_image,
     plan_run,
+    startup_seconds,
     wall_seconds,
 )
 from segpipe.segmenters import get_segmenter
@@ -282,6 +283,43 @@ def test_cli_plans_the_virtual_image(tmp_path: Path) -> None:
     assert image["blocks"] == 1_000_000
     assert {s["name"]: s["tasks"] for s in image["stages"]}["segment"] == 1_000_000
     assert data["wall_seconds"]["1"] > data["wall_seconds"]["16"] > 0
+    assert data["startup_seconds"] > 0  # a LocalCluster and Prefect's API, measured
+
+
+def test_start_up_by_case() -> None:
+    """`startup_seconds` adds the API's case, the cluster's and the run's end."""
+    table = load_costs()
+    s = table.startup
+    assert s is not None and 0 < s.api_running_s < s.api_stopped_s < s.api_new_database_s
+    end = s.flow_and_exit_s
+    assert startup_seconds(table, api="running", cluster="none") == pytest.approx(
+        s.api_running_s + end
+    )
+    assert startup_seconds(table, api="new", cluster="local") == pytest.approx(
+        s.api_new_database_s + s.local_cluster_s + end
+    )
+    assert startup_seconds(table, api="remote", cluster="external") == pytest.approx(
+        s.api_running_s + end
+    )
+    # a table from before start-up was measured plans without it; a recalibration keeps it
+    old = Costs.from_json({k: v for k, v in table.to_json().items() if k != "startup"})
+    assert startup_seconds(old, api="running", cluster="none") is None
+    assert Costs.from_json(table.to_json()).startup == s
+
+
+def test_cli_counts_the_start_up_it_would_find(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One image of one block, no API: the plan says it needs no cluster, and adds the
+    start of Prefect's local API on a new database."""
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))  # no database yet
+    image = synthetic.write_tiff(tmp_path / "one.tif", (300, 200))
+    res = CliRunner().invoke(_app(), ["plan", "-i", str(image), "-n", "1"])
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.split())
+    assert "Prefect's local API on a new database" in text, text
+    assert "one image of one block: no cluster" in text, text
 
 
 def test_cli_errors_name_the_problem(tmp_path: Path) -> None:
