@@ -31,6 +31,8 @@ NAMES = names()
 
 INTERVAL = 2.0  # seconds between progress updates sent to the API
 THUMBNAIL = 320  # px: previews are embedded in the markdown artifact at this width
+PREVIEWS = 12  # images whose preview the report embeds: a 10,000-image run's stays small
+LISTED = 1000  # failures the report lists one by one
 
 
 class RunProgress:
@@ -96,7 +98,7 @@ class RunProgress:
             self.finished += 1
             self.failed += failed
             self.blocks_done += blocks
-        self._send(force=True)
+        self._send()
 
     def close(self) -> None:
         with self.lock:
@@ -179,22 +181,32 @@ def summary_artifacts(
 
 
 def report(rows: Sequence[dict[str, Any]], title: str, line: str) -> str:
-    """Markdown: the totals, then each image's preview (embedded) or why it has none."""
+    """Markdown: the totals, every failure (up to `LISTED`), then the previews of the first
+    `PREVIEWS` other images, embedded; the summary table lists every image."""
     parts = [f"# {title}", "", line, ""]
-    for r in rows:
+    failed = [r for r in rows if r["status"] == "failed"]
+    others = [r for r in rows if r["status"] != "failed"]
+    for r in failed[:LISTED]:
+        parts += [f"## {r['image']} — failed", f"Error: {r.get('error') or 'no message'}", ""]
+    if len(failed) > LISTED:
+        parts += [f"… and {len(failed) - LISTED} more failed: see the summary table.", ""]
+    for r in others[:PREVIEWS]:
         parts.append(f"## {r['image']} — {r['status']}")
-        if r.get("error"):
-            parts.append(f"Error: {r['error']}")
         previews = [p for p in str(r.get("preview", "")).split(", ") if p]
         for p in previews:
             uri = _thumbnail(Path(p))
             if uri:
                 parts.append(f"![{r['image']}]({uri})")
-        if not previews and r["status"] != "failed":
+        if not previews:
             parts.append("(no preview)")
         if r.get("objects"):
             parts.append(f"{r['objects']} objects · {r.get('output', '')}")
         parts.append("")
+    if len(others) > PREVIEWS:
+        parts.append(
+            f"… and {len(others) - PREVIEWS} more image(s): each one's preview is in "
+            "`<output>/<image>/previews/`."
+        )
     return "\n".join(parts)
 
 
