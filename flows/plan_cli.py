@@ -148,9 +148,9 @@ def plan(
     ] = None,
     workers: Annotated[
         list[int] | None,
-        typer.Option("--workers", "-n", help="Dask workers to estimate for; repeatable."),
+        typer.Option("--workers", "-n", min=1, help="Dask workers to estimate for; repeatable."),
     ] = None,
-    threads: Annotated[int, typer.Option(help="Threads per worker.")] = 1,
+    threads: Annotated[int, typer.Option(min=1, help="Threads per worker.")] = 1,
     calibrate: Annotated[
         bool,
         typer.Option(

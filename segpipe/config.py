@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -70,6 +71,19 @@ class AdaptiveConfig(BaseModel):
         return self
 
 
+def _positive_bytes(value: str, example: str) -> str:
+    """``value`` if Dask reads it as a byte count above 0 (``64GB``, ``500MiB``)."""
+    from dask.utils import parse_bytes
+
+    try:
+        size = parse_bytes(value)
+    except (ValueError, TypeError):
+        size = 0
+    if size <= 0:
+        raise ValueError(f"expected a memory size above 0 such as {example}, got {value!r}")
+    return value
+
+
 class SlurmConfig(BaseModel):
     """``cluster: slurm``: dask-jobqueue's SLURMCluster; each SLURM job runs Dask workers.
 
@@ -112,6 +126,19 @@ class SlurmConfig(BaseModel):
     job_name: str = "segpipe-worker"
     """SLURM job name (``#SBATCH -J``)."""
 
+    @field_validator("memory")
+    @classmethod
+    def _memory(cls, value: str) -> str:
+        return _positive_bytes(value, "64GB")
+
+    @field_validator("walltime")
+    @classmethod
+    def _walltime(cls, value: str) -> str:
+        m = re.fullmatch(r"(?:(\d+)-)?(\d+):(\d\d):(\d\d)", value.strip())
+        if m is None or int(m[3]) > 59 or int(m[4]) > 59 or (m[1] and int(m[2]) > 23):
+            raise ValueError(f"expected HH:MM:SS or D-HH:MM:SS, e.g. 04:00:00, got {value!r}")
+        return value.strip()
+
     @model_validator(mode="after")
     def _consistent(self) -> SlurmConfig:
         if self.jobs is not None and self.adaptive is not None:
@@ -150,6 +177,16 @@ class KubernetesConfig(BaseModel):
     """CPU per worker pod: its ``cpu`` request and limit and its Dask threads."""
     memory: str = "8Gi"
     """Memory per worker pod (Kubernetes quantity): its ``memory`` request and limit."""
+
+    @field_validator("memory")
+    @classmethod
+    def _memory(cls, value: str) -> str:
+        if not re.fullmatch(r"\d+(\.\d+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?", value.strip()):
+            raise ValueError(f"expected a Kubernetes quantity such as 8Gi, got {value!r}")
+        if float(re.match(r"[\d.]+", value.strip())[0]) <= 0:  # type: ignore[index]
+            raise ValueError(f"expected a memory above 0, got {value!r}")
+        return value.strip()
+
     gpus: int = Field(default=0, ge=0)
     """GPUs per worker pod: the ``nvidia.com/gpu`` limit, advertised as Dask ``GPU=n``."""
     env: dict[str, str] = {}

@@ -18,8 +18,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from segpipe.deep.nets import NetSpec, build
-from segpipe.errors import InputNotFoundError, ModelFileError
-from segpipe.io.models import load_weights
+from segpipe.errors import ModelFileError
+from segpipe.io.models import load_weights, model_file
 
 
 class ModelMeta(BaseModel):
@@ -107,9 +107,7 @@ def load(path: str | Path, fallback: NetSpec | None = None) -> LoadedModel:
     """
     import torch
 
-    p = Path(path).expanduser().absolute()
-    if not p.is_file():
-        raise InputNotFoundError(f"{p}: model file not found.")
+    p = model_file(Path(path).expanduser().absolute())
     meta = read_meta(p)
     if meta is None and fallback is not None:
         meta = ModelMeta(spec=fallback, min_size=0)

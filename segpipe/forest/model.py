@@ -24,7 +24,8 @@ from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from segpipe import features
-from segpipe.errors import InputNotFoundError, ModelFileError
+from segpipe.errors import ModelFileError
+from segpipe.io.models import model_file
 
 __all__ = [
     "FORMAT",
@@ -189,9 +190,7 @@ def load(path: str | os.PathLike[str]) -> ForestModel:
         If it is empty, not an ``.npz``, holds pickled objects (refused, not loaded),
         lacks an array, or its arrays or metadata are inconsistent. Naming the file.
     """
-    p = Path(path)
-    if not p.is_file():
-        raise InputNotFoundError(f"{p}: forest model file not found.")
+    p = model_file(path, "forest model")
     if p.stat().st_size == 0:
         raise ModelFileError(f"{p}: forest model file is empty (0 bytes).")
     try:

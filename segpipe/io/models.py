@@ -17,6 +17,24 @@ from typing import Any
 
 from segpipe.errors import InputNotFoundError, ModelFileError
 
+__all__ = ["load_weights", "model_file"]
+
+
+def model_file(path: str | os.PathLike[str], what: str = "model") -> Path:
+    """``path`` if it is a file; else one line saying what it is instead.
+
+    Raises
+    ------
+    InputNotFoundError
+        If nothing is there, or a directory is (a model is one file).
+    """
+    p = Path(path)
+    if p.is_dir():
+        raise InputNotFoundError(f"{p}: is a directory; the {what} is one file inside it.")
+    if not p.is_file():
+        raise InputNotFoundError(f"{p}: {what} file not found.")
+    return p
+
 
 def load_weights(path: str | os.PathLike[str]) -> dict[str, Any]:
     """A state dict (name → tensor) from a ``.pt``/``.pth`` file, never executing its code.
@@ -41,9 +59,7 @@ def load_weights(path: str | os.PathLike[str]) -> dict[str, Any]:
     """
     import torch
 
-    p = Path(path)
-    if not p.is_file():
-        raise InputNotFoundError(f"{p}: model file not found.")
+    p = model_file(path)
     if p.stat().st_size == 0:
         raise ModelFileError(f"{p}: model file is empty (0 bytes).")
     try:
