@@ -15,6 +15,9 @@ import pytest
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="segpipe-prefect-"))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("SEGPIPE_LOG_DIR", tempfile.mkdtemp(prefix="segpipe-logs-"))
+# `segpipe run` subprocesses share the session's local Prefect API; it exits a minute
+# after the last of them, not ten
+os.environ.setdefault("SEGPIPE_API_IDLE", "60")
 # segpipe's Prefect defaults (flows/__init__.py) before any test module imports Prefect:
 # its console log handler then follows sys.stderr instead of keeping the stream it
 # found, which pytest and CliRunner close after a test.
