@@ -103,3 +103,48 @@ def test_an_interrupted_image_resumes_only_in_the_same_blocks(tmp_path: Path) ->
     write_manifest(first)  # what a finished image records of its files
     mark_image(first.group, complete=True)
     assert begin(ImagePlan(spec, root, (64, 64), otsu)) == "done"  # complete: any tile
+
+
+def test_a_replacement_with_the_same_size_and_mtime_is_segmented_again(
+    run_cli, tmp_path: Path
+) -> None:
+    """The unchanged-input test samples content: size and mtime alone do not vouch."""
+    # uncompressed: two images of one shape make files of one size
+    first, second = (
+        tifffile.imread(synthetic.write_tiff(tmp_path / f"s{seed}.tif", (300, 260), seed=seed))
+        for seed in (1, 2)
+    )
+    path = tmp_path / "in" / "w.tif"
+    path.parent.mkdir()
+    tifffile.imwrite(path, first)
+    out = tmp_path / "out.zarr"
+    args = ("--input", str(path), "--output", str(out))
+    assert run_cli(*args).exit_code == 0
+    st = path.stat()
+    tifffile.imwrite(path, second)  # other nuclei
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert path.stat().st_size == st.st_size and path.stat().st_mtime_ns == st.st_mtime_ns
+    again = run_cli(*args, "--resume")
+    assert again.exit_code == 0, again.output
+    assert "1 processed, 0 unchanged" in " ".join(again.output.split()), again.output
+    group = zarr.open_group(str(out / "w"), mode="r")
+    assert group.attrs["segpipe"]["objects"] == _objects(path)
+
+
+def test_a_record_from_before_content_samples_is_kept_and_completed(
+    run_cli, tmp_path: Path
+) -> None:
+    """Stores written before `sample` existed stay unchanged (no recompute of every
+    image after an upgrade); the sample is recorded then."""
+    from segpipe.io.store import image_state, mark_image
+
+    path = synthetic.write_tiff(tmp_path / "in" / "w.tif", (200, 200), seed=3)
+    out = tmp_path / "out.zarr"
+    args = ("--input", str(path), "--output", str(out))
+    assert run_cli(*args).exit_code == 0
+    recorded = image_state(str(out / "w"))["source"]
+    old = {k: v for k, v in recorded.items() if k != "sample"}
+    mark_image(str(out / "w"), source=old)
+    again = run_cli(*args, "--resume")
+    assert "0 processed, 1 unchanged" in " ".join(again.output.split()), again.output
+    assert image_state(str(out / "w"))["source"] == recorded
