@@ -281,6 +281,13 @@ def run(
         bool,
         typer.Option("--full", help="Recompute every image, even unchanged ones."),
     ] = False,
+    prune: Annotated[
+        bool,
+        typer.Option(
+            "--prune",
+            help="Remove images of the store whose input is gone (else kept, reported orphaned).",
+        ),
+    ] = False,
     on_error: Annotated[
         str | None,
         typer.Option(
@@ -308,6 +315,7 @@ def run(
             "overwrite": overwrite or None,
             "resume": resume or None,
             "full": full or None,
+            "prune": prune or None,
             "on_error": on_error,
         }
         if config is None and (input is None or output is None):

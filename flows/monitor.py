@@ -131,15 +131,18 @@ class RunProgress:
 
 
 def totals(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Images processed, unchanged (skipped) and failed; objects, seconds, throughput."""
+    """Images processed, unchanged (skipped) and failed, orphaned or pruned images (their
+    input gone, not counted among the images); objects, seconds, throughput."""
     done = [r for r in rows if r["status"] in ("done", "repaired")]
     seconds = sum(float(r["seconds"]) for r in done)
     pixels = sum(math.prod(int(v) for v in r["shape"].split("×")) for r in done if r["shape"])
     return {
-        "images": len(rows),
+        "images": sum(r["status"] not in ("orphaned", "pruned") for r in rows),
         "processed": len(done),
         "unchanged": sum(r["status"] == "unchanged" for r in rows),
         "failed": sum(r["status"] == "failed" for r in rows),
+        "orphaned": sum(r["status"] == "orphaned" for r in rows),
+        "pruned": sum(r["status"] == "pruned" for r in rows),
         "objects": sum(int(r["objects"]) for r in done),
         "seconds": round(seconds, 2),
         "Mpx/s": round(pixels / 1e6 / seconds, 2) if seconds > 0 else 0.0,
@@ -157,9 +160,10 @@ def totals_line(t: dict[str, Any], *, mode: str = "") -> str:
         "full": " (full run: every image recomputed)",
         "incremental": " (incremental: only new or changed images)",
     }.get(mode, "")
+    gone = "".join(f", {t[k]} {k} (input gone)" for k in ("orphaned", "pruned") if t.get(k))
     return (
         f"{t['images']} image(s): {t['processed']} processed, {t['unchanged']} unchanged, "
-        f"{t['failed']} failed{how}; {t['objects']} objects in {t['seconds']} s, "
+        f"{t['failed']} failed{how}{gone}; {t['objects']} objects in {t['seconds']} s, "
         f"{t['Mpx/s']} Mpx/s"
     )
 
@@ -181,15 +185,21 @@ def summary_artifacts(
 
 
 def report(rows: Sequence[dict[str, Any]], title: str, line: str) -> str:
-    """Markdown: the totals, every failure (up to `LISTED`), then the previews of the first
-    `PREVIEWS` other images, embedded; the summary table lists every image."""
+    """Markdown: the totals, every failed or orphaned image (up to `LISTED`), then the
+    previews of the first `PREVIEWS` others, embedded; the summary table lists every image."""
     parts = [f"# {title}", "", line, ""]
-    failed = [r for r in rows if r["status"] == "failed"]
-    others = [r for r in rows if r["status"] != "failed"]
+    noted = ("failed", "orphaned", "pruned")
+    failed = [r for r in rows if r["status"] in noted]
+    others = [r for r in rows if r["status"] not in noted]
     for r in failed[:LISTED]:
-        parts += [f"## {r['image']} — failed", f"Error: {r.get('error') or 'no message'}", ""]
+        why = "Error" if r["status"] == "failed" else "Note"
+        parts += [
+            f"## {r['image']} — {r['status']}",
+            f"{why}: {r.get('error') or 'no message'}",
+            "",
+        ]
     if len(failed) > LISTED:
-        parts += [f"… and {len(failed) - LISTED} more failed: see the summary table.", ""]
+        parts += [f"… and {len(failed) - LISTED} more: see the summary table.", ""]
     for r in others[:PREVIEWS]:
         parts.append(f"## {r['image']} — {r['status']}")
         previews = [p for p in str(r.get("preview", "")).split(", ") if p]

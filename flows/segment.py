@@ -15,8 +15,8 @@ from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from flows import monitor
-from flows.prepare import in_process, make_plan, prepare_run
-from segpipe import pipeline
+from flows.prepare import Prepared, in_process, make_plan, prepare_run
+from segpipe import lifecycle, pipeline
 from segpipe.cluster import connect_run, dashboard
 from segpipe.config import RunConfig
 from segpipe.engine import Inline
@@ -152,6 +152,24 @@ def segment_wave(
     )
 
 
+def _orphans(prepared: Prepared, plans: list[ImagePlan], logger: Any) -> list[dict[str, Any]]:
+    """Rows of the store's images whose input is not among this run's: removed under
+    ``prune``, else kept and reported."""
+    cfg = prepared.config
+    names = {p.name for p in plans} | {image_name(path) for path, _ in prepared.bad}
+    rows = []
+    for name, source in lifecycle.orphans(cfg.output, names):
+        if cfg.prune:
+            lifecycle.prune(cfg.output, name)
+            status, note = "pruned", f"its input {source} is gone: removed (--prune)"
+        else:
+            status, note = "orphaned", f"its input {source} is not among this run's: kept"
+        logger.warning("%s: %s", name, note)
+        output = "" if cfg.prune else str(Path(cfg.output) / name)
+        rows.append({**_failed_row(name, source, note), "status": status, "output": output})
+    return rows
+
+
 def _run_name() -> str:
     from prefect.runtime import flow_run
 
@@ -232,6 +250,7 @@ def segment_collection(config: dict[str, Any]) -> list[dict[str, Any]]:
                     else:
                         rows.append(_row(outcome.result, cfg.output, outcome.result.status))
         _tracker[-1].close()
+        rows += _orphans(prepared, plans, logger)
     finally:
         prepared.lock.release()
         _tracker.clear()
@@ -244,7 +263,7 @@ def segment_collection(config: dict[str, Any]) -> list[dict[str, Any]]:
     failed = [r for r in rows if r["status"] == "failed"]
     if failed:
         raise ImagesFailedError(
-            f"{len(failed)} of {len(rows)} image(s) failed: "
+            f"{len(failed)} of {t['images']} image(s) failed: "
             + "; ".join(f"{r['image']}: {r['error']}" for r in failed),
             rows,
         )

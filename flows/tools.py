@@ -149,9 +149,15 @@ def inspect(
     except SegpipeError as err:
         fail(err)
     run = info.run.get("run", {})
+    orphaned = sum(image.orphaned for image in info.images)
     out.print(
         f"[b]{info.path}[/b]  segmenter {run.get('segmenter', '?')} "
         f"{run.get('options', {}) or ''} · {len(info.images)} image(s)"
+        + (
+            f", [yellow]{orphaned} orphaned[/]"
+            if (orphaned := sum(i.orphaned for i in info.images))
+            else ""
+        )
         + (f" · [yellow]in use by pid {info.locked_by.get('pid')}[/]" if info.locked_by else ""),
         highlight=False,
         soft_wrap=True,
@@ -162,7 +168,13 @@ def inspect(
         out.print(
             f"\n[b]{image.name}[/b]  {shape + '  ' if shape else ''}{state}  objects: "
             f"{image.objects if image.objects is not None else '?'}"
-            + (f"  [red]{image.error}[/]" if image.error else ""),
+            + (f"  [red]{image.error}[/]" if image.error else "")
+            + (
+                f"  [yellow]orphaned: its input {image.source} is gone[/] "
+                "(`segpipe run --prune` removes it)"
+                if image.orphaned
+                else ""
+            ),
             highlight=False,
             soft_wrap=True,
         )

@@ -291,6 +291,9 @@ class RunConfig(BaseModel):
     full: bool = False
     """Recompute every image, even those complete from unchanged inputs (which an
     incremental run, ``resume``, skips)."""
+    prune: bool = False
+    """Remove the images of the store whose input is no longer among this run's inputs
+    (deleted or renamed); without it they are kept and reported as orphaned."""
     retries: int = Field(0, ge=0)
     """Prefect retries of the whole flow run; a retry resumes from the blocks written."""
     retry_delay: float = Field(10.0, ge=0)

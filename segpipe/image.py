@@ -28,6 +28,7 @@ __all__ = [
     "SlabJob",
     "check_tile",
     "noop",
+    "owned",
     "span",
     "where",
 ]
@@ -38,6 +39,23 @@ MAX_CHUNK_BYTES = 2**31 - 1  # what numcodecs' Blosc encodes in one call
 
 def noop(stage: str, done: int, total: int) -> None:
     """A progress callback that reports nowhere."""
+
+
+def _internal(root: str, kind: str, name: str) -> Path:
+    """``OUT/_segpipe/<kind>/<name>``: what segpipe keeps of an image beside its group."""
+    return Path(root) / omezarr.SCRATCH / kind / name
+
+
+def owned(root: str, name: str) -> list[Path]:
+    """Every path of the store that image ``name`` owns: its group, scratch data,
+    markers, provenance table and manifest."""
+    return [
+        Path(root) / name,
+        _internal(root, "scratch", name),
+        _internal(root, "blocks", name),
+        _internal(root, "provenance", f"{name}.parquet"),
+        _internal(root, "manifests", f"{name}.npz"),
+    ]
 
 
 def check_tile(spec: SourceSpec, tile: Sequence[int]) -> None:
@@ -101,12 +119,12 @@ class ImagePlan:
 
     @property
     def scratch(self) -> str:
-        return str(Path(self.root) / omezarr.SCRATCH / "scratch" / self.name)
+        return str(_internal(self.root, "scratch", self.name))
 
     @property
     def provenance(self) -> Path:
         """Table of where and how each segment block ran (kept after the run)."""
-        return Path(self.root) / omezarr.SCRATCH / "provenance" / f"{self.name}.parquet"
+        return _internal(self.root, "provenance", f"{self.name}.parquet")
 
     def markers(self, stage: str) -> Markers:
         """Completion markers of ``stage`` for this image."""
@@ -115,12 +133,12 @@ class ImagePlan:
     @property
     def blocks(self) -> Path:
         """The folder of every stage's completion markers for this image."""
-        return Path(self.root) / omezarr.SCRATCH / "blocks" / self.name
+        return _internal(self.root, "blocks", self.name)
 
     @property
     def manifest(self) -> Path:
         """What the completed image holds: every file with its size and checksum."""
-        return Path(self.root) / omezarr.SCRATCH / "manifests" / f"{self.name}.npz"
+        return _internal(self.root, "manifests", f"{self.name}.npz")
 
     @property
     def filtered(self) -> str:

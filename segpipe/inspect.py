@@ -47,6 +47,8 @@ class ImageInfo:
     segmenter: dict[str, Any] = field(default_factory=dict)
     divisor: int | None = None
     error: str | None = None
+    source: str | None = None  # the input it was made from
+    orphaned: bool = False  # that input is gone (deleted or renamed since)
 
 
 @dataclass(frozen=True)
@@ -152,6 +154,8 @@ def inspect_image(root: Path, group_path: Path) -> ImageInfo:
     per_class = state.get("tables", {}).get("objects_per_class", {})
     previews = sorted(str(p) for p in (group_path / PREVIEWS).glob("*.png"))
     shape = state.get("shape") or (list(image.shape) if image is not None else None)
+    recorded = state.get("source")
+    source = str(recorded["path"]) if isinstance(recorded, dict) and "path" in recorded else None
     return ImageInfo(
         name=group_path.name,
         complete=bool(state.get("complete", False)),
@@ -165,6 +169,8 @@ def inspect_image(root: Path, group_path: Path) -> ImageInfo:
         segmenter=dict(state.get("segmenter", {})),
         divisor=divisor,
         error=state.get("error"),
+        source=source,
+        orphaned=source is not None and not os.path.lexists(source),
     )
 
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from segpipe.deep import provenance
 from segpipe.errors import OutputConflictError
-from segpipe.image import ImagePlan, ImageResult, span
+from segpipe.image import ImagePlan, ImageResult, owned, span
 from segpipe.io import store, written
 from segpipe.io.markers import RUN_KEY, UNREADABLE, Markers, read_marker, save_npz
 from segpipe.io.readers import SourceSpec
@@ -28,6 +28,8 @@ __all__ = [
     "completed_result",
     "damaged_result",
     "finish",
+    "orphans",
+    "prune",
     "record_failure",
     "source_identity",
     "write_manifest",
@@ -249,3 +251,28 @@ def completed_result(plan: ImagePlan) -> ImageResult:
     return ImageResult(
         plan.name, plan.spec.shape, int(state["objects"]), 0.0, {"skipped": 1.0}, "unchanged"
     )
+
+
+def orphans(root: str, names: set[str]) -> list[tuple[str, str]]:
+    """Images of the store at ``root`` that segpipe wrote from an input not among
+    ``names`` (deleted or renamed since): ``(name, the input it recorded)`` each."""
+    out: list[tuple[str, str]] = []
+    top = Path(root)
+    if not top.is_dir():
+        return out
+    for child in sorted(top.iterdir()):
+        if child.name in names or child.name.startswith("_") or not child.is_dir():
+            continue
+        source = image_state(child).get("source")
+        if isinstance(source, dict) and "path" in source:
+            out.append((child.name, str(source["path"])))
+    return out
+
+
+def prune(root: str, name: str) -> None:
+    """Remove image ``name`` and everything segpipe keeps of it (`segpipe.image.owned`),
+    only if segpipe wrote it."""
+    if "source" not in image_state(Path(root) / name):
+        raise OutputConflictError(f"{Path(root) / name}: not an image segpipe wrote; left alone.")
+    for path in owned(root, name):
+        store.remove(path, root)

@@ -148,3 +148,40 @@ def test_a_record_from_before_content_samples_is_kept_and_completed(
     again = run_cli(*args, "--resume")
     assert "0 processed, 1 unchanged" in " ".join(again.output.split()), again.output
     assert image_state(str(out / "w"))["source"] == recorded
+
+
+def test_images_whose_input_is_gone_are_reported_then_pruned(run_cli, tmp_path: Path) -> None:
+    """Deleted and renamed inputs between runs: their images are kept and reported as
+    orphaned (summary and inspect), and removed with --prune; nothing else is."""
+    from segpipe.inspect import inspect_store
+
+    src = tmp_path / "in"
+    for name in ("a", "b", "c"):
+        synthetic.write_tiff(src / f"{name}.tif", (200, 160), seed=ord(name))
+    out = tmp_path / "out.zarr"
+    args = ("--input", str(src), "--output", str(out))
+    assert run_cli(*args).exit_code == 0
+    (out / "notes").mkdir()  # the user's own folder in the store
+    (src / "a.tif").unlink()
+    (src / "b.tif").rename(src / "d.tif")
+
+    again = run_cli(*args, "--resume")
+    assert again.exit_code == 0, again.output
+    text = " ".join(again.output.split())
+    assert "2 image(s): 1 processed, 1 unchanged, 0 failed" in text, text
+    assert "2 orphaned (input gone)" in text, text
+    info = {i.name: i for i in inspect_store(out).images}
+    assert sorted(info) == ["a", "b", "c", "d"]
+    assert {n for n, i in info.items() if i.orphaned} == {"a", "b"}
+    assert info["a"].source == str(src / "a.tif")
+    shown = CliRunner().invoke(app, ["inspect", str(out)])
+    assert "2 orphaned" in shown.output and "orphaned: its input" in shown.output
+
+    pruned = run_cli(*args, "--resume", "--prune")
+    assert pruned.exit_code == 0, pruned.output
+    assert "2 pruned (input gone)" in " ".join(pruned.output.split()), pruned.output
+    assert sorted(i.name for i in inspect_store(out).images) == ["c", "d"]
+    for name in ("a", "b"):
+        assert not (out / name).exists()
+        assert not (out / "_segpipe" / "manifests" / f"{name}.npz").exists()
+    assert (out / "notes").is_dir()
