@@ -189,8 +189,12 @@ def train(
         fail(err)
     except KeyboardInterrupt:
         ckpt = checkpoint_path(config.out)
+        # training checkpoints its last whole step when interrupted; before the first
+        # step there is nothing to continue from
         console.print(
-            f"[red]interrupted[/]; continue from {ckpt} with the same options and --resume",
+            f"[red]interrupted[/]; continue from {ckpt} with the same options and --resume"
+            if ckpt.is_file()
+            else "[red]interrupted[/] before the first step; no checkpoint was written",
             highlight=False,
             soft_wrap=True,
         )

@@ -60,3 +60,7 @@ class OutputWriteError(SegpipeError, OSError):
 
 class ModelFileError(SegpipeError, ValueError):
     """A model file is missing, corrupt, or would run code when loaded."""
+
+
+class TrainingDivergedError(SegpipeError, RuntimeError):
+    """Training reached a loss that is not finite; no model is written."""

@@ -288,3 +288,78 @@ def test_cli_bad_input_is_one_line(tmp_path: Path) -> None:
 def test_errors_are_segpipe_errors() -> None:
     assert issubclass(TrainingDataError, SegpipeError)
     assert issubclass(MissingPartnerError, FileNotFoundError)
+
+
+# -- training that fails: loudly, and with nothing half-written ----------------------------
+
+
+def test_annotations_without_objects_are_refused_before_training(tmp_path: Path) -> None:
+    images, masks, _ = _pairs(tmp_path)
+    for path in masks.iterdir():  # only background: every mask zero
+        tifffile.imwrite(path, np.zeros_like(tifffile.imread(path)))
+    out = tmp_path / "empty.pt"
+    result = _invoke(
+        *TINY_ARGS, "--data", str(images), "--annotations", str(masks), "--out", str(out)
+    )
+    assert result.exit_code == 1
+    text = " ".join(result.output.split())
+    assert text.startswith(f"error: {masks}: no annotation holds 'interior', 'boundary'"), text
+    assert not out.exists() and not checkpoint_path(out).exists()
+
+
+def test_a_loss_that_is_not_finite_stops_training_and_writes_no_model(tmp_path: Path) -> None:
+    from segpipe.errors import TrainingDivergedError
+
+    cfg = _config(tmp_path, "wild.pt", lr=1e30, steps=20, checkpoint_every=100)
+    with pytest.raises(TrainingDivergedError, match=r"wild.pt: training diverged at step \d+"):
+        train(cfg)
+    assert not Path(cfg.out).exists()
+    assert not Path(cfg.out).with_suffix(".json").exists()
+
+
+def test_ctrl_c_checkpoints_the_last_whole_step_and_resume_continues_exactly(
+    tmp_path: Path,
+) -> None:
+    import os
+    import signal
+
+    whole = train(_config(tmp_path, "whole.pt", steps=6, checkpoint_every=5))
+
+    def ctrl_c_at_three(step: int, total: int, loss: float) -> None:
+        if step == 3:  # no checkpoint is due before step 5
+            os.kill(os.getpid(), signal.SIGINT)
+
+    cfg = _config(tmp_path, "part.pt", steps=6, checkpoint_every=5)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, progress=ctrl_c_at_three)
+    assert not Path(cfg.out).exists()
+    assert torch.load(checkpoint_path(cfg.out), weights_only=True)["step"] == 3
+    resumed = train(cfg, resume=True)
+    assert _same(_weights(whole.path), _weights(resumed.path))
+
+
+def test_an_early_ctrl_c_names_no_checkpoint(tmp_path: Path) -> None:
+    """A Ctrl-C while `segpipe train` still imports or loads: one line, no traceback, and
+    no checkpoint to continue from is claimed."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "segpipe"), "train", "--quiet", *TINY_ARGS],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=tmp_path,
+    )
+    time.sleep(0.5)  # importing, or loading: no step yet
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, output
+    assert "Traceback" not in output and "--resume" not in output, output
+    assert output.strip() in (
+        "interrupted",
+        "interrupted before the first step; no checkpoint was written",
+    ), output
+    assert not any(tmp_path.iterdir())

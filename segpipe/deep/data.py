@@ -279,6 +279,15 @@ def read_pairs(
         classes = _annotation(annotation_files[stem], raw.shape, path)
         lo, hi = percentile_range(image_stats(raw), *percentiles)
         pairs.append(Pair(stem, normalise(raw, lo, hi), classes))
+    present = np.zeros(len(CLASSES), bool)
+    for pair in pairs:
+        present[np.unique(pair.classes)] = True
+    if not present.all():
+        missing = ", ".join(repr(c) for c, seen in zip(CLASSES, present, strict=True) if not seen)
+        raise TrainingDataError(
+            f"{annotations}: no annotation holds {missing}; every class must appear "
+            "somewhere (are the masks empty?)"
+        )
     return pairs
 
 

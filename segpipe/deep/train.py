@@ -11,6 +11,7 @@ beside the default watershed's) in its sidecar and in a Markdown file.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import math
@@ -18,10 +19,12 @@ import os
 import pickle
 import platform
 import shlex
+import signal
+import threading
 import time
 import warnings
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -42,7 +45,12 @@ from segpipe.deep.postprocess import (
     normalise,
     percentile_range,
 )
-from segpipe.errors import ConfigError, InputNotFoundError, ModelFileError
+from segpipe.errors import (
+    ConfigError,
+    InputNotFoundError,
+    ModelFileError,
+    TrainingDivergedError,
+)
 from segpipe.evaluate import Metrics, score
 
 ProgressFn = Callable[[int, int, float], None]
@@ -464,7 +472,11 @@ def train(
     ConfigError
         Inconsistent options, or a resume with other options.
     TrainingDataError, InputNotFoundError, InputReadError
-        Bad or unpaired training files (named).
+        Bad or unpaired training files (named), or annotations lacking a class.
+    TrainingDivergedError
+        A loss that is not finite (no model is written).
+    KeyboardInterrupt
+        After a Ctrl-C, once the step under way ends and is checkpointed.
     """
     import torch
 
@@ -484,6 +496,23 @@ def train(
             return _train(config, spec, source, out, ckpt, patch, resume, progress, command)
     finally:
         torch.use_deterministic_algorithms(was_deterministic, warn_only=was_warn_only)
+
+
+@contextlib.contextmanager
+def _interrupt_between_steps() -> Iterator[threading.Event]:
+    """A Ctrl-C (SIGINT) sets the event instead of stopping a step halfway (an optimiser
+    step that updated half the weights); the loop checkpoints and stops between steps.
+    Off the main thread a Ctrl-C is not delivered here: nothing changes."""
+    interrupted = threading.Event()
+    try:
+        previous = signal.signal(signal.SIGINT, lambda *_: interrupted.set())
+    except ValueError:  # not the main thread
+        yield interrupted
+        return
+    try:
+        yield interrupted
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _train(
@@ -519,34 +548,47 @@ def _train(
     loss_fn = torch.nn.CrossEntropyLoss(weight=torch.tensor(weights, dtype=torch.float32))
     net.train()
     start = time.perf_counter() - seconds
-    while step < config.steps:
-        for group in optimiser.param_groups:
-            group["lr"] = _lr_at(config, step)
-        x, y = source.batch(rng, patch, config.batch)
-        loss = loss_fn(net(torch.from_numpy(x)), torch.from_numpy(y))
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
-        step += 1
-        loss_value = float(loss.item())
-        if step % config.checkpoint_every == 0 or step == config.steps:
-            _save_checkpoint(
-                ckpt,
-                {
-                    "format": CHECKPOINT_FORMAT,
-                    "config": config.model_dump_json(),
-                    "step": step,
-                    "seconds": time.perf_counter() - start,
-                    "loss": loss_value,
-                    "model": net.state_dict(),
-                    "optimiser": optimiser.state_dict(),
-                    "torch_rng": torch.get_rng_state(),
-                    "numpy_rng": json.dumps(rng.bit_generator.state),
-                    "class_weights": weights,
-                },
-            )
-        if progress is not None:
-            progress(step, config.steps, loss_value)
+
+    def checkpoint() -> None:
+        _save_checkpoint(
+            ckpt,
+            {
+                "format": CHECKPOINT_FORMAT,
+                "config": config.model_dump_json(),
+                "step": step,
+                "seconds": time.perf_counter() - start,
+                "loss": loss_value,
+                "model": net.state_dict(),
+                "optimiser": optimiser.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "numpy_rng": json.dumps(rng.bit_generator.state),
+                "class_weights": weights,
+            },
+        )
+
+    with _interrupt_between_steps() as interrupted:
+        while step < config.steps:
+            if interrupted.is_set():  # the weights of the last whole step, kept
+                checkpoint()
+                raise KeyboardInterrupt
+            for group in optimiser.param_groups:
+                group["lr"] = _lr_at(config, step)
+            x, y = source.batch(rng, patch, config.batch)
+            loss = loss_fn(net(torch.from_numpy(x)), torch.from_numpy(y))
+            if not math.isfinite(float(loss.item())):
+                raise TrainingDivergedError(
+                    f"{out}: training diverged at step {step + 1} (loss {float(loss.item())}); "
+                    "no model written. Lower --lr, or check the annotations."
+                )
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            step += 1
+            loss_value = float(loss.item())
+            if step % config.checkpoint_every == 0 or step == config.steps:
+                checkpoint()
+            if progress is not None:
+                progress(step, config.steps, loss_value)
     seconds = time.perf_counter() - start
     net.eval()
     meta = ModelMeta(spec=spec, normalise=config.normalise, min_size=config.min_size)
