@@ -26,6 +26,7 @@ from segpipe.io.readers import image_name
 from segpipe.io.store import (
     image_state,
 )
+from segpipe.workers import check_workers
 
 ProgressFn = Callable[[str, int, int], None]
 
@@ -44,6 +45,7 @@ class _Reporter:
 
 reporter = _Reporter()
 _tracker: list[monitor.RunProgress] = []  # the running flow's progress artifact
+_checked: set[str] = set()  # workers of the run's cluster found fit (segpipe.workers)
 
 
 def _progress(plan: ImagePlan) -> ProgressFn:
@@ -142,6 +144,8 @@ def segment_wave(
                 "%s: %d objects in %.1f s", name, outcome.result.objects, outcome.result.seconds
             )
 
+    if not inline and _checked:  # workers that joined since are checked before any work
+        _checked.update(check_workers(_client(), _checked))
     return pipeline.run_images(
         Inline() if inline else _client(),
         plans,
@@ -224,6 +228,8 @@ def segment_collection(config: dict[str, Any]) -> list[dict[str, Any]]:
             if client is None:
                 logger.info("one image of one block: segmented in this process, no cluster")
             else:
+                if cfg.cluster != "local":  # a LocalCluster runs this very environment
+                    _checked.update(check_workers(client))
                 logger.info(
                     "Dask dashboard: %s (scheduler %s)",
                     dashboard(client),
@@ -254,6 +260,7 @@ def segment_collection(config: dict[str, Any]) -> list[dict[str, Any]]:
     finally:
         prepared.lock.release()
         _tracker.clear()
+        _checked.clear()
     t = monitor.summary_artifacts(
         rows,
         title=f"segpipe {cfg.segmenter.name} on {cfg.input} → {cfg.output}",

@@ -1,0 +1,118 @@
+"""Workers that cannot run segpipe are named before any compute, and so are workers
+that join later: real `dask scheduler` / `dask worker` processes, one of them from an
+environment where segpipe cannot be imported."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from distributed import Client
+
+from segpipe import synthetic
+from segpipe.workers import WorkerMismatchError, check_workers
+from tests.helpers import free_port
+
+pytestmark = pytest.mark.integration
+
+BIN = Path(sys.executable).parent
+WITHOUT_SEGPIPE = Path(__file__).with_name("data") / "worker_without_segpipe.py"
+
+
+class Cluster:
+    """A scheduler and the workers started on it; all stopped at the end."""
+
+    def __init__(self, cwd: Path) -> None:
+        self.cwd = cwd
+        self.address = f"tcp://127.0.0.1:{free_port()}"
+        self.procs: list[subprocess.Popen[bytes]] = []
+        port = self.address.rsplit(":", 1)[1]
+        self._start([str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", port])
+
+    def _start(self, cmd: list[str]) -> None:
+        out = subprocess.DEVNULL
+        self.procs.append(
+            subprocess.Popen([*cmd, "--no-dashboard"], cwd=self.cwd, stdout=out, stderr=out)
+        )
+
+    def worker(self, *, segpipe: bool) -> None:
+        """Start a worker, with segpipe or without it, and wait until it has joined."""
+        launcher = (
+            [str(BIN / "dask"), "worker"] if segpipe else [sys.executable, str(WITHOUT_SEGPIPE)]
+        )
+        with Client(self.address, timeout="30s") as client:
+            before = len(client.scheduler_info()["workers"])
+            self._start([*launcher, self.address, "--nthreads", "1", "--host", "127.0.0.1"])
+            client.wait_for_workers(before + 1, timeout=60)
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    c = Cluster(tmp_path)
+    deadline = time.monotonic() + 60
+    while True:  # the scheduler answers
+        try:
+            Client(c.address, timeout="2s").close()
+            break
+        except OSError:
+            assert time.monotonic() < deadline, "dask scheduler did not start"
+            time.sleep(0.3)
+    yield c
+    c.stop()
+
+
+def test_a_worker_without_segpipe_is_named_before_any_compute(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    cluster.worker(segpipe=True)
+    cluster.worker(segpipe=False)
+    image = synthetic.write_tiff(tmp_path / "img.tif", (300, 260), seed=1)
+    t0 = time.monotonic()
+    done = subprocess.run(
+        [
+            str(BIN / "segpipe"),
+            "run",
+            "-q",
+            "-i",
+            str(image),
+            "-o",
+            str(tmp_path / "o.zarr"),
+            "--cluster",
+            cluster.address,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert time.monotonic() - t0 < 60
+    lines = done.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: 1 of 2 Dask worker(s) do not match"), done.stderr
+    assert "cannot run segpipe (ModuleNotFoundError: No module named 'segpipe')" in lines[-1]
+    assert "Traceback" not in done.stderr
+    assert not list((tmp_path / "o.zarr").glob("img/0")), "computed on an unfit cluster"
+
+
+def test_a_worker_that_joins_later_is_checked(cluster: Cluster) -> None:
+    cluster.worker(segpipe=True)
+    with Client(cluster.address, timeout="30s") as client:
+        checked = check_workers(client)
+        assert len(checked) == 1
+        assert check_workers(client, checked) == checked  # nothing new: nothing asked
+        cluster.worker(segpipe=False)
+        with pytest.raises(WorkerMismatchError, match=r"^1 of 1 Dask worker\(s\)") as err:
+            check_workers(client, checked)
+        assert next(iter(checked)) not in str(err.value)  # only the newcomer is named
