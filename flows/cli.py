@@ -162,7 +162,7 @@ def execute(config: Any, *, show_progress: bool = True) -> list[dict[str, Any]]:
     from segpipe.cluster import prestart_local
 
     t0 = time.perf_counter()
-    api = None if os.environ.get("PREFECT_API_URL") else local_api.use()
+    api = None if local_api.configured() else local_api.use()
     # Prefect itself imports (a second or more) while the run is checked and the cluster
     # starts; only Prefect's modules, which import nothing of segpipe's.
     importer = threading.Thread(target=_import_prefect, name="segpipe-import", daemon=True)

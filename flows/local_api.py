@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["LocalApi", "idle_seconds", "status", "use"]
+__all__ = ["LocalApi", "configured", "idle_seconds", "status", "use"]
 
 STATE = "segpipe-api.json"
 LOCK = "segpipe-api.lock"
@@ -161,11 +161,41 @@ def _register(home: Path) -> None:
     atexit.register(lambda: mine.unlink(missing_ok=True))
 
 
+def configured() -> bool:
+    """Whether Prefect is told of an API server, so no local one is wanted: by
+    ``PREFECT_API_URL``, the active profile (``profiles.toml`` in ``PREFECT_HOME``),
+    ``prefect.toml`` or ``pyproject.toml`` here, or, once Prefect is imported (a test
+    harness, a notebook), its settings. Read without importing Prefect."""
+    if os.environ.get("PREFECT_API_URL"):
+        return True
+    if "prefect.settings" in sys.modules:
+        from prefect.settings import PREFECT_API_URL
+
+        return bool(PREFECT_API_URL.value())
+    import tomllib
+
+    def table(path: Path) -> dict[str, Any]:
+        try:
+            with open(path, "rb") as f:
+                return tomllib.load(f)
+        except (OSError, tomllib.TOMLDecodeError):
+            return {}
+
+    profiles_path = os.environ.get("PREFECT_PROFILES_PATH") or _home() / "profiles.toml"
+    profiles = table(Path(profiles_path).expanduser())
+    active = os.environ.get("PREFECT_PROFILE") or profiles.get("active", "ephemeral")
+    if profiles.get("profiles", {}).get(active, {}).get("PREFECT_API_URL"):
+        return True
+    here = table(Path("prefect.toml")).get("api", {})
+    project = table(Path("pyproject.toml")).get("tool", {}).get("prefect", {}).get("api", {})
+    return bool(here.get("url") or project.get("url"))
+
+
 def status() -> str:
     """What a run would find, starting nothing: ``remote`` (``PREFECT_API_URL`` names a
     server), ``running`` (the local API, to reuse), ``stopped`` (its database is there)
     or ``new`` (no database yet)."""
-    if os.environ.get("PREFECT_API_URL"):
+    if configured():
         return "remote"
     home = _home()
     try:

@@ -96,3 +96,38 @@ def test_a_state_naming_another_process_starts_a_new_api(home: Path, tmp_path: P
     finally:
         other.kill()
         other.wait()
+
+
+def _configured(tmp_path: Path, **env: str) -> bool:
+    """`local_api.configured()` in a new process (no Prefect imported), in ``tmp_path``."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "SEGPIPE_"))}
+    clean.update(PREFECT_HOME=str(tmp_path / "prefect"), **env)
+    done = subprocess.run(
+        [sys.executable, "-c", "from flows import local_api; print(local_api.configured())"],
+        env=clean,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return done.stdout.strip() == "True"
+
+
+def test_a_server_configured_anywhere_prefect_looks_is_used_not_a_local_api(
+    tmp_path: Path, prefect_api: None
+) -> None:
+    assert not _configured(tmp_path)
+    assert _configured(tmp_path, PREFECT_API_URL="http://10.0.0.5:4200/api")
+    # the active profile of PREFECT_HOME (`prefect config set PREFECT_API_URL=...`)
+    (tmp_path / "prefect" / "profiles.toml").write_text(
+        'active = "lab"\n[profiles.lab]\nPREFECT_API_URL = "http://10.0.0.5:4200/api"\n'
+    )
+    assert _configured(tmp_path)
+    assert not _configured(tmp_path, PREFECT_PROFILE="ephemeral")
+    (tmp_path / "prefect" / "profiles.toml").unlink()
+    (tmp_path / "prefect.toml").write_text('[api]\nurl = "http://10.0.0.5:4200/api"\n')
+    assert _configured(tmp_path)
+    # in a process where Prefect is imported (this test session's API): its settings
+    from flows import local_api
+
+    assert local_api.configured()
