@@ -158,7 +158,7 @@ def _damage(path: Path, how: str) -> None:
 @pytest.mark.parametrize(
     "target, how",
     [
-        ("img/0/c/0/0", "delete"),
+        pytest.param("img/0/c/0/0", "delete", marks=pytest.mark.slow),
         pytest.param("img/labels/semantic/0/c/1/1", "delete", marks=pytest.mark.slow),
         pytest.param("img/0/c/1/0", "garbage", marks=pytest.mark.slow),
         ("img/labels/instances/0/c/0/1", "garbage"),

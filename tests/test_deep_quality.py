@@ -43,6 +43,7 @@ def _nuclei(m: Metrics) -> float:
     return pq
 
 
+@pytest.mark.slow  # the shipped network against watershed on held-out images
 def test_default_unet_beats_watershed(run_cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     assert (WEIGHTS / "unet.pt").is_file() and (WEIGHTS / "unet.json").is_file()
     images = tmp_path / "images"

@@ -217,6 +217,7 @@ def test_block_that_kills_workers_is_named(two_workers: str) -> None:
     assert max(done) == 11  # every other block completed
 
 
+@pytest.mark.slow  # disk full, then a flow retry; whole-run kill and resume stay in the default
 def test_prefect_flow_retry_resumes_after_disk_full(
     run_cli, image: Path, reference: dict[str, str], tmpfs, tmp_path: Path
 ) -> None:

@@ -63,6 +63,7 @@ def test_layout_is_ome_zarr_napari_can_open(run_cli, small: Path, tmp_path: Path
     assert {n.zarr.path.rstrip("/").split("/")[-1] for n in nodes[1:]} >= {"instances", "semantic"}
 
 
+@pytest.mark.slow  # test_collection_engine checks identity on 1 and 2 workers in the default suite
 def test_output_identical_whatever_cluster_shape(run_cli, small: Path, tmp_path: Path) -> None:
     a, b = tmp_path / "a.zarr", tmp_path / "b.zarr"
     assert (

@@ -108,6 +108,7 @@ def test_run_on_existing_scheduler(run_cli, scheduler: str, tmp_path: Path, monk
         assert len(c.scheduler_info()["workers"]) == 2
 
 
+@pytest.mark.slow  # waits out the client's 15 s connect timeout
 def test_unreachable_scheduler(run_cli, tmp_path: Path) -> None:
     path = synthetic.write_tiff(tmp_path / "a.tif", (200, 200), seed=1)
     result = run_cli(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import tifffile
 import zarr
 from scipy import ndimage as ndi
@@ -44,6 +45,7 @@ def test_watershed_tiled_matches_whole(run_cli, tmp_path: Path) -> None:
     assert panoptic_quality(whole, whole_image_watershed(tifffile.imread(path))) >= 0.999
 
 
+@pytest.mark.slow  # tiled watershed equal to the whole image stays in the default suite
 def test_watershed_splits_touching_nuclei(run_cli, tmp_path: Path) -> None:
     """Against ground truth: touching nuclei are separated, not merged."""
     image, truth = synthetic.render((slice(0, 768), slice(0, 768)), seed=4)
