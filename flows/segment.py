@@ -20,7 +20,7 @@ from segpipe import lifecycle, pipeline
 from segpipe.cluster import connect_run, dashboard
 from segpipe.config import RunConfig
 from segpipe.engine import Inline
-from segpipe.errors import ImagesFailedError, SegpipeError
+from segpipe.errors import ImagesFailedError, SchedulerLostError, SegpipeError
 from segpipe.image import ImagePlan, ImageResult
 from segpipe.io.readers import image_name
 from segpipe.io.store import (
@@ -46,6 +46,7 @@ class _Reporter:
 reporter = _Reporter()
 _tracker: list[monitor.RunProgress] = []  # the running flow's progress artifact
 _checked: set[str] = set()  # workers of the run's cluster found fit (segpipe.workers)
+_scheduler: list[str] = []  # the run's scheduler address, for the message if it is lost
 
 
 def _progress(plan: ImagePlan) -> ProgressFn:
@@ -118,7 +119,18 @@ _STAGE: dict[str, Any] = {
 
 
 def _client() -> Client:
-    return Client.current()
+    try:
+        return Client.current()
+    except ValueError as err:  # the run's client closed itself: its scheduler is gone
+        raise _lost() from err
+
+
+def _lost() -> SchedulerLostError:
+    where = _scheduler[0] if _scheduler else "of this run"
+    return SchedulerLostError(
+        f"lost the Dask scheduler {where} (it stopped answering); the blocks and images "
+        "that finished are kept: rerun with --resume once it is back"
+    )
 
 
 @task(name="segment-wave", task_run_name="wave {index} of {count}", **_STAGE)
@@ -146,14 +158,15 @@ def segment_wave(
 
     if not inline and _checked:  # workers that joined since are checked before any work
         _checked.update(check_workers(_client(), _checked))
-    return pipeline.run_images(
-        Inline() if inline else _client(),
-        plans,
-        progress=_progress,
-        done=done,
-        skip=skip,
-        full=full,
-    )
+    runner = Inline() if inline else _client()
+    try:
+        return pipeline.run_images(
+            runner, plans, progress=_progress, done=done, skip=skip, full=full
+        )
+    except Exception as err:
+        if isinstance(runner, Client) and runner.status != "running":
+            raise _lost() from err
+        raise
 
 
 def _orphans(prepared: Prepared, plans: list[ImagePlan], logger: Any) -> list[dict[str, Any]]:
@@ -228,6 +241,7 @@ def segment_collection(config: dict[str, Any]) -> list[dict[str, Any]]:
             if client is None:
                 logger.info("one image of one block: segmented in this process, no cluster")
             else:
+                _scheduler[:] = [str(client.scheduler_info().get("address", cfg.cluster))]
                 if cfg.cluster != "local":  # a LocalCluster runs this very environment
                     _checked.update(check_workers(client))
                 logger.info(
@@ -261,6 +275,7 @@ def segment_collection(config: dict[str, Any]) -> list[dict[str, Any]]:
         prepared.lock.release()
         _tracker.clear()
         _checked.clear()
+        _scheduler.clear()
     t = monitor.summary_artifacts(
         rows,
         title=f"segpipe {cfg.segmenter.name} on {cfg.input} → {cfg.output}",

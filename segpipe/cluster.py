@@ -3,6 +3,7 @@ back-end of `segpipe.backends` (local-cuda, SLURM, Kubernetes)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
@@ -46,6 +47,21 @@ class _ClientGone(logging.Filter):
 
 
 logging.getLogger("distributed.scheduler").addFilter(_ClientGone())
+
+
+class _SchedulerGone(logging.Filter):
+    """Drops the client's errors about a lost scheduler (giving up reconnecting, or its
+    reconnection cancelled by the run's end, with a traceback): the run then ends with
+    its own line, which names the scheduler and what to do."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if str(record.msg).startswith("Failed to reconnect to scheduler"):
+            return False
+        error = record.exc_info[1] if record.exc_info else None
+        return not isinstance(error, asyncio.CancelledError)
+
+
+logging.getLogger("distributed.client").addFilter(_SchedulerGone())
 _prestarted: list[tuple[tuple[int | None, int | None], LocalCluster]] = []
 
 

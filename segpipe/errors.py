@@ -64,3 +64,7 @@ class ModelFileError(SegpipeError, ValueError):
 
 class TrainingDivergedError(SegpipeError, RuntimeError):
     """Training reached a loss that is not finite; no model is written."""
+
+
+class SchedulerLostError(SegpipeError, ConnectionError):
+    """The Dask scheduler of a run stopped answering; what finished is kept."""

@@ -116,3 +116,40 @@ def test_a_worker_that_joins_later_is_checked(cluster: Cluster) -> None:
         with pytest.raises(WorkerMismatchError, match=r"^1 of 1 Dask worker\(s\)") as err:
             check_workers(client, checked)
         assert next(iter(checked)) not in str(err.value)  # only the newcomer is named
+
+
+def test_losing_the_scheduler_is_one_line_and_resume_finishes(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    import signal
+
+    import zarr
+
+    cluster.worker(segpipe=True)
+    image = synthetic.write_tiff(tmp_path / "img.tif", (2048, 2048), seed=2)
+    out = tmp_path / "o.zarr"
+    args = [str(BIN / "segpipe"), "run", "-q", "-i", str(image), "-o", str(out)]
+    args += ["-s", "watershed", "--tile", "256", "--cluster", cluster.address]
+    run = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    markers = out / "_segpipe" / "blocks" / "img"
+    deadline = time.monotonic() + 120
+    while not list(markers.glob("*/*.npz")):  # blocks are finishing
+        assert run.poll() is None and time.monotonic() < deadline, run.communicate()
+        time.sleep(0.1)
+    cluster.procs[0].send_signal(signal.SIGKILL)  # the scheduler dies
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 1, err
+    lines = err.strip().splitlines()  # the run's header, its start-up, and one line
+    assert len(lines) == 3 and lines[-1] == (
+        f"error: lost the Dask scheduler {cluster.address} (it stopped answering); the "
+        "blocks and images that finished are kept: rerun with --resume once it is back"
+    ), err
+    assert not (out / "_segpipe" / "lock.json").exists()  # the output is free again
+
+    # a scheduler at the same address again, and a worker: --resume finishes the image
+    port = cluster.address.rsplit(":", 1)[1]
+    cluster._start([str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", port])
+    cluster.worker(segpipe=True)
+    again = subprocess.run([*args, "--resume"], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert zarr.open_group(str(out / "img"), mode="r").attrs["segpipe"]["complete"] is True
