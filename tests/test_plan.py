@@ -307,17 +307,27 @@ def test_start_up_by_case() -> None:
     assert Costs.from_json(table.to_json()).startup == s
 
 
-def test_cli_counts_the_start_up_it_would_find(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """One image of one block, no API: the plan says it needs no cluster, and adds the
-    start of Prefect's local API on a new database."""
-    monkeypatch.delenv("PREFECT_API_URL", raising=False)
-    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))  # no database yet
+def test_cli_counts_the_start_up_it_would_find(tmp_path: Path) -> None:
+    """One image of one block, no Prefect server anywhere (a new process, a new home): the
+    plan says it needs no cluster, and adds the start of Prefect's local API on a new
+    database."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "SEGPIPE_"))}
+    env["HOME"] = str(tmp_path / "home")
     image = synthetic.write_tiff(tmp_path / "one.tif", (300, 200))
-    res = CliRunner().invoke(_app(), ["plan", "-i", str(image), "-n", "1"])
-    assert res.exit_code == 0, res.output
-    text = " ".join(res.output.split())
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "segpipe"), "plan", "-i", str(image), "-n", "1"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    text = " ".join(done.stdout.split())
     assert "Prefect's local API on a new database" in text, text
     assert "one image of one block: no cluster" in text, text
 
