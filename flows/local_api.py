@@ -191,6 +191,18 @@ def configured() -> bool:
     return bool(here.get("url") or project.get("url"))
 
 
+def _running(home: Path, versions: dict[str, str]) -> LocalApi | None:
+    """The server the state file names, if it is one of these versions and alive."""
+    try:
+        state = json.loads((home / STATE).read_text())
+    except (OSError, ValueError):
+        return None
+    pid = state.get("pid")
+    if state.get("versions") != versions or not isinstance(pid, int) or not _ours(pid):
+        return None
+    return LocalApi(str(state["url"]), pid, started=False)
+
+
 def status() -> str:
     """What a run would find, starting nothing: ``remote`` (``PREFECT_API_URL`` names a
     server), ``running`` (the local API, to reuse), ``stopped`` (its database is there)
@@ -198,12 +210,8 @@ def status() -> str:
     if configured():
         return "remote"
     home = _home()
-    try:
-        state = json.loads((home / STATE).read_text())
-        if state.get("versions") == _versions() and _ours(int(state["pid"])):
-            return "running"
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
+    if _running(home, _versions()) is not None:
+        return "running"
     return "stopped" if (home / "prefect.db").exists() else "new"
 
 
@@ -217,15 +225,7 @@ def use() -> LocalApi:
     _register(home)
     versions = _versions()
     with _locked(home):  # a second run waits here while the first starts it
-        try:
-            state = json.loads((home / STATE).read_text())
-        except (OSError, ValueError):
-            state = {}
-        pid = state.get("pid")
-        if state.get("versions") == versions and isinstance(pid, int) and _ours(pid):
-            api = LocalApi(str(state["url"]), pid, started=False)
-        else:
-            api = _start(home, versions)
+        api = _running(home, versions) or _start(home, versions)
     os.environ["PREFECT_API_URL"] = api.url
     return api
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -87,3 +90,29 @@ def tiled_instances(
         group = root / source.name / "labels" / "instances" / "0"
         labels[tile] = np.asarray(zarr.open_array(str(group))[:])
     return labels
+
+
+def once_exists(path: Path, action: Callable[[], None], timeout: float = 60) -> threading.Thread:
+    """A started thread that runs ``action`` as soon as ``path`` exists (or after
+    ``timeout`` seconds): a fault injected at a chosen point of a run."""
+
+    def watch() -> None:
+        deadline = time.monotonic() + timeout
+        while not path.exists() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        action()
+
+    thread = threading.Thread(target=watch)
+    thread.start()
+    return thread
+
+
+def fill_disk(path: Path) -> None:
+    """Write ``path`` until its file system is full (the last write fails quietly)."""
+    with open(path, "wb") as fh:
+        try:
+            while True:
+                fh.write(b"\0" * 2**20)
+                fh.flush()
+        except OSError:
+            pass

@@ -12,6 +12,7 @@ import tifffile
 import zarr
 
 from segpipe import synthetic
+from tests.helpers import fill_disk, once_exists
 
 
 def _no_complete_result(out: Path) -> None:
@@ -225,20 +226,11 @@ def test_config_file_that_is_not_text(run_cli, tmp_path: Path) -> None:
 
 
 def test_input_deleted_mid_run(run_cli, tmp_path: Path) -> None:
-    import threading
-    import time
-
     path = synthetic.write_tiff(tmp_path / "in" / "gone.tif", (1024, 1024), tile=64, seed=1)
     out = tmp_path / "o.zarr"
 
-    def delete_once_begun() -> None:  # the image's group is made as its first stage starts
-        deadline = time.monotonic() + 60
-        while not (out / "gone").exists() and time.monotonic() < deadline:
-            time.sleep(0.005)
-        path.unlink()
-
-    watcher = threading.Thread(target=delete_once_begun)
-    watcher.start()
+    # the image's group is made as its first stage starts
+    watcher = once_exists(out / "gone", path.unlink)
     result = run_cli("--input", str(path), "--output", str(out), "--tile", "64")
     watcher.join()
     # A worker that already holds the file open reads on (the pixels are still there);
@@ -251,20 +243,11 @@ def test_input_deleted_mid_run(run_cli, tmp_path: Path) -> None:
 
 
 def test_input_cut_short_mid_run(run_cli, tmp_path: Path) -> None:
-    import threading
-    import time
-
     path = synthetic.write_tiff(tmp_path / "in" / "cut.tif", (1024, 1024), tile=64, seed=1)
     out = tmp_path / "o.zarr"
 
-    def truncate_once_begun() -> None:
-        deadline = time.monotonic() + 60
-        while not (out / "cut").exists() and time.monotonic() < deadline:
-            time.sleep(0.005)
-        os.truncate(path, 4096)  # header kept, tiles gone: whoever reads next fails
-
-    watcher = threading.Thread(target=truncate_once_begun)
-    watcher.start()
+    # header kept, tiles gone: whoever reads next fails
+    watcher = once_exists(out / "cut", lambda: os.truncate(path, 4096))
     result = run_cli("--input", str(path), "--output", str(out), "--tile", "64")
     watcher.join()
     assert result.exit_code == 1, result.output
@@ -276,27 +259,11 @@ def test_input_cut_short_mid_run(run_cli, tmp_path: Path) -> None:
 def test_disk_full_while_the_results_are_written(run_cli, tmpfs, tmp_path: Path) -> None:
     """The disk fills once the labels are being written: what follows (pyramids,
     Parquet tables, preview, the `complete` mark) finds no space."""
-    import threading
-    import time
-
     path = synthetic.write_tiff(tmp_path / "a.tif", (1024, 1024), seed=1)
     disk = tmpfs("24m")
     out = disk / "o.zarr"
 
-    def fill_once_labelled() -> None:
-        deadline = time.monotonic() + 60
-        while not (out / "a" / "labels").exists() and time.monotonic() < deadline:
-            time.sleep(0.005)
-        with open(disk / "ballast", "wb") as fh:
-            try:
-                while True:
-                    fh.write(b"\0" * 2**20)
-                    fh.flush()
-            except OSError:
-                pass
-
-    watcher = threading.Thread(target=fill_once_labelled)
-    watcher.start()
+    watcher = once_exists(out / "a" / "labels", lambda: fill_disk(disk / "ballast"))
     result = run_cli("--input", str(path), "--output", str(out), "--tile", "256")
     watcher.join()
     assert result.exit_code == 1, result.output

@@ -22,6 +22,7 @@ import zarr
 from distributed import Client, LocalCluster
 
 from segpipe import synthetic
+from tests.helpers import fill_disk
 
 pytestmark = pytest.mark.integration
 
@@ -228,13 +229,7 @@ def test_prefect_flow_retry_resumes_after_disk_full(
     ballast = disk / "ballast"
 
     def fill_then_free() -> None:
-        with open(ballast, "wb") as fh:  # fill the disk to the last byte
-            try:
-                while True:
-                    fh.write(b"\0" * 2**20)
-                    fh.flush()
-            except OSError:
-                pass
+        fill_disk(ballast)  # to the last byte
         time.sleep(3)  # the run fails on the full disk meanwhile
         ballast.unlink()
 
