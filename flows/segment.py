@@ -46,7 +46,9 @@ class _Reporter:
 reporter = _Reporter()
 _tracker: list[monitor.RunProgress] = []  # the running flow's progress artifact
 _checked: set[str] = set()  # workers of the run's cluster found fit (segpipe.workers)
-_scheduler: list[str] = []  # the run's scheduler address, for the message if it is lost
+# the run's client and its scheduler's address: the flow's own, never `Client.current()`,
+# which may be another client of this process (a notebook's, a test's)
+_run: list[tuple[Client, str]] = []
 
 
 def _progress(plan: ImagePlan) -> ProgressFn:
@@ -119,14 +121,13 @@ _STAGE: dict[str, Any] = {
 
 
 def _client() -> Client:
-    try:
-        return Client.current()
-    except ValueError as err:  # the run's client closed itself: its scheduler is gone
-        raise _lost() from err
+    if not _run or _run[-1][0].status in ("closing", "closed"):  # its scheduler is gone
+        raise _lost()
+    return _run[-1][0]
 
 
 def _lost() -> SchedulerLostError:
-    where = _scheduler[0] if _scheduler else "of this run"
+    where = _run[-1][1] if _run else "of this run"
     return SchedulerLostError(
         f"lost the Dask scheduler {where} (it stopped answering); the blocks and images "
         "that finished are kept: rerun with --resume once it is back"
@@ -241,7 +242,7 @@ def segment_collection(config: dict[str, Any]) -> list[dict[str, Any]]:
             if client is None:
                 logger.info("one image of one block: segmented in this process, no cluster")
             else:
-                _scheduler[:] = [str(client.scheduler_info().get("address", cfg.cluster))]
+                _run[:] = [(client, str(client.scheduler_info().get("address", cfg.cluster)))]
                 if cfg.cluster != "local":  # a LocalCluster runs this very environment
                     _checked.update(check_workers(client))
                 logger.info(
@@ -275,7 +276,7 @@ def segment_collection(config: dict[str, Any]) -> list[dict[str, Any]]:
         prepared.lock.release()
         _tracker.clear()
         _checked.clear()
-        _scheduler.clear()
+        _run.clear()
     t = monitor.summary_artifacts(
         rows,
         title=f"segpipe {cfg.segmenter.name} on {cfg.input} → {cfg.output}",

@@ -134,7 +134,7 @@ def map_blocks(
         return results
     pending: dict[str, int] = {}
     queue = iter(todo)
-    ac = as_completed()
+    ac = as_completed(loop=client.loop)
     failed: list[tuple[int, BaseException]] = []
 
     def submit(i: int, key: str, retries: int) -> Any:

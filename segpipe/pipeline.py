@@ -287,7 +287,7 @@ def _run_packs(
         extra["resources"] = resources
     token = uuid.uuid4().hex[:8]
     owner: dict[str, list[int]] = {}
-    ac = as_completed()
+    ac = as_completed(loop=client.loop)
 
     def submit() -> None:
         pack = next(queue, None)

@@ -108,6 +108,21 @@ def test_run_on_existing_scheduler(run_cli, scheduler: str, tmp_path: Path, monk
         assert len(c.scheduler_info()["workers"]) == 2
 
 
+def test_a_run_uses_its_own_cluster_beside_another_current_client(
+    run_cli, client, scheduler: str, tmp_path: Path
+) -> None:
+    """A process that already has a current client (a notebook's) to another scheduler:
+    the run's tasks go to the run's cluster, none to the other."""
+    from distributed import Client, get_task_stream
+
+    path = synthetic.write_tiff(tmp_path / "img.tif", (300, 260), seed=4)
+    with Client(scheduler) as notebook, get_task_stream(notebook) as other:
+        with get_task_stream(client) as ours:
+            result = run_cli("-i", str(path), "-o", str(tmp_path / "out.zarr"), "--tile", "128")
+        assert result.exit_code == 0, result.output
+    assert other.data == [] and len(ours.data) >= 4 * 5, (len(other.data), len(ours.data))
+
+
 @pytest.mark.slow  # waits out the client's 15 s connect timeout
 def test_unreachable_scheduler(run_cli, tmp_path: Path) -> None:
     path = synthetic.write_tiff(tmp_path / "a.tif", (200, 200), seed=1)
