@@ -171,53 +171,63 @@ def execute(config: Any, *, show_progress: bool = True) -> list[dict[str, Any]]:
     # the flow (in this process) takes it again as a no-op.
     prepared = prepare_run(config)
     cfg = prepared.config
-    inline = in_process(prepared)
-    local = cfg.cluster == "local" and not inline
-    starting = [
-        *(["a LocalCluster"] if local else []),
-        *(["Prefect's local API"] if api is not None and api.started else []),
-    ]
-    console.print(
-        f"segpipe: {len(prepared.sources)} image(s) → {cfg.output} "
-        f"with [b]{cfg.segmenter.name}[/b] "
-        + ("in this process (one block: no cluster)" if inline else f"on cluster {cfg.cluster}")
-        + (f"; starting {' and '.join(starting)}" if starting else ""),
-        highlight=False,
-        soft_wrap=True,
-    )
-    if local:
-        prestart_local(workers=cfg.workers, threads=cfg.threads)
-    importer.join()
-    from flows import segment as seg_flow
+    try:
+        inline = in_process(prepared)
+        local = cfg.cluster == "local" and not inline
+        starting = [
+            *(["a LocalCluster"] if local else []),
+            *(["Prefect's local API"] if api is not None and api.started else []),
+        ]
+        console.print(
+            f"segpipe: {len(prepared.sources)} image(s) → {cfg.output} "
+            f"with [b]{cfg.segmenter.name}[/b] "
+            + ("in this process (one block: no cluster)" if inline else f"on cluster {cfg.cluster}")
+            + (f"; starting {' and '.join(starting)}" if starting else ""),
+            highlight=False,
+            soft_wrap=True,
+        )
+        if local:
+            prestart_local(workers=cfg.workers, threads=cfg.threads)
+        importer.join()
+        from flows import segment as seg_flow
 
-    if api is not None:
-        try:
-            api.wait()
-        except RuntimeError as err:
-            fail(err)
-    console.print(f"started in {time.perf_counter() - t0:.1f} s", highlight=False)
-    progress = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        disable=not show_progress,
-        transient=False,
-    )
-    with progress:
-        seg_flow.reporter.fn = _BarReporter(progress)
-        try:
-            # Secrets stay out of the flow's parameters (they are shown in the UI).
-            from prefect import tags
-
-            flow = seg_flow.segment_collection.with_options(
-                retries=cfg.retries, retry_delay_seconds=cfg.retry_delay
+        if api is not None:
+            try:
+                api.wait()
+            except RuntimeError as err:
+                fail(err)
+        console.print(f"started in {time.perf_counter() - t0:.1f} s", highlight=False)
+        progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            disable=not show_progress,
+            transient=False,
+        )
+        with progress:
+            seg_flow.reporter.fn = _BarReporter(progress)
+            seg_flow.reporter.note = lambda line: console.print(
+                line, highlight=False, soft_wrap=True
             )
-            with tags(*seg_flow.run_tags(cfg)):
-                rows = flow(cfg.model_dump(mode="json", exclude={"prefect"}))
-        finally:
-            seg_flow.reporter.fn = seg_flow._quiet
+            try:
+                # Secrets stay out of the flow's parameters (they are shown in the UI).
+                from prefect import tags
+
+                flow = seg_flow.segment_collection.with_options(
+                    retries=cfg.retries, retry_delay_seconds=cfg.retry_delay
+                )
+                with tags(*seg_flow.run_tags(cfg)):
+                    rows = flow(cfg.model_dump(mode="json", exclude={"prefect"}))
+            finally:
+                seg_flow.reporter.fn, seg_flow.reporter.note = seg_flow._quiet, seg_flow._silent
+    except BaseException:  # an interrupt or error before the flow, which releases it itself
+        prepared.lock.release()
+        # an interpreter that exits while a thread is inside an extension's import can
+        # abort ("FATAL: exception not rethrown")
+        importer.join(timeout=10)
+        raise
     return rows
 
 

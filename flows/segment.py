@@ -26,7 +26,7 @@ from segpipe.io.readers import image_name
 from segpipe.io.store import (
     image_state,
 )
-from segpipe.workers import check_workers
+from segpipe.workers import WorkerWatch, check_workers
 
 ProgressFn = Callable[[str, int, int], None]
 
@@ -35,20 +35,26 @@ def _quiet(stage: str, done: int, total: int) -> None:
     pass
 
 
+def _silent(message: str) -> None:
+    pass
+
+
 @dataclass
 class _Reporter:
     """Where run progress goes (the CLI's progress bar: one row for images, one for
-    blocks); set by the caller, not a parameter."""
+    blocks) and what the run is waiting for (``note``, a line on the terminal); set by
+    the caller, not a parameter."""
 
     fn: ProgressFn = _quiet
+    note: Callable[[str], None] = _silent
 
 
 reporter = _Reporter()
 _tracker: list[monitor.RunProgress] = []  # the running flow's progress artifact
 _checked: set[str] = set()  # workers of the run's cluster found fit (segpipe.workers)
-# the run's client and its scheduler's address: the flow's own, never `Client.current()`,
-# which may be another client of this process (a notebook's, a test's)
-_run: list[tuple[Client, str]] = []
+# the run's client, its scheduler's address and its `WorkerWatch`: the flow's own, never
+# `Client.current()`, which may be another client of this process (a notebook's, a test's)
+_run: list[tuple[Client, str, WorkerWatch]] = []
 
 
 def _progress(plan: ImagePlan) -> ProgressFn:
@@ -164,7 +170,9 @@ def segment_wave(
         return pipeline.run_images(
             runner, plans, progress=_progress, done=done, skip=skip, full=full
         )
-    except Exception as err:
+    except BaseException as err:  # a cancelled future raises CancelledError
+        if _run and _run[-1][2].expired:
+            raise _run[-1][2].error() from err
         if isinstance(runner, Client) and runner.status != "running":
             raise _lost() from err
         raise
@@ -238,11 +246,19 @@ def segment_collection(config: dict[str, Any]) -> list[dict[str, Any]]:
         blocks = sum(len(p.grid()) for p in plans)
         _tracker.append(monitor.RunProgress(len(plans), blocks, report=reporter.fn))
         inline = in_process(prepared)
-        with contextlib.nullcontext(None) if inline else connect_run(cfg) as client:
+        with contextlib.ExitStack() as stack:
+            client = None if inline else stack.enter_context(connect_run(cfg))
             if client is None:
                 logger.info("one image of one block: segmented in this process, no cluster")
             else:
-                _run[:] = [(client, str(client.scheduler_info().get("address", cfg.cluster)))]
+                address = str(client.scheduler_info().get("address", cfg.cluster))
+
+                def say(message: str) -> None:
+                    logger.warning(message)
+                    reporter.note(message)
+
+                watch = stack.enter_context(WorkerWatch(client, address, cfg.worker_wait, say))
+                _run[:] = [(client, address, watch)]
                 if cfg.cluster != "local":  # a LocalCluster runs this very environment
                     _checked.update(check_workers(client))
                 logger.info(

@@ -81,8 +81,8 @@ def _take_prestarted(workers: int | None, threads: int | None) -> LocalCluster |
 
 
 def _local(n: int, threads: int) -> LocalCluster:
-    with dask.config.set(backends.worker_env_config()), _sigint_ignored():
-        return LocalCluster(
+    with dask.config.set(backends.worker_env_config()), _signals_held() as held:
+        cluster = LocalCluster(
             n_workers=n,
             threads_per_worker=threads,
             processes=True,
@@ -90,27 +90,36 @@ def _local(n: int, threads: int) -> LocalCluster:
             dashboard_address="127.0.0.1:0",
             silence_logs=50,  # block errors reach the user once, through the client
         )
+    if held:  # a SIGTERM came while it started: closed whole, then handled as usual
+        cluster.close()
+        signal.raise_signal(held[0])
+    return cluster
 
 
 @contextmanager
-def _sigint_ignored() -> Iterator[None]:
-    """Ignore SIGINT while the LocalCluster starts its worker processes.
+def _signals_held() -> Iterator[list[int]]:
+    """Hold SIGINT and SIGTERM off while the LocalCluster starts its worker processes.
 
     A Ctrl-C in a terminal reaches every process of its group: workers would die of
     it, each printing a traceback, while this process closes them anyway. A process
     inherits an ignored signal (a blocked one it does not: the spawn clears the mask),
-    so only this process sees a later Ctrl-C; one within the second or two the
-    workers take to start is lost. Off the main thread nothing changes.
+    so SIGINT is ignored and only this process sees a later Ctrl-C; one within the
+    second or two the workers take to start is lost. A SIGTERM (to this process alone)
+    is noted and given back once the start ends: one that interrupts it leaves a
+    cluster half started, which no one can close. Off the main thread nothing changes.
     """
+    held: list[int] = []
     try:
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     except ValueError:  # not the main thread
-        yield
+        yield held
         return
+    term = signal.signal(signal.SIGTERM, lambda signum, frame: held.append(signum))
     try:
-        yield
+        yield held
     finally:
         signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGTERM, term)
 
 
 @contextmanager

@@ -277,6 +277,9 @@ class RunConfig(BaseModel):
     """LocalCluster worker processes (default: 1)."""
     threads: int | None = Field(None, ge=1)
     """Threads per LocalCluster worker (default: the machine's cores)."""
+    worker_wait: float = Field(600.0, gt=0)
+    """Seconds a run waits while its cluster has no Dask worker (none started yet, SLURM
+    jobs queued, every worker lost); then it stops, its finished work kept."""
     channel: int | Literal["mean", "max", "sum"] | None = None
     """Channel to segment in multichannel images, or how to reduce them."""
     axes: str | None = None

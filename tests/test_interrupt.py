@@ -161,6 +161,23 @@ def test_ctrl_c_stops_in_seconds_with_one_line(run: Run, home: Path) -> None:
         assert oct(path.stat().st_mode & 0o777) == "0o600", path
 
 
+@pytest.mark.parametrize("after", [0.0, 0.7])
+def test_sigterm_while_the_run_starts_stops_it_in_seconds(run: Run, after: float) -> None:
+    """While the LocalCluster and the local API start: no half-started cluster, the
+    output free again, one line."""
+    deadline = time.monotonic() + 60
+    while "segpipe: 1 image(s)" not in run.stderr.read_text():
+        assert run.proc.poll() is None and time.monotonic() < deadline, run.stderr.read_text()
+        time.sleep(0.02)
+    time.sleep(after)
+    run.children = psutil.Process(run.proc.pid).children(recursive=True)
+    code, err, seconds = run.signal(signal.SIGTERM)
+    assert (code, err.strip().splitlines()[-1]) == (143, INTERRUPTED), err
+    assert seconds < 10 and "Traceback" not in err, err
+    assert not (run.out / "_segpipe" / "lock.json").exists()
+    assert run.survivors(5) == []
+
+
 @pytest.mark.slow
 def test_sigterm_stops_in_seconds_with_one_line(run: Run) -> None:
     run.wait_until_working()

@@ -153,3 +153,72 @@ def test_losing_the_scheduler_is_one_line_and_resume_finishes(
     again = subprocess.run([*args, "--resume"], capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
     assert zarr.open_group(str(out / "img"), mode="r").attrs["segpipe"]["complete"] is True
+
+
+def _segpipe(cluster: Cluster, tmp_path: Path, *extra: str) -> subprocess.Popen[str]:
+    image = synthetic.write_tiff(tmp_path / "img.tif", (512, 512), seed=5)
+    args = [str(BIN / "segpipe"), "run", "-q", "-i", str(image), "-o", str(tmp_path / "o.zarr")]
+    args += ["--tile", "256", "--cluster", cluster.address, *extra]
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _until_line(run: subprocess.Popen[str], start: str) -> list[str]:
+    """stderr's lines up to the first that starts with ``start``."""
+    assert run.stderr is not None
+    lines: list[str] = []
+    while not (lines and lines[-1].startswith(start)):
+        line = run.stderr.readline()
+        assert line, (run.wait(), lines)
+        lines.append(line.rstrip("\n"))
+    return lines
+
+
+def test_a_cluster_without_workers_is_waited_for_within_a_bound(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_text("worker_wait: 3\n")
+    run = _segpipe(cluster, tmp_path, "--config", str(config))
+    waiting = f"no Dask worker on {cluster.address}: waiting up to 3 s for one (worker_wait)"
+    assert _until_line(run, "no Dask worker")[-1] == waiting
+    _, err = run.communicate(timeout=60)
+    assert run.returncode == 1, err
+    assert err.strip().splitlines() == [
+        f"error: no Dask worker on {cluster.address} for 3 s (worker_wait); the blocks and "
+        f"images that finished are kept: start workers, e.g. `dask worker {cluster.address}`, "
+        "and rerun with --resume"
+    ], err
+    assert not (tmp_path / "o.zarr" / "_segpipe" / "lock.json").exists()
+
+
+def test_a_worker_that_joins_ends_the_wait_and_sigterm_ends_it_in_seconds(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    import signal
+
+    import zarr
+
+    from flows.console import INTERRUPTED
+
+    first = tmp_path / "first"
+    run = _segpipe(cluster, first.mkdir() or first)
+    _until_line(run, "no Dask worker")
+    cluster.worker(segpipe=True)
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 0 and f"a Dask worker joined {cluster.address}; going on" in err
+    assert zarr.open_group(str(first / "o.zarr" / "img"), mode="r").attrs["segpipe"]["complete"]
+
+    for proc in cluster.procs[1:]:  # no worker again: SIGTERM while the run waits
+        proc.kill()
+    with Client(cluster.address) as client:
+        while client.scheduler_info()["workers"]:
+            time.sleep(0.1)
+    second = tmp_path / "second"
+    run = _segpipe(cluster, second.mkdir() or second)
+    _until_line(run, "no Dask worker")
+    t0 = time.monotonic()
+    run.send_signal(signal.SIGTERM)
+    _, err = run.communicate(timeout=60)
+    assert (run.returncode, err.strip().splitlines()[-1]) == (143, INTERRUPTED), err
+    assert time.monotonic() - t0 < 10
+    assert not (second / "o.zarr" / "_segpipe" / "lock.json").exists()
