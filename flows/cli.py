@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -18,7 +19,7 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from flows.console import console, crash, fail, interrupted, out
-from segpipe.errors import ImagesFailedError, SegpipeError
+from segpipe.errors import ImagesFailedError, PrefectApiLostError, SegpipeError
 from segpipe.segmenters import available
 
 
@@ -147,6 +148,13 @@ def _import_prefect() -> None:
     import prefect.task_runners  # noqa: F401
 
 
+def _exit_after(importer: threading.Thread) -> None:
+    """Let Prefect's import end before this process does: an interpreter that exits
+    while a thread is inside an extension's import can abort ("FATAL: exception not
+    rethrown", SIGABRT) instead of printing its one line."""
+    importer.join(timeout=10)
+
+
 def execute(config: Any, *, show_progress: bool = True) -> list[dict[str, Any]]:
     """Check a run, then run the Prefect flow with a progress bar; returns the summary rows."""
     if config.prefect is not None:  # before Prefect is imported: it reads these once
@@ -169,7 +177,11 @@ def execute(config: Any, *, show_progress: bool = True) -> list[dict[str, Any]]:
     importer.start()
     # Fail fast, before the cluster starts; the lock stays held by this process, and
     # the flow (in this process) takes it again as a no-op.
-    prepared = prepare_run(config)
+    try:
+        prepared = prepare_run(config)
+    except BaseException:
+        _exit_after(importer)
+        raise
     cfg = prepared.config
     try:
         inline = in_process(prepared)
@@ -190,7 +202,9 @@ def execute(config: Any, *, show_progress: bool = True) -> list[dict[str, Any]]:
             prestart_local(workers=cfg.workers, threads=cfg.threads)
         importer.join()
         from flows import segment as seg_flow
+        from flows import unreported
 
+        seg_flow.shared.run_id.clear()
         if api is not None:
             try:
                 api.wait()
@@ -213,20 +227,39 @@ def execute(config: Any, *, show_progress: bool = True) -> list[dict[str, Any]]:
             )
             try:
                 # Secrets stay out of the flow's parameters (they are shown in the UI).
+                import httpx
                 from prefect import tags
+                from prefect.exceptions import PrefectHTTPStatusError
 
                 flow = seg_flow.segment_collection.with_options(
                     retries=cfg.retries, retry_delay_seconds=cfg.retry_delay
                 )
                 with tags(*seg_flow.run_tags(cfg)):
                     rows = flow(cfg.model_dump(mode="json", exclude={"prefect"}))
+                if seg_flow.shared.api_away:  # and back for the run's end
+                    console.print(
+                        f"the Prefect API {seg_flow.api_url()} was away during the run "
+                        f"({seg_flow._brief(seg_flow.shared.api_away.pop())}): the run's progress "
+                        "and summary artifacts are missing there",
+                        highlight=False,
+                        soft_wrap=True,
+                    )
+            except (httpx.TransportError, PrefectHTTPStatusError) as err:  # the flow's states
+                status = getattr(getattr(err, "response", None), "status_code", 500)
+                if status < 500:  # an answer, not an absence (e.g. refused credentials)
+                    raise
+                url, why = seg_flow.api_url(), seg_flow._brief(err)
+                if seg_flow.shared.run_id:  # the next run marks this one crashed
+                    unreported.note(cfg.output, seg_flow.shared.run_id.pop(), url, why)
+                raise PrefectApiLostError(
+                    f"the Prefect API {url} stopped answering ({why}); the blocks and images "
+                    "that finished are kept: rerun with --resume once it is back"
+                ) from err
             finally:
                 seg_flow.reporter.fn, seg_flow.reporter.note = seg_flow._quiet, seg_flow._silent
     except BaseException:  # an interrupt or error before the flow, which releases it itself
         prepared.lock.release()
-        # an interpreter that exits while a thread is inside an extension's import can
-        # abort ("FATAL: exception not rethrown")
-        importer.join(timeout=10)
+        _exit_after(importer)
         raise
     return rows
 
@@ -455,6 +488,10 @@ def main() -> None:
         sys.argv = [a for a in sys.argv if a not in ("-v", "--verbose")]
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _terminate)
+    # Prefect's log handler writes each batch it cannot send to an unreachable API on
+    # stderr ("--- Error logging to API ---") unless logging's errors are off; the run
+    # says once that the API was away.
+    logging.raiseExceptions = False
     try:
         app()
     except KeyboardInterrupt:  # before or after a command (its own are caught by _Commands)

@@ -18,12 +18,14 @@ from pathlib import Path
 from typing import Any, cast
 from uuid import UUID
 
+import httpx
 from prefect.artifacts import (
     create_markdown_artifact,
     create_progress_artifact,
     create_table_artifact,
     update_progress_artifact,
 )
+from prefect.exceptions import PrefectHTTPStatusError
 
 from segpipe.stages import names
 
@@ -33,6 +35,28 @@ INTERVAL = 2.0  # seconds between progress updates sent to the API
 THUMBNAIL = 320  # px: previews are embedded in the markdown artifact at this width
 PREVIEWS = 12  # images whose preview the report embeds: a 10,000-image run's stays small
 LISTED = 1000  # failures the report lists one by one
+
+API_ERRORS = (httpx.HTTPError, PrefectHTTPStatusError, OSError)
+"""What a call to an unreachable or failing Prefect API raises."""
+
+
+class Reach:
+    """Calls to the Prefect API that a run can do without: an artifact that cannot be
+    sent is noted (`lost`), not raised into the pipeline, and once one has failed the
+    others are not tried (each would wait out Prefect's retries)."""
+
+    def __init__(self) -> None:
+        self.lost: BaseException | None = None
+
+    def __call__(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)``, or None if the API is, or turns out, unreachable."""
+        if self.lost is not None:
+            return None
+        try:
+            return fn(*args, **kwargs)
+        except API_ERRORS as err:
+            self.lost = err
+            return None
 
 
 class RunProgress:
@@ -51,6 +75,7 @@ class RunProgress:
         *,
         key: str = "segpipe-progress",
         report: Callable[[str, int, int], None] | None = None,
+        reach: Reach | None = None,
     ) -> None:
         self.images = max(images, 1)
         self.blocks_total = max(blocks, 1)
@@ -63,10 +88,13 @@ class RunProgress:
         self.sending = threading.Lock()
         self.sent = -1.0
         self.last = 0.0
+        self.reach = reach or Reach()
         # Prefect's sync-or-async decorator types it UUID | Coroutine; called here, a UUID
         self.artifact_id = cast(
-            UUID,
-            create_progress_artifact(progress=0.0, key=key, description=self._description()),
+            UUID | None,
+            self.reach(
+                create_progress_artifact, progress=0.0, key=key, description=self._description()
+            ),
         )
 
     def _partial(self) -> float:
@@ -113,9 +141,18 @@ class RunProgress:
                 self.report("blocks", int(self.blocks_done + self._partial()), self.blocks_total)
         # Sends leave in the order their values are taken, or an older value could reach
         # the API after a newer one (a finished run showing 50 %). A routine update
-        # skips while another is being sent rather than hold up the pipeline's thread.
-        if not self.sending.acquire(blocking=force):
+        # skips while another is being sent, and is sent from a thread of its own: the
+        # pipeline's threads never wait on the API (nor on Prefect's retries when it is
+        # gone).
+        if self.artifact_id is None or not self.sending.acquire(blocking=force):
             return
+        if force:
+            self._push(force=True)
+        else:
+            threading.Thread(target=self._push, name="segpipe-progress", daemon=True).start()
+
+    def _push(self, force: bool = False) -> None:
+        """Send the current value (`sending` held, released here)."""
         try:
             now = time.monotonic()
             with self.lock:
@@ -125,7 +162,7 @@ class RunProgress:
                 if value < self.sent or (stale and not force):
                     return
                 self.sent, self.last = value, now
-            update_progress_artifact(self.artifact_id, progress=value, description=text)
+            self.reach(update_progress_artifact, self.artifact_id, progress=value, description=text)
         finally:
             self.sending.release()
 
@@ -169,18 +206,21 @@ def totals_line(t: dict[str, Any], *, mode: str = "") -> str:
 
 
 def summary_artifacts(
-    rows: Sequence[dict[str, Any]], *, title: str, mode: str = ""
+    rows: Sequence[dict[str, Any]], *, title: str, mode: str = "", reach: Reach | None = None
 ) -> dict[str, Any]:
-    """The summary table artifact and the markdown artifact with previews; returns totals."""
+    """The summary table artifact and the markdown artifact with previews (through
+    ``reach``: not sent when the API is unreachable); returns totals."""
+    reach = reach or Reach()
     t = totals(rows)
     line = totals_line(t, mode=mode)
     columns = ("image", "status", "shape", "objects", "seconds", "Mpx/s", "output", "error")
-    create_table_artifact(
+    reach(
+        create_table_artifact,
         key="segpipe-summary",
         table=[{c: r.get(c, "") for c in columns} for r in rows],
         description=f"{title}. {line}",
     )
-    create_markdown_artifact(key="segpipe-report", markdown=report(rows, title, line))
+    reach(create_markdown_artifact, key="segpipe-report", markdown=report(rows, title, line))
     return t
 
 

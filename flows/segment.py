@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
@@ -14,7 +14,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from flows import monitor
+from flows import monitor, unreported
 from flows.prepare import Prepared, in_process, make_plan, prepare_run
 from segpipe import lifecycle, pipeline
 from segpipe.cluster import connect_run, dashboard
@@ -50,19 +50,39 @@ class _Reporter:
 
 
 reporter = _Reporter()
-_tracker: list[monitor.RunProgress] = []  # the running flow's progress artifact
-_checked: set[str] = set()  # workers of the run's cluster found fit (segpipe.workers)
-# the run's client, its scheduler's address and its `WorkerWatch`: the flow's own, never
-# `Client.current()`, which may be another client of this process (a notebook's, a test's)
-_run: list[tuple[Client, str, WorkerWatch]] = []
 
 
-def _progress(plan: ImagePlan) -> ProgressFn:
+@dataclass
+class _Shared:
+    """What the running flow shares with its waves, and the CLI with the flow.
+
+    Helpers take it as an argument rather than read it as a global: a served run's
+    flow and task functions are copies (pickled by value) whose globals are not
+    this module's, and the helpers they call are this module's.
+    """
+
+    tracker: list[monitor.RunProgress] = field(default_factory=list)
+    """The progress artifact."""
+    checked: set[str] = field(default_factory=set)
+    """Workers of the run's cluster found fit (`segpipe.workers`)."""
+    connection: list[tuple[Client, str, WorkerWatch]] = field(default_factory=list)
+    """The run's client (never `Client.current()`, which may be another client of this
+    process: a notebook's, a test's), its scheduler's address, its `WorkerWatch`."""
+    api_away: list[BaseException] = field(default_factory=list)
+    """The error of the run's last artifact that could not be sent."""
+    run_id: list[str] = field(default_factory=list)
+    """The flow run's id, for `flows.unreported`."""
+
+
+shared = _Shared()
+
+
+def _progress(state: _Shared, plan: ImagePlan) -> ProgressFn:
     blocks = len(plan.grid())
 
     def report(stage: str, done: int, total: int) -> None:
-        if _tracker:
-            _tracker[-1].update(plan.name, blocks, stage, done, total)
+        if state.tracker:
+            state.tracker[-1].update(plan.name, blocks, stage, done, total)
 
     return report
 
@@ -126,14 +146,28 @@ _STAGE: dict[str, Any] = {
 }
 
 
-def _client() -> Client:
-    if not _run or _run[-1][0].status in ("closing", "closed"):  # its scheduler is gone
-        raise _lost()
-    return _run[-1][0]
+def _client(state: _Shared) -> Client:
+    if not state.connection or state.connection[-1][0].status in ("closing", "closed"):
+        raise _lost(state)  # its scheduler is gone
+    return state.connection[-1][0]
 
 
-def _lost() -> SchedulerLostError:
-    where = _run[-1][1] if _run else "of this run"
+WAVE_END = 60.0  # seconds a failed run waits for its other waves to end
+
+
+def api_url() -> str:
+    """The Prefect API this process reports to."""
+    from prefect.settings import PREFECT_API_URL
+
+    return str(PREFECT_API_URL.value() or "(none)")
+
+
+def _brief(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def _lost(state: _Shared) -> SchedulerLostError:
+    where = state.connection[-1][1] if state.connection else "of this run"
     return SchedulerLostError(
         f"lost the Dask scheduler {where} (it stopped answering); the blocks and images "
         "that finished are kept: rerun with --resume once it is back"
@@ -150,8 +184,10 @@ def segment_wave(
 
     def done(outcome: pipeline.Outcome) -> None:
         name = outcome.plan.name
-        if _tracker:
-            _tracker[-1].image_done(name, len(outcome.plan.grid()), failed=outcome.result is None)
+        if shared.tracker:
+            shared.tracker[-1].image_done(
+                name, len(outcome.plan.grid()), failed=outcome.result is None
+            )
         if outcome.result is None:
             logger.error("%s failed: %s", name, outcome.error)
         elif outcome.result.status == "unchanged":
@@ -163,18 +199,23 @@ def segment_wave(
                 "%s: %d objects in %.1f s", name, outcome.result.objects, outcome.result.seconds
             )
 
-    if not inline and _checked:  # workers that joined since are checked before any work
-        _checked.update(check_workers(_client(), _checked))
-    runner = Inline() if inline else _client()
+    if not inline and shared.checked:  # workers that joined since are checked before any work
+        shared.checked.update(check_workers(_client(shared), shared.checked))
+    runner = Inline() if inline else _client(shared)
     try:
         return pipeline.run_images(
-            runner, plans, progress=_progress, done=done, skip=skip, full=full
+            runner,
+            plans,
+            progress=lambda plan: _progress(shared, plan),
+            done=done,
+            skip=skip,
+            full=full,
         )
     except BaseException as err:  # a cancelled future raises CancelledError
-        if _run and _run[-1][2].expired:
-            raise _run[-1][2].error() from err
+        if shared.connection and shared.connection[-1][2].expired:
+            raise shared.connection[-1][2].error() from err
         if isinstance(runner, Client) and runner.status != "running":
-            raise _lost() from err
+            raise _lost(shared) from err
         raise
 
 
@@ -230,6 +271,8 @@ def segment_collection(config: dict[str, Any]) -> list[dict[str, Any]]:
     retried = (flow_run.run_count or 1) > 1
     prepared = prepare_run(RunConfig(**config), resume=True if retried else None)
     cfg = prepared.config
+    shared.run_id[:] = [str(flow_run.get_id())]
+    unreported.settle(cfg.output, api_url(), logger)
     logger.info(
         "%d image(s) from %s into %s with %s",
         len(prepared.sources),
@@ -242,9 +285,13 @@ def segment_collection(config: dict[str, Any]) -> list[dict[str, Any]]:
         logger.error("skipped: %s", msg)
     plans = [make_plan(prepared, spec) for spec in prepared.sources]
     parts = pipeline.waves(len(plans))
+    reach = monitor.Reach()  # the artifacts: a run goes on while the Prefect API is away
+    submitted: list[Any] = []
     try:
         blocks = sum(len(p.grid()) for p in plans)
-        _tracker.append(monitor.RunProgress(len(plans), blocks, report=reporter.fn))
+        shared.tracker.append(
+            monitor.RunProgress(len(plans), blocks, report=reporter.fn, reach=reach)
+        )
         inline = in_process(prepared)
         with contextlib.ExitStack() as stack:
             client = None if inline else stack.enter_context(connect_run(cfg))
@@ -258,9 +305,9 @@ def segment_collection(config: dict[str, Any]) -> list[dict[str, Any]]:
                     reporter.note(message)
 
                 watch = stack.enter_context(WorkerWatch(client, address, cfg.worker_wait, say))
-                _run[:] = [(client, address, watch)]
+                shared.connection[:] = [(client, address, watch)]
                 if cfg.cluster != "local":  # a LocalCluster runs this very environment
-                    _checked.update(check_workers(client))
+                    shared.checked.update(check_workers(client))
                 logger.info(
                     "Dask dashboard: %s (scheduler %s)",
                     dashboard(client),
@@ -268,7 +315,7 @@ def segment_collection(config: dict[str, Any]) -> list[dict[str, Any]]:
                 )
             # Two waves at a time: the next one starts while the last images of the one
             # before finish, so the cluster never drains at a wave's end.
-            submitted = [
+            submitted += [
                 segment_wave.submit(
                     [plans[i] for i in part],
                     k + 1,
@@ -286,19 +333,27 @@ def segment_collection(config: dict[str, Any]) -> list[dict[str, Any]]:
                         rows.append(_failed_row(spec.name, spec.path, outcome.error))
                     else:
                         rows.append(_row(outcome.result, cfg.output, outcome.result.status))
-        _tracker[-1].close()
+        shared.tracker[-1].close()
         rows += _orphans(prepared, plans, logger)
     finally:
+        # The output stays locked while a wave still runs: after an error or an
+        # interrupt, the waves end within seconds of the client's closing.
+        for future in submitted:
+            future.wait(timeout=WAVE_END)
         prepared.lock.release()
-        _tracker.clear()
-        _checked.clear()
-        _run.clear()
+        shared.tracker.clear()
+        shared.checked.clear()
+        shared.connection.clear()
     t = monitor.summary_artifacts(
         rows,
         title=f"segpipe {cfg.segmenter.name} on {cfg.input} → {cfg.output}",
         mode=monitor.run_mode(cfg),
+        reach=reach,
     )
     logger.info(monitor.totals_line(t, mode=monitor.run_mode(cfg)))
+    if reach.lost is not None:
+        logger.warning("the Prefect API was away during the run: %s", _brief(reach.lost))
+        shared.api_away[:] = [reach.lost]
     failed = [r for r in rows if r["status"] == "failed"]
     if failed:
         raise ImagesFailedError(

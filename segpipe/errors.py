@@ -68,3 +68,7 @@ class TrainingDivergedError(SegpipeError, RuntimeError):
 
 class SchedulerLostError(SegpipeError, ConnectionError):
     """The Dask scheduler of a run stopped answering; what finished is kept."""
+
+
+class PrefectApiLostError(SegpipeError, ConnectionError):
+    """The Prefect API of a run stopped answering; what finished is kept."""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -116,3 +118,27 @@ def fill_disk(path: Path) -> None:
                 fh.flush()
         except OSError:
             pass
+
+
+def start_prefect_server(home: Path, port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """A real ``prefect server start`` on 127.0.0.1:``port`` (its own session: stop it
+    with `os.killpg`), returned once its API answers."""
+    import httpx
+
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "prefect"), "server", "start"]
+        + ["--host", "127.0.0.1", "--port", str(port)],
+        env={**env, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.time() + 120
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=2).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        assert time.time() < deadline and server.poll() is None, "prefect server did not start"
+        time.sleep(0.5)
