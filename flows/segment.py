@@ -17,7 +17,7 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from flows import monitor, unreported
 from flows.prepare import Prepared, in_process, make_plan, prepare_run
 from segpipe import lifecycle, pipeline
-from segpipe.cluster import connect_run, dashboard
+from segpipe.cluster import cancel_all, connect_run, dashboard
 from segpipe.config import RunConfig
 from segpipe.engine import Inline
 from segpipe.errors import ImagesFailedError, SchedulerLostError, SegpipeError
@@ -152,7 +152,7 @@ def _client(state: _Shared) -> Client:
     return state.connection[-1][0]
 
 
-WAVE_END = 60.0  # seconds a failed run waits for its other waves to end
+WAVE_END = 20.0  # seconds a failed run waits for its other waves to end
 
 
 def api_url() -> str:
@@ -326,13 +326,18 @@ def segment_collection(config: dict[str, Any]) -> list[dict[str, Any]]:
                 )
                 for k, part in enumerate(parts)
             ]
-            for future in submitted:
-                for outcome in future.result():
-                    if outcome.result is None:
-                        spec = outcome.plan.spec
-                        rows.append(_failed_row(spec.name, spec.path, outcome.error))
-                    else:
-                        rows.append(_row(outcome.result, cfg.output, outcome.result.status))
+            try:
+                for future in submitted:
+                    for outcome in future.result():
+                        if outcome.result is None:
+                            spec = outcome.plan.spec
+                            rows.append(_failed_row(spec.name, spec.path, outcome.error))
+                        else:
+                            rows.append(_row(outcome.result, cfg.output, outcome.result.status))
+            except BaseException:  # an error or an interrupt: the waves' waits end now
+                if client is not None:
+                    cancel_all(client)
+                raise
         shared.tracker[-1].close()
         rows += _orphans(prepared, plans, logger)
     finally:

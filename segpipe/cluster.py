@@ -4,6 +4,7 @@ back-end of `segpipe.backends` (local-cuda, SLURM, Kubernetes)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -12,7 +13,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import dask
-from distributed import Client, LocalCluster
+from distributed import Client, Future, LocalCluster
 from distributed.security import Security
 
 from segpipe import backends
@@ -222,6 +223,13 @@ def _started(kind: str, config: RunConfig, threads: int | None) -> Iterator[Any]
         yield cluster
     finally:
         cluster.close()
+
+
+def cancel_all(client: Client) -> None:
+    """Cancel every future of ``client``, so that each wait on them ends (a closed
+    client's loop no longer tells waiters anything)."""
+    with contextlib.suppress(Exception):  # a client already closing: nothing to tell
+        client.cancel([Future(key, client) for key in list(client.futures)], force=True)
 
 
 def dashboard(client: Client) -> str:

@@ -15,8 +15,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from distributed import Client, Future
+from distributed import Client
 
+from segpipe.cluster import cancel_all
 from segpipe.errors import SegpipeError
 
 __all__ = [
@@ -162,6 +163,5 @@ class WorkerWatch:
                 )
             elif time.monotonic() - since > self.bound:
                 self.expired = True
-                keys = list(self.client.futures)
-                self.client.cancel([Future(k, self.client) for k in keys], force=True)
+                cancel_all(self.client)
                 return
