@@ -307,6 +307,13 @@ def run(
     series: Annotated[
         int | None, typer.Option(help="Image series of TIFFs that hold several (0, 1, ...).")
     ] = None,
+    pixel_size: Annotated[
+        str | None,
+        typer.Option(
+            help="Physical pixel size in µm (pixel_unit in run.yaml): 0.325, or one per "
+            "axis: 2,0.325,0.325. Default: what the input states."
+        ),
+    ] = None,
     workers: Annotated[int | None, typer.Option(help="LocalCluster worker processes.")] = None,
     threads: Annotated[int | None, typer.Option(help="Threads per LocalCluster worker.")] = None,
     overwrite: Annotated[
@@ -353,6 +360,7 @@ def run(
             "set": parse_sets(set_ or []),
             "channel": None if channel is None else parse_value(channel),
             "series": series,
+            "pixel_size": _parse_sizes(pixel_size),
             "workers": workers,
             "threads": threads,
             "overwrite": overwrite or None,
@@ -387,6 +395,16 @@ def run(
 
     _summary(rows, cfg.resolved().output, mode=run_mode(cfg))
     out.print(f"Done in {time.perf_counter() - t0:.1f} s.")
+
+
+def _parse_sizes(text: str | None) -> float | list[float] | None:
+    if text is None:
+        return None
+    try:
+        sizes = [float(p) for p in text.replace("x", ",").split(",") if p.strip()]
+    except ValueError as err:
+        raise typer.BadParameter(f"--pixel-size {text!r}: expected numbers, e.g. 0.325") from err
+    return sizes[0] if len(sizes) == 1 else sizes
 
 
 def _parse_tile(text: str | None) -> str | int | list[int] | None:

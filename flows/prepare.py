@@ -6,11 +6,12 @@ beside it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from segpipe.config import RunConfig, block_tile, check_image_options
 from segpipe.errors import InputsError, SegpipeError
 from segpipe.image import ImagePlan, check_tile
+from segpipe.io import physical
 from segpipe.io.collection import resolve_inputs
 from segpipe.io.readers import SourceSpec, open_source
 from segpipe.io.store import OutputLock, check_apart, check_local, check_name, open_output
@@ -56,6 +57,9 @@ def prepare_run(config: RunConfig, *, resume: bool | None = None) -> Prepared:
             check_name(config.output, spec.name, p)
             check_image_options(config, segmenter, spec)
             check_tile(spec, block_tile(config.tile, len(spec.shape), spec.shape))
+            if config.pixel_size is not None:  # the settings' size over the input's own
+                size = physical.given(config.pixel_size, config.pixel_unit, len(spec.shape), p)
+                spec = replace(spec, pixel=size)
             sources.append(spec)
         except SegpipeError as err:
             bad.append((p, str(err)))

@@ -284,6 +284,12 @@ class RunConfig(BaseModel):
     """Channel to segment in multichannel images, or how to reduce them."""
     axes: str | None = None
     """Axes of plain Zarr inputs, e.g. ``ZYX`` or ``CYX``."""
+    pixel_size: float | list[float] | None = None
+    """Physical pixel size, one for every axis or one per spatial axis ((Z,) Y, X), in
+    ``pixel_unit``; overrides what the input states (OME-XML, ImageJ or TIFF resolution
+    tags, NGFF scales). Without either, outputs are in pixels."""
+    pixel_unit: str = "micrometer"
+    """Unit of ``pixel_size``: micrometer (µm, um), nanometer, millimeter..."""
     series: int | None = Field(None, ge=0)
     """Image series to read from TIFFs that hold several (required there: such a file is
     refused without it, its series listed); other inputs hold one, series 0."""

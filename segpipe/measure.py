@@ -22,6 +22,7 @@ from numpy.typing import NDArray
 from segpipe import kernels
 from segpipe.errors import UnsupportedImageError
 from segpipe.io.markers import Markers
+from segpipe.io.physical import PixelSize
 from segpipe.panoptic import Catalogue
 
 if TYPE_CHECKING:
@@ -279,11 +280,13 @@ def _class_names(ids: NDArray[np.integer], catalogue: Catalogue) -> pa.Dictionar
     )
 
 
-def objects_table(groups: Groups, catalogue: Catalogue) -> pa.Table:
+def objects_table(groups: Groups, catalogue: Catalogue, pixel: PixelSize | None = None) -> pa.Table:
     """One row per instance: label, class, area, bbox, centroid, intensity mean/min/max.
 
     Columns follow ``skimage.measure.regionprops_table``: ``bbox-0 … bbox-{2D-1}``
-    (min per axis, then max + 1), ``centroid-0 … centroid-{D-1}``.
+    (min per axis, then max + 1), ``centroid-0 … centroid-{D-1}``. With ``pixel``,
+    ``area_physical`` (an area, or a volume in 3D), ``bbox_physical-*`` and
+    ``centroid_physical-*`` follow, in ``pixel.unit`` (pixel k's centre at k × size).
     """
     ndim = groups.lo.shape[1]
     fg = groups.instance > 0
@@ -297,7 +300,14 @@ def objects_table(groups: Groups, catalogue: Catalogue) -> pa.Table:
         "class_name": _class_names(cls, catalogue),
         "is_thing": pa.array(thing[cls.astype(np.intp)], pa.bool_()),
     }
-    cols.update(_geometry(merged, ndim))
+    geometry = _geometry(merged, ndim)
+    cols.update(geometry)
+    if pixel is not None:
+        cols["area_physical"] = geometry["area"] * pixel.area()
+        for k in range(2 * ndim):
+            cols[f"bbox_physical-{k}"] = geometry[f"bbox-{k}"] * pixel.sizes[k % ndim]
+        for k in range(ndim):
+            cols[f"centroid_physical-{k}"] = geometry[f"centroid-{k}"] * pixel.sizes[k]
     cols["intensity_mean"] = merged.isum / np.maximum(merged.count, 1)
     cols["intensity_min"] = merged.imin
     cols["intensity_max"] = merged.imax

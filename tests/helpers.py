@@ -125,9 +125,9 @@ def start_prefect_server(home: Path, port: int, env: dict[str, str]) -> subproce
     with `os.killpg`), returned once its API answers."""
     import httpx
 
+    prefect = str(Path(sys.executable).parent / "prefect")
     server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "prefect"), "server", "start"]
-        + ["--host", "127.0.0.1", "--port", str(port)],
+        [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
         env={**env, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

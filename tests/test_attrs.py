@@ -6,9 +6,11 @@ import json
 import warnings
 from pathlib import Path
 
+import pytest
 import zarr
 
 from segpipe.io import attrs, omezarr
+from segpipe.io.physical import PixelSize
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
@@ -20,28 +22,32 @@ def _meta(path: Path) -> dict:
     return json.loads((path / "zarr.json").read_text())
 
 
-def test_image_and_label_metadata_equal_ome_zarr_writers(tmp_path: Path) -> None:
+@pytest.mark.parametrize("stated", [False, True])
+def test_image_and_label_metadata_equal_ome_zarr_writers(tmp_path: Path, stated: bool) -> None:
     ours, theirs = tmp_path / "ours", tmp_path / "theirs"
     props = [{"label-value": 0, "class": "background"}, {"label-value": 1, "class": "cell"}]
     for ndim in (2, 3):
-        omezarr.write_image_metadata(ours / f"img{ndim}", ndim=ndim, levels=3, name="a")
+        pixel = PixelSize((2.0, 0.5, 0.25)[-ndim:], "micrometer", "settings") if stated else None
+        omezarr.write_image_metadata(
+            ours / f"img{ndim}", ndim=ndim, levels=3, name="a", pixel=pixel
+        )
         group = zarr.open_group(str(theirs / f"img{ndim}"), mode="a", zarr_format=3)
-        datasets = omezarr._datasets(ndim, 3)
+        datasets = omezarr._datasets(ndim, 3, pixel)
         write_multiscales_metadata(
-            group, datasets, fmt=FormatV05(), axes=omezarr._axes(ndim), name="a"
+            group, datasets, fmt=FormatV05(), axes=omezarr._axes(ndim, pixel), name="a"
         )
         assert _meta(ours / f"img{ndim}") == _meta(theirs / f"img{ndim}")
 
         label = f"labels{ndim}/semantic"
         omezarr.write_label_group_metadata(
-            ours / label, ndim=ndim, levels=2, name="semantic", properties=props
+            ours / label, ndim=ndim, levels=2, name="semantic", properties=props, pixel=pixel
         )
         group = zarr.open_group(str(theirs / label), mode="a", zarr_format=3)
         write_multiscales_metadata(
             group,
-            omezarr._datasets(ndim, 2),
+            omezarr._datasets(ndim, 2, pixel),
             fmt=FormatV05(),
-            axes=omezarr._axes(ndim),
+            axes=omezarr._axes(ndim, pixel),
             name="semantic",
         )
         parent = zarr.open_group(str(theirs / f"labels{ndim}"), mode="a", zarr_format=3)

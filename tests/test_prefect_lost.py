@@ -50,8 +50,7 @@ def test_losing_the_prefect_api_is_one_line_and_the_next_run_settles_it(tmp_path
             f"error: the Prefect API {api} stopped answering ("
         ), err
         assert lines[-1].endswith(
-            "); the blocks and images that finished are kept: rerun with --resume once it "
-            "is back"
+            "); the blocks and images that finished are kept: rerun with --resume once it is back"
         ), err
         # the compute went on without the API: the image is complete, the output free
         assert zarr.open_group(str(out / "img"), mode="r").attrs["segpipe"]["complete"] is True

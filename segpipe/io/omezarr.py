@@ -20,7 +20,8 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
-from segpipe.io import attrs, chunks, written
+from segpipe.io import attrs, chunks, physical, written
+from segpipe.io.physical import PixelSize
 
 SCRATCH = "_segpipe"
 IMAGE_CODEC = BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
@@ -155,25 +156,29 @@ def pyramid_shapes(shape: Sequence[int], *, min_size: int = 256) -> list[tuple[i
     return shapes
 
 
-def _datasets(ndim: int, levels: int) -> list[dict[str, Any]]:
+def _datasets(ndim: int, levels: int, pixel: PixelSize | None) -> list[dict[str, Any]]:
     return [
         {
             "path": str(k),
             "coordinateTransformations": [
-                {"type": "scale", "scale": [1.0] * (ndim - 2) + [float(2**k)] * 2}
+                {"type": "scale", "scale": physical.level_scale(pixel, ndim, k)}
             ],
         }
         for k in range(levels)
     ]
 
 
-def _axes(ndim: int) -> list[dict[str, str]]:
-    return [{"name": a, "type": "space", "unit": "micrometer"} for a in axes_names(ndim)]
+def _axes(ndim: int, pixel: PixelSize | None) -> list[dict[str, str]]:
+    """Spatial axes, with the unit only where the input states its pixel size."""
+    unit = {"unit": pixel.unit} if pixel is not None else {}
+    return [{"name": a, "type": "space", **unit} for a in axes_names(ndim)]
 
 
-def write_image_metadata(group_path: str | Path, *, ndim: int, levels: int, name: str) -> None:
-    """NGFF multiscales metadata for the image group."""
-    ome = attrs.multiscales(name, _axes(ndim), _datasets(ndim, levels))
+def write_image_metadata(
+    group_path: str | Path, *, ndim: int, levels: int, name: str, pixel: PixelSize | None = None
+) -> None:
+    """NGFF multiscales metadata for the image group; scales in ``pixel``'s unit."""
+    ome = attrs.multiscales(name, _axes(ndim, pixel), _datasets(ndim, levels, pixel))
     attrs.update(group_path, {"ome": ome})
 
 
@@ -185,9 +190,10 @@ def write_label_group_metadata(
     name: str,
     properties: list[dict[str, Any]] | None = None,
     colors: list[dict[str, Any]] | None = None,
+    pixel: PixelSize | None = None,
 ) -> None:
     """NGFF multiscales + image-label metadata of one label image."""
-    ome = attrs.multiscales(name, _axes(ndim), _datasets(ndim, levels))
+    ome = attrs.multiscales(name, _axes(ndim, pixel), _datasets(ndim, levels, pixel))
     ome["image-label"] = attrs.image_label(properties, colors)
     attrs.update(label_path, {"ome": ome})
 

@@ -28,7 +28,8 @@ from segpipe.errors import (
     SegpipeError,
     UnsupportedImageError,
 )
-from segpipe.io import tiff_tiles
+from segpipe.io import physical, tiff_tiles
+from segpipe.io.physical import PixelSize
 
 Channel = int | Literal["mean", "max", "sum"] | None
 REDUCTIONS = ("mean", "max", "sum")
@@ -71,7 +72,8 @@ class SourceSpec:
     data, which is read through a memory map in the file's ``byteorder``.
     ``array_path`` is the absolute directory of the Zarr array read (the
     level-0 dataset of an OME-Zarr image), empty for files; ``series`` the
-    TIFF image series read.
+    TIFF image series read; ``pixel`` the physical pixel size the input states
+    (`segpipe.io.physical`), None where it states none.
     """
 
     path: str
@@ -86,6 +88,7 @@ class SourceSpec:
     chunks: tuple[int, ...] = ()
     data_offset: int | None = None
     byteorder: Literal["<", ">"] = "<"
+    pixel: PixelSize | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -216,6 +219,10 @@ def _native(dtype: Any) -> str:
     return str(np.dtype(dtype).newbyteorder("=").name)
 
 
+def _spatial_axes(axes: str) -> str:
+    return "".join(a for a in axes if a not in "C1")
+
+
 def _spatial(axes: str, values: Sequence[int]) -> tuple[int, ...]:
     return tuple(int(v) for a, v in zip(axes, values, strict=True) if a in "ZYX")
 
@@ -333,6 +340,7 @@ def _tiff_spec(
                 chunks = _spatial(norm, chunk_shape)
                 chunk_bytes = int(np.prod(chunk_shape, dtype=np.int64)) * dtype.itemsize
             byteorder: Literal["<", ">"] = ">" if tif.byteorder == ">" else "<"
+            pixel = physical.from_tiff(tif, index, _spatial_axes(norm))
     except SegpipeError:
         raise
     except MemoryError:
@@ -351,6 +359,7 @@ def _tiff_spec(
         chunks=chunks,
         data_offset=offset,
         byteorder=byteorder,
+        pixel=pixel,
     )
     return _check_array(spec, chunk_bytes)
 
@@ -600,6 +609,7 @@ def _zarr_spec(path: str, name: str, channel: Channel, axes: str | None) -> Sour
         raise InputReadError(f"{path}: a Zarr store must be a directory.")
     kind, meta = _zarr_node_meta(path)
     array_path, meta_axes = "", None
+    multiscales: dict[str, Any] = {}
     if kind == "group":
         attrs = meta.get("attributes") or {}
         image = _ngff_image(path, attrs)
@@ -607,9 +617,11 @@ def _zarr_spec(path: str, name: str, channel: Channel, axes: str | None) -> Sour
         layout = (ome if isinstance(ome, dict) else attrs).get("bioformats2raw.layout")
         if image is None and layout is not None and os.path.isdir(os.path.join(path, "0")):
             # bioformats2raw: the first image is the group "0"
-            sub = _zarr_node_meta(os.path.join(path, "0"))[1].get("attributes") or {}
-            image = _ngff_image(path, sub)
+            attrs = _zarr_node_meta(os.path.join(path, "0"))[1].get("attributes") or {}
+            image = _ngff_image(path, attrs)
             image = image and ("0/" + image[0], image[1])
+        if image is not None:
+            multiscales = attrs.get("ome", attrs)["multiscales"][0]
         if image is None:
             raise InputReadError(
                 f"{path}: Zarr group without OME-Zarr multiscales metadata; give the path of "
@@ -650,6 +662,7 @@ def _zarr_spec(path: str, name: str, channel: Channel, axes: str | None) -> Sour
         channel,
         os.path.normpath(os.path.join(path, array_path)),
         chunks=_spatial(norm, chunk_shape),
+        pixel=physical.from_ngff(multiscales, _spatial_axes(norm)) if multiscales else None,
     )
     return _check_array(spec, chunk_bytes)
 

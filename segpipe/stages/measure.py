@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from segpipe.image import ImagePlan
 from segpipe.io import attrs
 from segpipe.io.markers import Markers
+from segpipe.io.physical import PixelSize
 from segpipe.io.store import mark_image
 from segpipe.measure import (
     CLASS_SLOTS,
@@ -102,10 +103,13 @@ class _TableWriters:
             self.writers[name].write_table(table, row_group_size=ROW_GROUP)
             self.rows[name] += table.num_rows
 
-    def close(self, catalogue: Catalogue, divisor: int, ndim: int) -> tuple[int, int]:
+    def close(
+        self, catalogue: Catalogue, divisor: int, ndim: int, pixel: PixelSize | None
+    ) -> tuple[int, int]:
         if not self.writers:  # no rows at all: still write empty tables
             empty = Groups.empty(ndim)
-            self.write(objects_table(empty, catalogue), segments_table(empty, catalogue, divisor))
+            objects = objects_table(empty, catalogue, pixel)
+            self.write(objects, segments_table(empty, catalogue, divisor))
         for name, writer in self.writers.items():
             writer.close()
             os.replace(self._tmp(name), self.out / f"{name}.parquet")
@@ -156,6 +160,9 @@ def write_tables(
         "divisor": divisor,
         "classes": catalogue.to_list(),
     }
+    pixel = plan.spec.pixel
+    if pixel is not None:  # what the *_physical columns are in
+        meta.update(pixel_size=list(pixel.sizes), unit=pixel.unit, pixel_size_from=pixel.origin)
     out.mkdir(parents=True, exist_ok=True)
     counts = np.zeros(CLASS_SLOTS, np.int64)
     writers = _TableWriters(out, meta)
@@ -168,7 +175,7 @@ def write_tables(
         groups = Groups.concat(batch)
         batch.clear()
         rows = 0
-        objects = objects_table(groups, catalogue)
+        objects = objects_table(groups, catalogue, pixel)
         objects = objects.take(pa.compute.sort_indices(objects, [("label", "ascending")]))
         segments = segments_table(groups, catalogue, divisor)
         segments = segments.take(pa.compute.sort_indices(segments, [("id", "ascending")]))
@@ -190,7 +197,7 @@ def write_tables(
             flush()
     if rows:
         flush()
-    n_objects, n_segments = writers.close(catalogue, divisor, plan.ndim)
+    n_objects, n_segments = writers.close(catalogue, divisor, plan.ndim, pixel)
     per_class = {c.name: int(counts[c.id]) for c in catalogue.classes}
     info: dict[str, Any] = {
         "objects": {"path": f"{TABLES}/objects.parquet", "rows": n_objects},

@@ -79,6 +79,7 @@ def finish_panoptic(
         levels=len(shapes),
         name=KEY,
         properties=label_properties(divisor, catalogue),
+        pixel=plan.spec.pixel,
     )
     attrs.update(group_path, {"segpipe": {KEY: value}})
     listed = [str(n) for n in attrs.read(group_path.parent).get("ome", {}).get("labels", [])]

@@ -317,7 +317,10 @@ def write_levels(client: Runner, plan: ImagePlan, dtype: Any, progress: Progress
         start=written_levels(plan) + 1,
     )
     levels = len(shapes)
-    omezarr.write_image_metadata(plan.group, ndim=plan.ndim, levels=levels, name=plan.name)
+    pixel = plan.spec.pixel
+    omezarr.write_image_metadata(
+        plan.group, ndim=plan.ndim, levels=levels, name=plan.name, pixel=pixel
+    )
     classes = plan.segmenter.classes
     omezarr.write_label_group_metadata(
         Path(plan.group) / "labels" / "semantic",
@@ -325,9 +328,14 @@ def write_levels(client: Runner, plan: ImagePlan, dtype: Any, progress: Progress
         levels=levels,
         name="semantic",
         properties=[{"label-value": i, "class": c} for i, c in enumerate(classes)],
+        pixel=pixel,
     )
     omezarr.write_label_group_metadata(
-        Path(plan.group) / "labels" / "instances", ndim=plan.ndim, levels=levels, name="instances"
+        Path(plan.group) / "labels" / "instances",
+        ndim=plan.ndim,
+        levels=levels,
+        name="instances",
+        pixel=pixel,
     )
     omezarr.write_labels_index(Path(plan.group) / "labels", ["instances", "semantic"])
     return levels

@@ -1,0 +1,149 @@
+"""Physical pixel sizes end to end: read from OME-XML, ImageJ and TIFF resolution tags
+and NGFF scales (files written by tifffile and zarr, not by segpipe), or given in the
+settings; every output level's scale, and physical columns in the objects table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import tifffile
+import zarr
+from ome_zarr_models.v05.image import Image
+from ome_zarr_models.v05.image_label import ImageLabel
+
+from segpipe import synthetic
+from segpipe.io.readers import open_source
+
+LABELS = ("semantic", "instances", "panoptic")
+
+
+def _cells(shape: tuple[int, ...] = (1100, 1000)) -> np.ndarray:
+    return synthetic.render(tuple(slice(0, n) for n in shape), seed=5)[0]
+
+
+def _columns(table: pa.Table) -> dict[str, np.ndarray]:
+    return {name: table.column(name).to_numpy() for name in table.column_names}
+
+
+def _scales(group: zarr.Group) -> tuple[list[list[float]], list[str | None]]:
+    ms = group.attrs["ome"]["multiscales"][0]
+    scales = [d["coordinateTransformations"][0]["scale"] for d in ms["datasets"]]
+    return scales, [a.get("unit") for a in ms["axes"]]
+
+
+def test_an_ome_tiff_pixel_size_reaches_every_level_and_the_tables(run_cli, tmp_path) -> None:
+    path = tmp_path / "cells.ome.tif"
+    tifffile.imwrite(
+        path, _cells(), ome=True, tile=(256, 256), metadata={"axes": "YX", "PhysicalSizeX": 0.325,
+        "PhysicalSizeY": 0.325, "PhysicalSizeXUnit": "µm", "PhysicalSizeYUnit": "µm"}
+    )  # fmt: skip
+    out = tmp_path / "out.zarr"
+    result = run_cli("-i", str(path), "-o", str(out), "--tile", "256")
+    assert result.exit_code == 0, result.output
+    group = zarr.open_group(str(out / "cells"), mode="r")
+    for node in [group, *(group[f"labels/{name}"] for name in LABELS)]:
+        scales, units = _scales(node)
+        assert len(scales) >= 3
+        for k, scale in enumerate(scales):
+            assert scale == pytest.approx([0.325 * 2**k] * 2), (node.path, k)
+        assert units == ["micrometer", "micrometer"]
+    Image.from_zarr(group)  # the format's own validator
+    for name in LABELS:
+        ImageLabel.from_zarr(group[f"labels/{name}"])
+    table = pq.read_table(out / "cells" / "tables" / "objects.parquet")
+    objects = _columns(table)
+    assert len(objects["area"]) > 10
+    assert np.allclose(objects["area_physical"], objects["area"] * 0.325**2)
+    for k in range(2):
+        assert np.allclose(objects[f"centroid_physical-{k}"], objects[f"centroid-{k}"] * 0.325)
+    for k in range(4):
+        assert np.allclose(objects[f"bbox_physical-{k}"], objects[f"bbox-{k}"] * 0.325)
+    assert b'"unit": "micrometer"' in table.schema.metadata[b"segpipe"]
+
+
+def test_a_given_pixel_size_overrides_and_none_is_stated_as_pixels(run_cli, tmp_path) -> None:
+    plain = synthetic.write_tiff(tmp_path / "in" / "plain.tif", (300, 260), seed=2)
+    out = tmp_path / "out.zarr"
+    assert run_cli("-i", str(plain), "-o", str(out), "--tile", "128").exit_code == 0
+    scales, units = _scales(zarr.open_group(str(out / "plain"), mode="r"))
+    assert scales[0] == [1.0, 1.0] and units == [None, None]  # no unit: not invented
+    columns = pq.read_schema(out / "plain" / "tables" / "objects.parquet").names
+    assert not [c for c in columns if "physical" in c]
+
+    given = tmp_path / "given.zarr"
+    result = run_cli("-i", str(plain), "-o", str(given), "--tile", "128", "--pixel-size", "0.5")
+    assert result.exit_code == 0, result.output
+    scales, units = _scales(zarr.open_group(str(given / "plain"), mode="r"))
+    assert scales[:2] == [[0.5, 0.5], [1.0, 1.0]] and units == ["micrometer"] * 2
+    bad = run_cli("-i", str(plain), "-o", str(tmp_path / "bad.zarr"), "--pixel-size", "1,2,3")
+    assert bad.exit_code != 0
+    assert "pixel_size [1.0, 2.0, 3.0] needs one positive size, or one per axis (2)" in " ".join(
+        bad.output.split()
+    )
+
+
+def test_an_imagej_volume_keeps_its_z_spacing(run_cli, tmp_path) -> None:
+    path = tmp_path / "stack.tif"
+    volume = _cells((6, 300, 280))
+    tifffile.imwrite(
+        path, volume, imagej=True, resolution=(1 / 0.5, 1 / 0.5),
+        metadata={"spacing": 2.0, "unit": "micron", "axes": "ZYX"},
+    )  # fmt: skip
+    assert open_source(str(path)).pixel.sizes == (2.0, 0.5, 0.5)  # type: ignore[union-attr]
+    out = tmp_path / "out.zarr"
+    result = run_cli("-i", str(path), "-o", str(out), "--tile", "6,128,128")
+    assert result.exit_code == 0, result.output
+    scales, units = _scales(zarr.open_group(str(out / "stack"), mode="r"))
+    assert scales[0] == pytest.approx([2.0, 0.5, 0.5]) and units == ["micrometer"] * 3
+    objects = _columns(pq.read_table(out / "stack" / "tables" / "objects.parquet"))
+    assert np.allclose(objects["area_physical"], objects["area"] * 2.0 * 0.5 * 0.5)
+
+
+def test_an_ngff_input_scale_is_kept(run_cli, tmp_path) -> None:
+    source = tmp_path / "in.zarr"
+    root = zarr.open_group(str(source), mode="w")
+    root.create_array("0", data=_cells((300, 260)), chunks=(128, 128))
+    root.attrs["ome"] = {
+        "version": "0.5",
+        "multiscales": [
+            {
+                "axes": [
+                    {"name": "y", "type": "space", "unit": "nanometer"},
+                    {"name": "x", "type": "space", "unit": "nanometer"},
+                ],
+                "datasets": [
+                    {
+                        "path": "0",
+                        "coordinateTransformations": [{"type": "scale", "scale": [80, 60]}],
+                    }
+                ],
+            }
+        ],
+    }
+    out = tmp_path / "out.zarr"
+    result = run_cli("-i", str(source), "-o", str(out), "--tile", "128")
+    assert result.exit_code == 0, result.output
+    scales, units = _scales(zarr.open_group(str(out / "in"), mode="r"))
+    assert scales[0] == [80.0, 60.0] and units == ["nanometer", "nanometer"]
+
+
+@pytest.mark.parametrize(
+    "unit, resolution, expected",
+    [("CENTIMETER", 10000.0, 1.0), ("INCH", 25400.0 / 0.25, 0.25), ("NONE", 5.0, None)],
+)
+def test_tiff_resolution_tags(tmp_path: Path, unit: str, resolution: float, expected) -> None:
+    path = tmp_path / "r.tif"
+    tifffile.imwrite(
+        path, np.zeros((32, 32), np.uint16), resolution=(resolution, resolution),
+        resolutionunit=unit,
+    )  # fmt: skip
+    pixel = open_source(str(path)).pixel
+    if expected is None:
+        assert pixel is None
+    else:
+        assert pixel is not None and pixel.unit == "micrometer"
+        assert pixel.sizes == pytest.approx((expected, expected))
