@@ -286,7 +286,8 @@ def objects_table(groups: Groups, catalogue: Catalogue, pixel: PixelSize | None 
     Columns follow ``skimage.measure.regionprops_table``: ``bbox-0 … bbox-{2D-1}``
     (min per axis, then max + 1), ``centroid-0 … centroid-{D-1}``. With ``pixel``,
     ``area_physical`` (an area, or a volume in 3D), ``bbox_physical-*`` and
-    ``centroid_physical-*`` follow, in ``pixel.unit`` (pixel k's centre at k × size).
+    ``centroid_physical-*`` follow, in ``pixel.unit`` (pixel k's centre at k × size +
+    the image's offset).
     """
     ndim = groups.lo.shape[1]
     fg = groups.instance > 0
@@ -303,11 +304,13 @@ def objects_table(groups: Groups, catalogue: Catalogue, pixel: PixelSize | None 
     geometry = _geometry(merged, ndim)
     cols.update(geometry)
     if pixel is not None:
+        offset = pixel.offset or (0.0,) * ndim
         cols["area_physical"] = geometry["area"] * pixel.area()
         for k in range(2 * ndim):
-            cols[f"bbox_physical-{k}"] = geometry[f"bbox-{k}"] * pixel.sizes[k % ndim]
+            size, shift = pixel.sizes[k % ndim], offset[k % ndim]
+            cols[f"bbox_physical-{k}"] = geometry[f"bbox-{k}"] * size + shift
         for k in range(ndim):
-            cols[f"centroid_physical-{k}"] = geometry[f"centroid-{k}"] * pixel.sizes[k]
+            cols[f"centroid_physical-{k}"] = geometry[f"centroid-{k}"] * pixel.sizes[k] + offset[k]
     cols["intensity_mean"] = merged.isum / np.maximum(merged.count, 1)
     cols["intensity_min"] = merged.imin
     cols["intensity_max"] = merged.imax

@@ -118,7 +118,10 @@ def test_an_ngff_input_scale_is_kept(run_cli, tmp_path) -> None:
                 "datasets": [
                     {
                         "path": "0",
-                        "coordinateTransformations": [{"type": "scale", "scale": [80, 60]}],
+                        "coordinateTransformations": [
+                            {"type": "scale", "scale": [80, 60]},
+                            {"type": "translation", "translation": [1000.0, -40.0]},
+                        ],
                     }
                 ],
             }
@@ -127,8 +130,18 @@ def test_an_ngff_input_scale_is_kept(run_cli, tmp_path) -> None:
     out = tmp_path / "out.zarr"
     result = run_cli("-i", str(source), "-o", str(out), "--tile", "128")
     assert result.exit_code == 0, result.output
-    scales, units = _scales(zarr.open_group(str(out / "in"), mode="r"))
-    assert scales[0] == [80.0, 60.0] and units == ["nanometer", "nanometer"]
+    group = zarr.open_group(str(out / "in"), mode="r")
+    scales, units = _scales(group)
+    assert scales[:2] == [[80.0, 60.0], [160.0, 120.0]] and units == ["nanometer", "nanometer"]
+    for level in group.attrs["ome"]["multiscales"][0]["datasets"]:
+        assert level["coordinateTransformations"][1] == {
+            "type": "translation",
+            "translation": [1000.0, -40.0],
+        }
+    Image.from_zarr(group)
+    objects = _columns(pq.read_table(out / "in" / "tables" / "objects.parquet"))
+    assert np.allclose(objects["centroid_physical-0"], objects["centroid-0"] * 80 + 1000)
+    assert np.allclose(objects["centroid_physical-1"], objects["centroid-1"] * 60 - 40)
 
 
 @pytest.mark.parametrize(

@@ -160,9 +160,7 @@ def _datasets(ndim: int, levels: int, pixel: PixelSize | None) -> list[dict[str,
     return [
         {
             "path": str(k),
-            "coordinateTransformations": [
-                {"type": "scale", "scale": physical.level_scale(pixel, ndim, k)}
-            ],
+            "coordinateTransformations": physical.level_transforms(pixel, ndim, k),
         }
         for k in range(levels)
     ]

@@ -10,12 +10,12 @@ from __future__ import annotations
 import math
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from segpipe.errors import ConfigError
 
-__all__ = ["PixelSize", "from_ngff", "from_tiff", "given", "level_scale", "ngff_unit"]
+__all__ = ["PixelSize", "from_ngff", "from_tiff", "given", "level_transforms", "ngff_unit"]
 
 _UNITS = {
     "µm": "micrometer",
@@ -49,12 +49,15 @@ def ngff_unit(unit: str) -> str | None:
 
 @dataclass(frozen=True)
 class PixelSize:
-    """A pixel's size along each spatial axis ((Z,) Y, X) in ``unit``, and where it
-    was read (``origin``: OME-XML, ImageJ, TIFF tags, NGFF, settings)."""
+    """A pixel's size along each spatial axis ((Z,) Y, X) in ``unit``, where it was
+    read (``origin``: OME-XML, ImageJ, TIFF tags, NGFF, settings), and the image's
+    ``offset``."""
 
     sizes: tuple[float, ...]
     unit: str
     origin: str
+    offset: tuple[float, ...] | None = None
+    """Where pixel 0's centre lies (an NGFF ``translation``), None where not stated."""
 
     def area(self) -> float:
         """The physical area (2D) or volume (3D) of one pixel."""
@@ -112,24 +115,33 @@ def from_ngff(multiscales: dict[str, Any], axes: str) -> PixelSize | None:
     """The level-0 pixel size of NGFF ``multiscales[0]`` for its spatial ``axes``."""
     try:
         meta_axes = multiscales.get("axes", [])
-        scale = [1.0] * len(meta_axes)
+        scale, shift = [1.0] * len(meta_axes), [0.0] * len(meta_axes)
+        shifted = False
+        # the dataset's transformations, then the multiscales' own (applied after)
         transforms = list(multiscales["datasets"][0].get("coordinateTransformations", []))
         transforms += list(multiscales.get("coordinateTransformations", []))
         for t in transforms:
             if t.get("type") == "scale":
-                scale = [a * float(b) for a, b in zip(scale, t["scale"], strict=True)]
-        spatial = [
-            (str(a.get("name", "")).upper()[:1], s, a.get("unit"))
-            for a, s in zip(meta_axes, scale, strict=True)
+                factors = [float(b) for b in t["scale"]]
+                scale = [a * f for a, f in zip(scale, factors, strict=True)]
+                shift = [a * f for a, f in zip(shift, factors, strict=True)]
+            elif t.get("type") == "translation":
+                shift = [a + float(b) for a, b in zip(shift, t["translation"], strict=True)]
+                shifted = True
+        spatial = {
+            str(a.get("name", "")).upper()[:1]: (s, o, a.get("unit"))
+            for a, s, o in zip(meta_axes, scale, shift, strict=True)
             if isinstance(a, dict) and a.get("type") == "space"
-        ]
+        }
     except (KeyError, IndexError, TypeError, ValueError, AttributeError):
         return None
-    by_axis = {name: (s, u) for name, s, u in spatial}
-    if any(a not in by_axis for a in axes):
+    if any(a not in spatial for a in axes):
         return None
-    units = {ngff_unit(str(by_axis[a][1] or "")) for a in axes}
-    return _valid([by_axis[a][0] for a in axes], units.pop() if len(units) == 1 else None, "NGFF")
+    units = {ngff_unit(str(spatial[a][2] or "")) for a in axes}
+    found = _valid([spatial[a][0] for a in axes], units.pop() if len(units) == 1 else None, "NGFF")
+    if found is not None and shifted:
+        found = replace(found, offset=tuple(spatial[a][1] for a in axes))
+    return found
 
 
 def given(value: float | Sequence[float], unit: str, ndim: int, where: str) -> PixelSize:
@@ -146,7 +158,13 @@ def given(value: float | Sequence[float], unit: str, ndim: int, where: str) -> P
     return PixelSize(tuple(sizes), name, "settings")
 
 
-def level_scale(pixel: PixelSize | None, ndim: int, level: int) -> list[float]:
-    """The NGFF ``scale`` of output level ``level`` (Y and X halved at each level)."""
+def level_transforms(pixel: PixelSize | None, ndim: int, level: int) -> list[dict[str, Any]]:
+    """The NGFF ``coordinateTransformations`` of output level ``level``: Y and X halved
+    at each level, and the input's translation at every level (level k's pixel j is
+    level 0's pixel j·2^k, strided, so their centres coincide)."""
     base = list(pixel.sizes) if pixel is not None else [1.0] * ndim
-    return [*base[:-2], *(s * 2**level for s in base[-2:])]
+    scale = [*base[:-2], *(s * 2**level for s in base[-2:])]
+    out: list[dict[str, Any]] = [{"type": "scale", "scale": scale}]
+    if pixel is not None and pixel.offset is not None:
+        out.append({"type": "translation", "translation": list(pixel.offset)})
+    return out
