@@ -160,3 +160,47 @@ def test_tiff_resolution_tags(tmp_path: Path, unit: str, resolution: float, expe
     else:
         assert pixel is not None and pixel.unit == "micrometer"
         assert pixel.sizes == pytest.approx((expected, expected))
+
+
+def test_label_metadata_names_its_source_colours_and_properties(run_cli, tmp_path) -> None:
+    """``source``, colours as the preview draws them, each instance's class and area
+    (as in objects.parquet), the downsampling; ome-zarr-models validates each."""
+    from segpipe.preview import colours
+
+    path = synthetic.write_tiff(tmp_path / "img.tif", (300, 260), seed=3)
+    out = tmp_path / "out.zarr"
+    assert run_cli("-i", str(path), "-o", str(out), "--tile", "128").exit_code == 0
+    group = zarr.open_group(str(out / "img"), mode="r")
+    assert group.attrs["ome"]["multiscales"][0]["type"] == "nearest"
+    for name in LABELS:
+        node = group[f"labels/{name}"]
+        ImageLabel.from_zarr(node)
+        label = node.attrs["ome"]["image-label"]
+        assert label["source"] == {"image": "../../"}
+        assert node.attrs["ome"]["multiscales"][0]["type"] == "nearest"
+    semantic = group["labels/semantic"].attrs["ome"]["image-label"]
+    assert [c["label-value"] for c in semantic["colors"]] == [0, 1]
+    assert semantic["colors"][0]["rgba"][3] == 0  # background: transparent
+    assert semantic["colors"][1]["rgba"] == [*colours(np.array([1]))[0].tolist(), 255]
+    instances = group["labels/instances"].attrs["ome"]["image-label"]
+    objects = _columns(pq.read_table(out / "img" / "tables" / "objects.parquet"))
+    assert [p["label-value"] for p in instances["properties"]] == objects["label"].tolist()
+    assert [p["area"] for p in instances["properties"]] == objects["area"].tolist()
+    assert {p["class"] for p in instances["properties"]} == {"foreground"}
+    drawn = colours(objects["label"])
+    assert [c["rgba"][:3] for c in instances["colors"]] == drawn.tolist()
+
+
+def test_past_the_limit_label_values_are_described_in_the_table(
+    run_cli, tmp_path, monkeypatch
+) -> None:
+    from segpipe.io import omezarr
+
+    monkeypatch.setattr(omezarr, "LABEL_VALUES", 3)
+    path = synthetic.write_tiff(tmp_path / "img.tif", (300, 260), seed=3)
+    out = tmp_path / "out.zarr"
+    assert run_cli("-i", str(path), "-o", str(out), "--tile", "128").exit_code == 0
+    node = zarr.open_group(str(out / "img" / "labels" / "instances"), mode="r")
+    assert "properties" not in node.attrs["ome"]["image-label"]
+    assert node.attrs["segpipe"]["label-values"] == "more than 3: see tables/objects.parquet"
+    ImageLabel.from_zarr(node)

@@ -73,13 +73,26 @@ def update(path: str | Path, values: Mapping[str, Any]) -> None:
         os.replace(tmp, meta)
 
 
+DOWNSAMPLING = {
+    "type": "nearest",
+    "metadata": {
+        "description": "each level is every second pixel along Y and X of the level before "
+        "(Z kept); no smoothing, so label values stay labels",
+        "method": "segpipe.io.omezarr.downsample_block",
+    },
+}
+"""How segpipe's pyramid levels are made: the multiscales ``type`` and ``metadata``."""
+
+
 def multiscales(
     name: str, axes: Sequence[Mapping[str, str]], datasets: Sequence[Mapping[str, Any]]
 ) -> dict[str, Any]:
     """The ``ome`` attribute of an NGFF 0.5 multiscale image of ``datasets``."""
     return {
         "version": NGFF,
-        "multiscales": [{"datasets": list(datasets), "name": name, "axes": list(axes)}],
+        "multiscales": [
+            {"datasets": list(datasets), "name": name, "axes": list(axes), **DOWNSAMPLING}
+        ],
     }
 
 
@@ -87,8 +100,9 @@ def image_label(
     properties: Sequence[Mapping[str, Any]] | None = None,
     colors: Sequence[Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """The ``image-label`` entry of an NGFF 0.5 label image's ``ome`` attribute."""
-    label: dict[str, Any] = {}
+    """The ``image-label`` entry of an NGFF 0.5 label image's ``ome`` attribute; its
+    ``source`` is the image group two levels up (``IMAGE/labels/NAME``)."""
+    label: dict[str, Any] = {"source": {"image": "../../"}}  # the image the labels are of
     if colors is not None:
         label["colors"] = list(colors)
     if properties is not None:

@@ -196,6 +196,47 @@ def write_label_group_metadata(
     attrs.update(label_path, {"ome": ome})
 
 
+LABEL_VALUES = 10_000
+"""Label images with at most this many values list each one's colour and properties in
+their metadata; larger ones say where the values are described instead (a viewer
+reads the metadata whole: millions of entries would make it unopenable)."""
+
+
+def rgba(values: Sequence[int]) -> list[dict[str, Any]]:
+    """NGFF ``colors`` for label ``values``: each in its preview colour
+    (`segpipe.preview.colours`), 0 (background) transparent."""
+    from segpipe.preview import colours
+
+    table = colours(np.asarray(values, np.uint64))
+    return [
+        {"label-value": int(v), "rgba": [*(int(c) for c in rgb), 0 if v == 0 else 255]}
+        for v, rgb in zip(values, table, strict=True)
+    ]
+
+
+def describe_label_values(
+    label_path: str | Path, properties: list[dict[str, Any]] | None, where: str
+) -> None:
+    """Add ``properties`` (one per label value) and their `rgba` colours to a label
+    image's ``image-label``, or, past `LABEL_VALUES` values (``properties`` None),
+    say ``where`` they are described."""
+    ome = dict(attrs.read(label_path)["ome"])
+    label = dict(ome["image-label"])
+    if properties is None:
+        label.pop("properties", None)
+        label.pop("colors", None)
+        segpipe = {"label-values": f"more than {LABEL_VALUES}: see {where}"}
+    else:
+        label["properties"] = properties
+        label["colors"] = rgba([p["label-value"] for p in properties])
+        segpipe = {"label-values": f"every one listed; also in {where}"}
+    ome["image-label"] = label
+    attrs.update(
+        label_path,
+        {"ome": ome, "segpipe": {**attrs.read(label_path).get("segpipe", {}), **segpipe}},
+    )
+
+
 def write_labels_index(labels_path: str | Path, names: list[str]) -> None:
     """The ``labels`` group that lists the label images (written last)."""
     try:

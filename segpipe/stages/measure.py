@@ -22,7 +22,7 @@ import pyarrow.compute
 import pyarrow.parquet as pq
 
 from segpipe.image import ImagePlan
-from segpipe.io import attrs
+from segpipe.io import attrs, omezarr
 from segpipe.io.markers import Markers
 from segpipe.io.physical import PixelSize
 from segpipe.io.store import mark_image
@@ -205,6 +205,7 @@ def write_tables(
         "objects_per_class": per_class,
     }
     attrs.update(out, {"segpipe": {TABLES: info}})
+    _describe_instances(plan, out / "objects.parquet", n_objects)
     mark_image(plan.group, tables=info)
     return Measured(
         str(out / "objects.parquet"),
@@ -213,6 +214,30 @@ def write_tables(
         n_segments,
         per_class,
     )
+
+
+def _describe_instances(plan: ImagePlan, objects: Path, rows: int) -> None:
+    """Each instance's class and area in the metadata of ``labels/instances`` (NGFF
+    ``properties``, and colours as in the preview), for up to `omezarr.LABEL_VALUES`."""
+    where = f"{TABLES}/objects.parquet"
+    path = Path(plan.group) / "labels" / "instances"
+    if rows > omezarr.LABEL_VALUES:
+        omezarr.describe_label_values(path, None, where)
+        return
+    columns = ["label", "class_name", "area", "area_physical"]
+    table = pq.read_table(
+        objects, columns=[c for c in columns if c in pq.read_schema(objects).names]
+    )
+    values = table.to_pydict()
+    properties = [
+        {"label-value": int(label), "class": str(name), "area": int(area)}
+        for label, name, area in zip(
+            values["label"], values["class_name"], values["area"], strict=True
+        )
+    ]
+    for entry, physical in zip(properties, values.get("area_physical", []), strict=False):
+        entry["area_physical"] = float(physical)
+    omezarr.describe_label_values(path, properties, where)
 
 
 def measure(

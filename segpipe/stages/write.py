@@ -328,6 +328,7 @@ def write_levels(client: Runner, plan: ImagePlan, dtype: Any, progress: Progress
         levels=levels,
         name="semantic",
         properties=[{"label-value": i, "class": c} for i, c in enumerate(classes)],
+        colors=omezarr.rgba(range(len(classes))),
         pixel=pixel,
     )
     omezarr.write_label_group_metadata(
