@@ -22,6 +22,7 @@ from segpipe.config import RunConfig
 from segpipe.engine import Inline
 from segpipe.errors import ImagesFailedError, SchedulerLostError, SegpipeError
 from segpipe.image import ImagePlan, ImageResult
+from segpipe.io import omezarr
 from segpipe.io.readers import image_name
 from segpipe.io.store import (
     image_state,
@@ -340,6 +341,7 @@ def segment_collection(config: dict[str, Any]) -> list[dict[str, Any]]:
                 raise
         shared.tracker[-1].close()
         rows += _orphans(prepared, plans, logger)
+        omezarr.write_collection(cfg.output, lifecycle.images(cfg.output))
     finally:
         # The output stays locked while a wave still runs: after an error or an
         # interrupt, the waves end within seconds of the client's closing.

@@ -13,7 +13,7 @@ from typing import Any
 import zarr
 
 from segpipe.errors import InputNotFoundError, InputReadError
-from segpipe.io.store import KEY, attrs_section
+from segpipe.io.store import COLLECTION, KEY, attrs_section
 from segpipe.panoptic import read_attrs
 
 TABLES = "tables"
@@ -199,7 +199,12 @@ def inspect_store(path: str | os.PathLike[str]) -> StoreInfo:
     run = attrs_section(group, KEY)
     images = []
     for child in sorted(root.iterdir()):
-        if not child.is_dir() or child.name.startswith("_") or not (child / "zarr.json").is_file():
+        if (
+            not child.is_dir()
+            or child.name.startswith("_")
+            or child.name == COLLECTION  # the list of the images, not one
+            or not (child / "zarr.json").is_file()
+        ):
             continue
         try:
             node = zarr.open_group(str(child), mode="r")

@@ -253,6 +253,20 @@ def completed_result(plan: ImagePlan) -> ImageResult:
     )
 
 
+def images(root: str) -> list[str]:
+    """The complete images of the store at ``root`` that segpipe wrote, by name."""
+    top = Path(root)
+    if not top.is_dir():
+        return []
+    return [
+        child.name
+        for child in sorted(top.iterdir())
+        if child.is_dir()
+        and not child.name.startswith("_")
+        and image_state(child).get("complete") is True
+    ]
+
+
 def orphans(root: str, names: set[str]) -> list[tuple[str, str]]:
     """Images of the store at ``root`` that segpipe wrote from an input not among
     ``names`` (deleted or renamed since): ``(name, the input it recorded)`` each."""

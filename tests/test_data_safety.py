@@ -119,7 +119,9 @@ def test_store_beside_its_images(run_cli, tmp_path) -> None:
     for extra in ((), ("--resume",)):
         result = run_cli("-i", str(folder), "-o", str(out), "--tile", "128", *extra)
         assert result.exit_code == 0, result.output
+    # the images, and the group that lists them
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(("_", "z"))) == [
+        "OME",
         "a",
         "b",
     ]

@@ -204,3 +204,32 @@ def test_past_the_limit_label_values_are_described_in_the_table(
     assert "properties" not in node.attrs["ome"]["image-label"]
     assert node.attrs["segpipe"]["label-values"] == "more than 3: see tables/objects.parquet"
     ImageLabel.from_zarr(node)
+
+
+def test_the_store_root_lists_its_images_for_ome_zarr_tools(run_cli, tmp_path) -> None:
+    from ome_zarr_models.v05.bioformats2raw import BioFormats2Raw
+
+    folder = tmp_path / "plate"
+    for i in range(3):
+        synthetic.write_tiff(folder / f"field-{i}.tif", (96, 96), seed=i)
+    out = tmp_path / "out.zarr"
+    assert run_cli("-i", str(folder), "-o", str(out)).exit_code == 0
+    root = zarr.open_group(str(out), mode="r")
+    assert BioFormats2Raw.from_zarr(root).attributes.ome.bioformats2raw_layout == 3
+    series = root["OME"].attrs["ome"]["series"]
+    assert series == ["field-0", "field-1", "field-2"]
+    for name in series:  # each listed path is an image
+        Image.from_zarr(root[name])
+    (folder / "field-1.tif").unlink()  # then pruned: no longer listed
+    assert run_cli("-i", str(folder), "-o", str(out), "--resume", "--prune").exit_code == 0
+    listed = zarr.open_group(str(out / "OME"), mode="r").attrs["ome"]["series"]
+    assert listed == ["field-0", "field-2"]
+
+
+def test_an_input_named_like_the_collection_group_is_refused(run_cli, tmp_path) -> None:
+    path = synthetic.write_tiff(tmp_path / "OME.tif", (64, 64), seed=1)
+    result = run_cli("-i", str(path), "-o", str(tmp_path / "out.zarr"))
+    assert result.exit_code == 1
+    assert "output name 'OME' is the group listing the store's images" in " ".join(
+        result.output.split()
+    )

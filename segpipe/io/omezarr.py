@@ -237,6 +237,17 @@ def describe_label_values(
     )
 
 
+def write_collection(root: str | Path, names: Sequence[str]) -> None:
+    """Say at the store's root which image groups it holds, as NGFF's
+    ``bioformats2raw.layout`` does: the root marks the layout and its ``OME`` group
+    lists the images' paths (``series``), so OME-Zarr tools open the root while each
+    image keeps its own name."""
+    from segpipe.io.store import COLLECTION
+
+    attrs.update(root, {"ome": {"version": attrs.NGFF, "bioformats2raw.layout": 3}})
+    attrs.update(Path(root) / COLLECTION, {"ome": {"version": attrs.NGFF, "series": list(names)}})
+
+
 def write_labels_index(labels_path: str | Path, names: list[str]) -> None:
     """The ``labels`` group that lists the label images (written last)."""
     try:

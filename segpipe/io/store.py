@@ -35,9 +35,14 @@ def attrs_section(group: zarr.Group, key: str) -> dict[str, Any]:
     return dict(value) if isinstance(value, dict) else {}
 
 
+COLLECTION = "OME"
+"""The group of the store's root that lists its images (NGFF ``bioformats2raw.layout``:
+`segpipe.io.omezarr.write_collection`); no image may take its name."""
+
+
 def check_name(root: str | Path, name: str, source: str) -> Path:
-    """The image's folder in ``root``, refusing names that would land outside it or on
-    segpipe's own folder.
+    """The image's folder in ``root``, refusing names that would land outside it, on
+    segpipe's own folder or on the collection's (`COLLECTION`).
 
     Raises
     ------
@@ -57,6 +62,11 @@ def check_name(root: str | Path, name: str, source: str) -> Path:
         raise ConfigError(
             f"{source}: output name {name!r} is not a plain folder name inside {root_path}; "
             "rename the file."
+        )
+    if name == COLLECTION:
+        raise ConfigError(
+            f"{source}: output name {name!r} is the group listing the store's images "
+            f"({root_path / COLLECTION}); rename the file."
         )
     return target
 
