@@ -307,6 +307,10 @@ def run(
     series: Annotated[
         int | None, typer.Option(help="Image series of TIFFs that hold several (0, 1, ...).")
     ] = None,
+    level: Annotated[
+        int | None,
+        typer.Option(help="Resolution level of OME-Zarr inputs (0: the finest, default)."),
+    ] = None,
     pixel_size: Annotated[
         str | None,
         typer.Option(
@@ -360,6 +364,7 @@ def run(
             "set": parse_sets(set_ or []),
             "channel": None if channel is None else parse_value(channel),
             "series": series,
+            "level": level,
             "pixel_size": _parse_sizes(pixel_size),
             "workers": workers,
             "threads": threads,

@@ -52,7 +52,13 @@ def prepare_run(config: RunConfig, *, resume: bool | None = None) -> Prepared:
     bad: list[tuple[str, str]] = []
     for p in paths:
         try:
-            spec = open_source(p, channel=config.channel, axes=config.axes, series=config.series)
+            spec = open_source(
+                p,
+                channel=config.channel,
+                axes=config.axes,
+                series=config.series,
+                level=config.level,
+            )
             check_apart(p, config.output)
             check_name(config.output, spec.name, p)
             check_image_options(config, segmenter, spec)

@@ -284,6 +284,9 @@ class RunConfig(BaseModel):
     """Channel to segment in multichannel images, or how to reduce them."""
     axes: str | None = None
     """Axes of plain Zarr inputs, e.g. ``ZYX`` or ``CYX``."""
+    level: int = Field(0, ge=0)
+    """Resolution level of OME-Zarr inputs (their multiscales datasets), 0 the finest;
+    the output's scales are that level's."""
     pixel_size: float | list[float] | None = None
     """Physical pixel size, one for every axis or one per spatial axis ((Z,) Y, X), in
     ``pixel_unit``; overrides what the input states (OME-XML, ImageJ or TIFF resolution
@@ -383,6 +386,8 @@ class RunConfig(BaseModel):
         }
         if self.series is not None:  # absent when unset: earlier stores keep their fingerprint
             settings["series"] = self.series
+        if self.level:  # likewise
+            settings["level"] = self.level
         return settings
 
 

@@ -538,7 +538,13 @@ def plan_run(
     for p in paths:
         try:
             specs.append(
-                open_source(p, channel=config.channel, axes=config.axes, series=config.series)
+                open_source(
+                    p,
+                    channel=config.channel,
+                    axes=config.axes,
+                    series=config.series,
+                    level=config.level,
+                )
             )
         except SegpipeError as err:
             bad.append((p, str(err)))

@@ -111,14 +111,14 @@ def from_tiff(tif: Any, series: int, axes: str) -> PixelSize | None:
     return _valid(([None] if axes.startswith("Z") else []) + plane, "micrometer", "TIFF tags")
 
 
-def from_ngff(multiscales: dict[str, Any], axes: str) -> PixelSize | None:
-    """The level-0 pixel size of NGFF ``multiscales[0]`` for its spatial ``axes``."""
+def from_ngff(multiscales: dict[str, Any], axes: str, level: int = 0) -> PixelSize | None:
+    """The pixel size at ``level`` of NGFF ``multiscales[0]`` for its spatial ``axes``."""
     try:
         meta_axes = multiscales.get("axes", [])
         scale, shift = [1.0] * len(meta_axes), [0.0] * len(meta_axes)
         shifted = False
         # the dataset's transformations, then the multiscales' own (applied after)
-        transforms = list(multiscales["datasets"][0].get("coordinateTransformations", []))
+        transforms = list(multiscales["datasets"][level].get("coordinateTransformations", []))
         transforms += list(multiscales.get("coordinateTransformations", []))
         for t in transforms:
             if t.get("type") == "scale":

@@ -575,8 +575,8 @@ def _ngff_axis(axis: object) -> str:
     return name[:1].upper() or "?"
 
 
-def _ngff_image(path: str, attrs: dict[str, Any]) -> tuple[str, str] | None:
-    """(level-0 array path, axes) of an NGFF 0.4/0.5 image group, or None."""
+def _ngff_image(path: str, attrs: dict[str, Any], level: int = 0) -> tuple[str, str] | None:
+    """(array path of ``level``, axes) of an NGFF 0.4/0.5 image group, or None."""
     ome = attrs.get("ome", attrs)
     if not isinstance(ome, dict):
         return None
@@ -585,7 +585,13 @@ def _ngff_image(path: str, attrs: dict[str, Any]) -> tuple[str, str] | None:
         return None
     try:
         ms = multiscales[0]
-        array_path = str(ms["datasets"][0]["path"])  # datasets go from finest to coarsest
+        datasets = ms["datasets"]  # from finest to coarsest
+        if 0 < len(datasets) <= level:
+            raise ConfigError(
+                f"{path}: level {level} asked; the image has {len(datasets)} "
+                f"(0-{len(datasets) - 1})."
+            )
+        array_path = str(datasets[level]["path"])
         axes = "".join(_ngff_axis(a) for a in ms.get("axes", []))
     except (KeyError, IndexError, TypeError) as err:
         raise InputReadError(f"{path}: malformed OME-Zarr multiscales metadata ({err}).") from err
@@ -602,7 +608,9 @@ def _guess_axes(path: str, shape: tuple[int, ...]) -> str:
     )
 
 
-def _zarr_spec(path: str, name: str, channel: Channel, axes: str | None) -> SourceSpec:
+def _zarr_spec(
+    path: str, name: str, channel: Channel, axes: str | None, level: int = 0
+) -> SourceSpec:
     import zarr
 
     if not os.path.isdir(path):
@@ -612,13 +620,13 @@ def _zarr_spec(path: str, name: str, channel: Channel, axes: str | None) -> Sour
     multiscales: dict[str, Any] = {}
     if kind == "group":
         attrs = meta.get("attributes") or {}
-        image = _ngff_image(path, attrs)
+        image = _ngff_image(path, attrs, level)
         ome = attrs.get("ome")
         layout = (ome if isinstance(ome, dict) else attrs).get("bioformats2raw.layout")
         if image is None and layout is not None and os.path.isdir(os.path.join(path, "0")):
             # bioformats2raw: the first image is the group "0"
             attrs = _zarr_node_meta(os.path.join(path, "0"))[1].get("attributes") or {}
-            image = _ngff_image(path, attrs)
+            image = _ngff_image(path, attrs, level)
             image = image and ("0/" + image[0], image[1])
         if image is not None:
             multiscales = attrs.get("ome", attrs)["multiscales"][0]
@@ -662,7 +670,7 @@ def _zarr_spec(path: str, name: str, channel: Channel, axes: str | None) -> Sour
         channel,
         os.path.normpath(os.path.join(path, array_path)),
         chunks=_spatial(norm, chunk_shape),
-        pixel=physical.from_ngff(multiscales, _spatial_axes(norm)) if multiscales else None,
+        pixel=physical.from_ngff(multiscales, _spatial_axes(norm), level) if multiscales else None,
     )
     return _check_array(spec, chunk_bytes)
 
@@ -686,6 +694,7 @@ def open_source(
     channel: Channel = None,
     axes: str | None = None,
     series: int | None = None,
+    level: int = 0,
 ) -> SourceSpec:
     """Inspect an input image without reading its pixels.
 
@@ -703,6 +712,9 @@ def open_source(
     series : int, optional
         Image series of a TIFF that holds several (required there); other inputs hold
         one image, series 0.
+    level : int
+        Resolution level of an OME-Zarr image (its multiscales ``datasets``), 0 the
+        finest; other inputs have level 0 only.
 
     Returns
     -------
@@ -734,7 +746,12 @@ def open_source(
     name = name or image_name(p)
     lower = p.lower().rstrip("/")
     if os.path.isdir(p) or lower.endswith(ZARR_SUFFIXES):
-        return _only_series(_zarr_spec(p, name, channel, axes), series)
+        return _only_series(_zarr_spec(p, name, channel, axes, level), series)
+    if level:
+        raise ConfigError(
+            f"{p}: level {level} asked; levels are read from OME-Zarr images only, and this "
+            "input is read at full resolution (level 0)."
+        )
     if not lower.endswith(TIFF_SUFFIXES + PIL_SUFFIXES):
         raise UnsupportedImageError(
             f"{p}: unknown image type; expected one of {', '.join(SUFFIXES)}."

@@ -1,6 +1,8 @@
-"""Physical pixel sizes end to end: read from OME-XML, ImageJ and TIFF resolution tags
-and NGFF scales (files written by tifffile and zarr, not by segpipe), or given in the
-settings; every output level's scale, and physical columns in the objects table."""
+"""OME metadata end to end, on files written by tifffile, zarr and ome-zarr-py (not by
+segpipe), checked with ome-zarr-models: physical pixel sizes (OME-XML, ImageJ and
+TIFF resolution tags, NGFF scales, or the settings) on every output level and in the
+objects table; NGFF 0.4 / Zarr v2 inputs and their levels; label metadata; the
+store's root listing its images."""
 
 from __future__ import annotations
 
@@ -233,3 +235,37 @@ def test_an_input_named_like_the_collection_group_is_refused(run_cli, tmp_path) 
     assert "output name 'OME' is the group listing the store's images" in " ".join(
         result.output.split()
     )
+
+
+@pytest.mark.parametrize("level", [0, 1])
+def test_an_ngff_0_4_zarr_v2_image_at_a_chosen_level(run_cli, tmp_path, level: int) -> None:
+    from ome_zarr.format import FormatV04
+    from ome_zarr.writer import write_image
+    from skimage import filters, measure
+
+    from tests.helpers import same_up_to_renumbering
+
+    source = tmp_path / "in.zarr"
+    group = zarr.open_group(str(source), mode="w", zarr_format=2)
+    write_image(
+        _cells((600, 520)), group, scale_factors=[2], fmt=FormatV04(), axes="yx",
+        scale={"y": 0.5, "x": 0.5}, axes_units={"y": "micrometer", "x": "micrometer"},
+    )  # fmt: skip
+    assert (source / ".zattrs").exists() and not (source / "zarr.json").exists()
+    out = tmp_path / "out.zarr"
+    args = ["-i", str(source), "-o", str(out), "--tile", "128", "--level", str(level)]
+    result = run_cli(*args)
+    assert result.exit_code == 0, result.output
+    dataset = zarr.open_group(str(source), mode="r").attrs["multiscales"][0]["datasets"][level]
+    pixels = zarr.open_array(str(source / dataset["path"]), mode="r")[:]
+    labels = zarr.open_array(str(out / "in" / "labels" / "instances" / "0"), mode="r")[:]
+    assert labels.shape == pixels.shape
+    smooth = filters.gaussian(pixels.astype("float32"), sigma=2, preserve_range=True)
+    reference = measure.label(smooth > filters.threshold_otsu(smooth), connectivity=2)
+    assert same_up_to_renumbering(labels, reference)
+    scales, units = _scales(zarr.open_group(str(out / "in"), mode="r"))
+    written = next(t for t in dataset["coordinateTransformations"] if t["type"] == "scale")
+    assert scales[0] == written["scale"] and units == ["micrometer"] * 2
+    too_far = run_cli("-i", str(source), "-o", str(tmp_path / "x.zarr"), "--level", "2")
+    assert too_far.exit_code != 0
+    assert "level 2 asked; the image has 2 (0-1)" in " ".join(too_far.output.split())
