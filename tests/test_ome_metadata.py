@@ -269,3 +269,34 @@ def test_an_ngff_0_4_zarr_v2_image_at_a_chosen_level(run_cli, tmp_path, level: i
     too_far = run_cli("-i", str(source), "-o", str(tmp_path / "x.zarr"), "--level", "2")
     assert too_far.exit_code != 0
     assert "level 2 asked; the image has 2 (0-1)" in " ".join(too_far.output.split())
+
+
+def test_a_pyramidal_ome_tiff_at_a_chosen_level(run_cli, tmp_path) -> None:
+    from skimage import filters, measure
+
+    from tests.helpers import same_up_to_renumbering
+
+    path = tmp_path / "slide.ome.tif"
+    full = _cells((800, 720))
+    with tifffile.TiffWriter(path) as tif:  # level 0 and two sub-resolutions (SubIFDs)
+        options = {"tile": (128, 128), "compression": "zlib"}
+        tif.write(
+            full, subifds=2, metadata={"axes": "YX", "PhysicalSizeX": 0.25,
+            "PhysicalSizeY": 0.25}, **options,
+        )  # fmt: skip
+        for k in (1, 2):
+            tif.write(full[:: 2**k, :: 2**k], subfiletype=1, **options)
+    assert len(tifffile.TiffFile(path).series[0].levels) == 3
+    out = tmp_path / "out.zarr"
+    result = run_cli("-i", str(path), "-o", str(out), "--tile", "128", "--level", "1")
+    assert result.exit_code == 0, result.output
+    pixels = tifffile.imread(path, level=1)
+    labels = zarr.open_array(str(out / "slide" / "labels" / "instances" / "0"), mode="r")[:]
+    smooth = filters.gaussian(pixels.astype("float32"), sigma=2, preserve_range=True)
+    reference = measure.label(smooth > filters.threshold_otsu(smooth), connectivity=2)
+    assert labels.shape == pixels.shape == (400, 360)
+    assert same_up_to_renumbering(labels, reference)
+    scales, units = _scales(zarr.open_group(str(out / "slide"), mode="r"))
+    assert scales[0] == pytest.approx([0.5, 0.5]) and units == ["micrometer"] * 2
+    too_far = run_cli("-i", str(path), "-o", str(tmp_path / "x.zarr"), "--level", "3")
+    assert "level 3 asked; the image has 3 (0-2)" in " ".join(too_far.output.split())

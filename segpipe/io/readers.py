@@ -14,7 +14,7 @@ import struct
 import weakref
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Any, Literal, cast
 
@@ -72,8 +72,9 @@ class SourceSpec:
     data, which is read through a memory map in the file's ``byteorder``.
     ``array_path`` is the absolute directory of the Zarr array read (the
     level-0 dataset of an OME-Zarr image), empty for files; ``series`` the
-    TIFF image series read; ``pixel`` the physical pixel size the input states
-    (`segpipe.io.physical`), None where it states none.
+    TIFF image series read, ``level`` its resolution level (a pyramidal TIFF's);
+    ``pixel`` the physical pixel size the input states (`segpipe.io.physical`),
+    None where it states none.
     """
 
     path: str
@@ -89,6 +90,7 @@ class SourceSpec:
     data_offset: int | None = None
     byteorder: Literal["<", ">"] = "<"
     pixel: PixelSize | None = None
+    level: int = 0
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -302,7 +304,7 @@ def _pick_series(path: str, found: Sequence[Any], series: int | None) -> int:
 
 
 def _tiff_spec(
-    path: str, name: str, channel: Channel, axes: str | None, series: int | None
+    path: str, name: str, channel: Channel, axes: str | None, series: int | None, level: int = 0
 ) -> SourceSpec:
     import tifffile
     import zarr
@@ -310,7 +312,13 @@ def _tiff_spec(
     try:
         with tifffile.TiffFile(path) as tif:
             index = _pick_series(path, tif.series, series)
-            chosen = tif.series[index]
+            full = tif.series[index]
+            if level >= len(full.levels):
+                raise ConfigError(
+                    f"{path}: level {level} asked; the image has {len(full.levels)} "
+                    f"(0-{len(full.levels) - 1})."
+                )
+            chosen = full.levels[level]
             one_file = _check_tiff_segments(path, chosen)
             if chosen.dtype is None:
                 raise UnsupportedImageError(
@@ -326,7 +334,7 @@ def _tiff_spec(
                     f"{path}: declares a {shape} image ({declared:.2e} bytes) in a "
                     f"{fsize}-byte file: corrupt or a decompression bomb."
                 )
-            offset = chosen.dataoffset
+            offset = chosen.dataoffset if level == 0 else None
             if offset is not None and one_file and dtype.kind in "uif":
                 if offset + declared > fsize:
                     raise InputReadError(
@@ -336,11 +344,19 @@ def _tiff_spec(
                 chunks, chunk_bytes = (1,) * len(norm.replace("C", "").replace("1", "")), None
             else:
                 offset = None
-                chunk_shape = zarr.open_array(chosen.aszarr(level=0), mode="r").chunks
+                chunk_shape = zarr.open_array(full.aszarr(level=level), mode="r").chunks
                 chunks = _spatial(norm, chunk_shape)
                 chunk_bytes = int(np.prod(chunk_shape, dtype=np.int64)) * dtype.itemsize
             byteorder: Literal["<", ">"] = ">" if tif.byteorder == ">" else "<"
             pixel = physical.from_tiff(tif, index, _spatial_axes(norm))
+            if pixel is not None and level:  # level 0's size, scaled by the level's shrink
+                ratio = [
+                    a / b
+                    for a, b in zip(_spatial(norm, full.shape), _spatial(norm, shape), strict=True)
+                ]
+                pixel = replace(
+                    pixel, sizes=tuple(x * r for x, r in zip(pixel.sizes, ratio, strict=True))
+                )
     except SegpipeError:
         raise
     except MemoryError:
@@ -360,6 +376,7 @@ def _tiff_spec(
         data_offset=offset,
         byteorder=byteorder,
         pixel=pixel,
+        level=level,
     )
     return _check_array(spec, chunk_bytes)
 
@@ -747,10 +764,10 @@ def open_source(
     lower = p.lower().rstrip("/")
     if os.path.isdir(p) or lower.endswith(ZARR_SUFFIXES):
         return _only_series(_zarr_spec(p, name, channel, axes, level), series)
-    if level:
+    if level and not lower.endswith(TIFF_SUFFIXES):
         raise ConfigError(
-            f"{p}: level {level} asked; levels are read from OME-Zarr images only, and this "
-            "input is read at full resolution (level 0)."
+            f"{p}: level {level} asked; a PNG or JPEG has level 0 only (levels are read "
+            "from OME-Zarr images and pyramidal TIFFs)."
         )
     if not lower.endswith(TIFF_SUFFIXES + PIL_SUFFIXES):
         raise UnsupportedImageError(
@@ -767,7 +784,7 @@ def open_source(
         what = f"a {found.upper()} file" if found else f"not an image (starts {head[:8]!r})"
         raise InputReadError(f"{p}: named like a {expected.upper()} but the file is {what}.")
     if expected == "tiff":
-        return _tiff_spec(p, name, channel, axes, series)
+        return _tiff_spec(p, name, channel, axes, series, level)
     spec = _only_series(_pil_spec(p, name, channel, expected), series)
     if axes is not None and _normalise_axes(axes, spec.stored_shape, p) != spec.axes:
         raise UnsupportedImageError(
@@ -798,7 +815,7 @@ def _open_tiff(spec: SourceSpec, stamp: tuple[int, int, int]) -> Any:
     import tifffile
     import zarr
 
-    store = tifffile.imread(spec.path, aszarr=True, series=spec.series, level=0)
+    store = tifffile.imread(spec.path, aszarr=True, series=spec.series, level=spec.level)
     try:
         array = zarr.open_array(store, mode="r")
     except BaseException:
@@ -819,7 +836,7 @@ def _stored(spec: SourceSpec, index: tuple[Any, ...]) -> NDArray[Any]:
     if spec.format == "tiff":
         st = os.stat(spec.path)
         stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
-        if spec.axes == "YX" and spec.data_offset is None:
+        if spec.axes == "YX" and spec.data_offset is None and spec.level == 0:
             plane = _tiff_plane(spec, stamp)
             if plane is not None:
                 return tiff_tiles.read(plane, index[0], index[1])
