@@ -309,7 +309,9 @@ def run(
     ] = None,
     level: Annotated[
         int | None,
-        typer.Option(help="Resolution level of OME-Zarr inputs (0: the finest, default)."),
+        typer.Option(
+            help="Resolution level of OME-Zarr and pyramidal TIFF inputs (0: the finest)."
+        ),
     ] = None,
     pixel_size: Annotated[
         str | None,

@@ -285,7 +285,8 @@ class RunConfig(BaseModel):
     axes: str | None = None
     """Axes of plain Zarr inputs, e.g. ``ZYX`` or ``CYX``."""
     level: int = Field(0, ge=0)
-    """Resolution level of OME-Zarr inputs (their multiscales datasets), 0 the finest;
+    """Resolution level of OME-Zarr inputs (their multiscales datasets) and pyramidal
+    TIFFs, 0 the finest;
     the output's scales are that level's."""
     pixel_size: float | list[float] | None = None
     """Physical pixel size, one for every axis or one per spatial axis ((Z,) Y, X), in
