@@ -286,8 +286,7 @@ class RunConfig(BaseModel):
     """Axes of plain Zarr inputs, e.g. ``ZYX`` or ``CYX``."""
     level: int = Field(0, ge=0)
     """Resolution level of OME-Zarr inputs (their multiscales datasets) and pyramidal
-    TIFFs, 0 the finest;
-    the output's scales are that level's."""
+    TIFFs, 0 the finest; the output's scales are that level's."""
     pixel_size: float | list[float] | None = None
     """Physical pixel size, one for every axis or one per spatial axis ((Z,) Y, X), in
     ``pixel_unit``; overrides what the input states (OME-XML, ImageJ or TIFF resolution
