@@ -239,7 +239,7 @@ def execute(config: Any, *, show_progress: bool = True) -> list[dict[str, Any]]:
                 if seg_flow.shared.api_away:  # and back for the run's end
                     console.print(
                         f"the Prefect API {seg_flow.api_url()} was away during the run "
-                        f"({seg_flow._brief(seg_flow.shared.api_away.pop())}): the run's progress "
+                        f"({seg_flow.brief(seg_flow.shared.api_away.pop())}): the run's progress "
                         "and summary artifacts are missing there",
                         highlight=False,
                         soft_wrap=True,
@@ -248,7 +248,7 @@ def execute(config: Any, *, show_progress: bool = True) -> list[dict[str, Any]]:
                 status = getattr(getattr(err, "response", None), "status_code", 500)
                 if status < 500:  # an answer, not an absence (e.g. refused credentials)
                     raise
-                url, why = seg_flow.api_url(), seg_flow._brief(err)
+                url, why = seg_flow.api_url(), seg_flow.brief(err)
                 if seg_flow.shared.run_id:  # the next run marks this one crashed
                     unreported.note(cfg.output, seg_flow.shared.run_id.pop(), url, why)
                 raise PrefectApiLostError(

@@ -163,7 +163,8 @@ def api_url() -> str:
     return str(PREFECT_API_URL.value() or "(none)")
 
 
-def _brief(err: BaseException) -> str:
+def brief(err: BaseException) -> str:
+    """``err``'s message on one line (its type's name when it has none)."""
     return " ".join(str(err).split()) or type(err).__name__
 
 
@@ -359,7 +360,7 @@ def segment_collection(config: dict[str, Any]) -> list[dict[str, Any]]:
     )
     logger.info(monitor.totals_line(t, mode=monitor.run_mode(cfg)))
     if reach.lost is not None:
-        logger.warning("the Prefect API was away during the run: %s", _brief(reach.lost))
+        logger.warning("the Prefect API was away during the run: %s", brief(reach.lost))
         shared.api_away[:] = [reach.lost]
     failed = [r for r in rows if r["status"] == "failed"]
     if failed:
