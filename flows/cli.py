@@ -155,6 +155,46 @@ def _exit_after(importer: threading.Thread) -> None:
     importer.join(timeout=10)
 
 
+def _call_flow(cfg: Any) -> list[dict[str, Any]]:
+    """Run the Prefect flow of ``cfg`` in this process; an API gone at its end is one
+    line, and its run is noted for the next run to mark CRASHED (`flows.unreported`)."""
+    import httpx
+    from prefect import tags
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    from flows import segment as seg_flow
+    from flows import unreported
+
+    flow = seg_flow.segment_collection.with_options(
+        retries=cfg.retries, retry_delay_seconds=cfg.retry_delay
+    )
+    seg_flow.shared.run_id.clear()
+    try:
+        # Secrets stay out of the flow's parameters (they are shown in the UI).
+        with tags(*seg_flow.run_tags(cfg)):
+            rows: list[dict[str, Any]] = flow(cfg.model_dump(mode="json", exclude={"prefect"}))
+    except (httpx.TransportError, PrefectHTTPStatusError) as err:  # the flow's states
+        status = getattr(getattr(err, "response", None), "status_code", 500)
+        if status < 500:  # an answer, not an absence (e.g. refused credentials)
+            raise
+        url, why = seg_flow.api_url(), seg_flow.brief(err)
+        if seg_flow.shared.run_id:  # the next run marks this one crashed
+            unreported.note(cfg.output, seg_flow.shared.run_id.pop(), url, why)
+        raise PrefectApiLostError(
+            f"the Prefect API {url} stopped answering ({why}); the blocks and images "
+            "that finished are kept: rerun with --resume once it is back"
+        ) from err
+    if seg_flow.shared.api_away:  # and back for the run's end
+        console.print(
+            f"the Prefect API {seg_flow.api_url()} was away during the run "
+            f"({seg_flow.brief(seg_flow.shared.api_away.pop())}): the run's progress and "
+            "summary artifacts are missing there",
+            highlight=False,
+            soft_wrap=True,
+        )
+    return rows
+
+
 def execute(config: Any, *, show_progress: bool = True) -> list[dict[str, Any]]:
     """Check a run, then run the Prefect flow with a progress bar; returns the summary rows."""
     if config.prefect is not None:  # before Prefect is imported: it reads these once
@@ -202,9 +242,7 @@ def execute(config: Any, *, show_progress: bool = True) -> list[dict[str, Any]]:
             prestart_local(workers=cfg.workers, threads=cfg.threads)
         importer.join()
         from flows import segment as seg_flow
-        from flows import unreported
 
-        seg_flow.shared.run_id.clear()
         if api is not None:
             try:
                 api.wait()
@@ -226,38 +264,11 @@ def execute(config: Any, *, show_progress: bool = True) -> list[dict[str, Any]]:
                 line, highlight=False, soft_wrap=True
             )
             try:
-                # Secrets stay out of the flow's parameters (they are shown in the UI).
-                import httpx
-                from prefect import tags
-                from prefect.exceptions import PrefectHTTPStatusError
-
-                flow = seg_flow.segment_collection.with_options(
-                    retries=cfg.retries, retry_delay_seconds=cfg.retry_delay
-                )
-                with tags(*seg_flow.run_tags(cfg)):
-                    rows = flow(cfg.model_dump(mode="json", exclude={"prefect"}))
-                if seg_flow.shared.api_away:  # and back for the run's end
-                    console.print(
-                        f"the Prefect API {seg_flow.api_url()} was away during the run "
-                        f"({seg_flow.brief(seg_flow.shared.api_away.pop())}): the run's progress "
-                        "and summary artifacts are missing there",
-                        highlight=False,
-                        soft_wrap=True,
-                    )
-            except (httpx.TransportError, PrefectHTTPStatusError) as err:  # the flow's states
-                status = getattr(getattr(err, "response", None), "status_code", 500)
-                if status < 500:  # an answer, not an absence (e.g. refused credentials)
-                    raise
-                url, why = seg_flow.api_url(), seg_flow.brief(err)
-                if seg_flow.shared.run_id:  # the next run marks this one crashed
-                    unreported.note(cfg.output, seg_flow.shared.run_id.pop(), url, why)
-                raise PrefectApiLostError(
-                    f"the Prefect API {url} stopped answering ({why}); the blocks and images "
-                    "that finished are kept: rerun with --resume once it is back"
-                ) from err
+                rows = _call_flow(cfg)
             finally:
                 seg_flow.reporter.fn, seg_flow.reporter.note = seg_flow._quiet, seg_flow._silent
-    except BaseException:  # an interrupt or error before the flow, which releases it itself
+    except BaseException:  # an interrupt or an error: the output is free again (the flow
+        # releases it too when it ran; a second release is a no-op)
         prepared.lock.release()
         _exit_after(importer)
         raise
