@@ -52,17 +52,19 @@ logging.getLogger("distributed.scheduler").addFilter(_ClientGone())
 
 class _SchedulerGone(logging.Filter):
     """Drops the client's errors about a lost scheduler (giving up reconnecting, or its
-    reconnection cancelled by the run's end, with a traceback): the run then ends with
-    its own line, which names the scheduler and what to do."""
+    reconnection cancelled by the run's end, with a traceback; a message sent on its
+    closed connection): the run then ends with its own line, which names the scheduler
+    and what to do."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if str(record.msg).startswith("Failed to reconnect to scheduler"):
+        if str(record.msg).startswith(("Failed to reconnect to scheduler", "Batched Comm Closed")):
             return False
         error = record.exc_info[1] if record.exc_info else None
         return not isinstance(error, asyncio.CancelledError)
 
 
-logging.getLogger("distributed.client").addFilter(_SchedulerGone())
+for _name in ("distributed.client", "distributed.batched"):
+    logging.getLogger(_name).addFilter(_SchedulerGone())
 _prestarted: list[tuple[tuple[int | None, int | None], LocalCluster]] = []
 
 
@@ -228,7 +230,9 @@ def _started(kind: str, config: RunConfig, threads: int | None) -> Iterator[Any]
 def cancel_all(client: Client) -> None:
     """Cancel every future of ``client``, so that each wait on them ends (a closed
     client's loop no longer tells waiters anything)."""
-    with contextlib.suppress(Exception):  # a client already closing: nothing to tell
+    if client.status != "running":  # its scheduler gone or it closing: nothing to tell
+        return
+    with contextlib.suppress(Exception):  # the scheduler lost meanwhile
         client.cancel([Future(key, client) for key in list(client.futures)], force=True)
 
 
