@@ -10,7 +10,6 @@ import threading
 import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from types import FrameType
 from typing import Annotated, Any
 
 import typer
@@ -19,18 +18,10 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from flows.console import console, crash, fail, interrupted, out
+from flows.entry import Terminated, terminate
+from flows.options import numbers
 from segpipe.errors import ImagesFailedError, PrefectApiLostError, SegpipeError
 from segpipe.segmenters import available
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised in the main thread so that a run stops as after Ctrl-C."""
-
-
-def _terminate(signum: int, frame: FrameType | None) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: let the clean-up finish
-    raise Terminated
-
 
 RESUMABLE = ("run", "demo")  # commands an interrupt leaves to --resume
 
@@ -168,7 +159,7 @@ def _call_flow(cfg: Any) -> list[dict[str, Any]]:
     flow = seg_flow.segment_collection.with_options(
         retries=cfg.retries, retry_delay_seconds=cfg.retry_delay
     )
-    seg_flow.shared.run_id.clear()
+    seg_flow.shared.run_id = seg_flow.shared.api_away = None
     try:
         # Secrets stay out of the flow's parameters (they are shown in the UI).
         with tags(*seg_flow.run_tags(cfg)):
@@ -178,16 +169,16 @@ def _call_flow(cfg: Any) -> list[dict[str, Any]]:
         if status < 500:  # an answer, not an absence (e.g. refused credentials)
             raise
         url, why = seg_flow.api_url(), seg_flow.brief(err)
-        if seg_flow.shared.run_id:  # the next run marks this one crashed
-            unreported.note(cfg.output, seg_flow.shared.run_id.pop(), url, why)
+        if seg_flow.shared.run_id is not None:  # the next run marks this one crashed
+            unreported.note(cfg.output, seg_flow.shared.run_id, url, why)
         raise PrefectApiLostError(
             f"the Prefect API {url} stopped answering ({why}); the blocks and images "
             "that finished are kept: rerun with --resume once it is back"
         ) from err
-    if seg_flow.shared.api_away:  # and back for the run's end
+    if seg_flow.shared.api_away is not None:  # and back for the run's end
         console.print(
             f"the Prefect API {seg_flow.api_url()} was away during the run "
-            f"({seg_flow.brief(seg_flow.shared.api_away.pop())}): the run's progress and "
+            f"({seg_flow.brief(seg_flow.shared.api_away)}): the run's progress and "
             "summary artifacts are missing there",
             highlight=False,
             soft_wrap=True,
@@ -418,23 +409,21 @@ def run(
 def _parse_sizes(text: str | None) -> float | list[float] | None:
     if text is None:
         return None
-    try:
-        sizes = [float(p) for p in text.replace("x", ",").split(",") if p.strip()]
-    except ValueError as err:
-        raise typer.BadParameter(f"--pixel-size {text!r}: expected numbers, e.g. 0.325") from err
-    return sizes[0] if len(sizes) == 1 else sizes
+    return numbers(
+        text,
+        float,
+        lambda: typer.BadParameter(f"--pixel-size {text!r}: expected numbers, e.g. 0.325"),
+    )
 
 
 def _parse_tile(text: str | None) -> str | int | list[int] | None:
     if text is None or text == "auto":
         return text
-    try:
-        parts = [int(p) for p in text.replace("x", ",").split(",") if p.strip()]
-    except ValueError as err:
-        raise SegpipeError(
-            f"--tile {text!r}: expected auto, an int or comma-separated ints."
-        ) from err
-    return parts[0] if len(parts) == 1 else parts
+    return numbers(
+        text,
+        int,
+        lambda: SegpipeError(f"--tile {text!r}: expected auto, an int or comma-separated ints."),
+    )
 
 
 @app.command()
@@ -523,7 +512,7 @@ def main() -> None:
         os.environ["PREFECT_LOGGING_HANDLERS_DEBUG_LEVEL"] = "ERROR"
         sys.argv = [a for a in sys.argv if a not in ("-v", "--verbose")]
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, _terminate)
+        signal.signal(signal.SIGTERM, terminate)
     # Prefect's log handler writes each batch it cannot send to an unreachable API on
     # stderr ("--- Error logging to API ---") unless logging's errors are off; the run
     # says once that the API was away.

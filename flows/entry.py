@@ -7,27 +7,27 @@ import signal
 import sys
 from types import FrameType
 
-__all__ = ["main"]
+__all__ = ["Terminated", "main", "terminate"]
 
 
-class _Terminated(KeyboardInterrupt):
-    pass
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that a command stops as after Ctrl-C."""
 
 
-def _terminated(signum: int, frame: FrameType | None) -> None:
-    raise _Terminated
+def terminate(signum: int, frame: FrameType | None) -> None:
+    """The SIGTERM handler: raise `Terminated`, once (a second SIGTERM is ignored while
+    the clean-up finishes)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise Terminated
 
 
 def main() -> None:
     """Import the command line, then run it."""
-    ours = signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
-    if ours:
-        signal.signal(signal.SIGTERM, _terminated)
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, terminate)
     try:
         from flows.cli import main as run
     except KeyboardInterrupt as err:
         sys.stderr.write("interrupted\n")
-        raise SystemExit(143 if isinstance(err, _Terminated) else 130) from None
-    if ours:  # `flows.cli.main` installs its own
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise SystemExit(143 if isinstance(err, Terminated) else 130) from None
     run()

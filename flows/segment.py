@@ -62,16 +62,16 @@ class _Shared:
     this module's, and the helpers they call are this module's.
     """
 
-    tracker: list[monitor.RunProgress] = field(default_factory=list)
+    tracker: monitor.RunProgress | None = None
     """The progress artifact."""
     checked: set[str] = field(default_factory=set)
     """Workers of the run's cluster found fit (`segpipe.workers`)."""
-    connection: list[tuple[Client, str, WorkerWatch]] = field(default_factory=list)
+    connection: tuple[Client, str, WorkerWatch] | None = None
     """The run's client (never `Client.current()`, which may be another client of this
     process: a notebook's, a test's), its scheduler's address, its `WorkerWatch`."""
-    api_away: list[BaseException] = field(default_factory=list)
+    api_away: BaseException | None = None
     """The error of the run's last artifact that could not be sent."""
-    run_id: list[str] = field(default_factory=list)
+    run_id: str | None = None
     """The flow run's id, for `flows.unreported`."""
 
 
@@ -82,8 +82,9 @@ def _progress(state: _Shared, plan: ImagePlan) -> ProgressFn:
     blocks = len(plan.grid())
 
     def report(stage: str, done: int, total: int) -> None:
-        if state.tracker:
-            state.tracker[-1].update(plan.name, blocks, stage, done, total)
+        tracker = state.tracker
+        if tracker is not None:
+            tracker.update(plan.name, blocks, stage, done, total)
 
     return report
 
@@ -148,9 +149,10 @@ _STAGE: dict[str, Any] = {
 
 
 def _client(state: _Shared) -> Client:
-    if not state.connection or state.connection[-1][0].status in ("closing", "closed"):
+    connection = state.connection
+    if connection is None or connection[0].status in ("closing", "closed"):
         raise _lost(state)  # its scheduler is gone
-    return state.connection[-1][0]
+    return connection[0]
 
 
 WAVE_END = 20.0  # seconds a failed run waits for its other waves to end
@@ -169,7 +171,7 @@ def brief(err: BaseException) -> str:
 
 
 def _lost(state: _Shared) -> SchedulerLostError:
-    where = state.connection[-1][1] if state.connection else "of this run"
+    where = state.connection[1] if state.connection else "of this run"
     return SchedulerLostError(
         f"lost the Dask scheduler {where} (it stopped answering); the blocks and images "
         "that finished are kept: rerun with --resume once it is back"
@@ -186,10 +188,9 @@ def segment_wave(
 
     def done(outcome: pipeline.Outcome) -> None:
         name = outcome.plan.name
-        if shared.tracker:
-            shared.tracker[-1].image_done(
-                name, len(outcome.plan.grid()), failed=outcome.result is None
-            )
+        tracker = shared.tracker
+        if tracker is not None:
+            tracker.image_done(name, len(outcome.plan.grid()), failed=outcome.result is None)
         if outcome.result is None:
             logger.error("%s failed: %s", name, outcome.error)
         elif outcome.result.status == "unchanged":
@@ -214,8 +215,9 @@ def segment_wave(
             full=full,
         )
     except BaseException as err:  # a cancelled future raises CancelledError
-        if shared.connection and shared.connection[-1][2].expired:
-            raise shared.connection[-1][2].error() from err
+        connection = shared.connection
+        if connection is not None and connection[2].expired:
+            raise connection[2].error() from err
         if isinstance(runner, Client) and runner.status != "running":
             raise _lost(shared) from err
         raise
@@ -273,7 +275,7 @@ def segment_collection(config: dict[str, Any]) -> list[dict[str, Any]]:
     retried = (flow_run.run_count or 1) > 1
     prepared = prepare_run(RunConfig(**config), resume=True if retried else None)
     cfg = prepared.config
-    shared.run_id[:] = [str(flow_run.get_id())]
+    shared.run_id = str(flow_run.get_id())
     unreported.settle(cfg.output, api_url(), logger)
     logger.info(
         "%d image(s) from %s into %s with %s",
@@ -291,9 +293,8 @@ def segment_collection(config: dict[str, Any]) -> list[dict[str, Any]]:
     submitted: list[Any] = []
     try:
         blocks = sum(len(p.grid()) for p in plans)
-        shared.tracker.append(
-            monitor.RunProgress(len(plans), blocks, report=reporter.fn, reach=reach)
-        )
+        tracker = monitor.RunProgress(len(plans), blocks, report=reporter.fn, reach=reach)
+        shared.tracker = tracker
         inline = in_process(prepared)
         with contextlib.ExitStack() as stack:
             client = None if inline else stack.enter_context(connect_run(cfg))
@@ -307,7 +308,7 @@ def segment_collection(config: dict[str, Any]) -> list[dict[str, Any]]:
                     reporter.note(message)
 
                 watch = stack.enter_context(WorkerWatch(client, address, cfg.worker_wait, say))
-                shared.connection[:] = [(client, address, watch)]
+                shared.connection = (client, address, watch)
                 if cfg.cluster != "local":  # a LocalCluster runs this very environment
                     shared.checked.update(check_workers(client))
                 logger.info(
@@ -340,7 +341,7 @@ def segment_collection(config: dict[str, Any]) -> list[dict[str, Any]]:
                 if client is not None:
                     cancel_all(client)
                 raise
-        shared.tracker[-1].close()
+        tracker.close()
         rows += _orphans(prepared, plans, logger)
         omezarr.write_collection(cfg.output, lifecycle.images(cfg.output))
     finally:
@@ -349,9 +350,8 @@ def segment_collection(config: dict[str, Any]) -> list[dict[str, Any]]:
         for future in submitted:
             future.wait(timeout=WAVE_END)
         prepared.lock.release()
-        shared.tracker.clear()
+        shared.tracker, shared.connection = None, None
         shared.checked.clear()
-        shared.connection.clear()
     t = monitor.summary_artifacts(
         rows,
         title=f"segpipe {cfg.segmenter.name} on {cfg.input} → {cfg.output}",
@@ -361,7 +361,7 @@ def segment_collection(config: dict[str, Any]) -> list[dict[str, Any]]:
     logger.info(monitor.totals_line(t, mode=monitor.run_mode(cfg)))
     if reach.lost is not None:
         logger.warning("the Prefect API was away during the run: %s", brief(reach.lost))
-        shared.api_away[:] = [reach.lost]
+        shared.api_away = reach.lost
     failed = [r for r in rows if r["status"] == "failed"]
     if failed:
         raise ImagesFailedError(

@@ -11,6 +11,7 @@ from rich import box
 from rich.table import Table
 
 from flows.console import fail, out
+from flows.options import numbers
 from segpipe.errors import SegpipeError
 
 EVALUATE_EXAMPLES = """
@@ -29,13 +30,11 @@ def _fmt(value: float | None) -> str:
 def _tile(text: str | None) -> int | list[int] | None:
     if text is None:
         return None
-    try:
-        parts = [int(p) for p in text.replace("x", ",").split(",") if p.strip()]
-    except ValueError as err:
-        raise typer.BadParameter(
-            f"--tile {text!r}: expected an int or comma-separated ints."
-        ) from err
-    return parts[0] if len(parts) == 1 else parts
+    return numbers(
+        text,
+        int,
+        lambda: typer.BadParameter(f"--tile {text!r}: expected an int or comma-separated ints."),
+    )
 
 
 def evaluate(
