@@ -172,7 +172,7 @@ def _normalise_axes(axes: str, shape: Sequence[int], path: str) -> str:
                 f"(axes {axes!r}, shape {tuple(shape)})."
             )
     norm = "".join(out)
-    spatial = norm.replace("C", "").replace("1", "")
+    spatial = _spatial_axes(norm)
     if norm.count("Z") > 1 or norm.count("C") > 1 or spatial not in ("YX", "ZYX"):
         raise UnsupportedImageError(
             f"{path}: cannot interpret axes {axes!r} of shape {tuple(shape)}; "
@@ -221,8 +221,12 @@ def _native(dtype: Any) -> str:
     return str(np.dtype(dtype).newbyteorder("=").name)
 
 
+def _no_level(path: str, level: int, levels: int) -> ConfigError:
+    return ConfigError(f"{path}: level {level} asked; the image has {levels} (0-{levels - 1}).")
+
+
 def _spatial_axes(axes: str) -> str:
-    return "".join(a for a in axes if a not in "C1")
+    return "".join(a for a in axes if a in "ZYX")
 
 
 def _spatial(axes: str, values: Sequence[int]) -> tuple[int, ...]:
@@ -314,10 +318,7 @@ def _tiff_spec(
             index = _pick_series(path, tif.series, series)
             full = tif.series[index]
             if level >= len(full.levels):
-                raise ConfigError(
-                    f"{path}: level {level} asked; the image has {len(full.levels)} "
-                    f"(0-{len(full.levels) - 1})."
-                )
+                raise _no_level(path, level, len(full.levels))
             chosen = full.levels[level]
             one_file = _check_tiff_segments(path, chosen)
             if chosen.dtype is None:
@@ -341,7 +342,7 @@ def _tiff_spec(
                         f"{path}: TIFF is truncated: {declared:.0f} bytes of pixels at offset "
                         f"{offset} do not fit in the file ({fsize} bytes)."
                     )
-                chunks, chunk_bytes = (1,) * len(norm.replace("C", "").replace("1", "")), None
+                chunks, chunk_bytes = (1,) * len(_spatial_axes(norm)), None
             else:
                 offset = None
                 chunk_shape = zarr.open_array(full.aszarr(level=level), mode="r").chunks
@@ -604,10 +605,7 @@ def _ngff_image(path: str, attrs: dict[str, Any], level: int = 0) -> tuple[str, 
         ms = multiscales[0]
         datasets = ms["datasets"]  # from finest to coarsest
         if 0 < len(datasets) <= level:
-            raise ConfigError(
-                f"{path}: level {level} asked; the image has {len(datasets)} "
-                f"(0-{len(datasets) - 1})."
-            )
+            raise _no_level(path, level, len(datasets))
         array_path = str(datasets[level]["path"])
         axes = "".join(_ngff_axis(a) for a in ms.get("axes", []))
     except (KeyError, IndexError, TypeError) as err:
