@@ -253,29 +253,25 @@ def completed_result(plan: ImagePlan) -> ImageResult:
     )
 
 
-def images(root: str) -> list[str]:
-    """The complete images of the store at ``root`` that segpipe wrote, by name."""
+def _folders(root: str) -> list[Path]:
+    """The store's top-level folders that may be images (not segpipe's own `_segpipe`)."""
     top = Path(root)
     if not top.is_dir():
         return []
-    return [
-        child.name
-        for child in sorted(top.iterdir())
-        if child.is_dir()
-        and not child.name.startswith("_")
-        and image_state(child).get("complete") is True
-    ]
+    return [c for c in sorted(top.iterdir()) if c.is_dir() and not c.name.startswith("_")]
+
+
+def images(root: str) -> list[str]:
+    """The complete images of the store at ``root`` that segpipe wrote, by name."""
+    return [c.name for c in _folders(root) if image_state(c).get("complete") is True]
 
 
 def orphans(root: str, names: set[str]) -> list[tuple[str, str]]:
     """Images of the store at ``root`` that segpipe wrote from an input not among
     ``names`` (deleted or renamed since): ``(name, the input it recorded)`` each."""
     out: list[tuple[str, str]] = []
-    top = Path(root)
-    if not top.is_dir():
-        return out
-    for child in sorted(top.iterdir()):
-        if child.name in names or child.name.startswith("_") or not child.is_dir():
+    for child in _folders(root):
+        if child.name in names:
             continue
         source = image_state(child).get("source")
         if isinstance(source, dict) and "path" in source:

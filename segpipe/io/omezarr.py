@@ -220,7 +220,8 @@ def describe_label_values(
     """Add ``properties`` (one per label value) and their `rgba` colours to a label
     image's ``image-label``, or, past `LABEL_VALUES` values (``properties`` None),
     say ``where`` they are described."""
-    ome = dict(attrs.read(label_path)["ome"])
+    current = attrs.read(label_path)
+    ome = dict(current["ome"])
     label = dict(ome["image-label"])
     if properties is None:
         label.pop("properties", None)
@@ -233,7 +234,7 @@ def describe_label_values(
     ome["image-label"] = label
     attrs.update(
         label_path,
-        {"ome": ome, "segpipe": {**attrs.read(label_path).get("segpipe", {}), **segpipe}},
+        {"ome": ome, "segpipe": {**current.get("segpipe", {}), **segpipe}},
     )
 
 

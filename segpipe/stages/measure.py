@@ -224,19 +224,17 @@ def _describe_instances(plan: ImagePlan, objects: Path, rows: int) -> None:
     if rows > omezarr.LABEL_VALUES:
         omezarr.describe_label_values(path, None, where)
         return
-    columns = ["label", "class_name", "area", "area_physical"]
-    table = pq.read_table(
-        objects, columns=[c for c in columns if c in pq.read_schema(objects).names]
-    )
-    values = table.to_pydict()
+    physical = plan.spec.pixel is not None  # then the table has area_physical
+    columns = ["label", "class_name", "area", *(["area_physical"] if physical else [])]
     properties = [
-        {"label-value": int(label), "class": str(name), "area": int(area)}
-        for label, name, area in zip(
-            values["label"], values["class_name"], values["area"], strict=True
-        )
+        {
+            "label-value": int(row["label"]),
+            "class": str(row["class_name"]),
+            "area": int(row["area"]),
+            **({"area_physical": float(row["area_physical"])} if physical else {}),
+        }
+        for row in pq.read_table(objects, columns=columns).to_pylist()
     ]
-    for entry, physical in zip(properties, values.get("area_physical", []), strict=False):
-        entry["area_physical"] = float(physical)
     omezarr.describe_label_values(path, properties, where)
 
 
