@@ -114,7 +114,7 @@ def fill_disk(path: Path) -> None:
     with open(path, "wb") as fh:
         try:
             while True:
-                fh.write(b"\0" * 2**20)
+                fh.write(b"\0" * 2**16)
                 fh.flush()
         except OSError:
             pass

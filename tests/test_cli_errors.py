@@ -285,13 +285,7 @@ def test_disk_full_while_the_parquet_tables_are_written(
 
     def fill_then_open(self, where, *args, **kwargs):  # type: ignore[no-untyped-def]
         if not (disk / "ballast").exists():
-            with open(disk / "ballast", "wb") as fh:
-                try:
-                    while True:
-                        fh.write(b"\0" * 2**16)
-                        fh.flush()
-                except OSError:
-                    pass
+            fill_disk(disk / "ballast")
         opened(self, where, *args, **kwargs)
 
     monkeypatch.setattr(pq.ParquetWriter, "__init__", fill_then_open)
