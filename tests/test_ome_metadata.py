@@ -300,3 +300,25 @@ def test_a_pyramidal_ome_tiff_at_a_chosen_level(run_cli, tmp_path) -> None:
     assert scales[0] == pytest.approx([0.5, 0.5]) and units == ["micrometer"] * 2
     too_far = run_cli("-i", str(path), "-o", str(tmp_path / "x.zarr"), "--level", "3")
     assert "level 3 asked; the image has 3 (0-2)" in " ".join(too_far.output.split())
+
+
+@pytest.mark.parametrize(
+    "meta, expected",
+    [
+        ({"PhysicalSizeXUnit": "nm", "PhysicalSizeYUnit": "µm"}, ((0.3, 0.0002), "micrometer")),
+        ({"PhysicalSizeXUnit": "nm", "PhysicalSizeYUnit": "nm"}, ((0.3, 0.2), "nanometer")),
+        ({"PhysicalSizeXUnit": "furlong"}, None),  # a unit that is not known: no size
+    ],
+)
+def test_ome_xml_units_per_axis(tmp_path: Path, meta: dict, expected) -> None:
+    path = tmp_path / "u.ome.tif"
+    tifffile.imwrite(
+        path, np.zeros((32, 32), np.uint16), ome=True,
+        metadata={"axes": "YX", "PhysicalSizeX": 0.2, "PhysicalSizeY": 0.3, **meta},
+    )  # fmt: skip
+    pixel = open_source(str(path)).pixel
+    if expected is None:
+        assert pixel is None
+    else:
+        assert pixel is not None and pixel.unit == expected[1]
+        assert pixel.sizes == pytest.approx(expected[0])

@@ -64,6 +64,31 @@ class PixelSize:
         return math.prod(self.sizes)
 
 
+_METERS = {
+    "picometer": 1e-12,
+    "angstrom": 1e-10,
+    "nanometer": 1e-9,
+    "micrometer": 1e-6,
+    "millimeter": 1e-3,
+    "centimeter": 1e-2,
+    "inch": 0.0254,
+    "meter": 1.0,
+}
+
+
+def _one_unit(
+    sizes: Sequence[float | None], units: Sequence[str | None]
+) -> tuple[list[float | None], str | None]:
+    """Sizes in one unit: their own when they share it, else micrometres; no unit when
+    one of them has none that is known."""
+    if None in units:
+        return list(sizes), None
+    if len(set(units)) == 1:
+        return list(sizes), units[0]
+    to_um = [_METERS[str(u)] / 1e-6 for u in units]
+    return [None if s is None else s * f for s, f in zip(sizes, to_um, strict=True)], "micrometer"
+
+
 def _valid(sizes: Sequence[float | None], unit: str | None, origin: str) -> PixelSize | None:
     if unit is None or any(s is None or not math.isfinite(s) or s <= 0 for s in sizes):
         return None
@@ -79,12 +104,13 @@ def _ome(xml: str, series: int, axes: str) -> PixelSize | None:
     if series >= len(pixels):
         return None
     attrs = pixels[series].attrib
-    sizes, units = [], set()
+    sizes: list[float | None] = []
+    units: list[str | None] = []
     for axis in axes:
         value = attrs.get(f"PhysicalSize{axis}")
         sizes.append(float(value) if value is not None else None)
-        units.add(ngff_unit(attrs.get(f"PhysicalSize{axis}Unit", "µm")))
-    return _valid(sizes, units.pop() if len(units) == 1 else None, "OME-XML")
+        units.append(ngff_unit(attrs.get(f"PhysicalSize{axis}Unit", "µm")))
+    return _valid(*_one_unit(sizes, units), "OME-XML")
 
 
 def from_tiff(tif: Any, series: int, axes: str) -> PixelSize | None:
@@ -137,8 +163,8 @@ def from_ngff(multiscales: dict[str, Any], axes: str, level: int = 0) -> PixelSi
         return None
     if any(a not in spatial for a in axes):
         return None
-    units = {ngff_unit(str(spatial[a][2] or "")) for a in axes}
-    found = _valid([spatial[a][0] for a in axes], units.pop() if len(units) == 1 else None, "NGFF")
+    units = [ngff_unit(str(spatial[a][2] or "")) for a in axes]
+    found = _valid(*_one_unit([spatial[a][0] for a in axes], units), "NGFF")
     if found is not None and shifted:
         found = replace(found, offset=tuple(spatial[a][1] for a in axes))
     return found
