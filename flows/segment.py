@@ -22,7 +22,6 @@ from segpipe.config import RunConfig
 from segpipe.engine import Inline
 from segpipe.errors import ImagesFailedError, SchedulerLostError, SegpipeError
 from segpipe.image import ImagePlan, ImageResult
-from segpipe.io import omezarr
 from segpipe.io.readers import image_name
 from segpipe.io.store import (
     image_state,
@@ -343,7 +342,7 @@ def segment_collection(config: dict[str, Any]) -> list[dict[str, Any]]:
                 raise
         tracker.close()
         rows += _orphans(prepared, plans, logger)
-        omezarr.write_collection(cfg.output, lifecycle.images(cfg.output))
+        lifecycle.write_layout(cfg.output, [p.spec.path for p in plans])
     finally:
         # The output stays locked while a wave still runs: after an error or an
         # interrupt, the waves end within seconds of the client's closing.

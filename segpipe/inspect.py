@@ -13,7 +13,7 @@ from typing import Any
 import zarr
 
 from segpipe.errors import InputNotFoundError, InputReadError
-from segpipe.io.store import COLLECTION, KEY, attrs_section
+from segpipe.io.store import KEY, attrs_section, image_groups
 from segpipe.panoptic import read_attrs
 
 TABLES = "tables"
@@ -157,7 +157,7 @@ def inspect_image(root: Path, group_path: Path) -> ImageInfo:
     recorded = state.get("source")
     source = str(recorded["path"]) if isinstance(recorded, dict) and "path" in recorded else None
     return ImageInfo(
-        name=group_path.name,
+        name=group_path.relative_to(root).as_posix(),
         complete=bool(state.get("complete", False)),
         shape=tuple(shape) if shape is not None else None,
         objects=state.get("objects"),
@@ -198,17 +198,12 @@ def inspect_store(path: str | os.PathLike[str]) -> StoreInfo:
         raise InputReadError(f"{root}: not a Zarr group ({type(err).__name__}: {err}).") from err
     run = attrs_section(group, KEY)
     images = []
-    for child in sorted(root.iterdir()):
-        if (
-            not child.is_dir()
-            or child.name.startswith("_")
-            or child.name == COLLECTION  # the list of the images, not one
-            or not (child / "zarr.json").is_file()
-        ):
+    for child in image_groups(root):
+        if not (child / "zarr.json").is_file():
             continue
         try:
             node = zarr.open_group(str(child), mode="r")
-        except Exception:  # an array or foreign node at the top level: not an image
+        except Exception:  # an array or foreign node: not an image
             continue
         if KEY in _attrs(node) or "ome" in _attrs(node):
             images.append(inspect_image(root, child))

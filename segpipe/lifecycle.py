@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ import numpy as np
 from segpipe.deep import provenance
 from segpipe.errors import OutputConflictError
 from segpipe.image import ImagePlan, ImageResult, owned, span
-from segpipe.io import store, written
+from segpipe.io import omezarr, plate, store, written
 from segpipe.io.markers import RUN_KEY, UNREADABLE, Markers, read_marker, save_npz
 from segpipe.io.readers import SourceSpec
 from segpipe.io.store import image_state, mark_image
@@ -28,10 +29,12 @@ __all__ = [
     "completed_result",
     "damaged_result",
     "finish",
+    "images",
     "orphans",
     "prune",
     "record_failure",
     "source_identity",
+    "write_layout",
     "write_manifest",
     "write_provenance",
 ]
@@ -253,30 +256,37 @@ def completed_result(plan: ImagePlan) -> ImageResult:
     )
 
 
-def _folders(root: str) -> list[Path]:
-    """The store's top-level folders that may be images (not segpipe's own `_segpipe`)."""
-    top = Path(root)
-    if not top.is_dir():
-        return []
-    return [c for c in sorted(top.iterdir()) if c.is_dir() and not c.name.startswith("_")]
-
-
 def images(root: str) -> list[str]:
     """The complete images of the store at ``root`` that segpipe wrote, by name."""
-    return [c.name for c in _folders(root) if image_state(c).get("complete") is True]
+    return [n for n, g in store.image_names(root).items() if image_state(g).get("complete") is True]
 
 
 def orphans(root: str, names: set[str]) -> list[tuple[str, str]]:
     """Images of the store at ``root`` that segpipe wrote from an input not among
     ``names`` (deleted or renamed since): ``(name, the input it recorded)`` each."""
     out: list[tuple[str, str]] = []
-    for child in _folders(root):
-        if child.name in names:
+    for name, group in store.image_names(root).items():
+        if name in names:
             continue
-        source = image_state(child).get("source")
+        source = image_state(group).get("source")
         if isinstance(source, dict) and "path" in source:
-            out.append((child.name, str(source["path"])))
+            out.append((name, str(source["path"])))
     return out
+
+
+def write_layout(root: str, inputs: Sequence[str]) -> None:
+    """Say at the store's root what it holds, for viewers and OME-Zarr tools: a plate
+    (`segpipe.io.plate`) when every complete image is a plate field, with the rows,
+    columns and acquisitions of the plate the ``inputs`` came from; otherwise the
+    collection's list of images (`segpipe.io.omezarr.write_collection`)."""
+    names = images(root)
+    if names and all(len(n.split("/")) == plate.DEPTH for n in names):
+        source = next(
+            (str(Path(p).parents[plate.DEPTH - 1]) for p in inputs if plate.field_name(p)), None
+        )
+        plate.write_plate(root, names, source)
+    else:
+        omezarr.write_collection(root, names)
 
 
 def prune(root: str, name: str) -> None:

@@ -27,6 +27,7 @@ from segpipe import lifecycle, panoptic
 from segpipe.engine import WINDOW, Inline, Runner, gpu_resources, output_error
 from segpipe.errors import SegpipeError
 from segpipe.image import ImagePlan, ImageResult, ProgressFn, noop
+from segpipe.io import store
 from segpipe.io.store import mark_image
 from segpipe.stages import STAGES, ImageRun
 
@@ -232,7 +233,14 @@ def run_images(
     Returns
     -------
     list of Outcome
+
+    Raises
+    ------
+    OutputConflictError
+        If a plate's row or well group is in the store but segpipe did not write it.
     """
+    for plan in plans:  # here, before any task: fields of one well would race for it
+        store.make_parents(plan.root, plan.name)
     if isinstance(client, Inline):
         inline = []
         for plan in plans:

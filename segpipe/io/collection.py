@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from segpipe.errors import ConfigError, InputNotFoundError, InputReadError
+from segpipe.io import plate
 from segpipe.io.readers import SUFFIXES, ZARR_SUFFIXES, image_name
 
 MANIFEST_SUFFIXES = (".txt", ".csv")
@@ -109,7 +110,8 @@ def resolve_inputs(
     Parameters
     ----------
     spec : str or PathLike
-        An image file, a Zarr store, a directory of images (hidden files and
+        An image file, a Zarr store, an NGFF plate (its fields, `segpipe.io.plate`),
+        a directory of images (hidden files and
         non-images ignored), a glob pattern (``**`` recurses), or a manifest
         (``.txt``: one path per line; ``.csv``: the first column, or the column
         a header names ``path``/``file``/``image``), with ``#`` comment lines
@@ -147,15 +149,21 @@ def resolve_inputs(
         paths = _from_manifest(path, missing_ok=missing_ok)
     else:
         paths = [str(path)]
+    paths = [f for p in paths for f in (plate.fields(p) if plate.is_plate(p) else [p])]
     paths = [os.path.abspath(p) for p in paths]
     seen: dict[str, str] = {}
     for p in paths:
         # casefold: 'A.tif' and 'a.tif' collide on macOS and Windows file systems
         key = image_name(p).casefold()
         if key in seen:
+            advice = (
+                "segment each plate into its own output"
+                if plate.field_name(p) is not None
+                else "rename one"
+            )
             raise ConfigError(
                 f"{p}: its output name {image_name(p)!r} is also that of {seen[key]} "
-                "(names ignore case and image suffixes); rename one."
+                f"(names ignore case and image suffixes); {advice}."
             )
         seen[key] = p
     return paths

@@ -28,7 +28,7 @@ from segpipe.errors import (
     SegpipeError,
     UnsupportedImageError,
 )
-from segpipe.io import physical, tiff_tiles
+from segpipe.io import physical, plate, tiff_tiles
 from segpipe.io.physical import PixelSize
 
 Channel = int | Literal["mean", "max", "sum"] | None
@@ -118,7 +118,8 @@ class SourceSpec:
 
 
 def image_name(path: str | Path) -> str:
-    """The output name of an input: its file name without image suffixes.
+    """The output name of an input: its file name without image suffixes, or a plate
+    field's path in its plate (``A/1/0``, `segpipe.io.plate`).
 
     A name that would be ``zarr.json`` keeps its suffix: the image's folder
     would land on the metadata file of the output store's root.
@@ -126,6 +127,8 @@ def image_name(path: str | Path) -> str:
     >>> image_name("/data/cells.ome.tif"), image_name("zarr.json.tif")
     ('cells', 'zarr.json.tif')
     """
+    if (field := plate.field_name(path)) is not None:
+        return field
     name = Path(str(path).rstrip("/")).name
     for suffix in sorted(SUFFIXES, key=len, reverse=True):
         if name.lower().endswith(suffix) and len(name) > len(suffix):

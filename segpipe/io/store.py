@@ -19,7 +19,7 @@ from typing import Any
 import zarr
 
 from segpipe.errors import ConfigError, OutputConflictError, OutputLockedError, OutputWriteError
-from segpipe.io import attrs
+from segpipe.io import attrs, plate
 
 SCRATCH = "_segpipe"
 STORE_MARK = "store.json"  # OUT/_segpipe/store.json: this store was made by segpipe
@@ -44,31 +44,88 @@ def check_name(root: str | Path, name: str, source: str) -> Path:
     """The image's folder in ``root``, refusing names that would land outside it, on
     segpipe's own folder or on the collection's (`COLLECTION`).
 
+    A name is one plain folder name, or a plate field's ``ROW/COLUMN/FIELD``
+    (`segpipe.io.plate`), each part plain.
+
     Raises
     ------
     ConfigError
         Naming the input whose name is unusable.
     """
     root_path = Path(root).resolve()
+    parts = name.split("/")
     target = (root_path / name).resolve()
     if (
         not name
-        or name in (".", "..")
-        or name.startswith(("_", "."))
-        or os.sep in name
+        or len(parts) not in (1, plate.DEPTH)
+        or any(p in ("", ".", "..") or p.startswith(("_", ".")) for p in parts)
+        or (os.sep != "/" and os.sep in name)
         or (os.altsep and os.altsep in name)
-        or target.parent != root_path
+        or target.parents[len(parts) - 1] != root_path
     ):
         raise ConfigError(
             f"{source}: output name {name!r} is not a plain folder name inside {root_path}; "
             "rename the file."
         )
-    if name == COLLECTION:
+    if parts[0] == COLLECTION:
         raise ConfigError(
             f"{source}: output name {name!r} is the group listing the store's images "
             f"({root_path / COLLECTION}); rename the file."
         )
     return target
+
+
+CONTAINER = "container"
+"""segpipe's attribute of a plate's row and well groups it wrote (no image of its own)."""
+
+
+def make_parents(root: str | Path, name: str) -> None:
+    """Create the row and well groups above a plate field ``name``, marked as segpipe's.
+
+    Raises
+    ------
+    OutputConflictError
+        If one exists but segpipe did not write it (it is never written into).
+    """
+    parts = name.split("/")
+    for depth, kind in zip(range(1, len(parts)), ("row", "well"), strict=False):
+        group = Path(root).joinpath(*parts[:depth])
+        if os.path.lexists(group) and not _written_by_us(group):
+            raise OutputConflictError(
+                f"{group}: exists but was not written by segpipe; it is left alone. Move "
+                "it, or choose another output."
+            )
+        if not group.exists():
+            attrs.update(group, {KEY: {CONTAINER: kind}})
+
+
+def image_groups(root: str | Path) -> list[Path]:
+    """The store's groups that may be images, sorted: its top-level folders (not
+    segpipe's own ``_segpipe`` nor the `COLLECTION` list), and the fields inside the
+    plate row and well groups segpipe wrote."""
+    top = Path(root)
+    if not top.is_dir():
+        return []
+    out: list[Path] = []
+
+    def visit(folder: Path, depth: int) -> None:
+        for child in sorted(folder.iterdir()):
+            if not child.is_dir() or child.is_symlink() or child.name.startswith(("_", ".")):
+                continue
+            if depth == 0 and child.name == COLLECTION:
+                continue
+            if depth < plate.DEPTH - 1 and CONTAINER in image_state(child):
+                visit(child, depth + 1)
+            else:
+                out.append(child)
+
+    visit(top, 0)
+    return out
+
+
+def image_names(root: str | Path) -> dict[str, Path]:
+    """`image_groups` by name (their path in the store, ``/``-separated)."""
+    return {g.relative_to(root).as_posix(): g for g in image_groups(root)}
 
 
 def fingerprint(settings: dict[str, Any]) -> str:

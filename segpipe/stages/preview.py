@@ -68,8 +68,8 @@ def preview_task(
 
 
 def preview_path(plan: ImagePlan) -> Path:
-    """``OUT/<name>/previews/<name>.png``."""
-    return Path(plan.group) / PREVIEWS / f"{plan.name}.png"
+    """``OUT/<name>/previews/<name>.png`` (a plate field ``A/1/0``: ``A_1_0.png``)."""
+    return Path(plan.group) / PREVIEWS / f"{plan.name.replace('/', '_')}.png"
 
 
 def write_preview(
