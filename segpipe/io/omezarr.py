@@ -105,35 +105,79 @@ def create_array(
     dtype: Any,
     labels: bool = False,
     compress: bool = True,
+    inner: Sequence[int] | None = None,
 ) -> None:
     """Create (replacing) a chunked Zarr v3 array with segpipe's codec choices.
 
     ``compress=False`` is for scratch arrays of noisy floats (the filtered image):
     they shrink ~1.2x, and compressing costs more time than it saves in I/O.
+    ``inner`` makes each chunk (the block a task writes) a shard of inner chunks of
+    about that shape (`inner_chunks`), so that a viewer reads a small region
+    without decoding the whole block; None, or inner chunks as large as the chunk,
+    leave the array unsharded.
     """
     path = Path(path)
     if path.exists():
         shutil.rmtree(path)
+    grid, small = chunking(shape, chunks, inner)
+    edges = list(grid)
+    sharded = small != grid
     codec = "none" if not compress else "labels" if labels else "image"
-    meta = dict(_array_template(np.dtype(dtype).str, codec, len(shape)))
+    meta = dict(_array_template(np.dtype(dtype).str, codec, len(shape), sharded))
     meta["shape"] = list(shape)
-    edges = [min(c, max(s, 1)) for c, s in zip(chunks, shape, strict=True)]
     meta["chunk_grid"] = {"name": "regular", "configuration": {"chunk_shape": edges}}
+    if sharded:
+        shard = dict(meta["codecs"][0])
+        shard["configuration"] = {**shard["configuration"], "chunk_shape": list(small)}
+        meta["codecs"] = [shard]
     path.mkdir(parents=True)
     (path / "zarr.json").write_text(json.dumps(meta), encoding="utf-8")
 
 
+def chunking(
+    shape: Sequence[int], chunks: Sequence[int], inner: Sequence[int] | None
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The chunk grid (shards, when sharded) and the chunks inside them that
+    `create_array` gives an array of ``shape``: equal when it is unsharded; zarr's
+    ``(array.shards or array.chunks, array.chunks)``."""
+    grid = tuple(min(c, max(s, 1)) for c, s in zip(chunks, shape, strict=True))
+    small = None if inner is None else inner_chunks(grid, inner)
+    return grid, grid if small is None else small
+
+
+def inner_chunks(chunks: Sequence[int], inner: Sequence[int]) -> tuple[int, ...] | None:
+    """The inner chunks of a shard of shape ``chunks``: per axis the largest edge up to
+    ``inner`` that divides the shard's (zarr requires whole inner chunks), at least
+    half of ``inner``, else the shard's whole edge; None when that is the whole shard.
+
+    Examples
+    --------
+    >>> inner_chunks((2048, 2048), (256, 256)), inner_chunks((300, 1000), (256, 256))
+    ((256, 256), (150, 250))
+    >>> inner_chunks((256, 256), (256, 256)) is None, inner_chunks((64, 997), (1, 256))
+    (True, (1, 997))
+    """
+    out = []
+    for c, i in zip(chunks, inner, strict=True):
+        fits = [d for d in range(min(i, c), max(i // 2, 1) - 1, -1) if c % d == 0]
+        out.append(fits[0] if c > i and fits else c)
+    small = tuple(out)
+    return None if small == tuple(chunks) else small
+
+
 @functools.lru_cache(maxsize=32)
-def _array_template(dtype: str, codec: str, ndim: int) -> dict[str, Any]:
+def _array_template(dtype: str, codec: str, ndim: int, sharded: bool = False) -> dict[str, Any]:
     """The ``zarr.json`` zarr writes for one of segpipe's arrays of this dtype, codec and
-    dimensionality (made once per process in memory; each array then gets its shape
-    and chunks written straight to its file: through zarr a creation took ~2 ms)."""
+    dimensionality, sharded or not (made once per process in memory; each array then
+    gets its shape, chunks and inner chunks written straight to its file: through zarr
+    a creation took ~2 ms)."""
     store: dict[str, Any] = {}
     compressors = {"none": None, "labels": LABEL_CODEC, "image": IMAGE_CODEC}[codec]
     zarr.create_array(
         store=store,
-        shape=(1,) * ndim,
+        shape=(2 if sharded else 1,) * ndim,
         chunks=(1,) * ndim,
+        shards=(2,) * ndim if sharded else None,
         dtype=np.dtype(dtype),
         compressors=compressors,
         fill_value=0,
