@@ -293,6 +293,13 @@ def run(
     halo: Annotated[
         str | None, typer.Option(help="'auto' (what the segmenter declares) or pixels.")
     ] = None,
+    viewer_chunk: Annotated[
+        str | None,
+        typer.Option(
+            help="Inner chunk of the sharded outputs: 256 (Y/X; volumes one plane deep), "
+            "one per axis: 1,256,256, or 0 for unsharded outputs (one chunk a block)."
+        ),
+    ] = None,
     cluster: Annotated[
         str | None,
         typer.Option(
@@ -364,6 +371,7 @@ def run(
             "segmenter": segmenter,
             "tile": _parse_tile(tile),
             "halo": None if halo is None else parse_value(halo),
+            "viewer_chunk": _parse_viewer_chunk(viewer_chunk),
             "cluster": cluster,
             "set": parse_sets(set_ or []),
             "channel": None if channel is None else parse_value(channel),
@@ -423,6 +431,18 @@ def _parse_tile(text: str | None) -> str | int | list[int] | None:
         text,
         int,
         lambda: SegpipeError(f"--tile {text!r}: expected auto, an int or comma-separated ints."),
+    )
+
+
+def _parse_viewer_chunk(text: str | None) -> int | list[int] | None:
+    if text is None:
+        return None
+    return numbers(
+        text,
+        int,
+        lambda: SegpipeError(
+            f"--viewer-chunk {text!r}: expected an int (0: unsharded) or comma-separated ints."
+        ),
     )
 
 

@@ -90,8 +90,15 @@ def make_plan(prepared: Prepared, spec: SourceSpec) -> ImagePlan:
     halo = prepared.config.halo
     halos = None if halo == "auto" else ((halo,) * ndim if isinstance(halo, int) else tuple(halo))
     catalogue = catalogue_for(prepared.segmenter, prepared.config.classes)
+    inner = prepared.config.viewer_chunk
     return ImagePlan(
-        spec, prepared.config.output, tiles, prepared.segmenter, halos, catalogue=catalogue
+        spec,
+        prepared.config.output,
+        tiles,
+        prepared.segmenter,
+        halos,
+        catalogue=catalogue,
+        viewer_chunk=tuple(inner) if isinstance(inner, list) else inner,
     )
 
 

@@ -256,6 +256,36 @@ def block_tile(
     return tuple(int(t) for t in tile)
 
 
+VIEWER_CHUNK = 0
+"""``viewer_chunk`` by default: unsharded outputs. Sharded ones (``viewer_chunk: 256``)
+let a viewer read a 256² region by decoding one inner chunk instead of a whole 2048²
+block, but measured slower end to end (``python -m bench.sharding``; figures in the
+README's output layout): each inner chunk is copied out of the block and coded alone."""
+
+
+def viewer_inner(value: int | Sequence[int] | None, ndim: int) -> tuple[int, ...] | None:
+    """The inner chunk shape of sharded outputs from ``RunConfig.viewer_chunk``; None
+    for unsharded outputs (``0`` or null).
+
+    One int is the Y and X edge, and a volume's inner chunks are one plane deep (what
+    a viewer draws of a volume); a list gives every axis.
+
+    Examples
+    --------
+    >>> viewer_inner(256, 2), viewer_inner(256, 3), viewer_inner([16, 64, 64], 3)
+    ((256, 256), (1, 256, 256), (16, 64, 64))
+    >>> viewer_inner(0, 2) is None, viewer_inner(None, 3) is None
+    (True, True)
+    """
+    if not value:
+        return None
+    if isinstance(value, int):
+        return (1,) * (ndim - 2) + (value,) * min(ndim, 2)
+    if len(value) != ndim:
+        raise ConfigError(f"viewer_chunk {list(value)!r}: expected one int or {ndim} ints")
+    return tuple(int(v) for v in value)
+
+
 class RunConfig(BaseModel):
     """What one ``segpipe run`` does. Field names are the keys of ``run.yaml``."""
 
@@ -267,6 +297,13 @@ class RunConfig(BaseModel):
     """The output store, e.g. ``out.zarr``; results land in ``out.zarr/<image name>/``."""
     tile: Literal["auto"] | int | list[int] = "auto"
     """Block edge in pixels: one int, or one per axis; ``auto``: `block_tile`."""
+    viewer_chunk: int | list[int] | None = VIEWER_CHUNK
+    """Inner chunk of the output arrays, which are then sharded (Zarr v3 sharding),
+    e.g. 256: each block a task writes is one file (a shard) of inner chunks of this
+    edge, which viewers read one by one. One int: the Y and X edge (volumes: one plane
+    deep); or one per axis. ``0`` or null (the default): unsharded, one chunk a block.
+    Scratch is never sharded. A store keeps the layout it was made with: resuming
+    with another is refused."""
     halo: Literal["auto"] | int | list[int] = "auto"
     """Context per side in pixels; ``auto`` is what the segmenter declares."""
     cluster: str = "local"
@@ -336,6 +373,16 @@ class RunConfig(BaseModel):
             raise ValueError(f"expected a positive tile size, got {v!r} instead")
         return v
 
+    @field_validator("viewer_chunk")
+    @classmethod
+    def _viewer_chunk(cls, v: int | list[int] | None) -> int | list[int] | None:
+        values = [] if v is None else [v] if isinstance(v, int) else v
+        if isinstance(v, list) and (not v or any(c < 1 for c in values)):
+            raise ValueError(f"expected positive inner chunk edges, got {v!r} instead")
+        if isinstance(v, int) and v < 0:
+            raise ValueError(f"expected 0 (unsharded) or an edge above 0, got {v!r} instead")
+        return v
+
     @field_validator("halo")
     @classmethod
     def _halo_not_negative(cls, v: str | int | list[int]) -> str | int | list[int]:
@@ -374,7 +421,8 @@ class RunConfig(BaseModel):
         )
 
     def run_settings(self) -> dict[str, Any]:
-        """Settings that decide output pixels: a changed one makes it a different run."""
+        """Settings that decide the output (its pixels, blocks and array layout): a changed
+        one makes it a different run."""
         settings = {
             "segmenter": self.segmenter.name,
             "options": self.segmenter.options(),
@@ -388,15 +436,18 @@ class RunConfig(BaseModel):
             settings["series"] = self.series
         if self.level:  # likewise
             settings["level"] = self.level
+        if self.viewer_chunk:  # the arrays' layout: a resume must not mix two
+            settings["viewer_chunk"] = self.viewer_chunk
         return settings
 
 
 def check_image_options(config: RunConfig, segmenter: Segmenter, spec: SourceSpec) -> None:
     """Refuse options that do not fit one image, before any compute.
 
-    Checks what `RunConfig` alone cannot: a per-axis ``tile`` or ``halo`` has one value per
-    axis of the image, and the segmenter's filters fit it (`Segmenter.check_image`:
-    ``sigma`` per axis and a Gaussian no wider than the image).
+    Checks what `RunConfig` alone cannot: a per-axis ``tile``, ``halo`` or
+    ``viewer_chunk`` has one value per axis of the image, and the segmenter's filters
+    fit it (`Segmenter.check_image`: ``sigma`` per axis and a Gaussian no wider than
+    the image).
 
     Raises
     ------
@@ -405,7 +456,11 @@ def check_image_options(config: RunConfig, segmenter: Segmenter, spec: SourceSpe
     """
     ndim = len(spec.shape)
     # `block_tile` takes a tile list of ndim values; `parse_per_axis` a halo of 1 or ndim
-    for option, value, fits in (("tile", config.tile, {ndim}), ("halo", config.halo, {1, ndim})):
+    for option, value, fits in (
+        ("tile", config.tile, {ndim}),
+        ("halo", config.halo, {1, ndim}),
+        ("viewer_chunk", config.viewer_chunk, {ndim}),
+    ):
         if isinstance(value, list) and len(value) not in fits:
             raise ConfigError(
                 f"{spec.path}: {option} {value!r} has {len(value)} values for a {ndim}D image "

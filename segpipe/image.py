@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from segpipe.blocks import BlockGrid
+from segpipe.config import VIEWER_CHUNK, viewer_inner
 from segpipe.errors import ConfigError
 from segpipe.io import omezarr
 from segpipe.io.markers import Markers
@@ -94,6 +95,7 @@ class ImagePlan:
     halo: tuple[int, ...] | None = None  # None: what the segmenter declares
     catalogue: Any = None  # panoptic.Catalogue; None: the segmenter's classes
     token: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
+    viewer_chunk: int | tuple[int, ...] | None = VIEWER_CHUNK  # `RunConfig.viewer_chunk`
 
     def __post_init__(self) -> None:
         check_tile(self.spec, self.tile)
@@ -105,6 +107,11 @@ class ImagePlan:
     @property
     def ndim(self) -> int:
         return len(self.spec.shape)
+
+    @property
+    def inner(self) -> tuple[int, ...] | None:
+        """Inner chunks of the sharded result arrays; None: unsharded."""
+        return viewer_inner(self.viewer_chunk, self.ndim)
 
     @property
     def group(self) -> str:
