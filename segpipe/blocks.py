@@ -136,26 +136,93 @@ class BlockGrid:
                 yield a, b, d
 
 
-def pass_levels(levels: int, tile: Sequence[int]) -> int:
-    """How many pyramid levels above 0 the relabel pass writes from its blocks
-    (`segpipe.relabel`).
+VIEW_SIZE = 256
+"""A viewer's tile: a volume's pyramid goes on until every axis fits in it."""
 
-    Level k is written there when a block's every 2^k-th Y/X pixel is exactly one
-    chunk of it (the tile divisible by 2^k) and that chunk is at least `MIN_LEVEL_CHUNK`
-    a side (any size for level 1); the pyramid tasks build the levels above.
-    ``levels`` counts the pyramid's levels, level 0 included.
 
-    Examples
-    --------
-    >>> pass_levels(3, (2048, 2048)), pass_levels(6, (2048, 2048)), pass_levels(6, (100, 100))
-    (2, 3, 1)
+@dataclass(frozen=True)
+class Pyramid:
+    """The levels of an image's pyramids: each level's step per axis from the level
+    below (1 kept, 2 halved, every second pixel), level 0 first (all 1).
+
+    Y and X are halved together while the larger exceeds the size the pyramid stops
+    at; a volume's Z is halved while it exceeds that size, so thin stacks keep their
+    planes and deep ones shrink in Z too (anisotropic). Planes stop at the tile (one
+    tile is one chunk, read whole), volumes at `VIEW_SIZE` (a volume's chunk is read
+    for every plane a viewer shows).
     """
-    k = 0
-    while k + 1 < levels:
-        step = 2 ** (k + 1)
-        if any(t % step for t in tile[-2:]):
-            break
-        if k > 0 and min(tile[-2:]) // step < MIN_LEVEL_CHUNK:
-            break
-        k += 1
-    return k
+
+    steps: tuple[tuple[int, ...], ...]
+    shapes: tuple[tuple[int, ...], ...]
+
+    @classmethod
+    def build(cls, shape: Sequence[int], tile: Sequence[int]) -> Pyramid:
+        """The pyramid of an image of ``shape`` in blocks of ``tile``.
+
+        Examples
+        --------
+        >>> Pyramid.build((1000, 1000), (256, 256)).shapes
+        ((1000, 1000), (500, 500), (250, 250))
+        >>> Pyramid.build((24, 512, 512), (24, 512, 512)).steps
+        ((1, 1, 1), (1, 2, 2))
+        >>> Pyramid.build((1000, 900, 800), (256, 256, 256)).shapes[-1]
+        (250, 225, 200)
+        """
+        ndim = len(shape)
+        stop = max(VIEW_SIZE, min(tile[-2:])) if ndim == 2 else VIEW_SIZE
+        steps = [(1,) * ndim]
+        shapes = [tuple(int(n) for n in shape)]
+        while True:
+            cur = shapes[-1]
+            plane = 2 if max(cur[-2:]) > stop else 1
+            deep = 2 if ndim == 3 and cur[0] > stop else 1
+            step = (deep, plane, plane)[3 - ndim :]
+            if max(step) == 1:
+                break
+            steps.append(step)
+            shapes.append(tuple(-(-n // s) for n, s in zip(cur, step, strict=True)))
+        return cls(tuple(steps), tuple(shapes))
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def factor(self, level: int) -> tuple[int, ...]:
+        """Level 0 pixels per level ``level`` pixel, per axis."""
+        out = [1] * len(self.steps[0])
+        for step in self.steps[1 : level + 1]:
+            out = [f * s for f, s in zip(out, step, strict=True)]
+        return tuple(out)
+
+    def region(self, region: Region, level: int) -> Region:
+        """``region`` of level 0 at level ``level`` (its start a multiple of the factor)."""
+        return tuple(
+            slice(s.start // f, -(-s.stop // f))
+            for s, f in zip(region, self.factor(level), strict=True)
+        )
+
+    def pass_levels(self, tile: Sequence[int]) -> int:
+        """How many levels above 0 the relabel pass writes from its blocks
+        (`segpipe.stages.write`).
+
+        Level k is written there when a block's every factor-th pixel is exactly one
+        chunk of it (the tile divisible by the factor) and that chunk is at least
+        `MIN_LEVEL_CHUNK` a side in Y and X (any size for level 1); the pyramid tasks
+        build the levels above.
+
+        Examples
+        --------
+        >>> Pyramid.build((8192, 8192), (2048, 2048)).pass_levels((2048, 2048))
+        2
+        >>> Pyramid.build((8192, 8192), (100, 100)).pass_levels((100, 100))
+        1
+        """
+        k = 0
+        while k + 1 < len(self):
+            factor = self.factor(k + 1)
+            if any(t % f for t, f in zip(tile, factor, strict=True)):
+                break
+            side = min(t // f for t, f in zip(tile[-2:], factor[-2:], strict=True))
+            if k > 0 and side < MIN_LEVEL_CHUNK:
+                break
+            k += 1
+        return k

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from segpipe.blocks import pass_levels
+from segpipe.blocks import Pyramid
 from segpipe.config import RunConfig, block_tile
 from segpipe.errors import ConfigError
 from segpipe.io.readers import SourceSpec, open_source
@@ -178,17 +178,6 @@ def neighbour_pair_counts(grid: Sequence[int]) -> dict[tuple[int, ...], int]:
     return out
 
 
-def _pyramid(shape: Sequence[int], tile: Sequence[int]) -> list[tuple[int, ...]]:
-    """Level shapes as `segpipe.io.omezarr.pyramid_shapes` gives them to the write stage
-    (kept here: importing ome-zarr costs most of a plan's second)."""
-    min_size = max(256, min(tile[-2:]))
-    shapes = [tuple(shape)]
-    while max(shapes[-1][-2:]) > min_size:
-        s = shapes[-1]
-        shapes.append((*s[:-2], -(-s[-2] // 2), -(-s[-1] // 2)))
-    return shapes
-
-
 # -- the plan of one image -----------------------------------------------------------
 
 
@@ -296,8 +285,9 @@ def plan_image(
     stored_item = np.dtype(spec.dtype).itemsize * max(spec.n_channels, 1)
     pair_counts = neighbour_pair_counts(grid)
     pairs = sum(pair_counts.values())
-    shapes = _pyramid(shape, tiles)
-    low = pass_levels(len(shapes), tiles)  # levels the relabel pass writes from its blocks
+    pyramid = Pyramid.build(shape, tiles)
+    shapes = pyramid.shapes
+    low = pyramid.pass_levels(tiles)  # levels the relabel pass writes from its blocks
     low_px = sum(math.prod(s) for s in shapes[1 : 1 + low])
     upper = shapes[1 + low :]  # levels written by the pyramid tasks
     up_tasks = sum(math.prod(_blocks(s, tiles)) for s in upper)

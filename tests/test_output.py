@@ -145,7 +145,7 @@ def test_lower_levels_from_the_relabel_pass_equal_striding(
     plan = ImagePlan(
         open_source(path), str(tmp_path / "out.zarr"), (128, 128), get_segmenter("otsu")
     )
-    assert relabel.written_levels(plan) == 2 and len(relabel.level_shapes(plan)) == 4
+    assert relabel.written_levels(plan) == 2 and len(relabel.pyramid(plan)) == 4
     run_image(client, plan)
     image = tifffile.imread(path)
     group = tmp_path / "out.zarr" / "cells"
@@ -161,3 +161,52 @@ def test_lower_levels_from_the_relabel_pass_equal_striding(
         # level 3 is 138 × 113: its one chunk column is cut to the array
         assert [a.chunks for a in arrays] == [(128, 128), (64, 64), (32, 32), (128, 113)]
     assert zarr.open_array(str(group / "labels/instances/0"))[:].max() > 10
+
+
+@pytest.mark.parametrize(
+    "shape, factors, from_blocks",
+    [
+        ((12, 100, 90), [(1, 1, 1), (1, 2, 2), (1, 4, 4)], 2),  # thin: Z kept
+        ((70, 100, 90), [(1, 1, 1), (2, 2, 2), (4, 4, 4)], 1),  # deep: Z halved too
+    ],
+)
+def test_volumes_get_pyramids_halving_only_the_large_axes(
+    client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shape, factors, from_blocks
+) -> None:
+    """A volume's levels halve Y and X, and Z only while it is large (the sizes scaled
+    down: a level stops at 32 instead of 256); the relabel pass writes the levels whose
+    factor divides the tile, the pyramid tasks the others (the deep volume's level 2:
+    the tile's Z, 30, is not a multiple of 4). Every
+    level of the image and of each label image is level 0 taken every factor-th pixel,
+    and its NGFF scale is that factor; ome-zarr-models validates the groups."""
+    from ome_zarr_models.v05.image import Image
+    from ome_zarr_models.v05.image_label import ImageLabel
+
+    from segpipe import blocks
+    from segpipe.image import ImagePlan
+    from segpipe.io.readers import open_source
+    from segpipe.pipeline import run_image
+    from segpipe.segmenters import get_segmenter
+    from segpipe.stages import write as relabel
+
+    monkeypatch.setattr(blocks, "VIEW_SIZE", 32)
+    monkeypatch.setattr(blocks, "MIN_LEVEL_CHUNK", 8)
+    path = synthetic.write_tiff(tmp_path / "cells.tif", shape, seed=4)
+    plan = ImagePlan(
+        open_source(path), str(tmp_path / "out.zarr"), (30, 64, 64), get_segmenter("otsu")
+    )
+    assert relabel.written_levels(plan) == from_blocks
+    run_image(client, plan)
+    image = tifffile.imread(path)
+    group = tmp_path / "out.zarr" / "cells"
+    for sub in ("", *(f"labels/{n}" for n in ("semantic", "instances", "panoptic"))):
+        node = zarr.open_group(str(group / sub), mode="r")
+        datasets = node.attrs["ome"]["multiscales"][0]["datasets"]
+        assert [d["coordinateTransformations"][0]["scale"] for d in datasets] == [
+            list(map(float, f)) for f in factors
+        ]
+        level0 = image if sub == "" else node["0"][:]
+        assert np.array_equal(node["0"][:], level0)
+        for k, (fz, fy, fx) in enumerate(factors[1:], start=1):
+            assert np.array_equal(node[str(k)][:], level0[::fz, ::fy, ::fx]), (sub, k)
+        Image.from_zarr(node) if sub == "" else ImageLabel.from_zarr(node)

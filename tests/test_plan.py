@@ -19,12 +19,10 @@ from flows.plan_cli import register
 from segpipe import synthetic
 from segpipe.blocks import BlockGrid
 from segpipe.config import RunConfig
-from segpipe.io import omezarr
 from segpipe.io.readers import SourceSpec, open_source
 from segpipe.plan import (
     Costs,
     SegmentCost,
-    _pyramid,
     _read_extent,
     load_costs,
     neighbour_pair_counts,
@@ -148,8 +146,6 @@ def test_read_extent_and_pairs_on_many_grids() -> None:
     for shape in [(3, 4, 5), (1, 2, 7), (2, 2, 2)]:
         grid = BlockGrid.build(shape, tile=1)
         assert sum(neighbour_pair_counts(shape).values()) == len(list(grid.neighbour_pairs()))
-    for shape in [(4096, 4096), (30, 5000, 3000)]:
-        assert _pyramid(shape, (1024, 1024)) == omezarr.pyramid_shapes(shape, min_size=1024)
 
 
 def test_wall_time_model() -> None:

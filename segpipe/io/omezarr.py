@@ -20,6 +20,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
+from segpipe.blocks import Pyramid
 from segpipe.io import attrs, chunks, physical, written
 from segpipe.io.physical import PixelSize
 
@@ -191,22 +192,13 @@ def axes_names(ndim: int) -> list[str]:
     return ["z", "y", "x"][3 - ndim :]
 
 
-def pyramid_shapes(shape: Sequence[int], *, min_size: int = 256) -> list[tuple[int, ...]]:
-    """Shapes of each level: Y and X halved (Z kept) until both fit in ``min_size``."""
-    shapes = [tuple(shape)]
-    while max(shapes[-1][-2:]) > min_size:
-        s = shapes[-1]
-        shapes.append((*s[:-2], -(-s[-2] // 2), -(-s[-1] // 2)))
-    return shapes
-
-
-def _datasets(ndim: int, levels: int, pixel: PixelSize | None) -> list[dict[str, Any]]:
+def _datasets(pyramid: Pyramid, pixel: PixelSize | None) -> list[dict[str, Any]]:
     return [
         {
             "path": str(k),
-            "coordinateTransformations": physical.level_transforms(pixel, ndim, k),
+            "coordinateTransformations": physical.level_transforms(pixel, pyramid.factor(k)),
         }
-        for k in range(levels)
+        for k in range(len(pyramid))
     ]
 
 
@@ -217,25 +209,27 @@ def _axes(ndim: int, pixel: PixelSize | None) -> list[dict[str, str]]:
 
 
 def write_image_metadata(
-    group_path: str | Path, *, ndim: int, levels: int, name: str, pixel: PixelSize | None = None
+    group_path: str | Path, *, pyramid: Pyramid, name: str, pixel: PixelSize | None = None
 ) -> None:
-    """NGFF multiscales metadata for the image group; scales in ``pixel``'s unit."""
-    ome = attrs.multiscales(name, _axes(ndim, pixel), _datasets(ndim, levels, pixel))
+    """NGFF multiscales metadata for the image group of ``pyramid``'s levels; scales
+    in ``pixel``'s unit."""
+    ndim = len(pyramid.shapes[0])
+    ome = attrs.multiscales(name, _axes(ndim, pixel), _datasets(pyramid, pixel))
     attrs.update(group_path, {"ome": ome})
 
 
 def write_label_group_metadata(
     label_path: str | Path,
     *,
-    ndim: int,
-    levels: int,
+    pyramid: Pyramid,
     name: str,
     properties: list[dict[str, Any]] | None = None,
     colors: list[dict[str, Any]] | None = None,
     pixel: PixelSize | None = None,
 ) -> None:
     """NGFF multiscales + image-label metadata of one label image."""
-    ome = attrs.multiscales(name, _axes(ndim, pixel), _datasets(ndim, levels, pixel))
+    ndim = len(pyramid.shapes[0])
+    ome = attrs.multiscales(name, _axes(ndim, pixel), _datasets(pyramid, pixel))
     ome["image-label"] = attrs.image_label(properties, colors)
     attrs.update(label_path, {"ome": ome})
 
@@ -305,39 +299,33 @@ def write_labels_index(labels_path: str | Path, names: list[str]) -> None:
 
 
 def downsample_block(src: str, dst: str, region: tuple[slice, ...]) -> None:
-    """Write ``region`` of level k+1 as every second Y/X pixel of level k (nearest).
+    """Write ``region`` of level k+1 as every second pixel of level k (nearest) along
+    each axis level k+1 halves (the axes whose length it has shorter), the others kept.
 
     Level k is read one chunk at a time (each strided into the output, then dropped):
     the 2x2 chunks under one output chunk, read at once, held 4x its size in the
     source dtype (128 MiB for uint64 labels at tile 2048) per worker thread."""
     arr = open_array(src, mode="r")
     chunks_k, shape_k = arr.chunks, arr.shape
+    steps = [
+        2 if m < n else 1 for m, n in zip(open_array(dst, mode="r").shape, shape_k, strict=True)
+    ]
     read = [
-        *region[:-2],
-        *(
-            slice(2 * s.start, min(2 * s.stop, n))
-            for s, n in zip(region[-2:], shape_k[-2:], strict=True)
-        ),
+        slice(f * s.start, min(f * s.stop, n))
+        for s, n, f in zip(region, shape_k, steps, strict=True)
     ]
     out = np.empty(tuple(s.stop - s.start for s in region), dtype=arr.dtype)
     spans = [range(r.start // c, -(-r.stop // c)) for r, c in zip(read, chunks_k, strict=True)]
-    yx = len(read) - 2
     for index in itertools.product(*spans):
         chunk = tuple(
             slice(i * c, min((i + 1) * c, n))
             for i, c, n in zip(index, chunks_k, shape_k, strict=True)
         )
         src_at, dst_at = [], []
-        for axis, (c, r) in enumerate(zip(chunk, read, strict=True)):
+        for c, r, f in zip(chunk, read, steps, strict=True):
             lo, hi = max(c.start, r.start), min(c.stop, r.stop)
-            if axis < yx:  # Z: kept as is
-                src_at.append(slice(lo - c.start, hi - c.start))
-                dst_at.append(slice(lo - r.start, hi - r.start))
-            else:  # every even coordinate of level k
-                lo += lo % 2
-                src_at.append(slice(lo - c.start, hi - c.start, 2))
-                dst_at.append(
-                    slice((lo - r.start) // 2, (lo - r.start) // 2 + len(range(lo, hi, 2)))
-                )
+            lo += -(lo - r.start) % f  # every f-th coordinate of level k from the start
+            src_at.append(slice(lo - c.start, hi - c.start, f))
+            dst_at.append(slice((lo - r.start) // f, (lo - r.start) // f + len(range(lo, hi, f))))
         out[tuple(dst_at)] = read_block(src, chunk)[tuple(src_at)]
     write_block(dst, region, out)

@@ -184,12 +184,12 @@ def given(value: float | Sequence[float], unit: str, ndim: int, where: str) -> P
     return PixelSize(tuple(sizes), name, "settings")
 
 
-def level_transforms(pixel: PixelSize | None, ndim: int, level: int) -> list[dict[str, Any]]:
-    """The NGFF ``coordinateTransformations`` of output level ``level``: Y and X halved
-    at each level, and the input's translation at every level (level k's pixel j is
-    level 0's pixel j·2^k, strided, so their centres coincide)."""
-    base = list(pixel.sizes) if pixel is not None else [1.0] * ndim
-    scale = [*base[:-2], *(s * 2**level for s in base[-2:])]
+def level_transforms(pixel: PixelSize | None, factor: Sequence[int]) -> list[dict[str, Any]]:
+    """The NGFF ``coordinateTransformations`` of an output level with ``factor`` level 0
+    pixels per pixel along each axis, and the input's translation at every level (the
+    level's pixel j is level 0's pixel j·factor, strided, so their centres coincide)."""
+    base = list(pixel.sizes) if pixel is not None else [1.0] * len(factor)
+    scale = [s * f for s, f in zip(base, factor, strict=True)]
     out: list[dict[str, Any]] = [{"type": "scale", "scale": scale}]
     if pixel is not None and pixel.offset is not None:
         out.append({"type": "translation", "translation": list(pixel.offset)})

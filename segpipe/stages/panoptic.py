@@ -9,25 +9,12 @@ from typing import Any
 
 import numpy as np
 
-from segpipe.errors import InputReadError
 from segpipe.image import ImagePlan, ProgressFn, noop
 from segpipe.io import attrs, omezarr
 from segpipe.panoptic import KEY, Catalogue, attrs_value, label_properties
-from segpipe.stages.write import Relabelled, build_pyramid, relabelled, written_levels
+from segpipe.stages.write import Relabelled, build_pyramid, pyramid, relabelled, written_levels
 
-__all__ = ["PanopticResult", "finish_panoptic", "label_levels", "panoptic"]
-
-
-def label_levels(plan: ImagePlan, kind: str = "instances") -> int:
-    """Number of pyramid levels of ``labels/<kind>``, from its NGFF metadata."""
-    ome = attrs.read(Path(plan.group) / "labels" / kind).get("ome", {})
-    try:
-        return len(ome["multiscales"][0]["datasets"])
-    except (KeyError, IndexError, TypeError) as err:
-        raise InputReadError(
-            f"{Path(plan.group) / 'labels' / kind}: no multiscales metadata; run the write "
-            "stage first."
-        ) from err
+__all__ = ["PanopticResult", "finish_panoptic", "panoptic"]
 
 
 @dataclass(frozen=True)
@@ -57,9 +44,8 @@ def finish_panoptic(
     to the image's ``labels`` list.
     """
 
-    tile = plan.grid().tile
-    levels = label_levels(plan)
-    shapes = omezarr.pyramid_shapes(plan.spec.shape, min_size=max(256, min(tile[-2:])))[:levels]
+    levels_of = pyramid(plan)
+    shapes = levels_of.shapes
     build_pyramid(
         client,
         plan,
@@ -75,8 +61,7 @@ def finish_panoptic(
     group_path = Path(plan.group) / "labels" / KEY
     omezarr.write_label_group_metadata(
         group_path,
-        ndim=plan.ndim,
-        levels=len(shapes),
+        pyramid=levels_of,
         name=KEY,
         properties=label_properties(divisor, catalogue),
         pixel=plan.spec.pixel,

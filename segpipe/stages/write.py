@@ -22,7 +22,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from segpipe import kernels, measure, panoptic
-from segpipe.blocks import pass_levels
+from segpipe.blocks import Pyramid
 from segpipe.engine import Lazy, Runner, map_blocks, prepare_array
 from segpipe.errors import ConfigError, UnsupportedImageError
 from segpipe.image import ImagePlan, ProgressFn, noop, span
@@ -40,8 +40,8 @@ __all__ = [
     "BlockJob",
     "Relabelled",
     "build_pyramid",
-    "level_shapes",
     "parts_dir",
+    "pyramid",
     "relabel",
     "relabel_block",
     "relabelled",
@@ -70,24 +70,17 @@ class BlockJob:
     catalogue: Catalogue
     levels: tuple[tuple[str, str, str, str], ...] = ()
     """Levels 1, 2, ... written from the block: paths of image, semantic, instances, panoptic."""
+    pyramid: Pyramid | None = None
 
 
-def level_shapes(plan: ImagePlan) -> list[tuple[int, ...]]:
-    """Shapes of the image's pyramid levels (as every label array has them)."""
-
-    tile = plan.grid().tile
-    return omezarr.pyramid_shapes(plan.spec.shape, min_size=max(256, min(tile[-2:])))
+def pyramid(plan: ImagePlan) -> Pyramid:
+    """The image's pyramid levels (as every label image has them)."""
+    return Pyramid.build(plan.spec.shape, plan.grid().tile)
 
 
 def written_levels(plan: ImagePlan) -> int:
-    """`segpipe.blocks.pass_levels` of ``plan``'s pyramid and tile."""
-    return pass_levels(len(level_shapes(plan)), plan.grid().tile)
-
-
-def _level(region: tuple[slice, ...], k: int) -> tuple[slice, ...]:
-    """``region`` of level 0 at level ``k`` (its start is a multiple of 2^k)."""
-    step = 2**k
-    return (*region[:-2], *(slice(s.start // step, -(-s.stop // step)) for s in region[-2:]))
+    """`segpipe.blocks.Pyramid.pass_levels` of ``plan``'s pyramid and tile."""
+    return pyramid(plan).pass_levels(plan.grid().tile)
 
 
 def relabel_block(
@@ -124,11 +117,13 @@ def relabel_block(
     )
     t3 = time.perf_counter()
     level: tuple[NDArray[Any], ...] = (image, semantic, instances, encoded[0])
-    for k, paths in enumerate(job.levels, start=1):  # every 2^k-th Y/X pixel (nearest),
-        # each level strided from the one below, as omezarr.downsample_block does
-        level = tuple(np.ascontiguousarray(a[..., ::2, ::2]) for a in level)
+    for k, paths in enumerate(job.levels, start=1):  # every second pixel (nearest) along
+        # the axes level k halves, strided from the level below as downsample_block does
+        assert job.pyramid is not None
+        every = tuple(slice(None, None, f) for f in job.pyramid.steps[k])
+        level = tuple(np.ascontiguousarray(a[every]) for a in level)
         for path, data in zip(paths, level, strict=True):
-            omezarr.write_block(path, _level(region, k), data)
+            omezarr.write_block(path, job.pyramid.region(region, k), data)
     t4 = time.perf_counter()
     arrays = measure.groups_out(open_groups)
     arrays["unassigned"] = np.array(encoded[1], np.int64)
@@ -224,13 +219,18 @@ def relabel(
     ]
     for path, dtype, _ in arrays[2:]:
         prepare_array(path(0), markers, shape=shape, chunks=tile, dtype=dtype)
-    shapes = level_shapes(plan)
-    levels = written_levels(plan)
-    for k in range(1, levels + 1):  # chunks of tile / 2^k: each block writes whole chunks
-        chunks = (*tile[:-2], tile[-2] // 2**k, tile[-1] // 2**k)
+    levels_of = pyramid(plan)
+    levels = levels_of.pass_levels(tile)
+    for k in range(1, levels + 1):  # chunks of tile / factor: each block writes whole chunks
+        chunks = tuple(t // f for t, f in zip(tile, levels_of.factor(k), strict=True))
         for path, dtype, labels in arrays:
             prepare_array(
-                path(k), markers, shape=shapes[k], chunks=chunks, dtype=dtype, labels=labels
+                path(k),
+                markers,
+                shape=levels_of.shapes[k],
+                chunks=chunks,
+                dtype=dtype,
+                labels=labels,
             )
     job = BlockJob(
         local=plan.local_labels,
@@ -246,6 +246,7 @@ def relabel(
             (arrays[0][0](k), arrays[1][0](k), arrays[2][0](k), arrays[3][0](k))
             for k in range(1, levels + 1)
         ),
+        pyramid=levels_of,
     )
     blocks = list(plan.grid())
     results = map_blocks(
@@ -300,7 +301,7 @@ def write_levels(client: Runner, plan: ImagePlan, dtype: Any, progress: Progress
     """After the relabel pass: the pyramid levels above those it wrote (of the
     image, semantic and ``dtype`` instance labels) and the NGFF metadata; the level count."""
 
-    shapes = level_shapes(plan)
+    levels_of = pyramid(plan)
     sources = {
         "image": lambda k: str(Path(plan.group) / str(k)),
         "semantic": lambda k: plan.label("semantic", k),
@@ -311,21 +312,17 @@ def write_levels(client: Runner, plan: ImagePlan, dtype: Any, progress: Progress
         client,
         plan,
         [(sources[kind], dtypes[kind], kind != "image") for kind in sources],
-        shapes,
+        levels_of.shapes,
         stage="pyramid",
         progress=progress,
         start=written_levels(plan) + 1,
     )
-    levels = len(shapes)
     pixel = plan.spec.pixel
-    omezarr.write_image_metadata(
-        plan.group, ndim=plan.ndim, levels=levels, name=plan.name, pixel=pixel
-    )
+    omezarr.write_image_metadata(plan.group, pyramid=levels_of, name=plan.name, pixel=pixel)
     classes = plan.segmenter.classes
     omezarr.write_label_group_metadata(
         Path(plan.group) / "labels" / "semantic",
-        ndim=plan.ndim,
-        levels=levels,
+        pyramid=levels_of,
         name="semantic",
         properties=[{"label-value": i, "class": c} for i, c in enumerate(classes)],
         colors=omezarr.rgba(range(len(classes))),
@@ -333,10 +330,9 @@ def write_levels(client: Runner, plan: ImagePlan, dtype: Any, progress: Progress
     )
     omezarr.write_label_group_metadata(
         Path(plan.group) / "labels" / "instances",
-        ndim=plan.ndim,
-        levels=levels,
+        pyramid=levels_of,
         name="instances",
         pixel=pixel,
     )
     omezarr.write_labels_index(Path(plan.group) / "labels", ["instances", "semantic"])
-    return levels
+    return len(levels_of)
