@@ -8,7 +8,9 @@ Runs, one after another, each printing the machine, versions and medians:
 2. `bench.memory`: peak RSS of the whole process tree of `segpipe run` at
    4096² and 16384², and the ratio;
 3. `bench.deep`: CPU (or CUDA) inference throughput of the pipeline's
-   segment stage with `unet` vs a plain torch loop over the same tiles.
+   segment stage with `unet` vs a plain torch loop over the same tiles;
+4. `bench.sharding`: sharded vs unsharded outputs: end-to-end throughput,
+   bytes on disk and the time to read one 256² region of the labels.
 
 ``--quick`` runs each at small sizes with one repeat (a smoke test of the
 suite, not figures to quote).
@@ -17,10 +19,13 @@ suite, not figures to quote).
 from __future__ import annotations
 
 import argparse
+import tempfile
+from pathlib import Path
 
-from bench import deep, memory, throughput
+from bench import deep, memory, sharding, throughput
 
 SEGMENTERS = ["--segmenters", "otsu", "watershed", "unet"]
+QUICK_OUT = str(Path(tempfile.gettempdir()) / "segpipe-sharding-quick.json")  # not the figures
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,6 +41,10 @@ def main(argv: list[str] | None = None) -> int:
             ),
             (memory.main, ["--sizes", "1024", "2048"]),
             (deep.main, ["--size", "1024", "--repeats", "1"]),
+            (
+                sharding.main,
+                ["--size", "2048", "--repeats", "1", "--regions", "20", "--out", QUICK_OUT],
+            ),
         ]
     else:
         r = str(args.repeats)
@@ -46,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             ),
             (memory.main, ["--sizes", "4096", "16384"]),
             (deep.main, ["--repeats", r]),
+            (sharding.main, ["--repeats", r]),
         ]
     for fn, fn_args in plans:
         print(f"\n=== python -m {fn.__module__} {' '.join(fn_args)}", flush=True)
