@@ -18,7 +18,7 @@ from segpipe.io.store import OutputLock, check_apart, check_local, check_name, o
 from segpipe.panoptic import catalogue_for
 from segpipe.segmenters import Segmenter, get_segmenter
 
-__all__ = ["Prepared", "in_process", "make_plan", "prepare_run"]
+__all__ = ["Prepared", "in_process", "make_plan", "prepare_run", "unsized"]
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,19 @@ def prepare_run(config: RunConfig, *, resume: bool | None = None) -> Prepared:
         resume=(config.resume or config.full) if resume is None else resume,
     )
     return Prepared(config, sources, bad, segmenter, lock)
+
+
+def unsized(prepared: Prepared) -> str | None:
+    """One line naming the inputs that state no pixel size (their scales and tables are
+    in pixels: none is invented), or None when every input states one."""
+    missing = [spec.path for spec in prepared.sources if spec.pixel is None]
+    if not missing:
+        return None
+    more = f" and {len(missing) - 1} more input(s)" if len(missing) > 1 else ""
+    return (
+        f"{missing[0]}{more}: no pixel size stated; scales and tables are in pixels "
+        "(--pixel-size or pixel_size: in run.yaml gives one)"
+    )
 
 
 def make_plan(prepared: Prepared, spec: SourceSpec) -> ImagePlan:

@@ -15,7 +15,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from flows import monitor, unreported
-from flows.prepare import Prepared, in_process, make_plan, prepare_run
+from flows.prepare import Prepared, in_process, make_plan, prepare_run, unsized
 from segpipe import lifecycle, pipeline
 from segpipe.cluster import cancel_all, connect_run, dashboard
 from segpipe.config import RunConfig
@@ -283,6 +283,9 @@ def segment_collection(config: dict[str, Any]) -> list[dict[str, Any]]:
         cfg.output,
         cfg.segmenter.name,
     )
+    if (line := unsized(prepared)) is not None:
+        logger.warning(line)
+        reporter.note(line)
     rows = [_failed_row(image_name(p), p, msg) for p, msg in prepared.bad]
     for _, msg in prepared.bad:
         logger.error("skipped: %s", msg)

@@ -70,7 +70,11 @@ def test_an_ome_tiff_pixel_size_reaches_every_level_and_the_tables(run_cli, tmp_
 def test_a_given_pixel_size_overrides_and_none_is_stated_as_pixels(run_cli, tmp_path) -> None:
     plain = synthetic.write_tiff(tmp_path / "in" / "plain.tif", (300, 260), seed=2)
     out = tmp_path / "out.zarr"
-    assert run_cli("-i", str(plain), "-o", str(out), "--tile", "128").exit_code == 0
+    unsized = run_cli("-i", str(plain), "-o", str(out), "--tile", "128")
+    assert unsized.exit_code == 0
+    assert f"{plain}: no pixel size stated; scales and tables are in pixels" in " ".join(
+        unsized.output.split()
+    )
     scales, units = _scales(zarr.open_group(str(out / "plain"), mode="r"))
     assert scales[0] == [1.0, 1.0] and units == [None, None]  # no unit: not invented
     columns = pq.read_schema(out / "plain" / "tables" / "objects.parquet").names
@@ -81,6 +85,7 @@ def test_a_given_pixel_size_overrides_and_none_is_stated_as_pixels(run_cli, tmp_
     assert result.exit_code == 0, result.output
     scales, units = _scales(zarr.open_group(str(given / "plain"), mode="r"))
     assert scales[:2] == [[0.5, 0.5], [1.0, 1.0]] and units == ["micrometer"] * 2
+    assert "no pixel size stated" not in result.output
     bad = run_cli("-i", str(plain), "-o", str(tmp_path / "bad.zarr"), "--pixel-size", "1,2,3")
     assert bad.exit_code != 0
     assert "pixel_size [1.0, 2.0, 3.0] needs one positive size, or one per axis (2)" in " ".join(
