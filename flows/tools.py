@@ -187,7 +187,8 @@ def inspect(
                     str(a.levels),
                     "×".join(map(str, a.shape)),
                     a.dtype,
-                    "×".join(map(str, a.chunks)),
+                    "×".join(map(str, a.chunks))
+                    + ("" if a.shards is None else f" in shards of {'×'.join(map(str, a.shards))}"),
                 )
             out.print(arrays)
         if image.classes:

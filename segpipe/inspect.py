@@ -22,13 +22,15 @@ PREVIEWS = "previews"
 
 @dataclass(frozen=True)
 class ArrayInfo:
-    """One image or label pyramid: level 0's shape, dtype and chunks, and its level count."""
+    """One image or label pyramid: level 0's shape, dtype and chunks (the inner chunks
+    of a sharded array, with its shards), and its level count."""
 
     path: str
     levels: int
     shape: tuple[int, ...]
     dtype: str
     chunks: tuple[int, ...]
+    shards: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,7 @@ def _pyramid(root: Path, path: Path) -> ArrayInfo | None:
         tuple(int(n) for n in arr.shape),
         str(arr.dtype),
         tuple(int(n) for n in arr.chunks),
+        None if arr.shards is None else tuple(int(n) for n in arr.shards),
     )
 
 

@@ -142,3 +142,18 @@ def start_prefect_server(home: Path, port: int, env: dict[str, str]) -> subproce
             pass
         assert time.time() < deadline and server.poll() is None, "prefect server did not start"
         time.sleep(0.5)
+
+
+STRICT_NGFF = ("image", "label", "plate", "well")
+
+
+def ngff_valid(path: str | Path, model: str) -> None:
+    """Check the group at ``path`` against NGFF 0.5's own JSON schema for ``model``
+    (``image``, ``label``, ``plate``, ``well``, ``bf2raw``: as bundled by ngff-zarr),
+    strict where the spec has a strict schema; raises on a violation."""
+    import json
+
+    from ngff_zarr import validate
+
+    attributes = json.loads((Path(path) / "zarr.json").read_text())["attributes"]
+    validate(attributes, version="0.5", model=model, strict=model in STRICT_NGFF)

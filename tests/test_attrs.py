@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import zarr
 
+from segpipe.blocks import Pyramid
 from segpipe.io import attrs, omezarr
 from segpipe.io.physical import PixelSize
 
@@ -36,11 +37,12 @@ def test_image_and_label_metadata_equal_ome_zarr_writers(tmp_path: Path, stated:
     props = [{"label-value": 0, "class": "background"}, {"label-value": 1, "class": "cell"}]
     for ndim in (2, 3):
         pixel = PixelSize((2.0, 0.5, 0.25)[-ndim:], "micrometer", "settings") if stated else None
-        omezarr.write_image_metadata(
-            ours / f"img{ndim}", ndim=ndim, levels=3, name="a", pixel=pixel
-        )
+        three = Pyramid.build((10, 1024, 1024)[-ndim:], (10, 256, 256)[-ndim:])
+        two = Pyramid.build((10, 512, 512)[-ndim:], (10, 256, 256)[-ndim:])
+        assert (len(three), len(two)) == (3, 2)
+        omezarr.write_image_metadata(ours / f"img{ndim}", pyramid=three, name="a", pixel=pixel)
         group = zarr.open_group(str(theirs / f"img{ndim}"), mode="a", zarr_format=3)
-        datasets = omezarr._datasets(ndim, 3, pixel)
+        datasets = omezarr._datasets(three, pixel)
         write_multiscales_metadata(
             group,
             datasets,
@@ -53,12 +55,12 @@ def test_image_and_label_metadata_equal_ome_zarr_writers(tmp_path: Path, stated:
 
         label = f"labels{ndim}/semantic"
         omezarr.write_label_group_metadata(
-            ours / label, ndim=ndim, levels=2, name="semantic", properties=props, pixel=pixel
+            ours / label, pyramid=two, name="semantic", properties=props, pixel=pixel
         )
         group = zarr.open_group(str(theirs / label), mode="a", zarr_format=3)
         write_multiscales_metadata(
             group,
-            omezarr._datasets(ndim, 2, pixel),
+            omezarr._datasets(two, pixel),
             fmt=FormatV05(),
             axes=omezarr._axes(ndim, pixel),
             name="semantic",

@@ -19,6 +19,7 @@ from ome_zarr_models.v05.image_label import ImageLabel
 
 from segpipe import synthetic
 from segpipe.io.readers import open_source
+from tests.helpers import ngff_valid
 
 LABELS = ("semantic", "instances", "panoptic")
 
@@ -196,6 +197,13 @@ def test_label_metadata_names_its_source_colours_and_properties(run_cli, tmp_pat
     assert {p["class"] for p in instances["properties"]} == {"foreground"}
     drawn = colours(objects["label"])
     assert [c["rgba"][:3] for c in instances["colors"]] == drawn.tolist()
+    panoptic = group["labels/panoptic"].attrs["ome"]["image-label"]
+    divisor = group["labels/panoptic"].attrs["segpipe"]["panoptic"]["divisor"]
+    assert [c["label-value"] for c in panoptic["colors"]] == [0, divisor]
+    assert panoptic["colors"][1]["rgba"] == semantic["colors"][1]["rgba"]
+    ngff_valid(out / "img", "image")  # NGFF's own JSON schemas, strict
+    for name in LABELS:
+        ngff_valid(out / "img" / "labels" / name, "label")
 
 
 def test_past_the_limit_label_values_are_described_in_the_table(
@@ -211,6 +219,7 @@ def test_past_the_limit_label_values_are_described_in_the_table(
     assert "properties" not in node.attrs["ome"]["image-label"]
     assert node.attrs["segpipe"]["label-values"] == "more than 3: see tables/objects.parquet"
     ImageLabel.from_zarr(node)
+    ngff_valid(out / "img" / "labels" / "instances", "label")
 
 
 def test_the_store_root_lists_its_images_for_ome_zarr_tools(run_cli, tmp_path) -> None:
@@ -225,8 +234,10 @@ def test_the_store_root_lists_its_images_for_ome_zarr_tools(run_cli, tmp_path) -
     assert BioFormats2Raw.from_zarr(root).attributes.ome.bioformats2raw_layout == 3
     series = root["OME"].attrs["ome"]["series"]
     assert series == ["field-0", "field-1", "field-2"]
+    ngff_valid(out, "bf2raw")
     for name in series:  # each listed path is an image
         Image.from_zarr(root[name])
+        ngff_valid(out / name, "image")
     (folder / "field-1.tif").unlink()  # then pruned: no longer listed
     assert run_cli("-i", str(folder), "-o", str(out), "--resume", "--prune").exit_code == 0
     listed = zarr.open_group(str(out / "OME"), mode="r").attrs["ome"]["series"]

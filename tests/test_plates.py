@@ -16,7 +16,7 @@ from ome_zarr_models.v05.image_label import ImageLabel
 from skimage import filters, measure
 
 from segpipe import synthetic
-from tests.helpers import same_up_to_renumbering
+from tests.helpers import ngff_valid, same_up_to_renumbering
 
 WELLS = ["A/1", "B/3"]
 FIELDS = ["0", "1"]
@@ -69,13 +69,18 @@ def test_a_plate_in_gives_a_plate_out_with_labels_in_every_field(
         ("B/3", 1, 2),
     ]
     assert plate.name == "screen 7" and plate.field_count == 2
+    ngff_valid(out, "plate")  # NGFF's own JSON schemas, strict
     for well in WELLS:
         listed = root[well].attrs["ome"]["well"]["images"]
         assert [i["path"] for i in listed] == FIELDS
+        ngff_valid(out / well, "well")
         for f in FIELDS:
             group = root[f"{well}/{f}"]
             Image.from_zarr(group)
-            ImageLabel.from_zarr(group["labels/instances"])
+            ngff_valid(out / well / f, "image")
+            for name in ("instances", "semantic", "panoptic"):
+                ImageLabel.from_zarr(group[f"labels/{name}"])
+                ngff_valid(out / well / f / "labels" / name, "label")
             labels = group["labels/instances/0"][:]
             assert same_up_to_renumbering(labels, _reference(pixels[f"{well}/{f}"]))
             assert group["labels/instances"].attrs["ome"]["image-label"]["source"] == {

@@ -257,17 +257,19 @@ def describe_label_values(
 ) -> None:
     """Add ``properties`` (one per label value) and their `rgba` colours to a label
     image's ``image-label``, or, past `LABEL_VALUES` values (``properties`` None),
-    say ``where`` they are described."""
+    say ``where`` they are described. Without properties, the colour list (which
+    NGFF's strict schema asks for, and ome-zarr-models wants to name the same values
+    as the properties) holds the background alone, transparent."""
     current = attrs.read(label_path)
     ome = dict(current["ome"])
     label = dict(ome["image-label"])
+    label.pop("properties", None)
+    label["colors"] = rgba([p["label-value"] for p in properties or []] or [0])
+    if properties:
+        label["properties"] = properties
     if properties is None:
-        label.pop("properties", None)
-        label.pop("colors", None)
         segpipe = {"label-values": f"more than {LABEL_VALUES}: see {where}"}
     else:
-        label["properties"] = properties
-        label["colors"] = rgba([p["label-value"] for p in properties])
         segpipe = {"label-values": f"every one listed; also in {where}"}
     ome["image-label"] = label
     attrs.update(
@@ -306,7 +308,7 @@ def downsample_block(src: str, dst: str, region: tuple[slice, ...]) -> None:
     the 2x2 chunks under one output chunk, read at once, held 4x its size in the
     source dtype (128 MiB for uint64 labels at tile 2048) per worker thread."""
     arr = open_array(src, mode="r")
-    chunks_k, shape_k = arr.chunks, arr.shape
+    chunks_k, shape_k = arr.shards or arr.chunks, arr.shape  # whole shards: the fast path
     steps = [
         2 if m < n else 1 for m, n in zip(open_array(dst, mode="r").shape, shape_k, strict=True)
     ]

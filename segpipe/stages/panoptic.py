@@ -64,6 +64,10 @@ def finish_panoptic(
         pyramid=levels_of,
         name=KEY,
         properties=label_properties(divisor, catalogue),
+        colors=[  # each class's instance-0 value in the class's semantic colour
+            {**colour, "label-value": int(colour["label-value"]) * divisor}
+            for colour in omezarr.rgba([c.id for c in catalogue.classes])
+        ],
         pixel=plan.spec.pixel,
     )
     attrs.update(group_path, {"segpipe": {KEY: value}})
