@@ -10,7 +10,7 @@ import typer
 from rich import box
 from rich.table import Table
 
-from flows.console import fail, out
+from flows.console import console, fail, out
 from flows.options import numbers
 from segpipe.errors import SegpipeError
 
@@ -129,6 +129,24 @@ def evaluate(
         + (f" · void classes {list(metrics.ignored)}" if metrics.ignored else ""),
         highlight=False,
     )
+    matched = metrics.extra.get("matched", [])
+    out.print(
+        "Classes matched by id: "
+        + (
+            ", ".join(
+                f"{m['id']} {m['prediction']}"
+                + ("" if m["prediction"] == m["truth"] else f" = {m['truth']}")
+                for m in matched
+            )
+            or "none"
+        ),
+        highlight=False,
+        soft_wrap=True,
+    )
+    for line in metrics.extra.get("mapped", []):
+        out.print(f"Read {line}.", highlight=False, soft_wrap=True)
+    for line in metrics.extra.get("warnings", []):
+        console.print(f"[yellow]Warning:[/] {line}", highlight=False, soft_wrap=True)
     if json_out is not None:
         json_out.write_text(json.dumps(metrics.to_dict(), indent=2) + "\n", encoding="utf-8")
         out.print(f"Scores: {json_out}", highlight=False, soft_wrap=True)

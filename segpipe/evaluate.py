@@ -26,6 +26,12 @@ threshold t in 0.50, 0.55, …, 0.95, ``AP_t = TP_t / (TP_t + FP_t + FN_t)``
 with matches at IoU > t — the Data Science Bowl 2018 (and Cellpose/StarDist)
 definition; AP is the mean over the ten thresholds. Pixel IoU per class is
 ``|P ∩ T| / |P ∪ T|`` over the pixels that are not void in the truth.
+
+Classes are matched by id. The result names the classes matched and warns
+when one side has classes the other lacks (each segment of such a class is a
+false positive or negative). A label image whose classes are a deep model's
+training layout (background, interior, boundary: segpipe before the nucleus
+output) is read as background and nucleus: the boundary is part of its nucleus.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -83,6 +89,8 @@ class Labels:
     specs: tuple[SourceSpec, ...]
     divisor: int | None = None
     catalogue: Catalogue | None = None
+    class_map: tuple[int, ...] = ()
+    """Class id ``c`` is read as ``class_map[c]`` (empty: as is)."""
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -120,6 +128,28 @@ def _semantic_catalogue(group: Path) -> Catalogue | None:
     )
 
 
+TRAINING_LAYOUT = ("background", "interior", "boundary")
+"""Classes of a 3-class deep model's network, written as output by segpipe before the
+nucleus output: interior and boundary are one nucleus."""
+
+
+def _merge_training_layout(labels: Labels) -> Labels:
+    """Read a label image in the training layout as background and nucleus."""
+    cat = labels.catalogue
+    if cat is None or tuple(cat.name(i) for i in cat.ids) != TRAINING_LAYOUT:
+        return labels
+    if cat.ids != (0, 1, 2):
+        return labels
+    merged = parse_catalogue(
+        [
+            {"id": 0, "name": "background", "thing": False},
+            {"id": 1, "name": "nucleus", "thing": True},
+        ],
+        source=f"{labels.path}: interior and boundary as nucleus",
+    )
+    return replace(labels, catalogue=merged, class_map=(0, 1, 1))
+
+
 def open_labels(path: str | os.PathLike[str], *, divisor: int | None = None) -> Labels:
     """Inspect a label image without reading its pixels.
 
@@ -138,13 +168,17 @@ def open_labels(path: str | os.PathLike[str], *, divisor: int | None = None) -> 
     InputNotFoundError, InputReadError, UnsupportedImageError
         Naming the file and the problem.
     """
+    return _merge_training_layout(_open_labels(path, divisor=divisor))
+
+
+def _open_labels(path: str | os.PathLike[str], *, divisor: int | None = None) -> Labels:
     p = Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
     if not p.exists():
         raise InputNotFoundError(f"{p}: no such file or directory.")
     labels_dir = p / "labels"
     if p.is_dir() and labels_dir.is_dir() and _is_group(p):
         if (labels_dir / "panoptic").is_dir():
-            return open_labels(labels_dir / "panoptic", divisor=divisor)
+            return _open_labels(labels_dir / "panoptic", divisor=divisor)
         if not (labels_dir / "instances").is_dir():
             found = sorted(d.name for d in labels_dir.iterdir() if d.is_dir())
             raise InputReadError(
@@ -192,6 +226,17 @@ def read_labels(
     labels: Labels, region: tuple[slice, ...]
 ) -> tuple[NDArray[np.int64], NDArray[np.uint64]]:
     """``(classes, instances)`` of ``region`` of a label image."""
+    classes, instances = _read_labels(labels, region)
+    if labels.class_map and classes.size:
+        lut = np.arange(max(MAX_CLASS + 1, int(classes.max()) + 1), dtype=np.int64)
+        lut[: len(labels.class_map)] = labels.class_map
+        classes = lut[classes]
+    return classes, instances
+
+
+def _read_labels(
+    labels: Labels, region: tuple[slice, ...]
+) -> tuple[NDArray[np.int64], NDArray[np.uint64]]:
     if labels.kind == "panoptic":
         data = read_region(labels.specs[0], region)
         assert labels.divisor is not None
@@ -603,8 +648,12 @@ def evaluate(
     -------
     Metrics
     """
-    p = pred if isinstance(pred, Labels) else open_labels(pred, divisor=divisor)
-    t = truth if isinstance(truth, Labels) else open_labels(truth, divisor=divisor)
+    p = _merge_training_layout(
+        pred if isinstance(pred, Labels) else open_labels(pred, divisor=divisor)
+    )
+    t = _merge_training_layout(
+        truth if isinstance(truth, Labels) else open_labels(truth, divisor=divisor)
+    )
     if p.shape != t.shape:
         raise UnsupportedImageError(
             f"{p.path} has shape {p.shape} but {t.path} has shape {t.shape}; they must match."
@@ -626,14 +675,68 @@ def evaluate(
         parts = engine.map_blocks(
             client, contingency_task, args, stage="evaluate", progress=progress
         )
-    result = metrics_from_contingency(merge_contingency(parts), catalogue, ignore=ignore)
-    return _with_paths(result, p.path, t.path, {"blocks": len(grid), "shape": list(p.shape)})
+    table = merge_contingency(parts)
+    result = metrics_from_contingency(table, catalogue, ignore=ignore)
+    extra: dict[str, Any] = {"blocks": len(grid), "shape": list(p.shape)}
+    extra.update(class_sets(table, p, t, ignore=ignore))
+    return replace(result, prediction=p.path, ground_truth=t.path, extra=extra)
 
 
-def _with_paths(m: Metrics, pred: str, truth: str, extra: dict[str, Any]) -> Metrics:
-    from dataclasses import replace
+def _names(labels: Labels, ids: Sequence[int]) -> list[str]:
+    cat = labels.catalogue or default_catalogue(["background", "foreground"])
+    return [f"{c} {cat.name(c)}" for c in ids]
 
-    return replace(m, prediction=pred, ground_truth=truth, extra=extra)
+
+def class_sets(
+    table: Contingency, pred: Labels, truth: Labels, *, ignore: Sequence[int] = ()
+) -> dict[str, Any]:
+    """Which classes both sides hold (matched by id), and warnings where the sets differ.
+
+    Parameters
+    ----------
+    table : Contingency
+        The merged table of the whole image.
+    pred, truth : Labels
+        The label images compared (their catalogues name the classes).
+    ignore : sequence of int
+        Void classes, left out.
+
+    Returns
+    -------
+    dict
+        ``matched``: ``[{"id", "prediction", "truth"}]`` for each class in both;
+        ``warnings``: one line per side holding classes the other lacks;
+        ``mapped``: how a training-layout prediction or truth was read.
+    """
+    skip = {*ignore, VOID}
+    in_pred = sorted({int(c) for c in np.unique(table.pred // _SHIFT)} - skip)
+    in_truth = sorted({int(c) for c in np.unique(table.truth // _SHIFT)} - skip)
+    default = default_catalogue(["background", "foreground"])
+    pcat, tcat = pred.catalogue or default, truth.catalogue or default
+    matched = [
+        {"id": c, "prediction": pcat.name(c), "truth": tcat.name(c)}
+        for c in in_pred
+        if c in in_truth
+    ]
+    warnings = []
+    only_pred = [c for c in in_pred if c not in in_truth]
+    only_truth = [c for c in in_truth if c not in in_pred]
+    if only_pred:
+        warnings.append(
+            f"prediction classes {_names(pred, only_pred)} are not in the ground truth "
+            f"({truth.path}): each of their segments counts as a false positive."
+        )
+    if only_truth:
+        warnings.append(
+            f"ground-truth classes {_names(truth, only_truth)} are not in the prediction "
+            f"({pred.path}): each of their segments counts as a false negative."
+        )
+    mapped = [
+        f"{labels.path}: classes 1 interior and 2 boundary read as 1 nucleus"
+        for labels in (pred, truth)
+        if labels.class_map
+    ]
+    return {"matched": matched, "warnings": warnings, "mapped": mapped}
 
 
 def score(

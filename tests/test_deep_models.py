@@ -135,7 +135,8 @@ def _labels(out: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _reference(net: torch.nn.Module, tmp_path: Path, normalise: tuple[float, float]) -> np.ndarray:
-    """Whole-image argmax with plain torch and numpy's percentiles."""
+    """Whole-image argmax with plain torch and numpy's percentiles, as the output's classes
+    (nucleus where the network says interior or boundary)."""
     import tifffile
 
     image = tifffile.imread(tmp_path / "in" / "img.tif").astype(np.float64)
@@ -143,8 +144,8 @@ def _reference(net: torch.nn.Module, tmp_path: Path, normalise: tuple[float, flo
     x = ((image - lo) / (hi - lo)).astype(np.float32)
     x = np.pad(x, [(0, -n % 4) for n in x.shape], mode="reflect")
     with torch.inference_mode():
-        out = net(torch.from_numpy(x)[None, None])[0].argmax(0).numpy()
-    return out[: image.shape[0], : image.shape[1]]
+        out = net(torch.from_numpy(x)[None, None])[0].argmax(0).numpy() != 0
+    return out.astype(np.uint8)[: image.shape[0], : image.shape[1]]
 
 
 def test_torchscript_model(run_cli, tmp_path: Path) -> None:

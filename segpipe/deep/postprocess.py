@@ -14,6 +14,10 @@ from segpipe.stats import Extrema, ImageStats, block_histogram, hist_range, merg
 
 BACKGROUND, INTERIOR, BOUNDARY = 0, 1, 2
 CLASSES = ["background", "interior", "boundary"]
+"""The network's classes: the boundary is a training device that parts touching nuclei."""
+NUCLEUS = 1
+OUTPUT_CLASSES = ["background", "nucleus"]
+"""The classes a 3-class model writes: interior and boundary pixels are one nucleus."""
 
 
 def percentile_range(stats: ImageStats, low: float, high: float) -> tuple[float, float]:
@@ -36,6 +40,20 @@ def normalise(block: NDArray[np.generic], lo: float, hi: float) -> NDArray[np.fl
     """Map ``[lo, hi]`` to ``[0, 1]`` (values outside are kept, not clipped), float32."""
     scale = np.float32(1.0 / (hi - lo))
     out: NDArray[np.float32] = (np.asarray(block, np.float32) - np.float32(lo)) * scale
+    return out
+
+
+def nuclei(classes: NDArray[np.integer]) -> NDArray[np.uint8]:
+    """Semantic output of a (background, interior, boundary) class map: nucleus where either.
+
+    Examples
+    --------
+    >>> nuclei(np.array([[0, 1, 2]])).tolist()
+    [[0, 1, 1]]
+    """
+    out: NDArray[np.uint8] = (np.asarray(classes) != BACKGROUND).astype(np.uint8) * np.uint8(
+        NUCLEUS
+    )
     return out
 
 

@@ -2,8 +2,10 @@
 
 The model file is checked when the segmenter is built (on the client, before
 any compute); each worker then loads it once and keeps it
-(`segpipe.deep.infer.load_runner`). Classes come from the model (default
-background, interior, boundary); instances grow from the interior class.
+(`segpipe.deep.infer.load_runner`). Classes come from the model. A model of
+segpipe's own layout (background, interior, boundary) writes two classes,
+background and nucleus: the boundary class teaches the network where touching
+nuclei part and seeds the instances, but a boundary pixel belongs to its nucleus.
 """
 
 from __future__ import annotations
@@ -141,7 +143,8 @@ class DeepSegmenter(Segmenter):
         return max(spec.multiple, edge // spec.multiple * spec.multiple)
 
     @property
-    def classes(self) -> list[str]:
+    def network_classes(self) -> list[str]:
+        """Names of the network's output channels, background first."""
         from segpipe.deep.postprocess import CLASSES
 
         names = self.meta.card.get("classes")
@@ -151,6 +154,20 @@ class DeepSegmenter(Segmenter):
         if n == len(CLASSES):
             return list(CLASSES)
         return ["background", *(f"class{k}" for k in range(1, n))]
+
+    @property
+    def merges_boundary(self) -> bool:
+        """Whether the network's classes are segpipe's (background, interior, boundary)."""
+        from segpipe.deep.postprocess import CLASSES
+
+        return self.network_classes == CLASSES
+
+    @property
+    def classes(self) -> list[str]:
+        """The output's classes: background and nucleus for segpipe's 3-class layout."""
+        from segpipe.deep.postprocess import OUTPUT_CLASSES
+
+        return list(OUTPUT_CLASSES) if self.merges_boundary else self.network_classes
 
     @property
     def min_size(self) -> int:
@@ -176,7 +193,7 @@ class DeepSegmenter(Segmenter):
 
     def segment(self, block: NDArray[np.float32], params: Mapping[str, Any]) -> SegmentResult:
         from segpipe.deep import infer
-        from segpipe.deep.postprocess import instances_from_classes, normalise
+        from segpipe.deep.postprocess import instances_from_classes, normalise, nuclei
 
         o = self.opts
         runner = infer.load_runner(self.path, device=o.device, fallback=self.fallback)
@@ -190,7 +207,8 @@ class DeepSegmenter(Segmenter):
             origin=params.get("origin"),
         )
         instances = instances_from_classes(pred.classes, pred.boundary, min_size=self.min_size)
-        return DeepResult(pred.classes, instances, pred.device, pred.tiles, pred.batch)
+        semantic = nuclei(pred.classes) if self.merges_boundary else pred.classes
+        return DeepResult(semantic, instances, pred.device, pred.tiles, pred.batch)
 
     def identity(self) -> dict[str, Any]:
         """The model file's SHA-256: new weights under the same path are another run."""
