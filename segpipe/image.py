@@ -148,25 +148,19 @@ class ImagePlan:
         return _internal(self.root, "manifests", f"{self.name}.npz")
 
     @property
-    def filtered(self) -> str:
-        return str(Path(self.scratch) / "filtered")
-
-    @property
     def slabs(self) -> SlabJob | None:
-        """Where ingest saves the blocks' outer layers for the filter; None without one."""
+        """Where ingest saves the blocks' outer layers for the filter, as wide as the
+        filter's halo and the segmenter's together (the segment stage filters its block
+        and halo again); None without a filter."""
         if not self.segmenter.has_filter():
             return None
         width = self.segmenter.filter_halo(self.ndim)
-        return SlabJob(str(Path(self.scratch) / "slabs"), self.grid(), tuple(width))
+        wide = tuple(f + h for f, h in zip(width, self.segment_halo, strict=True))
+        return SlabJob(str(Path(self.scratch) / "slabs"), self.grid(), wide)
 
     @property
     def local_labels(self) -> str:
         return str(Path(self.scratch) / "local")
-
-    @property
-    def source(self) -> str:
-        """Array the segmenter reads: the filtered image, or the raw one."""
-        return self.filtered if self.segmenter.has_filter() else self.raw
 
     @property
     def segment_halo(self) -> tuple[int, ...]:

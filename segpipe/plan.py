@@ -299,7 +299,11 @@ def plan_image(
     read_filt = math.prod(
         _read_extent(s, t, h) for s, t, h in zip(shape, tiles, f_halo, strict=True)
     )
-    src_item = 4 if segmenter.has_filter() else item  # the filtered image is float32
+    # a smoothing segmenter reads the raw image with the filter's halo besides, and
+    # filters it again in each pass (the filtered image is never stored)
+    read_src = math.prod(
+        _read_extent(s, t, h + f) for s, t, h, f in zip(shape, tiles, seg_halo, f_halo, strict=True)
+    )
     mode = segmenter.stitch
     view_bytes = 0
     for d, count in pair_counts.items():  # both blocks' views toward each other
@@ -329,13 +333,13 @@ def plan_image(
 
     stages = [Stage("ingest", ingest_tasks, npx * stored_item, npx * item, secs("ingest", npx))]
     if segmenter.has_filter():
-        stages.append(Stage("filter", n, read_filt * item, npx * 4, secs("filter", read_filt)))
+        stages.append(Stage("filter", n, read_filt * item, 0, secs("filter", read_filt)))
     stages += [
-        Stage("statistics", n, npx * src_item, 0, secs("statistics", npx)),
+        Stage("statistics", n, read_filt * item, 0, secs("statistics", npx)),
         Stage(
             "segment",
             n,
-            read_seg * src_item,
+            read_src * item,
             npx * 5 + view_bytes,
             seg_cost.ns_per_px * read_seg * 1e-9 if seg_cost else None,
         ),
@@ -378,12 +382,18 @@ def plan_image(
         min(t + 2 * h, s) for t, h, s in zip(tiles, seg_halo, shape, strict=True)
     )
     filt_block = math.prod(min(t + 2 * h, s) for t, h, s in zip(tiles, f_halo, shape, strict=True))
+    wide_block = math.prod(
+        min(t + 2 * (h + f), s) for t, h, f, s in zip(tiles, seg_halo, f_halo, shape, strict=True)
+    )
+    # the raw block with the filter's halo besides, as float32, and filtered
+    filtering = wide_block * (item + 4 + 4) if segmenter.has_filter() else 0
     working = seg_cost.working_bytes_per_px * read_block if seg_cost else 0.0
     peaks = {
         "ingest": core * (stored_item + item),
         "filter": filt_block * (item + 4 + 4) if segmenter.has_filter() else 0,
-        # float32 block + halo, the segmenter's working set, full and core labels
-        "segment": int(read_block * 4 + working + read_block * 4 + core * 5),
+        # filtering (its arrays dropped but the result), then the float32 block + halo,
+        # the segmenter's working set, full and core labels
+        "segment": int(max(filtering, read_block * 4 + working + read_block * 4 + core * 5)),
         # local ids, semantic, image, instances, panoptic (+ one row of sums per object)
         "relabel": core * (4 + 1 + item + 4 + 8),
     }
@@ -647,26 +657,15 @@ def measure_costs(
         parts = [stages.ingest.ingest_block(local, plan.raw, b.core, slabs) for b in plan.grid()]
         per_px("ingest", t_ingest, core_px)
         extrema = Extrema.merge(parts)
+        cores = plan.grid()
         if segmenter.has_filter():
-            omezarr.create_array(plan.filtered, shape=sub, chunks=tiles, dtype=np.float32)
-            fgrid = plan.grid(segmenter.filter_halo(ndim))
-            parts = [
-                stages.statistics.filter_block(plan.raw, plan.filtered, b, segmenter, slabs)
-                for b in fgrid
-            ]
-            extrema = Extrema.merge(parts)
-            fb = fgrid.block(mid)
-            t, _ = timed(
-                lambda: stages.statistics.filter_block(
-                    plan.raw, plan.filtered, fb, segmenter, slabs
-                )
-            )
+            extrema = Extrema.merge([stages.statistics.filter_block(plan, b) for b in cores])
+            fb = plan.grid(segmenter.filter_halo(ndim)).block(mid)
+            t, _ = timed(lambda: stages.statistics.filter_block(plan, cores.block(mid)))
             per_px("filter", t, math.prod(r.stop - r.start for r in fb.read))
         lo, hi = hist_range(extrema)
-        hists = [
-            stages.statistics.histogram_block(plan.source, b.core, lo, hi) for b in plan.grid()
-        ]
-        t, _ = timed(lambda: stages.statistics.histogram_block(plan.source, middle.core, lo, hi))
+        hists = [stages.statistics.histogram_block(plan, b, lo, hi) for b in cores]
+        t, _ = timed(lambda: stages.statistics.histogram_block(plan, cores.block(mid), lo, hi))
         per_px("statistics", t, core_px)
         params = dict(segmenter.prepare(merge_histograms(hists, extrema)))
         for kind, dtype in (("semantic", np.uint8),):
@@ -688,7 +687,7 @@ def measure_costs(
             lambda: stages.segment.segment_block(plan, middle, params, directions[middle.id], mdir)
         )
         read_px = math.prod(r.stop - r.start for r in middle.read)
-        data = np.asarray(zarr.open_array(plan.source, mode="r")[middle.read], np.float32)
+        data = stages.statistics.filtered(plan, middle, plan.segment_halo)
         tracemalloc.start()
         try:
             segmenter.segment(data, params)

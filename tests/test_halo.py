@@ -16,7 +16,7 @@ from segpipe.io import omezarr
 from segpipe.io.readers import open_source
 from segpipe.segmenters import get_segmenter
 from segpipe.stages.ingest import ingest
-from segpipe.stages.statistics import statistics
+from segpipe.stages.statistics import filtered, statistics
 
 
 @pytest.mark.parametrize(
@@ -69,23 +69,37 @@ def test_missing_or_thin_slabs_ask_for_a_plain_read(tmp_path: Path) -> None:
     assert block.read == (slice(18, 32), slice(18, 32))
 
 
-def test_filter_pass_is_the_same_with_and_without_slabs(client, tmp_path: Path, tiff) -> None:  # type: ignore[no-untyped-def]
-    """Statistics after an ingest whose slabs were then removed (a resumed run) equal
-    those computed with them, and the filtered arrays hold the same bits."""
+def test_filtered_blocks_are_the_whole_image_smoothed_with_and_without_slabs(
+    client, tmp_path: Path, tiff
+) -> None:  # type: ignore[no-untyped-def]
+    """Every block's filtered read region (core, and core with a halo, as the segment
+    stage asks for it) equals the whole image smoothed by scikit-image, after an ingest
+    whose slabs were kept or then removed (a resumed run); the statistics agree; no
+    filtered image is stored."""
+    from skimage import filters
+
     image = np.random.default_rng(3).integers(0, 4000, (300, 260)).astype(np.uint16)
     path = tiff("img.tif", image, tile=(64, 64))
+    whole = filters.gaussian(
+        image.astype(np.float32), sigma=2, mode="nearest", truncate=4.0, preserve_range=True
+    ).astype(np.float32)
     results = []
     for keep in (True, False):
         out = tmp_path / f"out-{keep}.zarr"
-        plan = ImagePlan(open_source(path), str(out), (64, 64), get_segmenter("otsu"))
+        plan = ImagePlan(
+            open_source(path), str(out), (64, 64), get_segmenter("watershed"), halo=(5, 5)
+        )
         raw = ingest(client, plan)
-        assert plan.slabs is not None
+        assert plan.slabs is not None and plan.slabs.halo == (13, 13)  # filter 8 + halo 5
         assert len(list(Path(plan.slabs.directory).glob("*.npz"))) == len(plan.grid())
         if not keep:
             shutil.rmtree(plan.slabs.directory)
-        stats = statistics(client, plan, raw)
-        results.append((stats, np.asarray(omezarr.open_array(plan.filtered)[...])))
-    (a, fa), (b, fb) = results
-    np.testing.assert_array_equal(fa, fb)
+        for width in ((0, 0), (5, 5)):
+            for block in plan.grid(width):
+                got = filtered(plan, block, width)
+                np.testing.assert_array_equal(got, whole[block.read])
+        results.append(statistics(client, plan, raw))
+        assert not [p for p in Path(plan.scratch).rglob("*") if "filtered" in p.name]
+    a, b = results
     np.testing.assert_array_equal(a.counts, b.counts)
     assert (a.min, a.max) == (b.min, b.max)

@@ -108,12 +108,13 @@ def test_4096_with_smoothing_and_watershed_halos_by_hand() -> None:
     assert otsu.filter_halo == (8, 8)  # int(4 * 2 + 0.5), as scipy
     # per axis: 4096 core + 3 inner left halos + 3 inner right halos of 8 px
     assert otsu.stage("filter").read_bytes == (4096 + 6 * 8) ** 2 * 2
-    assert otsu.stage("filter").write_bytes == 4096**2 * 4
-    assert otsu.stage("segment").read_bytes == 4096**2 * 4  # the float32 filtered image
+    assert otsu.stage("filter").write_bytes == 0  # no filtered image is stored:
+    assert otsu.stage("statistics").read_bytes == (4096 + 6 * 8) ** 2 * 2  # each pass
+    assert otsu.stage("segment").read_bytes == (4096 + 6 * 8) ** 2 * 2  # filters again
     ws = get_segmenter("watershed")
     est = plan_image(_spec((4096, 4096)), tile=1024, segmenter=ws, halo=32)
     assert est.halo == (32, 32)
-    assert est.stage("segment").read_bytes == (4096 + 6 * 32) ** 2 * 4
+    assert est.stage("segment").read_bytes == (4096 + 6 * (32 + 8)) ** 2 * 2
     # overlap windows: faces 1024 × 64 px, corners 64 × 64 px; uint32
     views = (24 * 2 * 1024 * 64 + 18 * 2 * 64 * 64) * 4
     assert est.stage("links").read_bytes == views

@@ -22,7 +22,7 @@ from segpipe.engine import Runner, gpu_resources, map_blocks, prepare_array
 from segpipe.image import ImagePlan, ProgressFn, noop, where
 from segpipe.io import omezarr, written
 from segpipe.io.markers import Arrays, Markers
-from segpipe.stages.statistics import as_float32
+from segpipe.stages.statistics import filtered
 from segpipe.stats import ImageStats
 
 __all__ = ["Segmented", "dkey", "segment", "segment_block"]
@@ -53,7 +53,7 @@ def _segment_block(
     plan: ImagePlan, block: Block, params: dict[str, Any], directions: list[tuple[int, ...]]
 ) -> tuple[int, Arrays]:
     t0 = time.perf_counter()
-    data = as_float32(omezarr.read_block(plan.source, block.read))
+    data = filtered(plan, block, plan.segment_halo)
     if getattr(plan.segmenter, "wants_origin", False):
         params = {**params, "origin": tuple(s.start for s in block.read)}
     if getattr(plan.segmenter, "wants_core", False):  # the block within what was read

@@ -1,29 +1,31 @@
 """Stage statistics: the whole image's extrema and histogram, never per tile.
 
-When the segmenter smooths, a filter pass first writes the float32 filtered
-image to scratch (block + Gaussian radius, the halo from the neighbours' saved
-layers); then one histogram pass over the array the segmenter reads, with the
-bin edges `np.histogram` would use on the whole image.
+When the segmenter smooths, a filter pass finds the filtered image's extrema, then a
+histogram pass bins it with the edges `np.histogram` would use on the whole image.
+The filtered image is never stored: each pass, and the segment stage, filters its
+block again from the raw image and the halo the filter needs (`filtered`: from the
+neighbours' saved layers, `segpipe.halo`). Storing it took 4 bytes a pixel of
+scratch, more than the finished result.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
-from segpipe import halo
+from segpipe import halo as slabs_of
 from segpipe.blocks import Block
-from segpipe.engine import Runner, map_blocks, prepare_array
-from segpipe.image import ImagePlan, ProgressFn, SlabJob, noop, where
+from segpipe.engine import Runner, map_blocks
+from segpipe.image import ImagePlan, ProgressFn, noop, where
 from segpipe.io import omezarr
 from segpipe.io.markers import Arrays
-from segpipe.segmenters.base import Segmenter
 from segpipe.stages.ingest import extrema_in, extrema_out
 from segpipe.stats import Extrema, ImageStats, block_histogram, hist_range, merge_histograms
 
-__all__ = ["as_float32", "filter_block", "histogram_block", "statistics"]
+__all__ = ["as_float32", "filter_block", "filtered", "histogram_block", "statistics"]
 
 
 def as_float32(block: NDArray[Any]) -> NDArray[np.float32]:
@@ -31,21 +33,40 @@ def as_float32(block: NDArray[Any]) -> NDArray[np.float32]:
     return np.asarray(block, dtype=np.float32)
 
 
-def filter_block(
-    src: str, dst: str, block: Block, segmenter: Segmenter, slabs: SlabJob | None = None
-) -> Extrema:
-    data = None if slabs is None else halo.assemble(src, slabs.grid, block, slabs.directory)
+def filtered(plan: ImagePlan, block: Block, halo: Sequence[int]) -> NDArray[np.float32]:
+    """``block.read`` (``block`` of ``plan.grid(halo)``) as the segmenter sees it: float32,
+    smoothed by its filter where it has one, the same bits as the whole image smoothed.
+
+    The raw block is read with the filter's halo besides, from its own chunk and its
+    neighbours' saved layers (`segpipe.halo.assemble`; the region itself where they are
+    missing), and filtered here."""
+    if not plan.segmenter.has_filter():
+        return as_float32(omezarr.read_block(plan.raw, block.read))
+    width = plan.segmenter.filter_halo(plan.ndim)
+    wide_grid = plan.grid(tuple(h + w for h, w in zip(halo, width, strict=True)))
+    wide = wide_grid.block(block.index)
+    job = plan.slabs
+    data = None if job is None else slabs_of.assemble(plan.raw, wide_grid, wide, job.directory)
     if data is None:
-        data = omezarr.read_block(src, block.read)
-    out = np.ascontiguousarray(segmenter.preprocess(as_float32(data))[block.core_in_read])
-    omezarr.write_block(dst, block.core, out)
-    return Extrema.of(out)
+        data = omezarr.read_block(plan.raw, wide.read)
+    smooth = plan.segmenter.preprocess(as_float32(data))
+    inner = tuple(
+        slice(r.start - o.start, r.stop - o.start)
+        for r, o in zip(block.read, wide.read, strict=True)
+    )
+    return np.ascontiguousarray(smooth[inner])
+
+
+def filter_block(plan: ImagePlan, block: Block) -> Extrema:
+    """The extrema of ``block``'s core, filtered."""
+    return Extrema.of(filtered(plan, block, (0,) * plan.ndim))
 
 
 def histogram_block(
-    src: str, region: tuple[slice, ...], lo: np.float32, hi: np.float32
+    plan: ImagePlan, block: Block, lo: np.float32, hi: np.float32
 ) -> tuple[NDArray[np.int64], float]:
-    return block_histogram(as_float32(omezarr.read_block(src, region)), lo, hi)
+    """The histogram of ``block``'s core as the segmenter sees it, on ``lo``..``hi``."""
+    return block_histogram(filtered(plan, block, (0,) * plan.ndim), lo, hi)
 
 
 def _hist_out(h: tuple[NDArray[np.int64], float]) -> Arrays:
@@ -61,38 +82,25 @@ def statistics(
 ) -> ImageStats:
     """Filter (when the segmenter smooths) and histogram the whole image."""
     extrema = raw
-    tile = plan.grid().tile
+    blocks = list(plan.grid())
     if plan.segmenter.has_filter():
-        markers = plan.markers("filter")
-        prepare_array(
-            plan.filtered,
-            markers,
-            shape=plan.spec.shape,
-            chunks=tile,
-            dtype=np.float32,
-            labels=False,
-            compress=False,  # scratch, read twice: raw floats are faster than lz4 on noise
-        )
-        blocks = list(plan.grid(plan.segmenter.filter_halo(plan.ndim)))
-        slabs = plan.slabs
         parts = map_blocks(
             client,
             filter_block,
-            [(plan.raw, plan.filtered, b, plan.segmenter, slabs) for b in blocks],
+            [(plan, b) for b in blocks],
             stage="filter",
             progress=progress,
-            markers=markers,
+            markers=plan.markers("filter"),
             run=plan.token,
             codec=(extrema_out, extrema_in),
             names=[where(plan, b.core) for b in blocks],
         )
         extrema = Extrema.merge(parts)
     lo, hi = hist_range(extrema)
-    blocks = list(plan.grid())
     hists = map_blocks(
         client,
         histogram_block,
-        [(plan.source, b.core, lo, hi) for b in blocks],
+        [(plan, b, lo, hi) for b in blocks],
         stage="statistics",
         progress=progress,
         markers=plan.markers("statistics"),
