@@ -19,6 +19,7 @@ TRAIN_EXAMPLES = """
   segpipe train --arch fcn --data images/ --annotations masks/ --patch 256 --batch 4
   segpipe train --arch unet --ndim 3 --patch 32,64,64 --batch 2 --out unet3d.pt
   segpipe train --arch unet --steps 250 --patch 96 --out unet.pt --resume   # after a stop
+  segpipe train --arch unet --steps 250 --patch 96 --out unet.pt --bioimageio unet.zip
   segpipe train --arch forest --data images/ --annotations scribbles/ --out forest.npz
   segpipe train --arch forest --data images/ --annotations scribbles/ --out cells.npz \
       --classes '[background, nucleus, debris]' --features gaussian_1,sobel_2,log_4,std_2
@@ -97,6 +98,10 @@ def train(
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue from the checkpoint beside --out.")
     ] = False,
+    bioimageio: Annotated[
+        Path | None,
+        typer.Option(help="Also write the trained model as a bioimage.io package (.zip)."),
+    ] = None,
     checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 100,
     val_images: Annotated[
         int, typer.Option(help="Held-out synthetic images scored at the end (0: none).")
@@ -119,6 +124,15 @@ def train(
 ) -> None:
     """Train a segmentation network (background / interior / boundary) or a random forest
     (from scribbles), and write its model card."""
+    if bioimageio is not None:  # refused before training, not after
+        if arch == "forest":
+            fail(typer.BadParameter("--bioimageio: a forest has no bioimage.io form."), 2)
+        from segpipe.deep.export import require
+
+        try:
+            require("--bioimageio", bioimageio)
+        except SegpipeError as err:
+            fail(err)
     if arch == "forest":
         _train_forest(
             ndim=ndim,
@@ -216,6 +230,13 @@ def train(
         )
         for line in _format_validation(val):
             out.print(line, highlight=False)
+    if bioimageio is not None:
+        from flows.export_cli import write_package
+
+        try:
+            write_package(str(result.path), bioimageio)
+        except SegpipeError as err:
+            fail(err)
 
 
 def _train_forest(

@@ -190,3 +190,9 @@ def build(spec: NetSpec) -> nn.Module:
     """A freshly initialised network for ``spec``."""
     nets: dict[str, type[nn.Module]] = {"unet": UNet, "segnet": SegNet, "fcn": FCN}
     return nets[spec.arch](spec)
+
+
+def network(**spec: object) -> nn.Module:
+    """The network of a `NetSpec` given as keywords: the architecture a bioimage.io package's
+    ``pytorch_state_dict`` weights name (``segpipe.deep.nets.network``)."""
+    return build(NetSpec.model_validate(spec))
