@@ -511,6 +511,7 @@ def segmenters() -> None:
 
 
 from flows.cluster_cli import register as register_cluster  # noqa: E402
+from flows.export_cli import register as register_export  # noqa: E402
 from flows.plan_cli import register as register_plan  # noqa: E402
 from flows.serve import register as register_serve  # noqa: E402
 from flows.tools import register  # noqa: E402
@@ -521,6 +522,7 @@ register_serve(app)
 register_cluster(app)
 register_plan(app)
 register_train(app)
+register_export(app)
 
 
 def main() -> None:
