@@ -54,10 +54,17 @@ class Runner:
     path: Path
     device: str
     autocast: torch.dtype | None  # mixed precision on CUDA; None = float32
+    min_edge: int = 0
+    """The smallest tile edge the network takes (a bioimage.io package's min size)."""
 
     @property
     def spec(self) -> NetSpec:
         return self.meta.spec
+
+    @property
+    def margin(self) -> int:
+        """Pixels per side of a tile's output not trusted (`margin` of the spec)."""
+        return margin(self.spec)
 
     def forward(self, tiles: NDArray[np.float32]) -> NDArray[np.float32]:
         """Softmax probabilities ``(N, classes, *tile)`` of tiles ``(N, *tile)`` in one call."""
@@ -300,7 +307,8 @@ def predict(
     planes = image.ndim - spec.ndim  # 1: a 2D network over the planes of a volume
     shape = image.shape[planes:]
     front = [0] * len(shape) if origin is None else [o % m for o in origin[planes:]]
-    pads = [(f, round_up(n + f, m) - n - f) for n, f in zip(shape, front, strict=True)]
+    least = round_up(runner.min_edge, m)
+    pads = [(f, max(round_up(n + f, m), least) - n - f) for n, f in zip(shape, front, strict=True)]
     # reflect, as the whole-image reference; a one-pixel axis cannot reflect
     mode: Literal["reflect", "edge"] = "reflect" if min(shape) > 1 else "edge"
     padded = np.asarray(np.pad(image, [(0, 0)] * planes + pads, mode=mode), np.float32)
@@ -309,7 +317,7 @@ def predict(
     full = padded.shape[1:]
     edge = max(m, tile // m * m)
     tiles = tuple(min(edge, n) for n in full)
-    overlap = 2 * margin(spec)
+    overlap = 2 * runner.margin
     starts = [tile_starts(n, t, overlap) for n, t in zip(full, tiles, strict=True)]
     items = [(z, s) for z in range(padded.shape[0]) for s in itertools.product(*starts)]
     probs = np.zeros((spec.classes, *padded.shape), np.float32)

@@ -28,8 +28,9 @@ WEIGHTS = Path(__file__).resolve().parents[1] / "deep" / "weights"
 
 class DeepOptions(Options):
     model: str | None = None
-    """Model file: a state_dict ``.pt`` (+ sidecar JSON) or TorchScript; default the
-    shipped weights ``segpipe/deep/weights/<arch>.pt``."""
+    """Model file: a state_dict ``.pt`` (+ sidecar JSON), TorchScript, or a bioimage.io
+    package (folder, ``rdf.yaml`` or ``.zip``); default the shipped weights
+    ``segpipe/deep/weights/<arch>.pt``."""
     depth: int | None = Field(None, ge=1, le=6)
     """Architecture of a model file without sidecar: number of 2× downsamplings."""
     width: int | None = Field(None, ge=1)
@@ -98,6 +99,7 @@ class DeepSegmenter(Segmenter):
         super().__init__(**options)
         from segpipe.deep import infer
         from segpipe.deep.nets import NetSpec
+        from segpipe.deep.package import is_package
 
         o = self.opts
         path = Path(o.model).expanduser() if o.model else WEIGHTS / f"{self.name}.pt"
@@ -105,17 +107,26 @@ class DeepSegmenter(Segmenter):
         self.path = path.absolute()
         given = {k: getattr(o, k) for k in _ARCH_OPTIONS if getattr(o, k) is not None}
         self.fallback = NetSpec(arch=self.name, **given) if given else None  # type: ignore[arg-type]
+        self.package = is_package(self.path)
+        if self.package and given:
+            raise SegmenterError(
+                f"{self.path}: a bioimage.io package describes its network; "
+                f"drop {', '.join(sorted(given))}."
+            )
         # Load and run the model once here, on the client: a missing, corrupt or
         # mismatched file is named before any block is computed.
         try:
-            runner = infer.load_runner(
-                self.path, device="cpu", fallback=self.fallback, announce=False
-            )
+            runner = self._runner("cpu", announce=False)
         except InputNotFoundError as err:
             hint = "" if o.model else f"; the shipped {self.name} weights are missing: give model="
             raise ModelFileError(f"{err}{hint}") from err
         self.meta = runner.meta
+        self.margin = runner.margin
+        self.min_edge = runner.min_edge
+        self.info = getattr(runner, "info", None)
         spec = self.meta.spec
+        if self.package:
+            return  # any deep segmenter runs a package; its loader ran it once
         if spec.arch != self.name:
             raise SegmenterError(
                 f"{self.path}: the model is a {spec.arch}, not a {self.name}; "
@@ -130,6 +141,15 @@ class DeepSegmenter(Segmenter):
                 f"{infer.margin(spec)} px per side, multiple {spec.multiple}); use tile >= {need}."
             )
 
+    def _runner(self, device: str, *, announce: bool = True) -> Any:
+        from segpipe.deep import infer, package
+
+        if self.package:
+            return package.load_runner(self.path, device=device)
+        return infer.load_runner(
+            self.path, device=device, fallback=self.fallback, announce=announce
+        )
+
     @property
     def opts(self) -> DeepOptions:
         assert isinstance(self.options, DeepOptions)
@@ -139,8 +159,12 @@ class DeepSegmenter(Segmenter):
     def tile(self) -> int:
         """Network tile edge, a multiple of the network's."""
         spec = self.meta.spec
+        if self.package and self.info is not None and 0 in self.info.step:
+            return self.min_edge  # the package takes one size
         edge = self.opts.tile or (256 if spec.ndim == 2 else 64)
-        return max(spec.multiple, edge // spec.multiple * spec.multiple)
+        least = max(self.min_edge, 2 * self.margin + spec.multiple if self.package else 0)
+        m = spec.multiple
+        return max(m, edge // m * m, -(-least // m) * m)
 
     @property
     def network_classes(self) -> list[str]:
@@ -167,6 +191,8 @@ class DeepSegmenter(Segmenter):
         """The output's classes: background and nucleus for segpipe's 3-class layout."""
         from segpipe.deep.postprocess import OUTPUT_CLASSES
 
+        if self.info is not None:
+            return list(self.info.classes)
         return list(OUTPUT_CLASSES) if self.merges_boundary else self.network_classes
 
     @property
@@ -174,20 +200,22 @@ class DeepSegmenter(Segmenter):
         return self.opts.min_size if self.opts.min_size is not None else self.meta.min_size
 
     def halo(self, ndim: int) -> tuple[int, ...]:
-        from segpipe.deep.infer import margin, round_up
-
         spec = self.meta.spec
         if ndim < spec.ndim:
             raise SegmenterError(
                 f"{self.path}: a {spec.ndim}D network cannot segment a {ndim}D image."
             )
-        h = round_up(max(margin(spec), self.opts.diameter), spec.multiple)
+        h = -(-max(self.margin, self.opts.diameter) // spec.multiple) * spec.multiple
         # A 2D network on a volume runs plane by plane: no context across planes.
         return (0,) * (ndim - spec.ndim) + (h,) * spec.ndim
 
     def prepare(self, stats: ImageStats) -> Mapping[str, Any]:
         from segpipe.deep.postprocess import percentile_range
 
+        if self.info is not None:
+            from segpipe.deep.package import prepare
+
+            return prepare(self.info, stats)
         lo, hi = percentile_range(stats, *self.meta.normalise)
         return {"lo": lo, "hi": hi}
 
@@ -196,8 +224,13 @@ class DeepSegmenter(Segmenter):
         from segpipe.deep.postprocess import instances_from_classes, normalise, nuclei
 
         o = self.opts
-        runner = infer.load_runner(self.path, device=o.device, fallback=self.fallback)
-        image = normalise(block, params["lo"], params["hi"])
+        runner = self._runner(o.device)
+        if self.info is not None:
+            from segpipe.deep import package
+
+            image = package.preprocess(block, self.info, params)
+        else:
+            image = normalise(block, params["lo"], params["hi"])
         pred = infer.predict(
             image,
             runner,
@@ -206,6 +239,11 @@ class DeepSegmenter(Segmenter):
             blend=o.blend,
             origin=params.get("origin"),
         )
+        if self.info is not None:
+            semantic, instances = package.interpret(
+                pred.probabilities, self.info, min_size=self.min_size
+            )
+            return DeepResult(semantic, instances, pred.device, pred.tiles, pred.batch)
         instances = instances_from_classes(pred.classes, pred.boundary, min_size=self.min_size)
         semantic = nuclei(pred.classes) if self.merges_boundary else pred.classes
         return DeepResult(semantic, instances, pred.device, pred.tiles, pred.batch)
@@ -213,6 +251,11 @@ class DeepSegmenter(Segmenter):
     def identity(self) -> dict[str, Any]:
         """The model file's SHA-256: new weights under the same path are another run."""
         import hashlib
+
+        if self.package:
+            from segpipe.deep import package
+
+            return {"model_sha256": package.digest(self.path)}
 
         digest = hashlib.sha256()
         with self.path.open("rb") as f:
