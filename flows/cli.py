@@ -359,6 +359,14 @@ def run(
             "--on-error", help="fail: stop before compute on any bad input; skip: do the good ones."
         ),
     ] = None,
+    no_space_check: Annotated[
+        bool,
+        typer.Option(
+            "--no-space-check",
+            help="Start even when the output's file system has less free space than the "
+            "run's planned peak on disk.",
+        ),
+    ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Segment a collection into an OME-Zarr store."""
@@ -385,6 +393,7 @@ def run(
             "full": full or None,
             "prune": prune or None,
             "on_error": on_error,
+            "space_check": False if no_space_check else None,
         }
         if config is None and (input is None or output is None):
             raise typer.BadParameter("give --config, or both --input and --output.")

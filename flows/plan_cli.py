@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import resource
+import shutil
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -111,6 +112,9 @@ def _startup_case(cfg: Any, images: list[Any]) -> tuple[str, str]:
 def _as_json(plan: Any, workers: list[int], threads: int, startup: float | None) -> dict[str, Any]:
     from dataclasses import asdict
 
+    from flows.prepare import IN_FLIGHT
+
+    disk = plan.disk(IN_FLIGHT)
     return {
         "segmenter": plan.segmenter,
         "planning_seconds": plan.seconds,
@@ -125,6 +129,7 @@ def _as_json(plan: Any, workers: list[int], threads: int, startup: float | None)
             for im in plan.images
         ],
         "bad": [{"path": p, "problem": m} for p, m in plan.bad],
+        "disk": {"final_bytes": disk.final, "peak_bytes": disk.peak},
         "wall_seconds": {str(n): plan.wall(n, threads) for n in workers},
         "startup_seconds": startup,  # start-up and end, beside the computing above
         "threads": threads,
@@ -170,9 +175,17 @@ def plan(
     tasks, bytes read and written per stage, peak memory per worker thread, and the
     estimated wall time for N workers. Images are opened header-only."""
     from flows.cli import _parse_tile
+    from flows.prepare import IN_FLIGHT
     from segpipe.config import load_config, parse_sets
     from segpipe.pipeline import MAX_WAVES, waves
-    from segpipe.plan import COMPRESSION, COSTS_FILE, load_costs, plan_run, startup_seconds
+    from segpipe.plan import (
+        COMPRESSION,
+        COSTS_FILE,
+        LABEL_SHRINK,
+        load_costs,
+        plan_run,
+        startup_seconds,
+    )
 
     ns = sorted(set(workers or [1, 4, 16]))
     try:
@@ -247,6 +260,19 @@ def plan(
         soft_wrap=True,
     )
     out.print(f"Bytes read/written: {COMPRESSION}.", highlight=False, soft_wrap=True)
+    disk = result.disk(IN_FLIGHT)
+    folder = Path(cfg.resolved().output).absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    out.print(
+        f"Disk: about {_size(disk.final)} when done, {_size(disk.peak)} at the run's peak "
+        f"(scratch of the {IN_FLIGHT} largest images in flight; images taken uncompressed, "
+        f"labels at 1/{LABEL_SHRINK}); {_size(free)} free on {folder}"
+        + ("" if disk.peak <= free else ": [red]too little[/], `segpipe run` refuses to start"),
+        highlight=False,
+        soft_wrap=True,
+    )
     if result.costs is None:
         out.print("Wall time: no calibration table; run `python -m bench.calibrate`.")
     else:

@@ -6,19 +6,29 @@ beside it.
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from segpipe.config import RunConfig, block_tile, check_image_options
-from segpipe.errors import InputsError, SegpipeError
+from segpipe.errors import InputsError, NoSpaceError, SegpipeError
 from segpipe.image import ImagePlan, check_tile
 from segpipe.io import physical
 from segpipe.io.collection import resolve_inputs
 from segpipe.io.readers import SourceSpec, open_source
-from segpipe.io.store import OutputLock, check_apart, check_local, check_name, open_output
+from segpipe.io.store import (
+    OutputLock,
+    check_apart,
+    check_local,
+    check_name,
+    image_state,
+    open_output,
+)
 from segpipe.panoptic import catalogue_for
+from segpipe.plan import image_disk, run_disk
 from segpipe.segmenters import Segmenter, get_segmenter
 
-__all__ = ["Prepared", "in_process", "make_plan", "prepare_run", "unsized"]
+__all__ = ["Prepared", "check_space", "in_process", "make_plan", "prepare_run", "unsized"]
 
 
 @dataclass(frozen=True)
@@ -74,6 +84,7 @@ def prepare_run(config: RunConfig, *, resume: bool | None = None) -> Prepared:
             raise InputsError(bad[0][1])
         lines = "\n  ".join(msg for _, msg in bad)
         raise InputsError(f"{len(bad)} of {len(paths)} inputs are bad:\n  {lines}")
+    check_space(config, sources, segmenter)
     lock = open_output(
         config.output,
         {**config.run_settings(), **segmenter.identity()},
@@ -82,6 +93,55 @@ def prepare_run(config: RunConfig, *, resume: bool | None = None) -> Prepared:
         resume=(config.resume or config.full) if resume is None else resume,
     )
     return Prepared(config, sources, bad, segmenter, lock)
+
+
+IN_FLIGHT = 8
+"""Images whose scratch the free-space check counts at once (the largest ones)."""
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 / 10 else f"{n / 2**20:.0f} MiB"
+
+
+def _halos(config: RunConfig, ndim: int) -> tuple[int, ...] | None:
+    halo = config.halo
+    return None if halo == "auto" else ((halo,) * ndim if isinstance(halo, int) else tuple(halo))
+
+
+def check_space(config: RunConfig, sources: list[SourceSpec], segmenter: Segmenter) -> None:
+    """Refuse the run in one line when the output's file system has less free space than
+    its planned peak on disk (`segpipe.plan.run_disk`: every image not yet complete in
+    the store, and the scratch of the `IN_FLIGHT` largest), unless ``space_check`` is off.
+
+    Raises
+    ------
+    NoSpaceError
+        Naming the output, the space needed and the space free.
+    """
+    if not config.space_check:
+        return
+    pending = [s for s in sources if not image_state(Path(config.output) / s.name).get("complete")]
+    disks = [
+        image_disk(
+            s,
+            block_tile(config.tile, len(s.shape), s.shape),
+            segmenter,
+            _halos(config, len(s.shape)),
+        )
+        for s in pending
+    ]
+    need = run_disk(disks, IN_FLIGHT)
+    where = Path(config.output).absolute()
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    if need.peak > free:
+        raise NoSpaceError(
+            f"{config.output}: the run needs about {_gib(need.peak)} free at its peak "
+            f"({len(pending)} image(s), {_gib(need.final)} when done), and the file system "
+            f"of {where} has {_gib(free)} free: free some space or choose another output "
+            "(--no-space-check, or space_check: false in run.yaml, starts anyway)."
+        )
 
 
 def unsized(prepared: Prepared) -> str | None:
@@ -100,8 +160,7 @@ def unsized(prepared: Prepared) -> str | None:
 def make_plan(prepared: Prepared, spec: SourceSpec) -> ImagePlan:
     ndim = len(spec.shape)
     tiles = block_tile(prepared.config.tile, ndim, spec.shape)
-    halo = prepared.config.halo
-    halos = None if halo == "auto" else ((halo,) * ndim if isinstance(halo, int) else tuple(halo))
+    halos = _halos(prepared.config, ndim)
     catalogue = catalogue_for(prepared.segmenter, prepared.config.classes)
     inner = prepared.config.viewer_chunk
     return ImagePlan(

@@ -343,6 +343,9 @@ class RunConfig(BaseModel):
     prune: bool = False
     """Remove the images of the store whose input is no longer among this run's inputs
     (deleted or renamed); without it they are kept and reported as orphaned."""
+    space_check: bool = True
+    """Refuse to start, before compute, when the output's file system has less free space
+    than the run's planned peak on disk (`segpipe plan` prints it); false: start anyway."""
     retries: int = Field(0, ge=0)
     """Prefect retries of the whole flow run; a retry resumes from the blocks written."""
     retry_delay: float = Field(10.0, ge=0)

@@ -58,6 +58,10 @@ class OutputWriteError(SegpipeError, OSError):
     """The output cannot be written (disk full, read-only, permissions)."""
 
 
+class NoSpaceError(SegpipeError, OSError):
+    """The output's file system has less free space than the run needs."""
+
+
 class ModelFileError(SegpipeError, ValueError):
     """A model file is missing, corrupt, or would run code when loaded."""
 

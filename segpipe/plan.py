@@ -32,17 +32,22 @@ from segpipe.segmenters import Segmenter, get_segmenter
 __all__ = [
     "COMPRESSION",
     "COSTS_FILE",
+    "LABEL_SHRINK",
     "Costs",
+    "Disk",
     "ImageEstimate",
     "RunPlan",
     "SegmentCost",
     "Stage",
     "Startup",
+    "disk_footprint",
+    "image_disk",
     "load_costs",
     "measure_costs",
     "neighbour_pair_counts",
     "plan_image",
     "plan_run",
+    "run_disk",
     "startup_seconds",
     "wall_seconds",
 ]
@@ -193,6 +198,74 @@ class Stage:
     client: bool = False  # runs on the client (stitch), not as Dask tasks
 
 
+LABEL_SHRINK = 16
+"""Label arrays on disk against their uncompressed bytes, as the disk figures assume:
+the three label pyramids of densely packed synthetic nuclei take 1/17 of their
+uncompressed bytes (blosc-lz4); sparser images take far less. The image is taken
+as it is (noise does not compress), so the figures err on the large side."""
+
+
+FILE_SLACK = 2048
+"""Bytes a file takes on disk beyond its size, on average (half a 4 KiB block)."""
+
+
+@dataclass(frozen=True)
+class Disk:
+    """Bytes on disk of one image: its result, and at the run's peak (the result and
+    the scratch, markers and saved layers kept while it runs)."""
+
+    final: int
+    peak: int
+
+    @property
+    def scratch(self) -> int:
+        return self.peak - self.final
+
+
+def disk_footprint(
+    shape: Sequence[int],
+    item: int,
+    tiles: Sequence[int],
+    width: Sequence[int],
+    pyramid: Pyramid,
+) -> Disk:
+    """The `Disk` of an image of ``shape`` (``item`` bytes a pixel) in blocks of
+    ``tiles``, whose ingest saves layers ``width`` deep (zero without a filter)."""
+    npx = math.prod(shape)
+    levels = sum(math.prod(s) for s in pyramid.shapes)
+    labels = levels * (1 + 4 + 8) // LABEL_SHRINK  # semantic, instances, panoptic
+    files = 4 * sum(math.prod(_blocks(s, tiles)) for s in pyramid.shapes)  # four arrays
+    preview = 3 * math.prod(_preview_shape(pyramid.shapes)) // 2  # RGB PNG, ~2x on noise
+    final = levels * item + labels + files * FILE_SLACK + preview
+    layers = sum(2 * min(w, t) / t for w, t in zip(width, tiles, strict=True))
+    scratch = 4 * npx // LABEL_SHRINK + int(npx * item * layers)  # local ids, layers
+    return Disk(final, final + scratch)
+
+
+def image_disk(
+    spec: SourceSpec, tile: Sequence[int], segmenter: Segmenter, halo: Sequence[int] | None = None
+) -> Disk:
+    """The `Disk` of one image in blocks of ``tile`` (clipped to it), from its header.
+
+    Examples
+    --------
+    >>> from segpipe.segmenters import get_segmenter
+    >>> spec = SourceSpec("x.zarr", "x", "zarr", "YX", (8192, 8192), "uint16", None)
+    >>> d = image_disk(spec, (2048, 2048), get_segmenter("otsu"))
+    >>> round(d.final / 2**20), round(d.peak / 2**20)
+    (242, 260)
+    """
+    shape = spec.shape
+    tiles = [min(t, max(n, 1)) for t, n in zip(tile, shape, strict=True)]
+    width = [0] * len(shape)
+    if segmenter.has_filter():
+        seg_halo = halo if halo is not None else segmenter.halo(len(shape))
+        filt = segmenter.filter_halo(len(shape))
+        width = [f + h for f, h in zip(filt, seg_halo, strict=True)]
+    item = np.dtype(spec.out_dtype).itemsize
+    return disk_footprint(shape, item, tiles, width, Pyramid.build(shape, tiles))
+
+
 @dataclass(frozen=True)
 class ImageEstimate:
     """The plan of one image."""
@@ -210,6 +283,7 @@ class ImageEstimate:
     levels: int
     stages: tuple[Stage, ...]
     peak_thread_bytes: dict[str, int]  # per stage: block + halo, working set, labels
+    disk: Disk = Disk(0, 0)
 
     @property
     def pixels(self) -> int:
@@ -411,6 +485,7 @@ def plan_image(
         levels=len(shapes),
         stages=tuple(stages),
         peak_thread_bytes=peaks,
+        disk=image_disk(spec, tiles, segmenter, seg_halo),
     )
 
 
@@ -509,6 +584,20 @@ class RunPlan:
         if self.costs is None:
             return None
         return wall_seconds(self.images, workers=workers, threads=threads, costs=self.costs)
+
+    def disk(self, in_flight: int = 2) -> Disk:
+        """The run's `Disk`: every result, and at the peak the scratch of the
+        ``in_flight`` images with the most (`run_disk`)."""
+        return run_disk([i.disk for i in self.images], in_flight)
+
+
+def run_disk(images: Sequence[Disk], in_flight: int = 2) -> Disk:
+    """A run's `Disk` from its images': every result, and at the peak besides the
+    scratch of the ``in_flight`` images that keep the most (scratch goes as each image
+    finishes; `segpipe.pipeline` keeps two large images per worker thread in flight)."""
+    final = sum(d.final for d in images)
+    scratch = sorted((d.scratch for d in images), reverse=True)[: max(in_flight, 1)]
+    return Disk(final, final + sum(scratch))
 
 
 def plan_run(

@@ -145,16 +145,34 @@ def api_env(prefect_api: None) -> dict[str, str]:
     return {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value())}
 
 
+# killed in the filter, statistics, segment and relabel passes: no filtered image is kept
+# between them (each filters its blocks again), and the resumed run still equals the
+# fault-free one chunk by chunk
+@pytest.mark.parametrize(
+    "fraction",
+    [
+        0.3,
+        pytest.param(0.5, marks=pytest.mark.slow),
+        0.7,
+        pytest.param(0.9, marks=pytest.mark.slow),
+    ],
+)
 def test_whole_run_killed_then_resumed(
-    image: Path, reference: dict[str, str], api_env: dict[str, str], tmp_path: Path
+    image: Path,
+    reference: dict[str, str],
+    api_env: dict[str, str],
+    tmp_path: Path,
+    fraction: float,
 ) -> None:
     out = tmp_path / "out.zarr"
     args = ("--input", str(image), "--output", str(out), *ARGS)
     proc = _segpipe(*args, env=api_env)
-    watcher = watch(out, "cells", BLOCKS // 2, lambda: os.killpg(proc.pid, signal.SIGKILL))
+    at = int(fraction * BLOCKS)
+    watcher = watch(out, "cells", at, lambda: os.killpg(proc.pid, signal.SIGKILL))
     proc.wait(timeout=300)
     watcher.join(timeout=5)
     assert proc.returncode == -signal.SIGKILL
+    assert not list((out / "_segpipe" / "scratch").rglob("filtered"))
     assert not zarr.open_group(str(out / "cells"), mode="r").attrs["segpipe"]["complete"]
     base = out / "_segpipe" / "blocks" / "cells"
     present = {s.name: len(list(s.glob("*.npz"))) for s in base.iterdir()}
