@@ -375,3 +375,54 @@ def test_module_imports_without_bioimageio() -> None:
 
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert done.stdout.strip() == "ok", done.stderr
+
+
+RDF_04 = """\
+format_version: 0.4.10
+type: model
+name: segpipe unet in spec 0.4
+description: the shipped unet's TorchScript, described in spec 0.4
+authors: [{name: segpipe tests}]
+cite: [{text: "Ronneberger, Fischer, Brox: U-Net. MICCAI 2015", doi: 10.1007/978-3-319-24574-4_28}]
+license: BSD-3-Clause
+documentation: README.md
+tags: [segmentation, nuclei]
+timestamp: "2026-12-01T00:00:00"
+test_inputs: [test_input.npy]
+test_outputs: [test_output.npy]
+inputs:
+  - name: raw
+    axes: bcyx
+    data_type: float32
+    data_range: [-.inf, .inf]
+    shape: {min: [1, 1, 56, 56], step: [0, 0, 8, 8]}
+    preprocessing:
+      - name: scale_range
+        kwargs: {mode: per_sample, axes: yx, min_percentile: 1.0, max_percentile: 99.8}
+outputs:
+  - name: logits
+    axes: bcyx
+    data_type: float32
+    data_range: [-.inf, .inf]
+    shape: {reference_tensor: raw, scale: [1, 3, 1, 1], offset: [0, 0, 0, 0]}
+    halo: [0, 0, 24, 24]
+weights:
+  torchscript: {source: weights_torchscript.pt, pytorch_version: "2.13"}
+"""
+
+
+def test_spec_04_package_is_converted_and_segments(unet_zip: Path, tmp_path: Path) -> None:
+    """A 0.4 description (written by hand here) of the unet's TorchScript: bioimageio.spec
+    converts it; its three unnamed channels are classes, nucleus where not class 0."""
+    import zipfile
+
+    folder = tmp_path / "v04"
+    with zipfile.ZipFile(unet_zip) as z:
+        z.extractall(folder)
+    (folder / "rdf.yaml").write_text(RDF_04)
+    seg = get_segmenter("unet", model=str(folder / "rdf.yaml"))
+    assert seg.info is not None and seg.info.halo == (24, 24) and seg.info.step == (8, 8)
+    image, _ = synthetic.render((slice(0, 200), slice(0, 240)), seed=SEED)
+    shipped, _ = _segment_file(tmp_path, image, None, 128)
+    semantic, _ = _segment_file(tmp_path, image, str(folder / "rdf.yaml"), 128)
+    assert float(((semantic != 0) == (shipped != 0)).mean()) >= 0.999
