@@ -87,8 +87,12 @@ def _package(
     min_size: int = 32,
     step: int = 16,
     shape: tuple[int, int] = (192, 224),
+    bare: bool = False,
 ) -> Path:
-    """A package built with bioimageio.spec's own API around `Tiny`; test output from torch."""
+    """A package built with bioimageio.spec's own API around `Tiny`; test output from torch.
+
+    ``bare``: the input is ``(y, x)`` alone and the output ``(y, x, channel)`` (TorchScript
+    of a wrapper that adds and moves the axes)."""
     tmp.mkdir(parents=True, exist_ok=True)
     (tmp / "tiny.py").write_text(TINY)
     net = _tiny(tmp / "tiny.py", channels)
@@ -108,12 +112,17 @@ def _package(
     with torch.inference_mode():
         y = net(torch.from_numpy(normalised.astype(np.float32))).numpy()
     y = 1 / (1 + np.exp(-y)) if channels == 1 else np.exp(y) / np.exp(y).sum(1, keepdims=True)
-    np.save(tmp / "in.npy", np.repeat(x, in_channels, axis=1))
-    np.save(tmp / "out.npy", y.astype(np.float32))
+    if bare:
+        np.save(tmp / "in.npy", image)
+        np.save(tmp / "out.npy", np.moveaxis(y[0], 0, -1).astype(np.float32))
+    else:
+        np.save(tmp / "in.npy", np.repeat(x, in_channels, axis=1))
+        np.save(tmp / "out.npy", y.astype(np.float32))
     (tmp / "README.md").write_text("# tiny\n\nBright blobs.\n")
     version = bio.Version(torch.__version__.split("+")[0])
     if weights == "torchscript":
-        torch.jit.save(torch.jit.script(net), str(tmp / "tiny.ts"))
+        scripted = torch.jit.script(net if not bare else Bare(net))
+        torch.jit.save(scripted, str(tmp / "tiny.ts"))
         w = bio.WeightsDescr(
             torchscript=bio.TorchscriptWeightsDescr(source=tmp / "tiny.ts", pytorch_version=version)
         )
@@ -136,16 +145,14 @@ def _package(
         for a in "yx"
     ]
     names = ["nuclei"] if channels == 1 else ["background", "nuclei"]
+    in_axes = [
+        bio.BatchAxis(),
+        bio.ChannelAxis(channel_names=[bio.Identifier(f"c{i}") for i in range(in_channels)]),
+    ]
     inputs = [
         bio.InputTensorDescr(
             id=raw,
-            axes=[
-                bio.BatchAxis(),
-                bio.ChannelAxis(
-                    channel_names=[bio.Identifier(f"c{i}") for i in range(in_channels)]
-                ),
-                *space,
-            ],
+            axes=space if bare else [*in_axes, *space],
             test_tensor=bio.FileDescr(source=tmp / "in.npy"),
             preprocessing=pre,
         )
@@ -163,17 +170,7 @@ def _package(
         outputs=[
             bio.OutputTensorDescr(
                 id=bio.TensorId("scores"),
-                axes=[
-                    bio.BatchAxis(),
-                    bio.ChannelAxis(channel_names=[bio.Identifier(n) for n in names]),
-                    *(
-                        bio.SpaceOutputAxis(
-                            id=bio.AxisId(a),
-                            size=bio.SizeReference(tensor_id=raw, axis_id=bio.AxisId(a)),
-                        )
-                        for a in "yx"
-                    ),
-                ],
+                axes=_out_axes(raw, names, bare),
                 test_tensor=bio.FileDescr(source=tmp / "out.npy"),
                 postprocessing=post,
             )
@@ -183,15 +180,41 @@ def _package(
     return save_bioimageio_package(descr, output_path=tmp / "tiny.zip")
 
 
+class Bare(torch.nn.Module):
+    """(y, x) in, (y, x, channel) out, around a network of (batch, channel, y, x)."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x[None, None])[0].permute(1, 2, 0)
+
+
+def _out_axes(raw: Any, names: list[str], bare: bool) -> list[Any]:
+    space = [
+        bio.SpaceOutputAxis(
+            id=bio.AxisId(a), size=bio.SizeReference(tensor_id=raw, axis_id=bio.AxisId(a))
+        )
+        for a in "yx"
+    ]
+    channel = bio.ChannelAxis(channel_names=[bio.Identifier(n) for n in names])
+    return [*space, channel] if bare else [bio.BatchAxis(), channel, *space]
+
+
 def _core_whole_image(package: Path) -> tuple[np.ndarray, np.ndarray]:
     """bioimageio.core's own prediction of the package's test input, in one piece."""
     descr = load_model_description(package)
     sample = get_test_input_sample(descr)
     out = core.predict(model=descr, inputs=sample)
     (member,) = out.members.values()
-    scores = np.asarray(member.data)[0]
+    scores = np.asarray(
+        member.transpose([*(d for d in member.dims if d not in "yx"), "y", "x"]).data
+    )
+    scores = scores.reshape(-1, *scores.shape[-2:])  # (channel, y, x)
     (inp,) = sample.members.values()
-    return np.asarray(inp.data)[0, 0], scores
+    image = np.asarray(inp.data)
+    return image.reshape(image.shape[-2:]), scores
 
 
 def _segment_file(
@@ -276,12 +299,15 @@ def test_export_cli_and_train_option(tmp_path: Path) -> None:
 # -- import of packages built independently -------------------------------------------------------
 
 
-@pytest.mark.parametrize(("weights", "channels"), [("torchscript", 1), ("pytorch_state_dict", 2)])
+@pytest.mark.parametrize(
+    ("weights", "channels", "bare"),
+    [("torchscript", 1, False), ("pytorch_state_dict", 2, False), ("torchscript", 2, True)],
+)
 def test_independent_package_tiled_agrees_with_its_whole_image_run(
-    tmp_path: Path, weights: str, channels: int
+    tmp_path: Path, weights: str, channels: int, bare: bool
 ) -> None:
     post = [bio.SigmoidDescr()] if channels == 1 else [bio.SoftmaxDescr()]
-    pkg = _package(tmp_path / "pkg", weights=weights, channels=channels, post=post)
+    pkg = _package(tmp_path / "pkg", weights=weights, channels=channels, post=post, bare=bare)
     assert core.test_model(pkg).status == "passed"  # the package is sound by bioimageio.core's test
     seg = get_segmenter("unet", model=str(pkg))
     assert seg.classes == ["background", "nuclei"]
@@ -290,7 +316,8 @@ def test_independent_package_tiled_agrees_with_its_whole_image_run(
     reference = (fg > 0.5).astype(np.uint8)
     semantic, instances = _segment_file(tmp_path, image, str(pkg), 64)
     agree = float((semantic == reference).mean())
-    print(f"{weights}: tiled vs bioimageio.core whole image: {agree:.5%} of pixels agree")
+    kind = f"{weights}{' (y, x) in, (y, x, c) out' if bare else ''}"
+    print(f"{kind}: tiled vs bioimageio.core whole image: {agree:.5%} of pixels agree")
     assert agree >= 0.995, agree
     assert ((instances > 0) == (semantic > 0)).mean() > 0.99 and instances.max() > 5
 

@@ -478,16 +478,28 @@ class PackageRunner(Runner):
     info: PackageInfo | None = None
     context: int = DEFAULT_CONTEXT
 
-    def forward(self, tiles: NDArray[np.float32]) -> NDArray[np.float32]:
+    def _call(self, x: torch.Tensor) -> torch.Tensor:
+        """The network on ``(n, 1, *tile)`` in segpipe's axes (n = 1 when the package has
+        no batch axis); its output in segpipe's axes ``(n, C, *tile)``."""
         info = self.info
         assert info is not None
         canon = ["batch", "channel", *SPACE[-info.ndim :]]
+        for axis in reversed(canon):  # the axes the package lacks have length 1 here
+            if axis not in info.input_axes:
+                x = x.squeeze(canon.index(axis))
+        present = [a for a in canon if a in info.input_axes]
+        y = self.net(x.permute(*[present.index(a) for a in info.input_axes]))
+        y = y[0] if isinstance(y, tuple | list) else y
+        names = list(info.output_axes)
+        for axis in ("batch", "channel"):
+            if axis not in names:
+                y, names = y.unsqueeze(-1), [*names, axis]
+        return y.float().permute(*[names.index(a) for a in canon])
+
+    def forward(self, tiles: NDArray[np.float32]) -> NDArray[np.float32]:
+        info = self.info
+        assert info is not None
         x = torch.from_numpy(np.ascontiguousarray(tiles[:, None])).to(self.device)
-        keep = [canon.index(a) for a in info.input_axes]
-        drop = [i for i in range(len(canon)) if i not in keep]
-        x = x.permute(*keep, *drop)
-        for _ in drop:
-            x = x.squeeze(-1)
         amp = (
             torch.autocast(device_type="cuda", dtype=self.autocast)
             if self.autocast is not None
@@ -495,16 +507,9 @@ class PackageRunner(Runner):
         )
         with torch.inference_mode(), amp:
             if "batch" in info.input_axes:
-                y = self.net(x)
+                y = self._call(x)
             else:
-                y = torch.stack([self.net(t) for t in x.unbind(keep.index(0))])
-        y = y[0] if isinstance(y, tuple | list) else y
-        names = (
-            list(info.output_axes) if "batch" in info.input_axes else ["batch", *info.output_axes]
-        )
-        if "channel" not in names:
-            y, names = y.unsqueeze(-1), [*names, "channel"]
-        y = y.float().permute(*[names.index(a) for a in canon])
+                y = torch.cat([self._call(x[i : i + 1]) for i in range(len(x))])
         expect = (len(tiles), len(info.channels), *tiles.shape[1:])
         if tuple(y.shape) != expect:
             raise SegmenterError(
