@@ -294,6 +294,15 @@ def test_export_cli_and_train_option(tmp_path: Path) -> None:
         app, ["export", "--model", "fcn", "--format", "onnx", "--out", str(out)]
     )
     assert bad.exit_code != 0
+    trained = tmp_path / "tiny.zip"
+    args = ["train", "--arch", "unet", "--depth", "2", "--width", "4", "--steps", "2"]
+    args += ["--patch", "32", "--batch", "2", "--val-images", "0", "--quiet"]
+    args += ["--out", str(tmp_path / "tiny.pt"), "--bioimageio", str(trained)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert core.test_model(trained).status == "passed"
+    forest = CliRunner().invoke(app, ["train", "--arch", "forest", "--bioimageio", str(trained)])
+    assert forest.exit_code == 2 and "a forest has no bioimage.io form" in forest.output
 
 
 # -- import of packages built independently -------------------------------------------------------
