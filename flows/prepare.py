@@ -10,7 +10,7 @@ import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from segpipe.config import RunConfig, block_tile, check_image_options
+from segpipe.config import RunConfig, check_image_options
 from segpipe.errors import InputsError, NoSpaceError, SegpipeError
 from segpipe.image import ImagePlan, check_tile
 from segpipe.io import physical
@@ -25,7 +25,7 @@ from segpipe.io.store import (
     open_output,
 )
 from segpipe.panoptic import catalogue_for
-from segpipe.plan import image_disk, run_disk
+from segpipe.plan import image_disk, run_disk, tile_for
 from segpipe.segmenters import Segmenter, get_segmenter
 
 __all__ = ["Prepared", "check_space", "in_process", "make_plan", "prepare_run", "unsized"]
@@ -72,7 +72,7 @@ def prepare_run(config: RunConfig, *, resume: bool | None = None) -> Prepared:
             check_apart(p, config.output)
             check_name(config.output, spec.name, p)
             check_image_options(config, segmenter, spec)
-            check_tile(spec, block_tile(config.tile, len(spec.shape), spec.shape))
+            check_tile(spec, tile_for(config, spec, segmenter))
             if config.pixel_size is not None:  # the settings' size over the input's own
                 size = physical.given(config.pixel_size, config.pixel_unit, len(spec.shape), p)
                 spec = replace(spec, pixel=size)
@@ -124,7 +124,7 @@ def check_space(config: RunConfig, sources: list[SourceSpec], segmenter: Segment
     disks = [
         image_disk(
             s,
-            block_tile(config.tile, len(s.shape), s.shape),
+            tile_for(config, s, segmenter),
             segmenter,
             _halos(config, len(s.shape)),
         )
@@ -159,7 +159,7 @@ def unsized(prepared: Prepared) -> str | None:
 
 def make_plan(prepared: Prepared, spec: SourceSpec) -> ImagePlan:
     ndim = len(spec.shape)
-    tiles = block_tile(prepared.config.tile, ndim, spec.shape)
+    tiles = tile_for(prepared.config, spec, prepared.segmenter)
     halos = _halos(prepared.config, ndim)
     catalogue = catalogue_for(prepared.segmenter, prepared.config.classes)
     inner = prepared.config.viewer_chunk

@@ -343,6 +343,12 @@ class RunConfig(BaseModel):
     prune: bool = False
     """Remove the images of the store whose input is no longer among this run's inputs
     (deleted or renamed); without it they are kept and reported as orphaned."""
+    thread_memory: float = Field(0.3, gt=0)
+    """GiB one worker thread may hold for one block: ``tile: auto`` halves a block's
+    longest edge until the segmenter's working set for it (its declared bytes a voxel of
+    block + halo, `segpipe.plan.thread_peaks`) fits. A worker needs its threads times
+    this, plus ~0.3 GiB of its own; the default keeps the whole process tree of the
+    default LocalCluster on 2 cores under 1.5 GiB for every segmenter."""
     space_check: bool = True
     """Refuse to start, before compute, when the output's file system has less free space
     than the run's planned peak on disk (`segpipe plan` prints it); false: start anyway."""

@@ -40,6 +40,7 @@ __all__ = [
     "SegmentCost",
     "Stage",
     "Startup",
+    "auto_tile",
     "disk_footprint",
     "image_disk",
     "load_costs",
@@ -49,6 +50,8 @@ __all__ = [
     "plan_run",
     "run_disk",
     "startup_seconds",
+    "thread_peaks",
+    "tile_for",
     "wall_seconds",
 ]
 
@@ -240,6 +243,99 @@ def disk_footprint(
     layers = sum(2 * min(w, t) / t for w, t in zip(width, tiles, strict=True))
     scratch = 4 * npx // LABEL_SHRINK + int(npx * item * layers)  # local ids, layers
     return Disk(final, final + scratch)
+
+
+def thread_peaks(
+    shape: Sequence[int],
+    tiles: Sequence[int],
+    segmenter: Segmenter,
+    halo: Sequence[int],
+    item: int,
+    stored_item: int,
+    working: float,
+) -> dict[str, int]:
+    """Bytes one worker thread holds at once for one block, per stage: an image of
+    ``shape`` (``item`` bytes a pixel, ``stored_item`` in its file), blocks of ``tiles``,
+    the segment ``halo``, and the segmenter's ``working`` bytes a voxel of block + halo."""
+    f_halo = segmenter.filter_halo(len(shape)) if segmenter.has_filter() else (0,) * len(shape)
+
+    def grown(*halos: Sequence[int]) -> int:
+        return math.prod(
+            min(t + 2 * sum(h[k] for h in halos), n)
+            for k, (t, n) in enumerate(zip(tiles, shape, strict=True))
+        )
+
+    core, read_block, wide = math.prod(tiles), grown(halo), grown(halo, f_halo)
+    # the raw block with the filter's halo besides, as float32, and filtered
+    filtering = wide * (item + 4 + 4) if segmenter.has_filter() else 0
+    return {
+        "ingest": core * (stored_item + item),
+        "filter": grown(f_halo) * (item + 4 + 4) if segmenter.has_filter() else 0,
+        # filtering (its arrays dropped but the result), then the float32 block + halo,
+        # the segmenter's working set, full and core labels
+        "segment": int(max(filtering, read_block * (4 + working + 4) + core * 5)),
+        # local ids, semantic, image, instances, panoptic (+ one row of sums per object)
+        "relabel": core * (4 + 1 + item + 4 + 8),
+    }
+
+
+MIN_AUTO_EDGE = 32
+"""``tile: auto`` halves a block no further than this edge."""
+
+
+def auto_tile(
+    spec: SourceSpec,
+    segmenter: Segmenter,
+    budget: float,
+    halo: Sequence[int] | None = None,
+) -> tuple[int, ...]:
+    """``tile: auto`` for ``spec`` and ``segmenter``: `segpipe.config.block_tile`'s block,
+    halved along one axis at a time (the one that lowers the peak most) while one worker
+    thread would hold more than ``budget`` bytes for it (`thread_peaks`, with the
+    segmenter's declared working set).
+
+    Examples
+    --------
+    >>> from segpipe.segmenters import get_segmenter
+    >>> vol = SourceSpec("v.zarr", "v", "zarr", "ZYX", (192, 512, 512), "uint16", None)
+    >>> auto_tile(vol, get_segmenter("otsu"), 0.3 * 2**30)
+    (192, 256, 256)
+    >>> auto_tile(vol, get_segmenter("watershed"), 0.3 * 2**30)
+    (192, 64, 64)
+    """
+    shape = spec.shape
+    ndim = len(shape)
+    tiles = [min(t, max(n, 1)) for t, n in zip(block_tile("auto", ndim, shape), shape, strict=True)]
+    seg_halo = tuple(halo) if halo is not None else segmenter.halo(ndim)
+    item = np.dtype(spec.out_dtype).itemsize
+    stored = np.dtype(spec.dtype).itemsize * max(spec.n_channels, 1)
+    working = segmenter.working_bytes(ndim)
+
+    def peak(t: Sequence[int]) -> int:
+        return max(thread_peaks(shape, t, segmenter, seg_halo, item, stored, working).values())
+
+    while peak(tiles) > budget:
+        # the halving that sheds the most: an axis taken whole has no halo to keep
+        halved = [
+            [*tiles[:k], tiles[k] // 2, *tiles[k + 1 :]]
+            for k in range(ndim)
+            if tiles[k] // 2 >= MIN_AUTO_EDGE
+        ]
+        if not halved:
+            break
+        tiles = min(halved, key=peak)
+    return tuple(tiles)
+
+
+def tile_for(config: RunConfig, spec: SourceSpec, segmenter: Segmenter) -> tuple[int, ...]:
+    """The block shape of ``spec`` in a run of ``config``: its ``tile``, or `auto_tile`
+    within ``thread_memory``."""
+    ndim = len(spec.shape)
+    if config.tile != "auto":
+        return block_tile(config.tile, ndim, spec.shape)
+    halo = config.halo
+    halos = None if halo == "auto" else ((halo,) * ndim if isinstance(halo, int) else tuple(halo))
+    return auto_tile(spec, segmenter, config.thread_memory * 2**30, halos)
 
 
 def image_disk(
@@ -451,26 +547,8 @@ def plan_image(
     ]
     preview_px = math.prod(_preview_shape(shapes))
     stages.append(Stage("preview", 1, preview_px * (item + 4), 0, 0.0 if costs else None))
-    core = math.prod(tiles)
-    read_block = math.prod(
-        min(t + 2 * h, s) for t, h, s in zip(tiles, seg_halo, shape, strict=True)
-    )
-    filt_block = math.prod(min(t + 2 * h, s) for t, h, s in zip(tiles, f_halo, shape, strict=True))
-    wide_block = math.prod(
-        min(t + 2 * (h + f), s) for t, h, f, s in zip(tiles, seg_halo, f_halo, shape, strict=True)
-    )
-    # the raw block with the filter's halo besides, as float32, and filtered
-    filtering = wide_block * (item + 4 + 4) if segmenter.has_filter() else 0
-    working = seg_cost.working_bytes_per_px * read_block if seg_cost else 0.0
-    peaks = {
-        "ingest": core * (stored_item + item),
-        "filter": filt_block * (item + 4 + 4) if segmenter.has_filter() else 0,
-        # filtering (its arrays dropped but the result), then the float32 block + halo,
-        # the segmenter's working set, full and core labels
-        "segment": int(max(filtering, read_block * 4 + working + read_block * 4 + core * 5)),
-        # local ids, semantic, image, instances, panoptic (+ one row of sums per object)
-        "relabel": core * (4 + 1 + item + 4 + 8),
-    }
+    working = seg_cost.working_bytes_per_px if seg_cost else segmenter.working_bytes(ndim)
+    peaks = thread_peaks(shape, tiles, segmenter, seg_halo, item, stored_item, working)
     return ImageEstimate(
         name=spec.name,
         path=spec.path,
@@ -641,14 +719,14 @@ def plan_run(
         raise InputsError("\n".join(msg for _, msg in bad))
     halo = None if config.halo == "auto" else config.halo
     if calibrate and specs:
-        tile = block_tile(config.tile, len(specs[0].shape), specs[0].shape)
+        tile = tile_for(config, specs[0], segmenter)
         costs = measure_costs(
             specs[0], segmenter, tile=tile, halo=halo, workdir=workdir, base=costs
         )
     images = [
         plan_image(
             s,
-            tile=block_tile(config.tile, len(s.shape), s.shape),
+            tile=tile_for(config, s, segmenter),
             segmenter=segmenter,
             halo=halo,
             costs=costs,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 from typer.testing import CliRunner
 
 from segpipe import synthetic
@@ -76,3 +77,27 @@ def test_a_resumed_run_counts_only_the_images_still_to_do(run_cli, tmpfs, tmp_pa
     again = run_cli("-i", str(folder), "-o", str(out), "--resume")
     assert again.exit_code == 0, again.output
     assert "free at its peak" not in again.output
+
+
+def test_tile_auto_gives_a_3d_watershed_a_smaller_block_than_otsu() -> None:
+    """Each segmenter's declared working set sizes its blocks within ``thread_memory``:
+    the planned peak of one thread stays within it, and a 3D watershed (50 bytes a
+    voxel, a 40-voxel halo) gets a smaller block than otsu (6 bytes, no halo)."""
+    from segpipe.config import RunConfig
+    from segpipe.io.readers import SourceSpec
+    from segpipe.plan import plan_image, tile_for
+
+    config = RunConfig(input="v.zarr", output="o.zarr")
+    vol = SourceSpec("v.zarr", "v", "zarr", "ZYX", (192, 512, 512), "uint16", None)
+    blocks = {}
+    for name in ("otsu", "watershed"):
+        segmenter = get_segmenter(name)
+        tile = tile_for(config, vol, segmenter)
+        blocks[name] = tile
+        peak = plan_image(vol, tile=tile, segmenter=segmenter).peak_bytes
+        assert peak <= config.thread_memory * 2**30, (name, tile, peak)
+    assert blocks["otsu"] == (192, 256, 256)  # as before: it fits
+    otsu, watershed = (int(np.prod(blocks[n])) for n in ("otsu", "watershed"))
+    assert watershed < otsu
+    small = RunConfig(input="v.zarr", output="o.zarr", thread_memory=0.1)
+    assert np.prod(tile_for(small, vol, get_segmenter("otsu"))) < otsu

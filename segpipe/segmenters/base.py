@@ -129,6 +129,9 @@ class Segmenter(ABC):
     produces: ClassVar[frozenset[str]] = frozenset({"semantic", "instances"})
     stitch: ClassVar[Stitch] = "faces"
     gpu: ClassVar[bool] = False
+    working: ClassVar[tuple[float, float]] = (16.0, 16.0)
+    """Bytes a voxel of block + halo that ``segment`` holds beyond its float32 input, for
+    planes and volumes (tracemalloc's peak over one call, rounded up; `working_bytes`)."""
 
     def __init__(self, **options: Any) -> None:
         try:
@@ -186,6 +189,11 @@ class Segmenter(ABC):
         return kernels.gaussian(block, self.sigma())
 
     # -- segmentation ------------------------------------------------------
+    def working_bytes(self, ndim: int) -> float:
+        """Bytes a voxel of block + halo that ``segment`` holds beyond its float32 input:
+        what ``tile: auto`` sizes blocks by (`segpipe.plan.auto_tile`)."""
+        return self.working[0] if ndim == 2 else self.working[1]
+
     @abstractmethod
     def halo(self, ndim: int) -> tuple[int, ...]:
         """Context (pixels per side) ``segment`` needs beyond the block it owns."""

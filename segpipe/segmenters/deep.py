@@ -89,6 +89,8 @@ class DeepSegmenter(Segmenter):
     ``classes``, ``ndim``.
     """
 
+    working = (48.0, 64.0)  # class scores of a block, beside the network's tiles
+
     options_model = DeepOptions
     stitch = "overlap"
     gpu = True

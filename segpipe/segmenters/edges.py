@@ -109,6 +109,7 @@ class Edges(Segmenter):
     """
 
     name = "edges"
+    working = (40.0, 41.0)  # measured: see Segmenter.working
     options_model = EdgesOptions
     stitch = "overlap"
 

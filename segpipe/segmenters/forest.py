@@ -123,6 +123,10 @@ class Forest(Segmenter):
             if f.kind == "hessian" and f.index > len(shape):
                 raise SegmenterError(f"{self.path}: feature {name!r} needs a 3D image")
 
+    def working_bytes(self, ndim: int) -> float:
+        """A float32 plane per feature, the trees' votes, and the labels."""
+        return 4.0 * len(self._features) + 32.0
+
     def halo(self, ndim: int) -> tuple[int, ...]:
         return halo_for(self._radius, self.opts.diameter, ndim)
 

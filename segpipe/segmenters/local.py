@@ -171,6 +171,7 @@ class LocalThreshold(Segmenter):
     """
 
     name = "local"
+    working = (8.0, 8.0)  # measured: see Segmenter.working
     options_model = LocalOptions
 
     @property

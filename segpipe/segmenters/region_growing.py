@@ -117,6 +117,7 @@ class RegionGrowing(Segmenter):
     """
 
     name = "region-growing"
+    working = (83.0, 84.0)  # measured: see Segmenter.working
     options_model = RegionGrowingOptions
     stitch = "overlap"
 

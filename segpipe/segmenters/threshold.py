@@ -175,6 +175,7 @@ class Otsu(Segmenter):
     """
 
     name = "otsu"
+    working = (6.0, 6.0)  # measured: see Segmenter.working
     options_model = OtsuOptions
 
     def halo(self, ndim: int) -> tuple[int, ...]:
@@ -201,6 +202,7 @@ class MultiOtsu(Segmenter):
     """
 
     name = "multiotsu"
+    working = (18.0, 18.0)  # measured: see Segmenter.working
     options_model = MultiOtsuOptions
 
     @property
@@ -245,6 +247,7 @@ class Threshold(Segmenter):
     """
 
     name = "threshold"
+    working = (6.0, 6.0)  # measured: see Segmenter.working
     options_model = ThresholdOptions
 
     def halo(self, ndim: int) -> tuple[int, ...]:

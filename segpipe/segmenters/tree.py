@@ -451,6 +451,10 @@ class Tree(Segmenter):
                     f"this image allows ({limit}); use a smaller scale"
                 )
 
+    def working_bytes(self, ndim: int) -> float:
+        """A float32 plane per feature, and the labels."""
+        return 4.0 * len(self.features) + 16.0
+
     def halo(self, ndim: int) -> tuple[int, ...]:
         radius = features.halo(self.features, ndim)[0] if ndim else 0
         return halo_for(radius, self.opts.diameter, ndim)

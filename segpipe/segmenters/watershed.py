@@ -44,6 +44,7 @@ class Watershed(Segmenter):
     """
 
     name = "watershed"
+    working = (35.0, 50.0)  # measured: see Segmenter.working
     options_model = WatershedOptions
     stitch = "overlap"
 
