@@ -10,7 +10,10 @@ Runs, one after another, each printing the machine, versions and medians:
 3. `bench.deep`: CPU (or CUDA) inference throughput of the pipeline's
    segment stage with `unet` vs a plain torch loop over the same tiles;
 4. `bench.sharding`: sharded vs unsharded outputs: end-to-end throughput,
-   bytes on disk and the time to read one 256² region of the labels.
+   bytes on disk and the time to read one 256² region of the labels;
+5. `bench.footprint`: the output store's peak and final size on disk and the
+   time, at 4096², 16384² and 32768², beside the commit before the filtered
+   image left scratch.
 
 ``--quick`` runs each at small sizes with one repeat (a smoke test of the
 suite, not figures to quote).
@@ -22,10 +25,11 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from bench import deep, memory, sharding, throughput
+from bench import deep, footprint, memory, sharding, throughput
 
 SEGMENTERS = ["--segmenters", "otsu", "watershed", "unet"]
 QUICK_OUT = str(Path(tempfile.gettempdir()) / "segpipe-sharding-quick.json")  # not the figures
+QUICK_FOOTPRINT = str(Path(tempfile.gettempdir()) / "segpipe-footprint-quick.json")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
                 sharding.main,
                 ["--size", "2048", "--repeats", "1", "--regions", "20", "--out", QUICK_OUT],
             ),
+            (footprint.main, ["--sizes", "1024", "--out", QUICK_FOOTPRINT]),
         ]
     else:
         r = str(args.repeats)
@@ -56,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             (memory.main, ["--sizes", "4096", "16384"]),
             (deep.main, ["--repeats", r]),
             (sharding.main, ["--repeats", r]),
+            (footprint.main, ["--baseline", footprint.BASELINE]),
         ]
     for fn, fn_args in plans:
         print(f"\n=== python -m {fn.__module__} {' '.join(fn_args)}", flush=True)

@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+BASELINE = "c27ec42^"
+"""The commit before the filtered image left scratch."""
 
 
 def disk_bytes(root: Path) -> tuple[int, int]:
