@@ -61,10 +61,12 @@ _STRIP = 64  # lines filtered together along the last axis
 @numba.njit(cache=True, nogil=True)
 def _along_last(src, dst, w, r):  # type: ignore[no-untyped-def]  # pragma: no cover (compiled)
     # The last (contiguous) axis, `_STRIP` lines at a time: the strip is copied
-    # transposed into a double buffer, so each tap runs across the lines as in
-    # `_along_middle` (4.5 against 7.5 ns/px tap by tap along each line).
+    # transposed into a float32 buffer, so each tap runs across the lines as in
+    # `_along_middle`, and the results are gathered transposed too, then copied back
+    # line by line (each write contiguous).
     rows, n = src.shape
-    buf = np.empty((n, _STRIP), np.float64)
+    buf = np.empty((n, _STRIP), np.float32)
+    out = np.empty((n, _STRIP), np.float32)
     acc = np.empty(_STRIP, np.float64)
     for r0 in range(0, rows, _STRIP):
         m = min(_STRIP, rows - r0)
@@ -73,15 +75,18 @@ def _along_last(src, dst, w, r):  # type: ignore[no-untyped-def]  # pragma: no c
                 buf[c, j] = src[r0 + j, c]
         for c in range(n):
             for j in range(m):
-                acc[j] = buf[c, j] * w[r]
+                acc[j] = np.float64(buf[c, j]) * w[r]
             for k in range(r, 0, -1):
                 a = max(c - k, 0)
                 b = min(c + k, n - 1)
                 wk = w[r - k]
                 for j in range(m):
-                    acc[j] += (buf[a, j] + buf[b, j]) * wk
+                    acc[j] += (np.float64(buf[a, j]) + np.float64(buf[b, j])) * wk
             for j in range(m):
-                dst[r0 + j, c] = np.float32(acc[j])
+                out[c, j] = np.float32(acc[j])
+        for j in range(m):
+            for c in range(n):
+                dst[r0 + j, c] = out[c, j]
 
 
 def gaussian(
