@@ -133,9 +133,12 @@ def _stopped_cleanly(r: Run, code: int, err: str, seconds: float, expected: int)
     assert seconds < 10, f"took {seconds:.1f} s to stop"
     lines = err.strip().splitlines()
     assert lines[-1] == INTERRUPTED, err
-    # the run's header, how long it took to start, and the one line: no traceback
-    assert len(lines) == 3 and lines[0].startswith("segpipe: 1 image(s)"), err
+    # the run's header, how long it took to start, that the image states no pixel size,
+    # and the one line: no traceback
+    assert len(lines) == 4 and lines[0].startswith("segpipe: 1 image(s)"), err
     assert lines[1].startswith("started in "), err
+    assert lines[2].endswith(": no pixel size stated; scales and tables are in pixels "
+        "(--pixel-size or pixel_size: in run.yaml gives one)"), err  # fmt: skip
     assert not (r.out / "_segpipe" / "lock.json").exists()  # the output is free again
     assert r.survivors(5) == []
 

@@ -45,9 +45,12 @@ def test_losing_the_prefect_api_is_one_line_and_the_next_run_settles_it(tmp_path
         server.wait()
         _, err = run.communicate(timeout=300)
         assert run.returncode == 1, err
-        lines = err.strip().splitlines()  # the run's header, its start-up, and one line
-        assert len(lines) == 3 and lines[-1].startswith(
-            f"error: the Prefect API {api} stopped answering ("
+        # the run's header, its start-up, that the image states no pixel size, one line
+        lines = err.strip().splitlines()
+        assert (
+            len(lines) == 4
+            and "no pixel size stated" in lines[2]
+            and lines[-1].startswith(f"error: the Prefect API {api} stopped answering (")
         ), err
         assert lines[-1].endswith(
             "); the blocks and images that finished are kept: rerun with --resume once it is back"

@@ -139,10 +139,16 @@ def test_losing_the_scheduler_is_one_line_and_resume_finishes(
     cluster.procs[0].send_signal(signal.SIGKILL)  # the scheduler dies
     _, err = run.communicate(timeout=120)
     assert run.returncode == 1, err
-    lines = err.strip().splitlines()  # the run's header, its start-up, and one line
-    assert len(lines) == 3 and lines[-1] == (
-        f"error: lost the Dask scheduler {cluster.address} (it stopped answering); the "
-        "blocks and images that finished are kept: rerun with --resume once it is back"
+    # the run's header, its start-up, that the image states no pixel size, one line
+    lines = err.strip().splitlines()
+    assert (
+        len(lines) == 4
+        and "no pixel size stated" in lines[2]
+        and lines[-1]
+        == (
+            f"error: lost the Dask scheduler {cluster.address} (it stopped answering); the "
+            "blocks and images that finished are kept: rerun with --resume once it is back"
+        )
     ), err
     assert not (out / "_segpipe" / "lock.json").exists()  # the output is free again
 
