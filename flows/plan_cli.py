@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import resource
-import shutil
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -175,7 +174,7 @@ def plan(
     tasks, bytes read and written per stage, peak memory per worker thread, and the
     estimated wall time for N workers. Images are opened header-only."""
     from flows.cli import _parse_tile
-    from flows.prepare import IN_FLIGHT
+    from flows.prepare import IN_FLIGHT, free_space
     from segpipe.config import load_config, parse_sets
     from segpipe.pipeline import MAX_WAVES, waves
     from segpipe.plan import (
@@ -261,10 +260,7 @@ def plan(
     )
     out.print(f"Bytes read/written: {COMPRESSION}.", highlight=False, soft_wrap=True)
     disk = result.disk(IN_FLIGHT)
-    folder = Path(cfg.resolved().output).absolute()
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    free = shutil.disk_usage(folder).free
+    folder, free = free_space(cfg.resolved().output)
     out.print(
         f"Disk: about {_size(disk.final)} when done, {_size(disk.peak)} at the run's peak "
         f"(scratch of the {IN_FLIGHT} largest images in flight; images taken uncompressed, "

@@ -25,10 +25,18 @@ from segpipe.io.store import (
     open_output,
 )
 from segpipe.panoptic import catalogue_for
-from segpipe.plan import image_disk, run_disk, tile_for
+from segpipe.plan import halo_for, image_disk, run_disk, tile_for
 from segpipe.segmenters import Segmenter, get_segmenter
 
-__all__ = ["Prepared", "check_space", "in_process", "make_plan", "prepare_run", "unsized"]
+__all__ = [
+    "Prepared",
+    "check_space",
+    "free_space",
+    "in_process",
+    "make_plan",
+    "prepare_run",
+    "unsized",
+]
 
 
 @dataclass(frozen=True)
@@ -103,9 +111,13 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 / 10 else f"{n / 2**20:.0f} MiB"
 
 
-def _halos(config: RunConfig, ndim: int) -> tuple[int, ...] | None:
-    halo = config.halo
-    return None if halo == "auto" else ((halo,) * ndim if isinstance(halo, int) else tuple(halo))
+def free_space(path: str) -> tuple[Path, int]:
+    """The folder nearest ``path`` that exists (``path`` itself when it does), and the
+    bytes free on its file system."""
+    where = Path(path).absolute()
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    return where, shutil.disk_usage(where).free
 
 
 def check_space(config: RunConfig, sources: list[SourceSpec], segmenter: Segmenter) -> None:
@@ -126,15 +138,12 @@ def check_space(config: RunConfig, sources: list[SourceSpec], segmenter: Segment
             s,
             tile_for(config, s, segmenter),
             segmenter,
-            _halos(config, len(s.shape)),
+            halo_for(config, len(s.shape)),
         )
         for s in pending
     ]
     need = run_disk(disks, IN_FLIGHT)
-    where = Path(config.output).absolute()
-    while not where.exists() and where != where.parent:
-        where = where.parent
-    free = shutil.disk_usage(where).free
+    where, free = free_space(config.output)
     if need.peak > free:
         raise NoSpaceError(
             f"{config.output}: the run needs about {_gib(need.peak)} free at its peak "
@@ -160,7 +169,7 @@ def unsized(prepared: Prepared) -> str | None:
 def make_plan(prepared: Prepared, spec: SourceSpec) -> ImagePlan:
     ndim = len(spec.shape)
     tiles = tile_for(prepared.config, spec, prepared.segmenter)
-    halos = _halos(prepared.config, ndim)
+    halos = halo_for(prepared.config, ndim)
     catalogue = catalogue_for(prepared.segmenter, prepared.config.classes)
     inner = prepared.config.viewer_chunk
     return ImagePlan(

@@ -42,6 +42,7 @@ __all__ = [
     "Startup",
     "auto_tile",
     "disk_footprint",
+    "halo_for",
     "image_disk",
     "load_costs",
     "measure_costs",
@@ -333,9 +334,13 @@ def tile_for(config: RunConfig, spec: SourceSpec, segmenter: Segmenter) -> tuple
     ndim = len(spec.shape)
     if config.tile != "auto":
         return block_tile(config.tile, ndim, spec.shape)
+    return auto_tile(spec, segmenter, config.thread_memory * 2**30, halo_for(config, ndim))
+
+
+def halo_for(config: RunConfig, ndim: int) -> tuple[int, ...] | None:
+    """The segment halo ``config`` sets per axis; None for ``auto`` (the segmenter's)."""
     halo = config.halo
-    halos = None if halo == "auto" else ((halo,) * ndim if isinstance(halo, int) else tuple(halo))
-    return auto_tile(spec, segmenter, config.thread_memory * 2**30, halos)
+    return None if halo == "auto" else ((halo,) * ndim if isinstance(halo, int) else tuple(halo))
 
 
 def image_disk(
