@@ -27,7 +27,8 @@ test-all: $(BIN)/segpipe
 	$(BIN)/python -m pytest -m "not gpu" $(PYTEST_ARGS)
 
 test-gpu: $(BIN)/segpipe
-	$(BIN)/python -m pytest -m gpu $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m gpu -s $(PYTEST_ARGS)
+	$(BIN)/python -m bench.gpu
 
 bench: $(BIN)/segpipe
 	$(BIN)/python -m bench
