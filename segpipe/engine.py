@@ -8,20 +8,15 @@ module runs them.
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import itertools
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextvars import ContextVar
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
 from distributed import Client, as_completed
 
-from segpipe.config import VIEWER_CHUNK, viewer_inner
 from segpipe.errors import BlockFailedError, OutputWriteError, SegpipeError
 from segpipe.image import ProgressFn, noop
 from segpipe.io import omezarr, written
@@ -39,7 +34,6 @@ __all__ = [
     "map_blocks",
     "output_error",
     "prepare_array",
-    "viewer_chunks",
 ]
 
 
@@ -294,33 +288,6 @@ def gpu_resources(client: Runner, segmenter: Segmenter) -> dict[str, float] | No
     return None
 
 
-_VIEWER: ContextVar[int | tuple[int, ...] | None] = ContextVar(
-    "segpipe_viewer_chunk", default=VIEWER_CHUNK
-)
-
-
-@contextlib.contextmanager
-def viewer_chunks(value: int | tuple[int, ...] | None) -> Iterator[None]:
-    """Within: `prepare_array` makes result arrays shards of inner chunks of ``value``
-    (`RunConfig.viewer_chunk`; 0 or None: unsharded). Each stage runs in the
-    context of its image's setting (`segpipe.stages.Stage`), which reaches the
-    arrays its driver creates without every driver passing it on."""
-    token = _VIEWER.set(value)
-    try:
-        yield
-    finally:
-        _VIEWER.reset(token)
-
-
-def _inner(path: str, ndim: int) -> tuple[int, ...] | None:
-    """Inner chunks for the array at ``path``: scratch (``_segpipe/scratch``) is read
-    only by segpipe, a block at a time, and stays unsharded."""
-    parts = Path(path).parts
-    if any(a == omezarr.SCRATCH and b == "scratch" for a, b in itertools.pairwise(parts)):
-        return None
-    return viewer_inner(_VIEWER.get(), ndim)
-
-
 def prepare_array(
     path: str,
     markers: Markers,
@@ -330,10 +297,11 @@ def prepare_array(
     dtype: Any,
     labels: bool = True,
     compress: bool = True,
+    inner: Sequence[int] | None = None,
 ) -> None:
     """Create the array a stage writes, unless a resumed stage already wrote parts of it
-    in the same layout (chunks, shards; see `viewer_chunks`)."""
-    inner = _inner(path, len(shape))
+    in the same layout: chunks, and shards of ``inner`` chunks when given (a result
+    array of a run with ``viewer_chunk``: `ImagePlan.inner`; scratch never is)."""
     if markers.count():
         try:
             arr = zarr.open_array(path, mode="r")

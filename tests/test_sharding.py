@@ -131,7 +131,6 @@ def test_an_interrupted_image_recomputes_a_damaged_shard(client, image: Path, tm
     shard's block is computed again on resume, the others are kept."""
     from segpipe import image as segpipe_image
     from segpipe import lifecycle, pipeline, stages
-    from segpipe.engine import viewer_chunks
     from segpipe.io.readers import open_source
     from segpipe.io.store import open_output
     from segpipe.segmenters import get_segmenter
@@ -147,10 +146,9 @@ def test_an_interrupted_image_recomputes_a_damaged_shard(client, image: Path, tm
 
     first = plan()
     assert lifecycle.begin(first) == "fresh"
-    with viewer_chunks(first.viewer_chunk):
-        raw = stages.ingest.ingest(client, first)
-        stats = stages.statistics.statistics(client, first, raw)
-        stages.segment.segment(client, first, stats)  # then the run is "interrupted"
+    raw = stages.ingest.ingest(client, first)
+    stats = stages.statistics.statistics(client, first, raw)
+    stages.segment.segment(client, first, stats)  # then the run is "interrupted"
     semantic = out / "img" / "labels" / "semantic" / "0"
     assert _codecs(semantic)[0]["name"] == "sharding_indexed"
     (semantic / "c" / "1" / "0").unlink()

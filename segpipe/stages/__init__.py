@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from segpipe.engine import Runner, viewer_chunks
+from segpipe.engine import Runner
 from segpipe.image import ImagePlan, ProgressFn
 from segpipe.merge import MergedIds
 from segpipe.panoptic import Catalogue
@@ -57,8 +57,7 @@ class Stage:
 
     def __call__(self, client: Runner, run: ImageRun, progress: ProgressFn) -> None:
         t = time.perf_counter()
-        with viewer_chunks(run.plan.viewer_chunk):  # the layout of the arrays it creates
-            self.run(client, run, progress)
+        self.run(client, run, progress)
         run.times[self.name] = run.times.get(self.name, 0.0) + time.perf_counter() - t
 
 

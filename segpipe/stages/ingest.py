@@ -87,6 +87,7 @@ def ingest(client: Runner, plan: ImagePlan, progress: ProgressFn = noop) -> Extr
         chunks=tile,
         dtype=plan.spec.out_dtype,
         labels=False,
+        inner=plan.inner,
     )
     reads = ingest_regions(plan)
     slabs = plan.slabs

@@ -117,7 +117,12 @@ def segment(
     tile = plan.grid().tile
     markers = plan.markers("segment")
     prepare_array(
-        plan.label("semantic"), markers, shape=plan.spec.shape, chunks=tile, dtype=np.uint8
+        plan.label("semantic"),
+        markers,
+        shape=plan.spec.shape,
+        chunks=tile,
+        dtype=np.uint8,
+        inner=plan.inner,
     )
     prepare_array(  # scratch; lz4 (1.4 + 0.9 ns/px) costs less than writing raw ids
         plan.local_labels,  # to new files (~3 ms/MiB on this VM's ext4)

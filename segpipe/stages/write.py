@@ -218,7 +218,7 @@ def relabel(
         (lambda k: plan.label(panoptic.KEY, k), np.uint64, True),
     ]
     for path, dtype, _ in arrays[2:]:
-        prepare_array(path(0), markers, shape=shape, chunks=tile, dtype=dtype)
+        prepare_array(path(0), markers, shape=shape, chunks=tile, dtype=dtype, inner=plan.inner)
     levels_of = pyramid(plan)
     levels = levels_of.pass_levels(tile)
     for k in range(1, levels + 1):  # chunks of tile / factor: each block writes whole chunks
@@ -231,6 +231,7 @@ def relabel(
                 chunks=chunks,
                 dtype=dtype,
                 labels=labels,
+                inner=plan.inner,
             )
     job = BlockJob(
         local=plan.local_labels,
@@ -283,7 +284,13 @@ def build_pyramid(
         jobs = []
         for path, dtype, labels in arrays:
             prepare_array(
-                path(k), markers, shape=shapes[k], chunks=tile, dtype=dtype, labels=labels
+                path(k),
+                markers,
+                shape=shapes[k],
+                chunks=tile,
+                dtype=dtype,
+                labels=labels,
+                inner=plan.inner,
             )
             jobs += [(path(k - 1), path(k), r) for r in regions(shapes[k], tile)]
         map_blocks(
