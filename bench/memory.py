@@ -24,9 +24,17 @@ import shutil
 import sys
 from pathlib import Path
 
-from bench.common import machine, run_tree
+from bench.common import TreeRun, machine, run_tree
 from segpipe import synthetic
 from segpipe.config import AUTO_TILE
+
+
+def _segpipe_run(segpipe: str, tif: Path, out: Path, segmenter: str, tile: str) -> TreeRun:
+    """`segpipe run` of ``tif`` into ``out`` as a subprocess, its process tree sampled."""
+    args = ["--input", str(tif), "--output", str(out), "--segmenter", segmenter, "--tile", tile]
+    return run_tree(
+        [segpipe, "run", "--quiet", *args], env={**os.environ, "PREFECT_LOGGING_LEVEL": "WARNING"}
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,22 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             synthetic.write_tiff(tif, (size, size), tile=512, seed=1)
         out = args.workdir / f"out-{size}.zarr"
         shutil.rmtree(out, ignore_errors=True)
-        run = run_tree(
-            [
-                segpipe,
-                "run",
-                "--quiet",
-                "--input",
-                str(tif),
-                "--output",
-                str(out),
-                "--segmenter",
-                "otsu",
-                "--tile",
-                str(args.tile),
-            ],
-            env={**os.environ, "PREFECT_LOGGING_LEVEL": "WARNING"},
-        )
+        run = _segpipe_run(segpipe, tif, out, "otsu", str(args.tile))
         if run.returncode != 0:
             print(run.output)
             return 1
@@ -97,22 +90,7 @@ def _volume(segpipe: str, args: argparse.Namespace) -> int:
         for tile in ("auto", args.fixed_tile):
             out = args.workdir / f"volume-{name}.zarr"
             shutil.rmtree(out, ignore_errors=True)
-            run = run_tree(
-                [
-                    segpipe,
-                    "run",
-                    "--quiet",
-                    "--input",
-                    str(tif),
-                    "--output",
-                    str(out),
-                    "--segmenter",
-                    name,
-                    "--tile",
-                    tile,
-                ],
-                env={**os.environ, "PREFECT_LOGGING_LEVEL": "WARNING"},
-            )
+            run = _segpipe_run(segpipe, tif, out, name, tile)
             if run.returncode != 0:
                 print(run.output)
                 return 1

@@ -281,9 +281,7 @@ def write_layout(root: str, inputs: Sequence[str]) -> None:
     collection's list of images (`segpipe.io.omezarr.write_collection`)."""
     names = images(root)
     if names and all(len(n.split("/")) == plate.DEPTH for n in names):
-        source = next(
-            (str(Path(p).parents[plate.DEPTH - 1]) for p in inputs if plate.field_name(p)), None
-        )
+        source = next((r for p in inputs if (r := plate.plate_root(p)) is not None), None)
         plate.write_plate(root, names, source)
     else:
         omezarr.write_collection(root, names)

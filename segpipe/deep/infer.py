@@ -15,7 +15,7 @@ import contextlib
 import itertools
 import logging
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -375,14 +375,21 @@ def check_model(runner: Runner) -> None:
             f"{runner.path}: the network takes {spec.in_channels} input channels; "
             "segpipe feeds it one (the image's selected channel)."
         )
-    probe = np.zeros((1, *(spec.multiple * 2,) * spec.ndim), np.float32)
+    probe(
+        runner,
+        spec.ndim,
+        spec.multiple * 2,
+        lambda problem: ModelFileError(f"{runner.path}: {problem}."),
+    )
+
+
+def probe(runner: Any, ndim: int, edge: int, refuse: Callable[[str], ModelFileError]) -> None:
+    """Run ``runner`` once on zeros of ``edge`` a side; a failure of the network is
+    ``refuse(problem)`` (its first line), one the runner names is a `ModelFileError`."""
     try:
-        runner.forward(probe)
+        runner.forward(np.zeros((1, *(edge,) * ndim), np.float32))
     except SegmenterError as err:
         raise ModelFileError(str(err)) from err
     except Exception as err:  # a TorchScript graph can raise anything
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelFileError(
-            f"{runner.path}: the network fails on a {spec.ndim}D input of "
-            f"{spec.multiple * 2} px ({first})."
-        ) from err
+        raise refuse(f"the network fails on a {ndim}D input of {edge} px ({first})") from err

@@ -40,7 +40,7 @@ from numpy.typing import NDArray
 from scipy import ndimage as ndi
 
 from segpipe.deep import checkpoint
-from segpipe.deep.infer import Runner, resolve_device
+from segpipe.deep.infer import Runner, probe, resolve_device
 from segpipe.deep.nets import NetSpec
 from segpipe.deep.postprocess import BOUNDARY, INTERIOR, instances_from_classes, nuclei
 from segpipe.errors import InputNotFoundError, ModelFileError, SegmenterError
@@ -585,16 +585,7 @@ def _build(p: Path, dev: str) -> PackageRunner:
     context = -(-max(info.context, 1) // multiple) * multiple
     runner = PackageRunner(net, meta, p, dev, autocast, info.min_edge, info, context)
     edge = info.min_edge if 0 in info.step else max(info.min_edge, 2 * context + multiple)
-    probe = np.zeros((1, *(edge,) * info.ndim), np.float32)
-    try:
-        runner.forward(probe)
-    except SegmenterError as err:
-        raise ModelFileError(str(err)) from err
-    except Exception as err:  # a TorchScript graph can raise anything
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise _refuse(
-            p, f"the network fails on a {info.ndim}D input of {edge} px ({first})"
-        ) from err
+    probe(runner, info.ndim, edge, lambda problem: _refuse(p, problem))
     return runner
 
 

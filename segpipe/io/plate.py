@@ -20,7 +20,7 @@ from typing import Any
 from segpipe.errors import InputNotFoundError, InputReadError
 from segpipe.io import attrs
 
-__all__ = ["DEPTH", "field_name", "fields", "is_plate", "plate_of", "write_plate"]
+__all__ = ["DEPTH", "field_name", "fields", "is_plate", "plate_of", "plate_root", "write_plate"]
 
 DEPTH = 3
 """Path parts of a field's name in its plate: row, column, field."""
@@ -120,10 +120,15 @@ def _plate_above(field: str) -> str | None:
     return str(root) if is_plate(root) else None
 
 
+def plate_root(path: str | Path) -> str | None:
+    """The plate whose field ``path`` is, or None."""
+    return _plate_above(os.path.abspath(os.fspath(path)).rstrip("/"))
+
+
 def field_name(path: str | Path) -> str | None:
     """``ROW/COLUMN/FIELD`` for a field of a plate (its path in the plate), else None."""
+    root = plate_root(path)
     text = os.path.abspath(os.fspath(path)).rstrip("/")
-    root = _plate_above(text)
     return None if root is None else Path(text).relative_to(root).as_posix()
 
 
