@@ -202,6 +202,26 @@ class KubernetesConfig(BaseModel):
     then speak Dask TLS (``--tls-ca-file`` ...) with these, mounted at ``/etc/segpipe/tls``."""
 
 
+class StorageConfig(BaseModel):
+    """``storage:``: how object-storage URLs (``s3://``, ``gs://``, ``az://``) are reached.
+
+    Credentials are never set here: each library finds them where it always does
+    (environment, its config files, instance or pod roles). These settings hold no
+    secret, so they may travel to workers and into provenance.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    endpoint: str | None = None
+    """Endpoint URL of an S3-compatible service (MinIO, Ceph, a local server), e.g.
+    ``http://127.0.0.1:9000``; default: the provider's own (or ``AWS_ENDPOINT_URL``)."""
+    region: str | None = None
+    """Region of the bucket (S3), e.g. ``eu-west-1``."""
+    profile: str | None = None
+    """Named profile of the provider's config files (``~/.aws/config``)."""
+    anonymous: bool = False
+    """Reach public buckets without credentials."""
+
+
 CLUSTER_KINDS = ("local", "local-cuda", "slurm", "kubernetes")
 CLUSTER_CHOICES = (
     "'local', 'local-cuda', 'slurm', 'kubernetes', 'tcp://host:port' or 'tls://host:port'"
@@ -371,6 +391,8 @@ class RunConfig(BaseModel):
     """SLURM jobs for ``cluster: slurm`` (default: one 8-core, 32 GB job)."""
     kubernetes: KubernetesConfig | None = None
     """The DaskCluster for ``cluster: kubernetes`` (required there: at least ``image``)."""
+    storage: StorageConfig = StorageConfig()
+    """How ``s3://``, ``gs://`` and ``az://`` inputs and outputs are reached."""
 
     @field_validator("tile")
     @classmethod
@@ -419,14 +441,8 @@ class RunConfig(BaseModel):
 
     def resolved(self) -> RunConfig:
         """The same config with input and output made absolute (workers have another cwd)."""
-        inp = self.input
-        if not os.path.isabs(os.path.expanduser(inp)):
-            inp = os.path.join(os.getcwd(), inp)
         return self.model_copy(
-            update={
-                "input": os.path.expanduser(inp),
-                "output": str(Path(self.output).expanduser().resolve()),
-            }
+            update={"input": _absolute(self.input), "output": _absolute(self.output, real=True)}
         )
 
     def run_settings(self) -> dict[str, Any]:
@@ -448,6 +464,19 @@ class RunConfig(BaseModel):
         if self.viewer_chunk:  # the arrays' layout: a resume must not mix two
             settings["viewer_chunk"] = self.viewer_chunk
         return settings
+
+
+def _absolute(location: str, *, real: bool = False) -> str:
+    """``location`` made absolute: a URL as given (``file://`` as its path), a path from
+    the current folder (``real``: links resolved too)."""
+    if location.startswith("file://"):
+        location = location.removeprefix("file://")
+    elif "://" in location:
+        return location
+    location = os.path.expanduser(location)
+    if real:
+        return str(Path(location).resolve())
+    return location if os.path.isabs(location) else os.path.join(os.getcwd(), location)
 
 
 def check_image_options(config: RunConfig, segmenter: Segmenter, spec: SourceSpec) -> None:
