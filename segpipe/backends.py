@@ -249,7 +249,9 @@ def kubernetes_cluster_spec(config: RunConfig) -> dict[str, Any]:
     memory and ``nvidia.com/gpu`` requests/limits and ``--resources GPU=n``; the
     scheduler no GPU; both run ``dask scheduler``/``dask worker`` (the ``dask-scheduler``
     script of the template is gone from distributed); with ``kubernetes.tls_secret``
-    both speak TLS with the certificates of that Secret. Nothing is submitted.
+    both speak TLS with the certificates of that Secret. Workers get the section's
+    ``volumes`` and ``volume_mounts``, and ``secret_env`` / ``env_from_secrets`` as
+    references to the Secrets. Nothing is submitted.
 
     Parameters
     ----------
@@ -308,7 +310,25 @@ def kubernetes_cluster_spec(config: RunConfig) -> dict[str, Any]:
             pod = spec["spec"][part]["spec"]
             pod["containers"][0]["volumeMounts"] = [mount]
             pod["volumes"] = [volume]
+    _worker_data_access(spec["spec"]["worker"]["spec"], kube)
     return dict(_drop_none(spec))
+
+
+def _worker_data_access(pod: dict[str, Any], kube: KubernetesConfig) -> None:
+    """Give the worker pod ``kubernetes.volumes`` and its mounts, and the environment
+    from Secrets: references only (``secretKeyRef``, ``secretRef``), so the resource
+    never holds a secret's value. The scheduler gets none of them: it reads no data."""
+    container = pod["containers"][0]
+    if kube.volumes:
+        pod["volumes"] = [*pod.get("volumes", []), *copy.deepcopy(kube.volumes)]
+    if kube.volume_mounts:
+        mounts = copy.deepcopy(kube.volume_mounts)
+        container["volumeMounts"] = [*container.get("volumeMounts", []), *mounts]
+    for name, ref in kube.secret_env.items():
+        value_from = {"secretKeyRef": {"name": ref.secret, "key": ref.key}}
+        container.setdefault("env", []).append({"name": name, "valueFrom": value_from})
+    if kube.env_from_secrets:
+        container["envFrom"] = [{"secretRef": {"name": name}} for name in kube.env_from_secrets]
 
 
 def kubernetes_cluster(config: RunConfig) -> Any:

@@ -155,10 +155,52 @@ class SlurmConfig(BaseModel):
         return self
 
 
+_K8S_NAME = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")  # a DNS label: volume names
+_K8S_SECRET = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")  # a DNS subdomain
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_MOUNT_KEYS = (
+    "name",
+    "mountPath",
+    "readOnly",
+    "subPath",
+    "subPathExpr",
+    "mountPropagation",
+    "recursiveReadOnly",
+)
+"""The fields of a Kubernetes ``VolumeMount``."""
+
+
+def _secret_name(value: str) -> str:
+    if not _K8S_SECRET.fullmatch(value):
+        raise ValueError(
+            f"expected a Secret name (lower-case letters, digits, '-' and '.'), got {value!r}"
+        )
+    return value
+
+
+class SecretKeyConfig(BaseModel):
+    """One key of a Kubernetes Secret, read into an environment variable of the workers
+    (``valueFrom.secretKeyRef``): the resource names the Secret, never holds its value."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    secret: str
+    """Name of the Secret, in the DaskCluster's namespace."""
+    key: str = Field(min_length=1)
+    """The key of the Secret whose value the variable gets."""
+
+    @field_validator("secret")
+    @classmethod
+    def _secret(cls, value: str) -> str:
+        return _secret_name(value)
+
+
 class KubernetesConfig(BaseModel):
     """``cluster: kubernetes``: a ``DaskCluster`` resource for the dask-kubernetes operator.
 
     The operator (``helm install dask-kubernetes-operator``) must run in the cluster.
+    Data reach the workers through ``volumes`` (a shared file system) or object storage
+    (credentials through ``secret_env`` or ``env_from_secrets``); the scheduler gets
+    neither, as it never reads pixels.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -200,6 +242,87 @@ class KubernetesConfig(BaseModel):
     tls_secret: str | None = None
     """A Secret with ``ca.pem``, ``tls.crt`` and ``tls.key``: the scheduler and workers
     then speak Dask TLS (``--tls-ca-file`` ...) with these, mounted at ``/etc/segpipe/tls``."""
+    volumes: list[dict[str, Any]] = []
+    """Volumes of the worker pods, written as in a pod spec (a ``name`` and one source),
+    e.g. ``{name: data, persistentVolumeClaim: {claimName: segpipe-data}}``."""
+    volume_mounts: list[dict[str, Any]] = []
+    """Where the worker container mounts them, e.g. ``{name: data, mountPath: /data}``
+    (also ``readOnly``, ``subPath``); each ``name`` is one of ``volumes``."""
+    secret_env: dict[str, SecretKeyConfig] = {}
+    """Worker environment variables read from Secret keys, e.g.
+    ``{AWS_ACCESS_KEY_ID: {secret: segpipe-s3, key: AWS_ACCESS_KEY_ID}}``."""
+    env_from_secrets: list[str] = []
+    """Secrets whose every key becomes a worker environment variable (``envFrom``)."""
+
+    @field_validator("volumes")
+    @classmethod
+    def _volumes(cls, value: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        seen: set[str] = set()
+        for i, volume in enumerate(value):
+            name = volume.get("name")
+            if not isinstance(name, str) or not _K8S_NAME.fullmatch(name):
+                raise ValueError(
+                    f"volumes[{i}]: expected a `name` of lower-case letters, digits and '-' "
+                    f"(at most 63), got {name!r} instead"
+                )
+            if name in seen:
+                raise ValueError(f"volumes[{i}]: expected unique names, got {name!r} twice")
+            seen.add(name)
+        return value
+
+    @field_validator("volume_mounts")
+    @classmethod
+    def _volume_mounts(cls, value: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        paths: set[str] = set()
+        for i, mount in enumerate(value):
+            unknown = sorted(set(mount) - set(_MOUNT_KEYS))
+            if unknown:
+                raise ValueError(
+                    f"volume_mounts[{i}]: expected keys among {', '.join(_MOUNT_KEYS)}, "
+                    f"got {', '.join(unknown)} instead"
+                )
+            path = mount.get("mountPath")
+            if not isinstance(mount.get("name"), str) or not isinstance(path, str):
+                raise ValueError(
+                    f"volume_mounts[{i}]: expected a `name` and a `mountPath`, e.g. "
+                    f"{{name: data, mountPath: /data}}, got {mount!r} instead"
+                )
+            if not path.startswith("/") or path in paths:
+                raise ValueError(
+                    f"volume_mounts[{i}]: expected an absolute mountPath used once, got {path!r}"
+                )
+            paths.add(path)
+        return value
+
+    @field_validator("secret_env")
+    @classmethod
+    def _secret_env(cls, value: dict[str, SecretKeyConfig]) -> dict[str, SecretKeyConfig]:
+        for name in value:
+            if not _ENV_NAME.fullmatch(name):
+                raise ValueError(f"expected environment variable names, got {name!r}")
+        return value
+
+    @field_validator("env_from_secrets")
+    @classmethod
+    def _env_from_secrets(cls, value: list[str]) -> list[str]:
+        return [_secret_name(name) for name in value]
+
+    @model_validator(mode="after")
+    def _references(self) -> KubernetesConfig:
+        volumes = [v["name"] for v in self.volumes]
+        for mount in self.volume_mounts:
+            if mount["name"] not in volumes:
+                have = ", ".join(volumes) or "none"
+                raise ValueError(
+                    f"volume_mounts: {mount['name']!r} is not one of kubernetes.volumes "
+                    f"(those are: {have})"
+                )
+        if self.tls_secret and "dask-tls" in volumes:
+            raise ValueError("volumes: 'dask-tls' is the volume of tls_secret; rename yours")
+        both = sorted(set(self.env) & set(self.secret_env))
+        if both:
+            raise ValueError(f"expected each variable in env or secret_env, got {both} in both")
+        return self
 
 
 class StorageConfig(BaseModel):
