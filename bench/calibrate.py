@@ -1,4 +1,4 @@
-"""Measure the per-block costs `segpipe plan` uses and write ``bench/plan_costs.json``.
+"""Measure the per-block costs `segpipe plan` uses and write ``segpipe/data/plan_costs.json``.
 
 Usage: python -m bench.calibrate [--tile 1024] [--repeats 3] [--segmenters otsu watershed ...]
 

@@ -15,7 +15,7 @@ Printed: each case's wall (median of ``--repeats``), the "started in" figure the
 CLI prints, and ratio segpipe / plain for the reused API (the collections issue
 asks ≤ 10). The LocalCluster's start and close are timed apart (an image of
 more than one block needs one). ``--write`` stores these figures under
-``startup`` in ``bench/plan_costs.json``, which `segpipe plan` reads.
+``startup`` in ``segpipe/data/plan_costs.json``, which `segpipe plan` reads.
 """
 
 from __future__ import annotations
@@ -34,9 +34,10 @@ from pathlib import Path
 
 from bench.common import machine
 from segpipe import synthetic
+from segpipe.plan import COSTS_FILE
 
 SEGPIPE = str(Path(sys.executable).parent / "segpipe")
-COSTS = Path(__file__).with_name("plan_costs.json")
+COSTS = COSTS_FILE  # `segpipe plan` reads it from the package
 
 PLAIN = """\
 import shutil, sys

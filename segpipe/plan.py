@@ -3,7 +3,7 @@
 `plan_image` counts blocks, Dask tasks, bytes and memory of each stage of one
 image by arithmetic on its shape, tile and halos (never one Python object per
 block), and `wall_seconds` turns measured per-pixel costs (`Costs`, shipped in
-``bench/plan_costs.json`` or measured by `measure_costs`) into a time for N
+``segpipe/data/plan_costs.json`` or measured by `measure_costs`) into a time for N
 workers. Images are opened with `segpipe.io.readers.open_source` (headers only).
 """
 
@@ -56,7 +56,8 @@ __all__ = [
     "wall_seconds",
 ]
 
-COSTS_FILE = Path(__file__).resolve().parent.parent / "bench" / "plan_costs.json"
+# Inside the package, so `segpipe plan` has it wherever segpipe is installed.
+COSTS_FILE = Path(__file__).resolve().parent / "data" / "plan_costs.json"
 COMPRESSION = (
     "uncompressed array bytes (what a task decodes or encodes); on disk the "
     "image codec (blosc-lz4) saves little on noisy images (~1.3x) and label arrays "
@@ -130,7 +131,7 @@ class Costs:
 
 
 def load_costs(path: str | Path = COSTS_FILE) -> Costs:
-    """The calibration table shipped in ``bench/plan_costs.json`` (or another one).
+    """The calibration table shipped in ``segpipe/data/plan_costs.json`` (or another one).
 
     Raises
     ------
