@@ -16,6 +16,7 @@ TRAIN_EXAMPLES = """
 [b]Examples[/b]
 
   segpipe train --arch unet --data synthetic --steps 250 --patch 96 --out unet.pt
+  segpipe train --arch unet --synthetic render --no-augment --out plain.pt   # the simple nuclei
   segpipe train --arch fcn --data images/ --annotations masks/ --patch 256 --batch 4
   segpipe train --arch unet --ndim 3 --patch 32,64,64 --batch 2 --out unet3d.pt
   segpipe train --arch unet --steps 250 --patch 96 --out unet.pt --resume   # after a stop
@@ -76,6 +77,20 @@ def train(
             help="Folder of annotations (label masks or one-hot stacks), paired by file name."
         ),
     ] = None,
+    synthetic: Annotated[
+        str | None,
+        typer.Option(
+            help="Synthetic generator: 'nuclei' (varied sizes, staining, noise; 2D default) "
+            "or 'render' (uniform round nuclei; 3D default)."
+        ),
+    ] = None,
+    augment: Annotated[
+        bool,
+        typer.Option(
+            "--augment/--no-augment",
+            help="Random zoom, turns, elastic and intensity changes (else flips only).",
+        ),
+    ] = True,
     steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 1000,
     patch: Annotated[
         str, typer.Option(help="Patch edge in pixels: 128, or one per axis: 32,64,64.")
@@ -161,6 +176,8 @@ def train(
                 "width": width,
                 "data": data,
                 "annotations": None if annotations is None else str(annotations),
+                "synthetic": synthetic,
+                "augment": augment,
                 "steps": steps,
                 "patch": _ints(patch, "--patch"),
                 "batch": batch,
@@ -230,6 +247,12 @@ def train(
         )
         for line in _format_validation(val):
             out.print(line, highlight=False)
+    for name, res in card.get("held_out", {}).items():
+        model, ws = (
+            "–" if v is None else f"{v:.3f}"
+            for v in (res["model"]["nuclei"]["pq"], res["watershed"]["nuclei"]["pq"])
+        )
+        out.print(f"Held-out {name}: nuclei PQ model {model}, watershed {ws}", highlight=False)
     if bioimageio is not None:
         from flows.export_cli import write_package
 

@@ -15,7 +15,7 @@ import zarr
 from skimage.segmentation import find_boundaries
 
 from segpipe import synthetic
-from segpipe.deep import checkpoint
+from segpipe.deep import checkpoint, synth
 from segpipe.deep.data import (
     MissingPartnerError,
     TrainingDataError,
@@ -23,7 +23,7 @@ from segpipe.deep.data import (
     classes_from_onehot,
     read_pairs,
 )
-from segpipe.deep.train import TrainConfig, checkpoint_path, predict, train
+from segpipe.deep.train import TrainConfig, checkpoint_path, command_line, predict, train
 from segpipe.errors import ConfigError, SegpipeError
 
 # Tiny nets and few steps: these tests check mechanics, not quality.
@@ -137,6 +137,41 @@ def test_resume_refuses_other_options(tmp_path: Path) -> None:
         train(_config(tmp_path, "other.pt"), resume=True)
 
 
+def test_a_checkpoint_from_before_the_generator_option_resumes_as_it_trained(
+    tmp_path: Path,
+) -> None:
+    """Its config lacks ``synthetic`` and ``augment``: it trained on `render` without them."""
+    cfg = _config(tmp_path, "old.pt", synthetic="render", augment=False, steps=2)
+    train(cfg)
+    ckpt = checkpoint_path(cfg.out)
+    state = torch.load(ckpt, weights_only=True)
+    old = json.loads(state["config"])
+    del old["synthetic"], old["augment"]
+    state["config"] = json.dumps(old)
+    torch.save(state, ckpt)
+    resumed = train(cfg.model_copy(update={"steps": 3}), resume=True)
+    assert resumed.meta.card["steps"] == 3
+    with pytest.raises(ConfigError, match="generator 'render' → 'nuclei'"):
+        train(_config(tmp_path, "old.pt", steps=4), resume=True)
+
+
+def test_synthetic_generator_and_augmentation_options(tmp_path: Path) -> None:
+    plane = _config(tmp_path)
+    assert plane.generator == "nuclei" and plane.augment
+    assert "--synthetic nuclei --augment" in command_line(plane)
+    volume = _config(tmp_path, ndim=3, patch=(8, 16, 16))
+    assert volume.generator == "render"
+    plain = _config(tmp_path, synthetic="render", augment=False)
+    assert "--synthetic render --no-augment" in command_line(plain)
+    with pytest.raises(ConfigError, match="2D only"):
+        train(_config(tmp_path, ndim=3, patch=(8, 16, 16), synthetic="nuclei"))
+    with pytest.raises(ConfigError, match="only for --data synthetic"):
+        train(_config(tmp_path, data=str(tmp_path), annotations=str(tmp_path), synthetic="render"))
+    card = train(_config(tmp_path, "n.pt")).meta.card
+    assert card["data"]["generator"] == "segpipe.deep.synth.nuclei"
+    assert list(card["data"]["augmentation"]["zoom"]) == [0.75, 1.33]
+
+
 # -- data sources --------------------------------------------------------------------------
 
 
@@ -152,7 +187,11 @@ def test_train_from_folder_of_label_masks(tmp_path: Path) -> None:
     val = card["validation"]
     assert {"pq", "sq", "rq", "nuclei"} <= val["model"].keys()
     assert val["watershed"]["nuclei"]["tp"] > 0
+    # every held-out synthetic set, scored for the model and the watershed
+    assert list(card["held_out"]) == list(synth.HELD_OUT)
+    assert card["held_out"]["large"]["watershed"]["nuclei"]["tp"] > 0
     md = result.card_path.read_text()
+    assert "## Held-out synthetic sets" in md and "| low-contrast |" in md
     assert md.startswith("# m: unet") and "watershed" in md and card["command"] in md
     # the sidecar is what checkpoint.load read
     assert json.loads(result.path.with_suffix(".json").read_text())["card"]["seed"] == 0

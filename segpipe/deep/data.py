@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
 from skimage.segmentation import find_boundaries
 
 from segpipe import synthetic
+from segpipe.deep import synth
+from segpipe.deep.augment import Augmentation, random_augment
 from segpipe.deep.postprocess import (
     BACKGROUND,
     BOUNDARY,
@@ -39,6 +41,8 @@ TRAIN_SEED_MAX = 2**31 - 1
 # Each synthetic sample is cut from a canvas this many times the patch (at least 256 px a
 # side in 2D): its percentiles stand in for those of the whole image inference would see.
 CANVAS_MIN = {2: 256, 3: 48}
+Generator = Literal["nuclei", "render"]
+"""``nuclei``: `segpipe.deep.synth.nuclei` (varied, 2D); ``render``: `segpipe.synthetic.render`."""
 
 
 class TrainingDataError(UnsupportedImageError):
@@ -347,12 +351,21 @@ class FolderSource:
     pairs: tuple[Pair, ...]
     images: str
     annotations: str
+    augment: Augmentation | None = None
+    """Random zoom, turns, elastic and intensity changes (`segpipe.deep.augment`); None:
+    random crops, flips and transposes only."""
 
     def batch(self, rng: np.random.Generator, patch: Sequence[int], size: int) -> Batch:
         samples = []
         for _ in range(size):
             pair = self.pairs[int(rng.integers(len(self.pairs)))]
-            samples.append(_augment(*_crop(pair.image, pair.classes, patch, rng), rng))
+            if self.augment is None:
+                samples.append(_augment(*_crop(pair.image, pair.classes, patch, rng), rng))
+            else:
+                x, classes = random_augment(
+                    pair.image, pair.classes, rng, shape=patch, options=self.augment
+                )
+                samples.append((x, classes.astype(np.uint8, copy=False)))
         return _stack(samples)
 
     def describe(self) -> dict[str, Any]:
@@ -362,45 +375,95 @@ class FolderSource:
             "annotations": self.annotations,
             "pairs": [p.name for p in self.pairs],
             "pixels": int(sum(p.image.size for p in self.pairs)),
+            "augmentation": None if self.augment is None else asdict(self.augment),
         }
 
 
 @dataclass(frozen=True)
 class SyntheticSource:
-    """Fresh synthetic nuclei every step (`segpipe.synthetic.render`, training seeds only)."""
+    """Fresh synthetic nuclei every step (training seeds only).
+
+    With the ``nuclei`` generator each image is drawn in a new `segpipe.deep.synth.Style`
+    from ``ranges`` and gives two patches; with ``render``, one patch per image.
+    """
 
     ndim: int = 2
     density: float = 0.7
     noise: float = 0.05
     percentiles: tuple[float, float] = (1.0, 99.8)
+    generator: Generator = "render"
+    augment: Augmentation | None = None
+    """Random zoom, turns, elastic and intensity changes; None: crops and flips only."""
+    ranges: synth.StyleRanges = field(default_factory=lambda: synth.TRAIN)
+
+    def _image(
+        self, rng: np.random.Generator, patch: Sequence[int]
+    ) -> tuple[NDArray[np.float32], NDArray[np.uint32]]:
+        """A new normalised canvas and its instances."""
+        canvas = [max(2 * p, CANVAS_MIN[self.ndim]) for p in patch]
+        seed = int(rng.integers(TRAIN_SEED_MIN, TRAIN_SEED_MAX))
+        if self.generator == "nuclei":
+            raw, labels = synth.nuclei(canvas, seed=seed, ranges=self.ranges)
+        else:
+            # anywhere in a large plane: the noise and the nuclei both depend on the offset
+            origin = [int(rng.integers(0, 1 << 14)) for _ in canvas]
+            region = tuple(slice(o, o + n) for o, n in zip(origin, canvas, strict=True))
+            raw, labels = synthetic.render(
+                region, seed=seed, density=self.density, noise=self.noise
+            )
+        lo, hi = percentile_range(image_stats(raw), *self.percentiles)
+        return normalise(raw, lo, hi), labels
 
     def sample(
         self, rng: np.random.Generator, patch: Sequence[int]
     ) -> tuple[NDArray[np.float32], NDArray[np.uint8]]:
         """One normalised patch and its classes from a new random image."""
-        canvas = [max(2 * p, CANVAS_MIN[self.ndim]) for p in patch]
-        seed = int(rng.integers(TRAIN_SEED_MIN, TRAIN_SEED_MAX))
-        # anywhere in a large plane: the noise and the nuclei both depend on the offset
-        origin = [int(rng.integers(0, 1 << 14)) for _ in canvas]
-        region = tuple(slice(o, o + n) for o, n in zip(origin, canvas, strict=True))
-        raw, labels = synthetic.render(region, seed=seed, density=self.density, noise=self.noise)
-        lo, hi = percentile_range(image_stats(raw), *self.percentiles)
-        return _augment(
-            *_crop(normalise(raw, lo, hi), classes_from_labels(labels), patch, rng), rng
-        )
+        return self._samples(rng, patch, 1)[0]
+
+    def _samples(
+        self, rng: np.random.Generator, patch: Sequence[int], count: int
+    ) -> list[tuple[NDArray[np.float32], NDArray[np.uint8]]]:
+        image, labels = self._image(rng, patch)
+        if self.augment is None:
+            return [
+                _augment(*_crop(image, classes_from_labels(labels), patch, rng), rng)
+                for _ in range(count)
+            ]
+        out = []
+        for _ in range(count):
+            x, lab = random_augment(image, labels, rng, shape=patch, options=self.augment)
+            # classes after the warp: a boundary one pixel wide at the network's scale
+            out.append((x, classes_from_labels(lab)))
+        return out
 
     def batch(self, rng: np.random.Generator, patch: Sequence[int], size: int) -> Batch:
-        return _stack([self.sample(rng, patch) for _ in range(size)])
+        per_image = 2 if self.generator == "nuclei" else 1
+        samples: list[tuple[NDArray[np.float32], NDArray[np.uint8]]] = []
+        while len(samples) < size:
+            samples += self._samples(rng, patch, min(per_image, size - len(samples)))
+        return _stack(samples)
 
     def describe(self) -> dict[str, Any]:
-        return {
-            "kind": "synthetic",
-            "generator": "segpipe.synthetic.render",
-            "ndim": self.ndim,
-            "density": self.density,
-            "noise": self.noise,
-            "seeds": f"random in [{TRAIN_SEED_MIN}, {TRAIN_SEED_MAX}), a new image per patch",
-        }
+        seeds = f"random in [{TRAIN_SEED_MIN}, {TRAIN_SEED_MAX}), a new image per patch"
+        out: dict[str, Any] = {"kind": "synthetic"}
+        if self.generator == "nuclei":
+            out |= {
+                "generator": "segpipe.deep.synth.nuclei",
+                "ndim": self.ndim,
+                "ranges": asdict(self.ranges),
+                "seeds": seeds.replace("per patch", "per two patches"),
+            }
+        else:
+            out |= {
+                "generator": "segpipe.synthetic.render",
+                "ndim": self.ndim,
+                "density": self.density,
+                "noise": self.noise,
+                "seeds": seeds,
+            }
+        if self.augment is not None:
+            out["augmentation"] = asdict(self.augment)
+        return out
 
 
 def class_frequencies(
