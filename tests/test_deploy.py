@@ -565,6 +565,45 @@ def test_dockerfile_references_exist(flavour: str) -> None:
     assert any(ln.startswith("USER ") and ln != "USER root" for ln in lines)
 
 
+def _instructions(dockerfile: Path) -> list[str]:
+    """The Dockerfile's instructions, continuation lines joined, comments left out."""
+    out: list[str] = []
+    pending = ""
+    for line in dockerfile.read_text(encoding="utf-8").splitlines():
+        if line.lstrip().startswith("#") or not line.strip():
+            continue
+        pending += " " + line.strip().removesuffix("\\").strip()
+        if not line.rstrip().endswith("\\"):
+            out.append(pending.strip())
+            pending = ""
+    return out
+
+
+@pytest.mark.parametrize("flavour", ["cpu", "cuda"])
+def test_images_precompile_the_kernels(flavour: str) -> None:
+    """The numba cache is filled at build time, as the user the containers run as, in a
+    folder that stays writable (numba ignores a cache it cannot write), for a CPU level
+    rather than the build machine's CPU (numba reuses a kernel only for the CPU it names)."""
+    steps = _instructions(DEPLOY / "docker" / f"Dockerfile.{flavour}")
+    (env,) = [s for s in steps if s.startswith("ENV NUMBA_CACHE_DIR=")]
+    assert env.split()[1:] == [
+        "NUMBA_CACHE_DIR=/opt/numba-cache",
+        "NUMBA_CPU_NAME=${NUMBA_CPU_NAME}",
+        'NUMBA_CPU_FEATURES=""',
+    ]
+    assert "ARG NUMBA_CPU_NAME=x86-64-v3" in steps
+    install = next(i for i, s in enumerate(steps) if s.startswith("RUN pip install --no-deps ."))
+    assert 'chown segpipe /data "$NUMBA_CACHE_DIR"' in steps[install]
+    user = steps.index("USER segpipe")
+    (precompile,) = [i for i, s in enumerate(steps) if "segpipe.precompile" in s]
+    assert install < user < precompile
+    # the installed copy (what Dask workers import) and the source copy (flow runs)
+    assert steps[precompile] == (
+        "RUN python -P -m segpipe.precompile && python -m segpipe.precompile"
+    )
+    assert steps.index(env) < install
+
+
 def test_requirements_match_constraints() -> None:
     constraints = _pins(ROOT / "constraints.txt")
     import tomllib
