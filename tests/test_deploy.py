@@ -238,6 +238,75 @@ def test_prefect_worker_manifest() -> None:
     assert files == set(security.values())
 
 
+def _secret_refs(container: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """Environment variables read from Secrets: name -> (secret, key)."""
+    out = {}
+    for entry in container.get("env", []):
+        ref = entry.get("valueFrom", {}).get("secretKeyRef")
+        if ref is not None:
+            assert "value" not in entry, entry
+            out[entry["name"]] = (ref["name"], ref["key"])
+    return out
+
+
+def test_object_storage_variant() -> None:
+    """daskcluster-s3.yaml: no shared volume, the workers' credentials by reference to the
+    Secret of s3-credentials.example.yaml (placeholders only); the Prefect worker reads
+    the same Secret (optional there, so the volume variant runs without it)."""
+    (secret,) = _docs("s3-credentials.example.yaml")
+    assert secret["kind"] == "Secret" and validate_builtin(secret) == []
+    assert set(secret["stringData"].values()) == {"change-me"}  # placeholders, not secrets
+    keys = {(secret["metadata"]["name"], key) for key in secret["stringData"]}
+    assert {key for _, key in keys} == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+
+    docs = _docs("daskcluster-s3.yaml")
+    assert {d["kind"] for d in docs} == {"DaskCluster", "Service"}
+    for doc in docs:
+        if doc["apiVersion"].startswith("kubernetes.dask.org/"):
+            validate_crd(doc)
+        else:
+            assert validate_builtin(doc) == []
+    cluster = _one(docs, "DaskCluster")
+    assert "persistentVolumeClaim" not in json.dumps(cluster)
+    worker = cluster["spec"]["worker"]["spec"]["containers"][0]
+    refs = _secret_refs(worker)
+    assert set(refs.values()) == keys and set(refs) == {k for _, k in keys}
+    scheduler = cluster["spec"]["scheduler"]["spec"]["containers"][0]
+    assert _secret_refs(scheduler) == {} and "envFrom" not in scheduler
+    assert (
+        _one(docs, "Service")["spec"]["selector"]
+        == cluster["spec"]["scheduler"]["service"]["selector"]
+    )
+    # TLS as in the volume variant
+    assert {"--tls-ca-file", "--tls-cert", "--tls-key"} <= set(_args(cluster["spec"]["worker"]))
+
+    prefect = _one(_docs("prefect-worker.yaml"), "Deployment")
+    container = prefect["spec"]["template"]["spec"]["containers"][0]
+    assert {"secretRef": {"name": "segpipe-s3", "optional": True}} in container["envFrom"]
+
+
+def test_object_storage_run_file() -> None:
+    """run-s3.yaml is a valid run file whose DaskCluster fits the CRD and references the
+    example Secret's keys."""
+    from segpipe.backends import kubernetes_cluster_spec
+    from segpipe.config import RunConfig
+
+    data = yaml.safe_load((DEPLOY / "kubernetes" / "run-s3.yaml").read_text(encoding="utf-8"))
+    data["segmenter"] = {"name": data["segmenter"]}  # as load_config reads `segmenter: otsu`
+    config = RunConfig(**data)
+    assert str(config.input).startswith("s3://") and str(config.output).startswith("s3://")
+    assert config.storage is not None and config.storage.endpoint
+    assert config.cluster == "kubernetes"
+    spec = kubernetes_cluster_spec(config)
+    validate_crd(spec)
+    worker_pod = spec["spec"]["worker"]["spec"]
+    (secret,) = _docs("s3-credentials.example.yaml")
+    refs = _secret_refs(worker_pod["containers"][0])
+    assert set(refs.values()) == {(secret["metadata"]["name"], k) for k in secret["stringData"]}
+    assert [v["name"] for v in worker_pod["volumes"]] == ["scratch"]
+    assert "AWS_" not in json.dumps(spec["spec"]["scheduler"])
+
+
 def test_builtin_validation_catches_mistakes() -> None:
     deployment = _one(_docs("prefect-worker.yaml"), "Deployment")
     typo = json.loads(json.dumps(deployment))
