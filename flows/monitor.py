@@ -14,7 +14,6 @@ import math
 import threading
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any, cast
 from uuid import UUID
 
@@ -27,6 +26,7 @@ from prefect.artifacts import (
 )
 from prefect.exceptions import PrefectHTTPStatusError
 
+from segpipe.io import storage
 from segpipe.stages import names
 
 NAMES = names()
@@ -244,7 +244,7 @@ def report(rows: Sequence[dict[str, Any]], title: str, line: str) -> str:
         parts.append(f"## {r['image']} — {r['status']}")
         previews = [p for p in str(r.get("preview", "")).split(", ") if p]
         for p in previews:
-            uri = _thumbnail(Path(p))
+            uri = _thumbnail(p)
             if uri:
                 parts.append(f"![{r['image']}]({uri})")
         if not previews:
@@ -260,12 +260,12 @@ def report(rows: Sequence[dict[str, Any]], title: str, line: str) -> str:
     return "\n".join(parts)
 
 
-def _thumbnail(path: Path) -> str:
+def _thumbnail(path: str) -> str:
     """A preview PNG scaled to `THUMBNAIL` px wide, as a data URI ('' if unreadable)."""
     from PIL import Image
 
     try:
-        with Image.open(path) as img:
+        with storage.location(path).open("rb") as fh, Image.open(fh) as img:
             img.thumbnail((THUMBNAIL, THUMBNAIL * 4), Image.Resampling.NEAREST)
             buf = io.BytesIO()
             img.save(buf, format="PNG")

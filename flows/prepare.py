@@ -13,13 +13,12 @@ from pathlib import Path
 from segpipe.config import RunConfig, check_image_options
 from segpipe.errors import InputsError, NoSpaceError, SegpipeError
 from segpipe.image import ImagePlan, check_tile
-from segpipe.io import physical
+from segpipe.io import physical, storage
 from segpipe.io.collection import resolve_inputs
 from segpipe.io.readers import SourceSpec, open_source
 from segpipe.io.store import (
     OutputLock,
     check_apart,
-    check_local,
     check_name,
     image_state,
     open_output,
@@ -60,8 +59,9 @@ def prepare_run(config: RunConfig, *, resume: bool | None = None) -> Prepared:
         The segmenter or output problem; or, under ``on_error: fail``, every bad
         input, one per line.
     """
-    check_local(config.input, "--input")
-    check_local(config.output, "--output")
+    storage.location(config.input)  # a URL of another scheme is refused in one line
+    storage.location(config.output)
+    storage.configure(config.storage)
     config = config.resolved()
     segmenter = get_segmenter(config.segmenter.name, **config.segmenter.options())
     catalogue_for(segmenter, config.classes)  # a bad catalogue fails before any compute
@@ -130,8 +130,8 @@ def check_space(config: RunConfig, sources: list[SourceSpec], segmenter: Segment
     NoSpaceError
         Naming the output, the space needed and the space free.
     """
-    if not config.space_check:
-        return
+    if not config.space_check or storage.is_url(config.output):
+        return  # object storage has no free space to run out of
     pending = [s for s in sources if not image_state(Path(config.output) / s.name).get("complete")]
     disks = [
         image_disk(

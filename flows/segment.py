@@ -22,6 +22,7 @@ from segpipe.config import RunConfig
 from segpipe.engine import Inline
 from segpipe.errors import ImagesFailedError, SchedulerLostError, SegpipeError
 from segpipe.image import ImagePlan, ImageResult
+from segpipe.io import storage
 from segpipe.io.readers import image_name
 from segpipe.io.store import (
     image_state,
@@ -99,18 +100,18 @@ def run_tags(config: RunConfig) -> list[str]:
 
 
 def _row(result: ImageResult, output: str, status: str) -> dict[str, Any]:
-    group = Path(output) / result.name
+    group = storage.join(output, result.name)
     previews = image_state(group).get("previews", [])
     return {
-        "preview": ", ".join(str(group / p) for p in previews),
-        "tables": str(group / "tables"),
+        "preview": ", ".join(storage.join(group, p) for p in previews),
+        "tables": storage.join(group, "tables"),
         "image": result.name,
         "shape": "×".join(map(str, result.shape)),
         "objects": result.objects,
         "seconds": round(result.seconds, 2),
         "Mpx/s": round(result.mpx_per_s, 2) if status != "unchanged" else 0.0,
         "status": status,
-        "output": str(Path(output) / result.name),
+        "output": group,
     }
 
 
@@ -235,7 +236,7 @@ def _orphans(prepared: Prepared, plans: list[ImagePlan], logger: Any) -> list[di
         else:
             status, note = "orphaned", f"its input {source} is not among this run's: kept"
         logger.warning("%s: %s", name, note)
-        output = "" if cfg.prune else str(Path(cfg.output) / name)
+        output = "" if cfg.prune else storage.join(cfg.output, name)
         rows.append({**_failed_row(name, source, note), "status": status, "output": output})
     return rows
 

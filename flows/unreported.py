@@ -10,9 +10,10 @@ that API marks it CRASHED, saying why, and removes the note.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
+from segpipe.io import storage
+from segpipe.io.storage import Location
 from segpipe.io.store import SCRATCH, write_json
 
 __all__ = ["note", "settle"]
@@ -20,8 +21,8 @@ __all__ = ["note", "settle"]
 NAME = "unreported.json"
 
 
-def _path(output: str) -> Path:
-    return Path(output) / SCRATCH / NAME
+def _path(output: str) -> Location:
+    return storage.location(storage.join(output, SCRATCH, NAME))
 
 
 def note(output: str, flow_run: str, api: str, error: str) -> None:
@@ -34,7 +35,7 @@ def settle(output: str, api: str, logger: Any) -> None:
     remove the note; one the API cannot take now stays for the next run."""
     path = _path(output)
     try:
-        noted = json.loads(path.read_text())
+        noted = json.loads(path.read_bytes())
     except (OSError, ValueError):
         return
     if noted.get("api") != api:
@@ -56,5 +57,5 @@ def settle(output: str, api: str, logger: Any) -> None:
         return
     except Exception as err:  # e.g. a run the API no longer has
         logger.warning("the unreported run %s: %s", noted["flow_run"], err)
-    path.unlink(missing_ok=True)
+    storage.remove_tree(path)
     logger.info("marked run %s, which ended unreported, crashed", noted["flow_run"])

@@ -13,12 +13,20 @@ from contextlib import contextmanager
 from typing import Any
 
 import dask
-from distributed import Client, Future, LocalCluster
+from distributed import Client, Future, LocalCluster, WorkerPlugin
 from distributed.security import Security
 
 from segpipe import backends
-from segpipe.config import CLUSTER_CHOICES, KubernetesConfig, RunConfig, SlurmConfig, TLSConfig
+from segpipe.config import (
+    CLUSTER_CHOICES,
+    KubernetesConfig,
+    RunConfig,
+    SlurmConfig,
+    StorageConfig,
+    TLSConfig,
+)
 from segpipe.errors import ConfigError, SegpipeError
+from segpipe.io import storage
 
 
 def local_cluster(*, workers: int | None = None, threads: int | None = None) -> LocalCluster:
@@ -206,7 +214,19 @@ def connect_run(config: RunConfig) -> Iterator[Client]:
         slurm=config.slurm,
         kubernetes=config.kubernetes,
     ) as client:
+        client.register_plugin(StorageSettings(config.storage), name="segpipe-storage")
         yield client
+
+
+class StorageSettings(WorkerPlugin):
+    """run.yaml's ``storage:`` on every worker, those that join later too
+    (`segpipe.io.storage.configure`): the workers open the store's URLs themselves."""
+
+    def __init__(self, config: StorageConfig) -> None:
+        self.config = config
+
+    def setup(self, worker: Any) -> None:
+        storage.configure(self.config)
 
 
 @contextmanager

@@ -690,8 +690,10 @@ def load_config(
         data = loaded
         # Relative paths in a config file are relative to the file.
         for key in ("input", "output"):
-            if isinstance(data.get(key), str) and not os.path.isabs(os.path.expanduser(data[key])):
-                data[key] = str(p.resolve().parent / data[key])
+            value = data.get(key)
+            if isinstance(value, str) and "://" not in value:  # a URL is absolute
+                if not os.path.isabs(os.path.expanduser(value)):
+                    data[key] = str(p.resolve().parent / value)
     overrides = dict(overrides or {})
     seg = data.get("segmenter") or {}
     if isinstance(seg, str):

@@ -76,3 +76,7 @@ class SchedulerLostError(SegpipeError, ConnectionError):
 
 class PrefectApiLostError(SegpipeError, ConnectionError):
     """The Prefect API of a run stopped answering; what finished is kept."""
+
+
+class StorageAccessError(SegpipeError, PermissionError):
+    """Object storage refuses this run's credentials, or cannot be reached."""

@@ -13,30 +13,27 @@ scratch was removed) fall back to the plain read.
 from __future__ import annotations
 
 import itertools
-import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
 from segpipe.blocks import Block, BlockGrid
-from segpipe.io import omezarr, written
-from segpipe.io.markers import UNREADABLE
+from segpipe.io import omezarr, storage, written
+from segpipe.io.markers import UNREADABLE, load_npz, save_npz
+from segpipe.io.storage import Location, Where
 
 
-def slab_path(directory: str | Path, block_id: int) -> Path:
-    return Path(directory) / f"{block_id}.npz"
+def slab_path(directory: Where, block_id: int) -> Location:
+    return storage.location(directory) / f"{block_id}.npz"
 
 
 def _layers(n: int, width: int, last: bool) -> slice:
     return slice(n - width, n) if last else slice(0, width)
 
 
-def save_slabs(
-    directory: str | Path, block_id: int, core: NDArray[Any], halo: Sequence[int]
-) -> None:
+def save_slabs(directory: Where, block_id: int, core: NDArray[Any], halo: Sequence[int]) -> None:
     """Save the first and last ``halo[k]`` layers of a block's ``core`` along each axis
     ``k`` (``lo<k>``/``hi<k>``; fewer when the block is thinner), replacing any earlier
     file of the block atomically."""
@@ -50,15 +47,12 @@ def save_slabs(
             index[k] = _layers(core.shape[k], w, last)
             arrays[f"{name}{k}"] = core[tuple(index)]
     path = slab_path(directory, block_id)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)  # type: ignore[arg-type]
-    os.replace(tmp, path)
+    save_npz(path, arrays)
     written.note(path)
 
 
 def save_region_slabs(
-    directory: str | Path,
+    directory: Where,
     grid: BlockGrid,
     region: tuple[slice, ...],
     data: NDArray[Any],
@@ -66,7 +60,6 @@ def save_region_slabs(
 ) -> None:
     """`save_slabs` of every block of ``grid`` whose core lies in ``region`` (the tiles
     one ingest task read, held in ``data``), creating ``directory`` if needed."""
-    Path(directory).mkdir(parents=True, exist_ok=True)
     ranges = [range(r.start // t, -(-r.stop // t)) for r, t in zip(region, grid.tile, strict=True)]
     for index in itertools.product(*ranges):
         block = grid.block(index)
@@ -87,7 +80,7 @@ def _direction_region(
     )
 
 
-def assemble(src: str, grid: BlockGrid, block: Block, directory: str | Path) -> NDArray[Any] | None:
+def assemble(src: str, grid: BlockGrid, block: Block, directory: Where) -> NDArray[Any] | None:
     """``block.read`` of the array at ``src``: its core read from ``src``, its halo taken
     from the neighbours' slabs. None where a slab is missing or too thin (tiles smaller
     than the halo): read the region instead."""
@@ -104,7 +97,7 @@ def assemble(src: str, grid: BlockGrid, block: Block, directory: str | Path) -> 
         a = next(k for k, x in enumerate(d) if x)  # the slab along the first axis moved on
         key = f"hi{a}" if d[a] < 0 else f"lo{a}"
         try:
-            with np.load(slab_path(directory, neighbour), allow_pickle=False) as z:
+            with load_npz(slab_path(directory, neighbour)) as z:
                 piece = z[key] if key in z.files else None
         except UNREADABLE:  # missing or damaged: read the region instead
             return None

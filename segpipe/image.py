@@ -10,15 +10,15 @@ import math
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from segpipe.blocks import BlockGrid
 from segpipe.config import VIEWER_CHUNK, viewer_inner
 from segpipe.errors import ConfigError
-from segpipe.io import omezarr
+from segpipe.io import omezarr, storage
 from segpipe.io.markers import Markers
 from segpipe.io.readers import SourceSpec
+from segpipe.io.storage import Location
 from segpipe.segmenters.base import Segmenter
 
 __all__ = [
@@ -42,16 +42,16 @@ def noop(stage: str, done: int, total: int) -> None:
     """A progress callback that reports nowhere."""
 
 
-def _internal(root: str, kind: str, name: str) -> Path:
+def _internal(root: str, kind: str, name: str) -> Location:
     """``OUT/_segpipe/<kind>/<name>``: what segpipe keeps of an image beside its group."""
-    return Path(root) / omezarr.SCRATCH / kind / name
+    return storage.location(storage.join(root, omezarr.SCRATCH, kind, name))
 
 
-def owned(root: str, name: str) -> list[Path]:
+def owned(root: str, name: str) -> list[Location]:
     """Every path of the store that image ``name`` owns: its group, scratch data,
     markers, provenance table and manifest."""
     return [
-        Path(root) / name,
+        storage.location(storage.join(root, name)),
         _internal(root, "scratch", name),
         _internal(root, "blocks", name),
         _internal(root, "provenance", f"{name}.parquet"),
@@ -115,21 +115,21 @@ class ImagePlan:
 
     @property
     def group(self) -> str:
-        return str(Path(self.root) / self.name)
+        return storage.join(self.root, self.name)
 
     @property
     def raw(self) -> str:
-        return str(Path(self.group) / "0")
+        return storage.join(self.group, "0")
 
     def label(self, kind: str, level: int = 0) -> str:
-        return str(Path(self.group) / "labels" / kind / str(level))
+        return storage.join(self.group, "labels", kind, str(level))
 
     @property
     def scratch(self) -> str:
         return str(_internal(self.root, "scratch", self.name))
 
     @property
-    def provenance(self) -> Path:
+    def provenance(self) -> Location:
         """Table of where and how each segment block ran (kept after the run)."""
         return _internal(self.root, "provenance", f"{self.name}.parquet")
 
@@ -138,12 +138,12 @@ class ImagePlan:
         return Markers(self.blocks / stage)
 
     @property
-    def blocks(self) -> Path:
+    def blocks(self) -> Location:
         """The folder of every stage's completion markers for this image."""
         return _internal(self.root, "blocks", self.name)
 
     @property
-    def manifest(self) -> Path:
+    def manifest(self) -> Location:
         """What the completed image holds: every file with its size and checksum."""
         return _internal(self.root, "manifests", f"{self.name}.npz")
 
@@ -156,11 +156,11 @@ class ImagePlan:
             return None
         width = self.segmenter.filter_halo(self.ndim)
         wide = tuple(f + h for f, h in zip(width, self.segment_halo, strict=True))
-        return SlabJob(str(Path(self.scratch) / "slabs"), self.grid(), wide)
+        return SlabJob(storage.join(self.scratch, "slabs"), self.grid(), wide)
 
     @property
     def local_labels(self) -> str:
-        return str(Path(self.scratch) / "local")
+        return storage.join(self.scratch, "local")
 
     @property
     def segment_halo(self) -> tuple[int, ...]:

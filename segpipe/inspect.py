@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import zarr
 
 from segpipe.errors import InputNotFoundError, InputReadError
+from segpipe.io import storage
+from segpipe.io.storage import Location
 from segpipe.io.store import KEY, attrs_section, image_groups
 from segpipe.panoptic import read_attrs
 
@@ -79,7 +80,7 @@ def _levels(group: zarr.Group) -> list[str]:
         return []
 
 
-def _pyramid(root: Path, path: Path) -> ArrayInfo | None:
+def _pyramid(root: Location, path: Location) -> ArrayInfo | None:
     try:
         group = zarr.open_group(str(path), mode="r")
     except Exception:  # not a group (half-written or foreign): nothing to list
@@ -92,7 +93,7 @@ def _pyramid(root: Path, path: Path) -> ArrayInfo | None:
     except Exception:
         return None
     return ArrayInfo(
-        str(path.relative_to(root)),
+        _relative(path, root),
         len(levels),
         tuple(int(n) for n in arr.shape),
         str(arr.dtype),
@@ -101,21 +102,26 @@ def _pyramid(root: Path, path: Path) -> ArrayInfo | None:
     )
 
 
-def _parquet_rows(path: Path) -> int | None:
+def _relative(path: Location, root: Location) -> str:
+    return str(path)[len(str(root).rstrip("/")) + 1 :]
+
+
+def _parquet_rows(path: Location) -> int | None:
     try:
         import pyarrow.parquet as pq
 
-        return int(pq.ParquetFile(path).metadata.num_rows)
+        with path.open("rb") as fh:
+            return int(pq.ParquetFile(fh).metadata.num_rows)
     except Exception:  # unreadable or partial: reported without a row count
         return None
 
 
-def _classes(group: Path) -> tuple[list[dict[str, Any]], int | None]:
+def _classes(group: Location) -> tuple[list[dict[str, Any]], int | None]:
     """The catalogue (panoptic attributes), else the semantic label's class names."""
     panoptic = group / "labels" / "panoptic"
     if panoptic.is_dir():
         try:
-            divisor, catalogue = read_attrs(panoptic)
+            divisor, catalogue = read_attrs(str(panoptic))
             return catalogue.to_list(), divisor
         except Exception:  # no or broken panoptic metadata: fall back to semantic
             pass
@@ -131,7 +137,7 @@ def _classes(group: Path) -> tuple[list[dict[str, Any]], int | None]:
     return [], None
 
 
-def inspect_image(root: Path, group_path: Path) -> ImageInfo:
+def inspect_image(root: Location, group_path: Location) -> ImageInfo:
     """What one image group holds (metadata only)."""
     group = zarr.open_group(str(group_path), mode="r")
     state = attrs_section(group, KEY)
@@ -152,7 +158,8 @@ def inspect_image(root: Path, group_path: Path) -> ImageInfo:
     tables: dict[str, dict[str, Any]] = {}
     tables_dir = group_path / TABLES
     if tables_dir.is_dir():
-        for p in sorted(tables_dir.glob("*.parquet")):
+        found: list[Location] = list(tables_dir.glob("*.parquet"))
+        for p in sorted(found, key=str):
             tables[p.stem] = {"path": str(p), "rows": _parquet_rows(p)}
     per_class = state.get("tables", {}).get("objects_per_class", {})
     previews = sorted(str(p) for p in (group_path / PREVIEWS).glob("*.png"))
@@ -160,7 +167,7 @@ def inspect_image(root: Path, group_path: Path) -> ImageInfo:
     recorded = state.get("source")
     source = str(recorded["path"]) if isinstance(recorded, dict) and "path" in recorded else None
     return ImageInfo(
-        name=group_path.relative_to(root).as_posix(),
+        name=_relative(group_path, root),
         complete=bool(state.get("complete", False)),
         shape=tuple(shape) if shape is not None else None,
         objects=state.get("objects"),
@@ -192,7 +199,10 @@ def inspect_store(path: str | os.PathLike[str]) -> StoreInfo:
     InputReadError
         If it is not a Zarr group.
     """
-    root = Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
+    text = os.fspath(path)
+    root = storage.location(
+        text if storage.is_url(text) else os.path.abspath(os.path.expanduser(text))
+    )
     if not root.exists():
         raise InputNotFoundError(f"{root}: no such output store.")
     try:

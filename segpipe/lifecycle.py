@@ -8,19 +8,17 @@ provenance table) and marks it complete, last.
 from __future__ import annotations
 
 import hashlib
-import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import Any, cast
 
 from segpipe.deep import provenance
 from segpipe.errors import OutputConflictError
 from segpipe.image import ImagePlan, ImageResult, owned, span
-from segpipe.io import omezarr, plate, store, written
-from segpipe.io.markers import RUN_KEY, UNREADABLE, Markers, read_marker, save_npz
+from segpipe.io import omezarr, plate, storage, store, written
+from segpipe.io.markers import RUN_KEY, UNREADABLE, Markers, load_npz, read_marker, save_npz
 from segpipe.io.readers import SourceSpec
+from segpipe.io.storage import Location
 from segpipe.io.store import image_state, mark_image
 from segpipe.stats import ImageStats
 
@@ -46,14 +44,15 @@ SAMPLE_PIECE = 4 << 10  # bytes each
 SAMPLE_FILES = 64  # files of a Zarr array sampled
 
 
-def _sample(path: str, size: int, digest: Any) -> None:
+def _sample(path: Location, size: int, digest: Any) -> None:
     """Feed ``digest`` the start of the file and `SAMPLE_PIECES` pieces spread over it."""
-    with open(path, "rb") as f:
-        digest.update(f.read(SAMPLE_HEAD))
-        if size > SAMPLE_HEAD:
-            for k in range(SAMPLE_PIECES):
-                f.seek(SAMPLE_HEAD + (size - SAMPLE_HEAD) * k // SAMPLE_PIECES)
-                digest.update(f.read(SAMPLE_PIECE))
+    ranges = [(0, SAMPLE_HEAD)]
+    if size > SAMPLE_HEAD:
+        for k in range(SAMPLE_PIECES):
+            start = SAMPLE_HEAD + (size - SAMPLE_HEAD) * k // SAMPLE_PIECES
+            ranges.append((start, start + SAMPLE_PIECE))
+    for piece in storage.read_ranges(path, ranges, size):
+        digest.update(piece)
 
 
 def source_identity(spec: SourceSpec) -> dict[str, Any]:
@@ -63,30 +62,27 @@ def source_identity(spec: SourceSpec) -> dict[str, Any]:
     sampled content (a file's header and pieces spread over it; a Zarr array's
     metadata and `SAMPLE_FILES` of its chunks), which a replacement with the same
     size and mtime does not pass. About 80 KiB read per file."""
-    read = Path(getattr(spec, "array_path", None) or spec.path)
+    read = storage.location(getattr(spec, "array_path", None) or spec.path)
     sample = hashlib.sha256()
     if not read.is_dir():
-        st = read.stat()
-        _sample(str(read), st.st_size, sample)
+        size, version = storage.stamp(read)
+        _sample(read, size, sample)
         return {
             "path": spec.path,
-            "size": st.st_size,
-            "mtime_ns": st.st_mtime_ns,
+            "size": size,
+            "mtime_ns": version,
             "sample": sample.hexdigest()[:32],
         }
     digest = hashlib.sha256()
     size = count = 0
-    files: list[tuple[str, int]] = []
-    for folder, dirs, names in os.walk(read):
-        dirs.sort()
-        for name in sorted(names):
-            path = os.path.join(folder, name)
-            st = os.stat(path)
-            rel = os.path.relpath(path, read)
-            digest.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-            size += st.st_size
-            count += 1
-            files.append((path, st.st_size))
+    files: list[tuple[Location, int]] = []
+    top = str(read).rstrip("/")
+    for path, (file_size, version) in storage.stamps(read):
+        rel = str(path)[len(top) + 1 :]
+        digest.update(f"{rel}\0{file_size}\0{version}\n".encode())
+        size += file_size
+        count += 1
+        files.append((path, file_size))
     step = max(1, len(files) // SAMPLE_FILES)
     for path, file_size in files[::step]:
         _sample(path, min(file_size, SAMPLE_HEAD), sample)  # chunks: their first bytes
@@ -139,25 +135,27 @@ def begin(plan: ImagePlan) -> str:
         elif state.get("tile") == list(plan.tile):
             mark_image(plan.group, complete=False)
             return "resume"
-    group = Path(plan.group)
+    group = storage.location(plan.group)
     ours = state or plan.manifest.exists() or plan.blocks.exists()
-    if os.path.lexists(group) and not ours:
+    if store.lexists(group) and not ours:
         raise OutputConflictError(
             f"{group}: exists but was not written by segpipe; it is left alone. Move it, "
             "or rename the input."
         )
-    for path in (group, Path(plan.scratch), plan.blocks, plan.provenance, plan.manifest):
+    for path in (group, storage.location(plan.scratch), plan.blocks, plan.provenance):
         store.remove(path, plan.root)
-    group.mkdir(parents=True, exist_ok=True)
+    store.remove(plan.manifest, plan.root)
+    if isinstance(group, Path):
+        group.mkdir(parents=True, exist_ok=True)
     mark_image(plan.group, complete=False, source=identity, tile=list(plan.tile))
     return start
 
 
-def _result_files(plan: ImagePlan) -> list[Path]:
+def _result_files(plan: ImagePlan) -> list[Location]:
     """Every file of the image's result but its group metadata (rewritten when marked)."""
-    group = Path(plan.group)
-    files = [Path(folder) / n for folder, _, names in os.walk(group) for n in names]
-    return sorted(f for f in files if f != group / "zarr.json")
+    group = storage.location(plan.group)
+    files = storage.walk_files(group)
+    return sorted((f for f in files if str(f) != str(group / "zarr.json")), key=str)
 
 
 def write_manifest(plan: ImagePlan) -> None:
@@ -170,7 +168,7 @@ def write_manifest(plan: ImagePlan) -> None:
         for stage in plan.blocks.iterdir():
             for marker in stage.glob("*.npz"):
                 try:
-                    with np.load(marker, allow_pickle=False) as data:
+                    with load_npz(marker) as data:
                         if "__files" in data.files:
                             arrays = {k: data[k] for k in ("__files", "__files_v")}
                             for w in written.from_arrays(arrays, stage):
@@ -179,10 +177,10 @@ def write_manifest(plan: ImagePlan) -> None:
                     continue
     files = []
     for path in _result_files(plan):
-        st = path.stat()
+        size, version = storage.stamp(path)
         seen = known.get(str(path))
-        if seen is None or (seen.size, seen.mtime_ns) != (st.st_size, st.st_mtime_ns):
-            seen = written.Written(str(path), st.st_size, st.st_mtime_ns, written.checksum(path))
+        if seen is None or (seen.size, seen.mtime_ns) != (size, version):
+            seen = written.Written(str(path), size, version, written.checksum(path))
         files.append(seen)
     save_npz(plan.manifest, written.to_arrays(files, plan.root))
 
@@ -196,7 +194,7 @@ def damaged_result(plan: ImagePlan) -> list[str]:
     return written.damaged(written.from_arrays(arrays, plan.root))
 
 
-def write_provenance(plan: ImagePlan) -> Path | None:
+def write_provenance(plan: ImagePlan) -> Location | None:
     """The segment markers' provenance records as ``OUT/_segpipe/provenance/<image>.parquet``;
     None when no block recorded any (markers from an older version)."""
     markers = plan.markers("segment")
@@ -204,7 +202,7 @@ def write_provenance(plan: ImagePlan) -> Path | None:
     for b in plan.grid(plan.segment_halo):
         if not markers.done(b.id):
             continue
-        with np.load(markers.path(b.id), allow_pickle=False) as data:
+        with load_npz(markers.path(b.id)) as data:
             # only the small entries: the neighbour views stay unread
             keep = [k for k in data.files if k.startswith(provenance.PREFIX) or k == RUN_KEY]
             arrays = {k: data[k] for k in keep}
@@ -223,7 +221,7 @@ def finish(plan: ImagePlan, result: ImageResult, stats: ImageStats, params: dict
     write_provenance(plan)
     tally = {}
     if plan.blocks.exists():
-        for d in sorted(plan.blocks.iterdir()):
+        for d in sorted(cast(Iterator[Location], plan.blocks.iterdir()), key=lambda d: d.name):
             computed, total = Markers(d).tally(plan.token)
             tally[d.name] = {"computed": computed, "blocks": total}
     write_manifest(plan)
@@ -244,7 +242,7 @@ def finish(plan: ImagePlan, result: ImageResult, stats: ImageStats, params: dict
 
 def record_failure(plan: ImagePlan, problem: str) -> None:
     """Note on the (incomplete) image why it failed; it is never marked complete."""
-    if Path(plan.group).exists():
+    if storage.location(plan.group).exists():
         mark_image(plan.group, complete=False, error=problem)
 
 
@@ -290,7 +288,8 @@ def write_layout(root: str, inputs: Sequence[str]) -> None:
 def prune(root: str, name: str) -> None:
     """Remove image ``name`` and everything segpipe keeps of it (`segpipe.image.owned`),
     only if segpipe wrote it."""
-    if "source" not in image_state(Path(root) / name):
-        raise OutputConflictError(f"{Path(root) / name}: not an image segpipe wrote; left alone.")
+    group = storage.join(root, name)
+    if "source" not in image_state(group):
+        raise OutputConflictError(f"{group}: not an image segpipe wrote; left alone.")
     for path in owned(root, name):
         store.remove(path, root)

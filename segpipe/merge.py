@@ -26,14 +26,16 @@ Three passes, each over the batches once:
 from __future__ import annotations
 
 import math
-import shutil
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
+
+from segpipe.io import storage
+from segpipe.io.markers import load_npz, save_npz
+from segpipe.io.storage import Location, Where
 
 Int64s = NDArray[np.int64]
 EdgeTable = tuple[int, int, NDArray[np.integer]]
@@ -99,7 +101,7 @@ class MergedIds:
     blocks in order loads each batch file once.
     """
 
-    workdir: Path
+    workdir: Location
     n_blocks: int
     batch: int
     count: int
@@ -112,7 +114,7 @@ class MergedIds:
 
     def _load(self, s: int) -> tuple[int, Int64s, Any]:
         if self._cache is None or self._cache[0] != s:
-            with np.load(self.workdir / f"lut-{s:07d}.npz", allow_pickle=False) as f:
+            with load_npz(self.workdir / f"lut-{s:07d}.npz") as f:
                 starts = np.concatenate([[0], np.cumsum(f["n"], dtype=np.int64)])
                 self._cache = (s, starts, f["gid"])
         return self._cache
@@ -135,7 +137,10 @@ class MergedIds:
     def remove(self) -> None:
         """Delete the lookup files (the work directory)."""
         self._cache = None
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        try:
+            storage.remove_tree(self.workdir)
+        except OSError:
+            return
 
 
 class _Edges:
@@ -172,7 +177,7 @@ def merge_ids(
     grid_shape: Sequence[int],
     counts: Sequence[int] | Callable[[int], int],
     edges: Iterable[EdgeTable],
-    workdir: str | Path,
+    workdir: Where,
     *,
     batch: int | None = None,
 ) -> MergedIds:
@@ -224,8 +229,7 @@ def merge_ids(
     size = int(batch) if batch else max(int(grid_shape[-1]), 64)
     size = max(1, min(size, n_blocks))
     count_of = _counts_fn(counts, n_blocks)
-    work = Path(workdir)
-    work.mkdir(parents=True, exist_ok=True)
+    work = storage.location(workdir)
     n_batches = -(-n_blocks // size)
     total, kills = _forward(n_blocks, size, reach(grid_shape), count_of, _Edges(edges), work)
     _backward(n_batches, work)
@@ -242,7 +246,7 @@ def _forward(
     horizon_reach: int,
     count_of: Callable[[int], int],
     edges: _Edges,
-    work: Path,
+    work: Location,
 ) -> tuple[int, int]:
     """Pass 1: union-find over the active blocks; spill labels and kills per batch."""
     offsets = [0]  # provisional id of (block b, local 1), for blocks seen so far
@@ -309,14 +313,16 @@ def _forward(
             kills += len(k_lab)
         # the batch's blocks get no more edges: write their labels, forget them
         done = offsets[x1 - first] - base
-        np.savez(
+        save_npz(
             work / f"p1-{s:07d}.npz",
-            lab=cur[:done],
-            n=np.asarray(n_of[x0 - first : x1 - first], np.int64),
-            kill=k_lab,
-            to=t_lab,
-            off=np.int64(offsets[x0 - first]),
-            top=np.int64(end),
+            {
+                "lab": cur[:done],
+                "n": np.asarray(n_of[x0 - first : x1 - first], np.int64),
+                "kill": k_lab,
+                "to": t_lab,
+                "off": np.asarray(offsets[x0 - first], np.int64),
+                "top": np.asarray(end, np.int64),
+            },
         )
         cur = cur[done:].copy()
         base += done
@@ -327,14 +333,14 @@ def _forward(
     return offsets[-1], kills
 
 
-def _backward(n_batches: int, work: Path) -> None:
+def _backward(n_batches: int, work: Location) -> None:
     """Pass 2: resolve written labels to final roots (kill log read in reverse)."""
     fin_k = np.zeros(0, np.int64)  # killed label -> its final root, sorted by label
     fin_v = np.zeros(0, np.int64)
     seen = np.zeros(0, np.int64)  # roots mentioned by later batches
     for s in reversed(range(n_batches)):
         path = work / f"p1-{s:07d}.npz"
-        with np.load(path, allow_pickle=False) as f:
+        with load_npz(path) as f:
             lab, n, kill, to = f["lab"], f["n"], f["kill"], f["to"]
             off, top = int(f["off"]), int(f["top"])
         keep = fin_k < top  # labels this batch (and earlier ones) can name
@@ -348,18 +354,21 @@ def _backward(n_batches: int, work: Path) -> None:
         last = roots[~np.isin(roots, seen, assume_unique=True)]
         seen = np.union1d(seen, roots)
         seen = seen[seen < off]  # earlier batches name only ids below this batch's
-        np.savez(work / f"p2-{s:07d}.npz", final=final, n=n, last=last, off=np.int64(off))
+        save_npz(
+            work / f"p2-{s:07d}.npz",
+            {"final": final, "n": n, "last": last, "off": np.asarray(off, np.int64)},
+        )
         path.unlink()
 
 
-def _number(n_batches: int, work: Path, dtype: np.dtype[Any]) -> int:
+def _number(n_batches: int, work: Location, dtype: np.dtype[Any]) -> int:
     """Pass 3: number roots in provisional-id order; write each batch's lookup tables."""
     open_k = np.zeros(0, np.int64)  # roots still named by later batches -> global id
     open_v = np.zeros(0, np.int64)
     counter = 0
     for s in range(n_batches):
         path = work / f"p2-{s:07d}.npz"
-        with np.load(path, allow_pickle=False) as f:
+        with load_npz(path) as f:
             final, n, last, off = f["final"], f["n"], f["last"], int(f["off"])
         own = off + np.arange(len(final), dtype=np.int64)
         is_root = final == own
@@ -379,6 +388,6 @@ def _number(n_batches: int, work: Path, dtype: np.dtype[Any]) -> int:
         open_v = np.concatenate([open_v, gid[is_root]])
         alive = ~np.isin(open_k, last)
         open_k, open_v = open_k[alive], open_v[alive]  # stays sorted: appended ids grow
-        np.savez(work / f"lut-{s:07d}.npz", gid=gid.astype(dtype), n=n)
+        save_npz(work / f"lut-{s:07d}.npz", {"gid": gid.astype(dtype), "n": n})
         path.unlink()
     return counter

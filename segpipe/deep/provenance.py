@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
+
+from segpipe.io import storage
+from segpipe.io.storage import Location, Where
 
 PREFIX = "prov_"
 COLUMNS = ("block", "region", "worker", "device", "seconds", "batch", "tiles", "run")
@@ -65,12 +67,13 @@ def decode(arrays: dict[str, NDArray[Any]]) -> Record | None:
     )
 
 
-def write_table(path: str | Path, rows: Sequence[tuple[int, str, Record, str]]) -> Path:
-    """Write ``(block id, region, record, run)`` rows as Parquet (temporary file + rename).
+def write_table(path: Where, rows: Sequence[tuple[int, str, Record, str]]) -> Location:
+    """Write ``(block id, region, record, run)`` rows as Parquet, whole
+    (`segpipe.io.storage.put`).
 
     Parameters
     ----------
-    path : str or Path
+    path : str, Path or URL
         Destination ``.parquet`` file; its folder is created.
     rows : sequence of (int, str, Record, str)
         One per block, in block order.
@@ -90,17 +93,18 @@ def write_table(path: str | Path, rows: Sequence[tuple[int, str, Record, str]]) 
             "run": pa.array([r[3] for r in rows], pa.string()),
         }
     )
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(p)
-    return p
+    where = storage.location(path)
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    storage.put(where, sink.getvalue())
+    return where
 
 
-def read_table(path: str | Path) -> dict[str, list[Any]]:
+def read_table(path: Where) -> dict[str, list[Any]]:
     """The provenance table at ``path`` as columns of Python values."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    out: dict[str, list[Any]] = pq.read_table(path).to_pydict()
+    data = storage.location(path).read_bytes()
+    out: dict[str, list[Any]] = pq.read_table(pa.BufferReader(data)).to_pydict()
     return out

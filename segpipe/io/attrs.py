@@ -4,10 +4,10 @@ An image's results carry a dozen small metadata updates (its state, NGFF
 multiscales and image-label metadata, the panoptic catalogue, tables and
 previews). Through zarr-python each is an open and an attribute update that
 go through its event loop, ~2-5 ms apiece, ~0.1 s an image: as much as
-segmenting a 1024² field. Here a local node's ``zarr.json`` is read, its
-``attributes`` updated and written back atomically (temporary file, rename).
-A node that is not a local v3 one (a URL, a Zarr v2 layout) goes through zarr
-instead. The NGFF dictionaries are those ome-zarr's writers produce for
+segmenting a 1024² field. Here a v3 node's ``zarr.json`` is read, its
+``attributes`` updated and written back whole (`segpipe.io.storage.put`: a
+temporary file and a rename, or one object ``PUT``). A Zarr v2 node goes
+through zarr instead. The NGFF dictionaries are those ome-zarr's writers produce for
 NGFF 0.5 (a test holds them equal); this module can go once zarr's metadata
 updates cost well under a millisecond.
 """
@@ -15,13 +15,14 @@ updates cost well under a millisecond.
 from __future__ import annotations
 
 import json
-import os
 import threading
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import zarr
+
+from segpipe.io import storage
+from segpipe.io.storage import Where
 
 __all__ = ["image_label", "multiscales", "read", "update"]
 
@@ -29,12 +30,7 @@ _LOCK = threading.Lock()  # read-modify-write of one file by two threads of a pr
 NGFF = "0.5"
 
 
-def _local(path: str | Path) -> Path | None:
-    text = os.fspath(path)
-    return None if "://" in text else Path(text) / "zarr.json"
-
-
-def read(path: str | Path) -> dict[str, Any]:
+def read(path: Where) -> dict[str, Any]:
     """The attributes of the Zarr node at ``path`` (``{}`` when it has none).
 
     Raises
@@ -44,33 +40,32 @@ def read(path: str | Path) -> dict[str, Any]:
     ValueError
         If its metadata is not valid JSON.
     """
-    meta = _local(path)
-    if meta is None or (not meta.is_file() and (Path(path) / ".zattrs").exists()):
-        node = zarr.open(str(path), mode="r")
-        return dict(node.attrs.asdict())
-    value = json.loads(meta.read_text(encoding="utf-8"))
+    node = storage.location(path)
+    try:
+        value = json.loads((node / "zarr.json").read_bytes())
+    except FileNotFoundError:
+        if not (node / ".zattrs").exists():  # a Zarr v2 node keeps them there
+            raise
+        return dict(zarr.open(str(node), mode="r").attrs.asdict())
     attrs = value.get("attributes") if isinstance(value, dict) else None
     return dict(attrs) if isinstance(attrs, dict) else {}
 
 
-def update(path: str | Path, values: Mapping[str, Any]) -> None:
+def update(path: Where, values: Mapping[str, Any]) -> None:
     """Set the top-level attributes ``values`` of the node at ``path`` (others kept),
     creating a group there if there is no node yet."""
-    meta = _local(path)
-    if meta is None or (not meta.exists() and (Path(path) / ".zgroup").exists()):
-        zarr.open_group(str(path), mode="a").attrs.update(dict(values))
-        return
+    node = storage.location(path)
     with _LOCK:
         try:
-            node = json.loads(meta.read_text(encoding="utf-8"))
+            value = json.loads((node / "zarr.json").read_bytes())
         except FileNotFoundError:
-            node = {"zarr_format": 3, "node_type": "group", "attributes": {}}
-        attrs = node.get("attributes")
-        node["attributes"] = {**(attrs if isinstance(attrs, dict) else {}), **values}
-        meta.parent.mkdir(parents=True, exist_ok=True)
-        tmp = meta.with_name(f".zarr.json.{os.getpid()}.{threading.get_ident()}.partial")
-        tmp.write_text(json.dumps(node), encoding="utf-8")
-        os.replace(tmp, meta)
+            if (node / ".zgroup").exists():  # Zarr v2
+                zarr.open_group(str(node), mode="a").attrs.update(dict(values))
+                return
+            value = {"zarr_format": 3, "node_type": "group", "attributes": {}}
+        attrs = value.get("attributes")
+        value["attributes"] = {**(attrs if isinstance(attrs, dict) else {}), **values}
+        storage.put(node / "zarr.json", json.dumps(value).encode())
 
 
 DOWNSAMPLING = {

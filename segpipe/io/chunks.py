@@ -20,8 +20,6 @@ zarr orders them) followed by the index of their offsets and lengths.
 from __future__ import annotations
 
 import itertools
-import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -35,9 +33,10 @@ from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
 from zarr.core.chunk_grids import RegularChunkGrid
 from zarr.core.chunk_key_encodings import DefaultChunkKeyEncoding
 from zarr.core.indexing import morton_order_iter
-from zarr.storage import LocalStore
+from zarr.storage import FsspecStore, LocalStore
 
-from segpipe.io import written
+from segpipe.io import storage, written
+from segpipe.io.storage import Location
 
 _SHUFFLE = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}
 _EMPTY = 2**64 - 1  # offset and length of an inner chunk a shard does not hold
@@ -50,7 +49,7 @@ class Layout:
     For a sharded array ``chunks`` is the shard (one file) and ``inner`` the chunks
     it holds, each encoded alone; ``inner`` is None for an unsharded one."""
 
-    root: Path
+    root: Location
     shape: tuple[int, ...]
     chunks: tuple[int, ...]
     dtype: np.dtype[Any]
@@ -80,7 +79,7 @@ class Layout:
             ranges.append(range(start // c, -(-stop // c)) if stop > start else range(0))
         return list(itertools.product(*ranges))
 
-    def path(self, index: tuple[int, ...]) -> Path:
+    def path(self, index: tuple[int, ...]) -> Location:
         return self.root.joinpath("c", *(str(i) for i in index))
 
     def extent(self, index: tuple[int, ...]) -> tuple[int, ...]:
@@ -117,7 +116,7 @@ def _plain(codecs: list[Any], dtype: np.dtype[Any]) -> tuple[bool, numcodecs.Blo
 def layout(array: zarr.Array[Any]) -> Layout | None:
     """The array's `Layout` when its chunks can be read and written here, else None."""
     meta = array.metadata
-    if meta.zarr_format != 3 or not isinstance(array.store, LocalStore):
+    if meta.zarr_format != 3 or not isinstance(array.store, LocalStore | FsspecStore):
         return None
     keys = meta.chunk_key_encoding
     if not isinstance(keys, DefaultChunkKeyEncoding) or keys.separator != "/":
@@ -146,7 +145,11 @@ def layout(array: zarr.Array[Any]) -> Layout | None:
     plain, blosc = _plain(codecs, dtype)
     if not plain:
         return None
-    root = Path(array.store.root) / array.path if array.path else Path(array.store.root)
+    if isinstance(array.store, LocalStore):
+        base = storage.location(array.store.root)
+    else:
+        base = storage.location(f"{array.store.fs.protocol[0]}://{array.store.path}")
+    root = base / array.path if array.path else base
     return Layout(
         root,
         tuple(array.shape),
@@ -173,7 +176,7 @@ def _plain_of(codecs: list[dict[str, Any]], dtype: np.dtype[Any]) -> tuple[bool,
     return False, None
 
 
-def layout_of(root: Path, meta: dict[str, Any]) -> Layout | None:
+def layout_of(root: Location, meta: dict[str, Any]) -> Layout | None:
     """`layout` from an array's parsed ``zarr.json`` at ``root``, without opening it
     through zarr (~2-4 ms an array); None for anything but segpipe's plain layout."""
     try:
@@ -207,7 +210,7 @@ def layout_of(root: Path, meta: dict[str, Any]) -> Layout | None:
         if isinstance(fill, bool) or not isinstance(fill, int | float):
             return None
         return Layout(
-            Path(root),
+            root,
             tuple(int(n) for n in meta["shape"]),
             tuple(int(n) for n in grid["configuration"]["chunk_shape"]),
             dtype.newbyteorder("<"),
@@ -219,7 +222,7 @@ def layout_of(root: Path, meta: dict[str, Any]) -> Layout | None:
         return None
 
 
-def _decode(lay: Layout, payload: Any, out: NDArray[Any], where: Path) -> None:
+def _decode(lay: Layout, payload: Any, out: NDArray[Any], where: Location) -> None:
     """One stored chunk's bytes into ``out`` (a whole chunk, C-contiguous)."""
     if lay.blosc is not None:
         lay.blosc.decode(payload, out=out)
@@ -241,7 +244,7 @@ def _inner_slice(lay: Layout, at: tuple[int, ...]) -> tuple[slice, ...]:
     return tuple(slice(a * i, (a + 1) * i) for a, i in zip(at, lay.inner, strict=True))
 
 
-def _read_shard(lay: Layout, path: Path, out: NDArray[Any]) -> None:
+def _read_shard(lay: Layout, path: Location, out: NDArray[Any]) -> None:
     """The shard file at ``path`` into ``out`` (a whole shard; fill where it holds no chunk)."""
     data = path.read_bytes()
     per, order = _inner_grid(lay)
@@ -297,12 +300,14 @@ def read_chunk(lay: Layout, index: tuple[int, ...]) -> NDArray[Any]:
     try:
         if lay.inner is not None:
             _read_shard(lay, path, out)
-        else:
+        elif isinstance(path, Path):
             with open(path, "rb") as f:
                 if lay.blosc is not None:
                     lay.blosc.decode(f.read(), out=out)
                 elif f.readinto(cast(Any, out.reshape(-1).view(np.uint8))) != out.nbytes:
                     raise ValueError(f"{path}: chunk shorter than {out.nbytes} bytes")
+        else:
+            _decode(lay, path.read_bytes(), out, path)
     except FileNotFoundError:
         return np.full(extent, lay.fill_value, dtype=lay.dtype)
     if extent != lay.chunks:
@@ -327,13 +332,5 @@ def write_chunk(lay: Layout, index: tuple[int, ...], data: NDArray[Any]) -> None
     else:
         payload = full if lay.blosc is None else lay.blosc.encode(full)
     path = lay.path(index)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{uuid.uuid4().hex}.partial")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(memoryview(payload).cast("B"))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    storage.put(path, memoryview(payload).cast("B"))
     written.note(path, payload)

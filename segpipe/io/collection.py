@@ -8,8 +8,9 @@ import os
 from pathlib import Path
 
 from segpipe.errors import ConfigError, InputNotFoundError, InputReadError
-from segpipe.io import plate
+from segpipe.io import plate, storage
 from segpipe.io.readers import SUFFIXES, ZARR_SUFFIXES, image_name
+from segpipe.io.storage import Location
 
 MANIFEST_SUFFIXES = (".txt", ".csv")
 # A CSV manifest may start with a header naming its path column.
@@ -21,15 +22,14 @@ def _is_image(path: str) -> bool:
     return path.lower().rstrip("/").endswith(SUFFIXES)
 
 
-def _is_zarr_dir(path: Path) -> bool:
+def _is_zarr_dir(path: Location) -> bool:
     return any((path / m).exists() for m in _ZARR_MARKERS)
 
 
-def _rows(path: Path) -> list[tuple[int, list[str]]]:
+def _rows(path: Location) -> list[tuple[int, list[str]]]:
     """(line number, cells) of the manifest's non-blank, non-comment rows."""
     try:
-        with path.open(newline="", encoding="utf-8-sig") as fh:  # -sig: Excel writes a BOM
-            lines = fh.read().splitlines()
+        lines = path.read_bytes().decode("utf-8-sig").splitlines()  # -sig: Excel writes a BOM
     except (OSError, UnicodeDecodeError) as err:
         raise InputReadError(f"{path}: cannot read the manifest ({err}).") from err
     csv_file = path.suffix.lower() == ".csv"
@@ -42,7 +42,7 @@ def _rows(path: Path) -> list[tuple[int, list[str]]]:
     return rows
 
 
-def _from_manifest(path: Path, *, missing_ok: bool = False) -> list[str]:
+def _from_manifest(path: Location, *, missing_ok: bool = False) -> list[str]:
     rows = _rows(path)
     column = 0
     if rows and path.suffix.lower() == ".csv":
@@ -56,9 +56,8 @@ def _from_manifest(path: Path, *, missing_ok: bool = False) -> list[str]:
         entry = cells[column] if column < len(cells) else ""
         if not entry:
             raise ConfigError(f"{path}, line {number}: no path in column {column + 1}.")
-        p = Path(entry).expanduser()
-        full = os.path.abspath(p if p.is_absolute() else path.parent / p)
-        if not os.path.exists(full):
+        full = _entry(entry, path)
+        if not storage.location(full).exists():
             missing.append(f"{full} (line {number})")
         entries.append(full)
     if missing and not missing_ok:
@@ -72,9 +71,21 @@ def _from_manifest(path: Path, *, missing_ok: bool = False) -> list[str]:
     return entries
 
 
-def _inside(path: str | Path, folder: str | Path) -> bool:
+def _entry(entry: str, manifest: Location) -> str:
+    """A manifest's entry as an absolute path or URL (relative: to the manifest's folder)."""
+    if storage.is_url(entry) or entry.startswith("file://"):
+        return str(storage.location(entry))
+    if isinstance(manifest, Path):
+        p = Path(entry).expanduser()
+        return os.path.abspath(p if p.is_absolute() else manifest.parent / p)
+    return str(manifest.parent / entry)
+
+
+def _inside(path: str | Location, folder: str | Location) -> bool:
     """Whether ``path`` is ``folder`` or lies inside it (links resolved)."""
-    return Path(path).resolve().is_relative_to(Path(folder).resolve())
+    if storage.is_url(str(path)) or storage.is_url(str(folder)):
+        return f"{str(path).rstrip('/')}/".startswith(f"{str(folder).rstrip('/')}/")
+    return Path(str(path)).resolve().is_relative_to(Path(str(folder)).resolve())
 
 
 def _from_glob(pattern: str, skip: str | None) -> list[str]:
@@ -88,7 +99,21 @@ def _from_glob(pattern: str, skip: str | None) -> list[str]:
     return images
 
 
-def _from_directory(path: Path, skip: str | None) -> list[str]:
+def _from_remote_glob(pattern: str, skip: str | None) -> list[str]:
+    where = storage.location(pattern)
+    assert not isinstance(where, Path)
+    scheme = pattern.split("://", 1)[0]
+    matches = [f"{scheme}://{m}" for m in where.fs.glob(where.path)]
+    images = sorted(m for m in matches if _is_image(m) and not (skip and _inside(m, skip)))
+    if not images:
+        found = f"matches {len(matches)} objects but no image" if matches else "matches no object"
+        raise InputNotFoundError(
+            f"{pattern}: the pattern {found} (expected one of {', '.join(SUFFIXES)})."
+        )
+    return images
+
+
+def _from_directory(path: Location, skip: str | None) -> list[str]:
     # Hidden entries include macOS '._x.tif' resource forks, which are not images.
     images = sorted(
         str(p)
@@ -136,11 +161,13 @@ def resolve_inputs(
     ['/data/plates/A01.tif', '/data/plates/A02.tif']
     """
     text = os.fspath(spec)
-    path = Path(text).expanduser()
+    remote = storage.is_url(text)
+    path = storage.location(text if remote else os.path.expanduser(text))
     if not path.exists() and glob.has_magic(text):  # a name like 'img[1].tif' is literal
-        paths = _from_glob(text, output)
+        paths = _from_remote_glob(text, output) if remote else _from_glob(text, output)
     elif not path.exists():
-        raise InputNotFoundError(f"{os.path.abspath(path)}: no such file or directory.")
+        where = str(path) if remote else os.path.abspath(str(path))
+        raise InputNotFoundError(f"{where}: no such file or directory.")
     elif (
         path.is_dir() and not text.lower().rstrip("/").endswith(ZARR_SUFFIXES)
     ) and not _is_zarr_dir(path):
@@ -150,7 +177,7 @@ def resolve_inputs(
     else:
         paths = [str(path)]
     paths = [f for p in paths for f in (plate.fields(p) if plate.is_plate(p) else [p])]
-    paths = [os.path.abspath(p) for p in paths]
+    paths = [p if storage.is_url(p) else os.path.abspath(p) for p in paths]
     seen: dict[str, str] = {}
     for p in paths:
         # casefold: 'A.tif' and 'a.tif' collide on macOS and Windows file systems

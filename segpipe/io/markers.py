@@ -12,8 +12,8 @@ rerun recomputes a block whose chunks were deleted or damaged.
 
 from __future__ import annotations
 
+import io
 import os
-import shutil
 import threading
 import uuid
 import zipfile
@@ -25,9 +25,10 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from segpipe.io import written
+from segpipe.io import storage, written
+from segpipe.io.storage import Location, Where
 
-__all__ = ["RUN_KEY", "UNREADABLE", "Arrays", "Markers", "read_marker", "save_npz"]
+__all__ = ["RUN_KEY", "UNREADABLE", "Arrays", "Markers", "load_npz", "read_marker", "save_npz"]
 
 Arrays = dict[str, NDArray[Any]]
 RUN_KEY = "__run"
@@ -38,10 +39,17 @@ _checked: dict[str, tuple[int, int]] = {}
 _checked_lock = threading.Lock()
 
 
-def save_npz(path: Path, arrays: Arrays) -> None:
-    """Write ``arrays`` to ``path`` as an ``.npz`` atomically (temporary file, rename),
-    readable by its owner only. Not synced to disk: a marker cut short by a crash
-    does not read back whole, so its block is computed again (`Markers.done`)."""
+def save_npz(path: Location, arrays: Arrays) -> None:
+    """Write ``arrays`` to ``path`` as an ``.npz`` atomically (temporary file, rename;
+    one ``PUT`` in object storage), readable by its owner only. Not synced to disk: a
+    marker cut short by a crash does not read back whole, so its block is computed
+    again (`Markers.done`)."""
+    if storage.is_remote(path):
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)  # type: ignore[arg-type]
+        storage.put(path, buffer.getbuffer())
+        return
+    assert isinstance(path, Path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex}.tmp")
     fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
@@ -50,11 +58,18 @@ def save_npz(path: Path, arrays: Arrays) -> None:
     os.replace(tmp, path)
 
 
-def read_marker(path: str | Path) -> Arrays | None:
+def load_npz(path: Where) -> Any:
+    where = storage.location(path)
+    if isinstance(where, Path):
+        return np.load(where, allow_pickle=False)
+    return np.load(io.BytesIO(where.read_bytes()), allow_pickle=False)
+
+
+def read_marker(path: Where) -> Arrays | None:
     """Every array of the marker at ``path`` (each member's CRC checked by reading it),
     or None when it is missing, truncated or damaged."""
     try:
-        with np.load(path, allow_pickle=False) as data:
+        with load_npz(path) as data:
             return {k: data[k] for k in data.files}
     except UNREADABLE:
         return None
@@ -63,10 +78,10 @@ def read_marker(path: str | Path) -> Arrays | None:
 class Markers:
     """Markers of one stage of one image, under ``OUT/_segpipe/blocks/<image>/<stage>/``."""
 
-    def __init__(self, directory: str | Path) -> None:
-        self.directory = Path(directory)
+    def __init__(self, directory: Where) -> None:
+        self.directory = storage.location(directory)
 
-    def path(self, block_id: int) -> Path:
+    def path(self, block_id: int) -> Location:
         return self.directory / f"{block_id}.npz"
 
     def done(self, block_id: int) -> bool:
@@ -75,16 +90,15 @@ class Markers:
         the block is computed again."""
         path = self.path(block_id)
         try:
-            st = path.stat()
+            stamp = storage.stamp(path)
         except OSError:
             return False
-        stamp = (st.st_mtime_ns, st.st_size)
         with _checked_lock:
             if _checked.get(str(path)) == stamp:
                 return True
         arrays = read_marker(path)
         if arrays is None or written.damaged(written.from_arrays(arrays, self.directory)):
-            path.unlink(missing_ok=True)
+            storage.remove_tree(path)
             return False
         with _checked_lock:
             _checked[str(path)] = stamp
@@ -120,7 +134,7 @@ class Markers:
         written.note(self.path(block_id))
 
     def load(self, block_id: int) -> Arrays:
-        with np.load(self.path(block_id), allow_pickle=False) as data:
+        with load_npz(self.path(block_id)) as data:
             return {k: data[k] for k in data.files if k != RUN_KEY and not k.startswith("__")}
 
     def tally(self, run: str) -> tuple[int, int]:
@@ -130,14 +144,17 @@ class Markers:
             for p in self.directory.glob("*.npz"):
                 total += 1
                 try:
-                    with np.load(p, allow_pickle=False) as data:
+                    with load_npz(p) as data:
                         mine += RUN_KEY in data.files and str(data[RUN_KEY]) == run
                 except UNREADABLE:
                     continue
         return mine, total
 
     def clear(self) -> None:
-        shutil.rmtree(self.directory, ignore_errors=True)
+        try:
+            storage.remove_tree(self.directory)
+        except OSError:
+            return
 
     def clean_leftovers(self) -> int:
         """Remove temporary files of writes that were interrupted; return how many."""
@@ -145,5 +162,5 @@ class Markers:
             return 0
         stale = [p for p in self.directory.iterdir() if p.name.endswith(".tmp")]
         for p in stale:
-            p.unlink(missing_ok=True)
+            storage.remove_tree(p)
         return len(stale)

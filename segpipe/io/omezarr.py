@@ -11,7 +11,6 @@ import functools
 import itertools
 import json
 import os
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from segpipe.blocks import Pyramid
-from segpipe.io import attrs, chunks, physical, written
+from segpipe.io import attrs, chunks, physical, storage, written
 from segpipe.io.physical import PixelSize
 
 SCRATCH = "_segpipe"
@@ -42,7 +41,10 @@ def _opened(path: str, mode: str, stamp: tuple[int, int, int]) -> zarr.Array[Any
 
 
 def _stamp(path: str | Path) -> tuple[int, int, int]:
-    st = os.stat(Path(path) / "zarr.json")
+    meta = storage.location(path) / "zarr.json"
+    if not isinstance(meta, Path):
+        return (*storage.stamp(meta), 0)
+    st = os.stat(meta)
     return (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
@@ -56,11 +58,12 @@ def open_array(path: str | Path, mode: str = "r") -> zarr.Array[Any]:
 
 @functools.lru_cache(maxsize=64)
 def _layout(path: str, stamp: tuple[int, int, int]) -> chunks.Layout | None:
+    where = storage.location(path)
     try:
-        meta = json.loads((Path(path) / "zarr.json").read_bytes())
+        meta = json.loads((where / "zarr.json").read_bytes())
     except (OSError, ValueError):
         meta = None
-    if isinstance(meta, dict) and (lay := chunks.layout_of(Path(path), meta)) is not None:
+    if isinstance(meta, dict) and (lay := chunks.layout_of(where, meta)) is not None:
         return lay
     return chunks.layout(_opened(path, "r", stamp))
 
@@ -117,9 +120,9 @@ def create_array(
     without decoding the whole block; None, or inner chunks as large as the chunk,
     leave the array unsharded.
     """
-    path = Path(path)
-    if path.exists():
-        shutil.rmtree(path)
+    where = storage.location(path)
+    if where.exists():
+        storage.remove_tree(where)
     grid, small = chunking(shape, chunks, inner)
     edges = list(grid)
     sharded = small != grid
@@ -131,8 +134,11 @@ def create_array(
         shard = dict(meta["codecs"][0])
         shard["configuration"] = {**shard["configuration"], "chunk_shape": list(small)}
         meta["codecs"] = [shard]
-    path.mkdir(parents=True)
-    (path / "zarr.json").write_text(json.dumps(meta), encoding="utf-8")
+    if isinstance(where, Path):
+        where.mkdir(parents=True)
+        (where / "zarr.json").write_text(json.dumps(meta), encoding="utf-8")
+    else:
+        storage.put(where / "zarr.json", json.dumps(meta).encode())
 
 
 def chunking(
@@ -286,7 +292,9 @@ def write_collection(root: str | Path, names: Sequence[str]) -> None:
     from segpipe.io.store import COLLECTION
 
     attrs.update(root, {"ome": {"version": attrs.NGFF, "bioformats2raw.layout": 3}})
-    attrs.update(Path(root) / COLLECTION, {"ome": {"version": attrs.NGFF, "series": list(names)}})
+    attrs.update(
+        storage.join(str(root), COLLECTION), {"ome": {"version": attrs.NGFF, "series": list(names)}}
+    )
 
 
 def write_labels_index(labels_path: str | Path, names: list[str]) -> None:

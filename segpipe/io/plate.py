@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from segpipe.errors import InputNotFoundError, InputReadError
-from segpipe.io import attrs
+from segpipe.io import attrs, storage
+from segpipe.io.storage import Location
 
 __all__ = ["DEPTH", "field_name", "fields", "is_plate", "plate_of", "plate_root", "write_plate"]
 
@@ -26,17 +27,17 @@ DEPTH = 3
 """Path parts of a field's name in its plate: row, column, field."""
 
 
-def _attributes(path: str | Path) -> dict[str, Any] | None:
+def _attributes(path: str | Location) -> dict[str, Any] | None:
     """The group attributes at ``path`` (v3 ``zarr.json`` or v2 ``.zattrs``), or None
     where there is no group metadata."""
-    path = Path(path)
+    path = storage.location(path)
     try:
         if (path / "zarr.json").is_file():
-            meta = json.loads((path / "zarr.json").read_text(encoding="utf-8"))
+            meta = json.loads((path / "zarr.json").read_bytes())
             value = meta.get("attributes") if isinstance(meta, dict) else None
         elif (path / ".zgroup").is_file():
             attrs = path / ".zattrs"
-            value = json.loads(attrs.read_text(encoding="utf-8")) if attrs.is_file() else {}
+            value = json.loads(attrs.read_bytes()) if attrs.is_file() else {}
         else:
             return None
     except (OSError, ValueError) as err:
@@ -50,14 +51,14 @@ def _ome(attrs: dict[str, Any], key: str) -> Any:
     return ome.get(key) if isinstance(ome, dict) and key in ome else attrs.get(key)
 
 
-def plate_of(path: str | Path) -> dict[str, Any] | None:
+def plate_of(path: str | Location) -> dict[str, Any] | None:
     """The ``plate`` metadata of the group at ``path``, or None if it is not a plate."""
     attrs = _attributes(path)
     value = None if attrs is None else _ome(attrs, "plate")
     return value if isinstance(value, dict) else None
 
 
-def is_plate(path: str | Path) -> bool:
+def is_plate(path: str | Location) -> bool:
     """Whether ``path`` is an NGFF plate group."""
     try:
         return plate_of(path) is not None
@@ -65,7 +66,7 @@ def is_plate(path: str | Path) -> bool:
         return False
 
 
-def _entries(where: Path, value: Any, key: str) -> list[str]:
+def _entries(where: Location, value: Any, key: str) -> list[str]:
     """The ``path`` of each entry of a plate's ``wells`` or a well's ``images``."""
     if not isinstance(value, list) or not value:
         raise InputReadError(f"{where}: NGFF {key} metadata lists no entries.")
@@ -81,7 +82,7 @@ def _entries(where: Path, value: Any, key: str) -> list[str]:
     return paths
 
 
-def fields(path: str | Path) -> list[str]:
+def fields(path: str | Location) -> list[str]:
     """The image groups of the plate at ``path``: every field of every well, in the
     plate's order of wells and the wells' order of fields.
 
@@ -92,7 +93,7 @@ def fields(path: str | Path) -> list[str]:
     InputReadError
         If the plate or a well has malformed metadata.
     """
-    root = Path(path)
+    root = storage.location(path)
     plate = plate_of(root) or {}
     out = []
     for well_path in _entries(root, plate.get("wells"), "plate wells"):
@@ -113,23 +114,28 @@ def fields(path: str | Path) -> list[str]:
 
 @functools.lru_cache(maxsize=256)
 def _plate_above(field: str) -> str | None:
-    parents = Path(field).parents
-    if len(parents) < DEPTH:
+    head, sep, rest = field.rpartition("://")
+    parts = rest.split("/")
+    if len(parts) <= DEPTH or not parts[-DEPTH - 1]:
         return None
-    root = parents[DEPTH - 1]
-    return str(root) if is_plate(root) else None
+    root = head + sep + "/".join(parts[:-DEPTH])
+    return root if is_plate(root) else None
 
 
-def plate_root(path: str | Path) -> str | None:
+def _absolute(path: str | os.PathLike[str]) -> str:
+    text = os.fspath(path)
+    return (text if storage.is_url(text) else os.path.abspath(text)).rstrip("/")
+
+
+def plate_root(path: str | os.PathLike[str]) -> str | None:
     """The plate whose field ``path`` is, or None."""
-    return _plate_above(os.path.abspath(os.fspath(path)).rstrip("/"))
+    return _plate_above(_absolute(path))
 
 
-def field_name(path: str | Path) -> str | None:
+def field_name(path: str | os.PathLike[str]) -> str | None:
     """``ROW/COLUMN/FIELD`` for a field of a plate (its path in the plate), else None."""
     root = plate_root(path)
-    text = os.path.abspath(os.fspath(path)).rstrip("/")
-    return None if root is None else Path(text).relative_to(root).as_posix()
+    return None if root is None else _absolute(path)[len(root) + 1 :]
 
 
 def _layout(
@@ -187,7 +193,7 @@ def write_plate(root: str | Path, names: Sequence[str], source: str | Path | Non
     source_wells: dict[str, dict[str, Any]] = {}
     if source is not None:
         for well in wells:
-            found = _attributes(Path(source) / well)
+            found = _attributes(storage.join(str(source), well))
             images = (_ome(found, "well") or {}).get("images") if found else None
             if isinstance(images, list):
                 source_wells[well] = {
@@ -202,5 +208,6 @@ def write_plate(root: str | Path, names: Sequence[str], source: str | Path | Non
                 entry["acquisition"] = acquisition
             images.append(entry)
         attrs.update(
-            Path(root) / well, {"ome": {"version": attrs.NGFF, "well": {"images": images}}}
+            storage.join(str(root), well),
+            {"ome": {"version": attrs.NGFF, "well": {"images": images}}},
         )

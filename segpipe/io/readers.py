@@ -20,6 +20,7 @@ from typing import IO, Any, Literal, cast
 
 import numpy as np
 from numpy.typing import NDArray
+from upath import UPath
 
 from segpipe.errors import (
     ConfigError,
@@ -28,7 +29,7 @@ from segpipe.errors import (
     SegpipeError,
     UnsupportedImageError,
 )
-from segpipe.io import physical, plate, tiff_tiles
+from segpipe.io import physical, plate, storage, tiff_tiles
 from segpipe.io.physical import PixelSize
 
 Channel = int | Literal["mean", "max", "sum"] | None
@@ -236,8 +237,41 @@ def _spatial(axes: str, values: Sequence[int]) -> tuple[int, ...]:
     return tuple(int(v) for a, v in zip(axes, values, strict=True) if a in "ZYX")
 
 
+def _is_file(path: str) -> bool:
+    return os.path.isfile(path) if not storage.is_url(path) else storage.location(path).is_file()
+
+
+def _is_dir(path: str) -> bool:
+    return os.path.isdir(path) if not storage.is_url(path) else storage.location(path).is_dir()
+
+
+def _size(path: str) -> int:
+    """Bytes of the file at ``path`` (0 for a folder or prefix)."""
+    if not storage.is_url(path):
+        return os.stat(path).st_size
+    where = storage.location(path)
+    if where.is_dir():
+        return 0
+    return storage.stamp(where)[0]
+
+
+def _stamp(path: str) -> tuple[int, int, int]:
+    """What changes when the file at ``path`` is replaced: mtime, size and inode (an
+    object's size and ETag)."""
+    if storage.is_url(path):
+        return (*storage.stamp(storage.location(path)), 0)
+    st = os.stat(path)
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
 def _open_file(path: str) -> IO[bytes]:
+    """The file (or object) at ``path``, opened for reading; an object is read by byte
+    ranges of 64 KiB and up, never fetched whole."""
     try:
+        if storage.is_url(path):
+            where = storage.location(path)
+            assert isinstance(where, UPath)
+            return cast(IO[bytes], where.fs.open(where.path, "rb", block_size=1 << 16))
         return open(path, "rb")
     except PermissionError as err:
         raise InputReadError(f"{path}: permission denied; make it readable.") from err
@@ -317,7 +351,7 @@ def _tiff_spec(
     import zarr
 
     try:
-        with tifffile.TiffFile(path) as tif:
+        with _open_file(path) as fh, tifffile.TiffFile(fh, name=path) as tif:
             index = _pick_series(path, tif.series, series)
             full = tif.series[index]
             if level >= len(full.levels):
@@ -332,13 +366,13 @@ def _tiff_spec(
             norm = _normalise_axes(axes or chosen.axes, shape, path)
             dtype = np.dtype(chosen.dtype)
             declared = float(np.prod(shape, dtype=np.float64)) * dtype.itemsize
-            fsize = os.path.getsize(path)
+            fsize = storage.stamp(storage.location(path))[0]
             if declared > max(BOMB_FLOOR_BYTES, MAX_TIFF_RATIO * fsize):
                 raise UnsupportedImageError(
                     f"{path}: declares a {shape} image ({declared:.2e} bytes) in a "
                     f"{fsize}-byte file: corrupt or a decompression bomb."
                 )
-            offset = chosen.dataoffset if level == 0 else None
+            offset = chosen.dataoffset if level == 0 and not storage.is_url(path) else None
             if offset is not None and one_file and dtype.kind in "uif":
                 if offset + declared > fsize:
                     raise InputReadError(
@@ -514,7 +548,7 @@ def _pil_spec(path: str, name: str, channel: Channel, fmt: str) -> SourceSpec:
 def _decode_whole(spec: SourceSpec) -> NDArray[Any]:
     import imagecodecs
 
-    with open(spec.path, "rb") as fh:
+    with _open_file(spec.path) as fh:
         data = fh.read()
     if spec.path.lower().endswith(PNG_SUFFIXES):
         # imagecodecs keeps 16-bit RGB (Pillow and imageio drop it to 8 bits) and
@@ -529,8 +563,7 @@ def _decode_whole(spec: SourceSpec) -> NDArray[Any]:
 
 def _load_json(path: str) -> dict[str, Any]:
     try:
-        with open(path, encoding="utf-8") as fh:
-            meta = json.load(fh)
+        meta = json.loads(storage.location(path).read_bytes())
     except (OSError, ValueError) as err:
         raise InputReadError(f"{path}: unreadable Zarr metadata ({err}).") from err
     if not isinstance(meta, dict):
@@ -540,16 +573,16 @@ def _load_json(path: str) -> dict[str, Any]:
 
 def _zarr_node_meta(path: str) -> tuple[str, dict[str, Any]]:
     """("array" | "group", metadata) read straight from the JSON, before zarr sees it."""
-    if os.path.isfile(os.path.join(path, "zarr.json")):
-        meta = _load_json(os.path.join(path, "zarr.json"))
+    if _is_file(storage.join(path, "zarr.json")):
+        meta = _load_json(storage.join(path, "zarr.json"))
         return str(meta.get("node_type", "")), meta
-    if os.path.isfile(os.path.join(path, ".zarray")):
-        meta = _load_json(os.path.join(path, ".zarray"))
-        attrs = os.path.join(path, ".zattrs")
-        return "array", {**meta, "attributes": _load_json(attrs) if os.path.isfile(attrs) else {}}
-    if os.path.isfile(os.path.join(path, ".zgroup")):
-        attrs = os.path.join(path, ".zattrs")
-        return "group", {"attributes": _load_json(attrs) if os.path.isfile(attrs) else {}}
+    if _is_file(storage.join(path, ".zarray")):
+        meta = _load_json(storage.join(path, ".zarray"))
+        attrs = storage.join(path, ".zattrs")
+        return "array", {**meta, "attributes": _load_json(attrs) if _is_file(attrs) else {}}
+    if _is_file(storage.join(path, ".zgroup")):
+        attrs = storage.join(path, ".zattrs")
+        return "group", {"attributes": _load_json(attrs) if _is_file(attrs) else {}}
     raise InputReadError(f"{path}: not a Zarr store (no zarr.json, .zarray or .zgroup).")
 
 
@@ -631,7 +664,7 @@ def _zarr_spec(
 ) -> SourceSpec:
     import zarr
 
-    if not os.path.isdir(path):
+    if not _is_dir(path):
         raise InputReadError(f"{path}: a Zarr store must be a directory.")
     kind, meta = _zarr_node_meta(path)
     array_path, meta_axes = "", None
@@ -641,9 +674,9 @@ def _zarr_spec(
         image = _ngff_image(path, attrs, level)
         ome = attrs.get("ome")
         layout = (ome if isinstance(ome, dict) else attrs).get("bioformats2raw.layout")
-        if image is None and layout is not None and os.path.isdir(os.path.join(path, "0")):
+        if image is None and layout is not None and _is_dir(storage.join(path, "0")):
             # bioformats2raw: the first image is the group "0"
-            attrs = _zarr_node_meta(os.path.join(path, "0"))[1].get("attributes") or {}
+            attrs = _zarr_node_meta(storage.join(path, "0"))[1].get("attributes") or {}
             image = _ngff_image(path, attrs, level)
             image = image and ("0/" + image[0], image[1])
         if image is not None:
@@ -656,7 +689,7 @@ def _zarr_spec(
         array_path, meta_axes = image
         if os.path.isabs(array_path) or ".." in Path(array_path).parts:
             raise InputReadError(f"{path}: OME-Zarr dataset path {array_path!r} leaves the store.")
-        kind, meta = _zarr_node_meta(os.path.join(path, array_path))
+        kind, meta = _zarr_node_meta(storage.join(path, array_path))
     if kind != "array":
         raise InputReadError(f"{path}: expected a Zarr array at {array_path or 'the root'!r}.")
     _refuse_unsafe(path, meta)
@@ -686,7 +719,9 @@ def _zarr_spec(
         shape,
         _native(dtype),
         channel,
-        os.path.normpath(os.path.join(path, array_path)),
+        storage.join(path, array_path)
+        if storage.is_url(path)
+        else os.path.normpath(os.path.join(path, array_path)),
         chunks=_spatial(norm, chunk_shape),
         pixel=physical.from_ngff(multiscales, _spatial_axes(norm), level) if multiscales else None,
     )
@@ -752,9 +787,10 @@ def open_source(
     """
     channel = parse_channel(channel)
     series = parse_series(series)
-    p = os.path.abspath(os.path.expanduser(os.fspath(path)))
+    p = os.fspath(path)
+    p = p.rstrip("/") if storage.is_url(p) else os.path.abspath(os.path.expanduser(p))
     try:
-        st = os.stat(p)
+        size = _size(p)
     except FileNotFoundError as err:
         raise InputNotFoundError(f"{p}: no such file or directory.") from err
     except PermissionError as err:
@@ -763,7 +799,7 @@ def open_source(
         raise InputReadError(f"{p}: cannot access ({err.strerror or err}).") from err
     name = name or image_name(p)
     lower = p.lower().rstrip("/")
-    if os.path.isdir(p) or lower.endswith(ZARR_SUFFIXES):
+    if lower.endswith(ZARR_SUFFIXES) or _is_dir(p):
         return _only_series(_zarr_spec(p, name, channel, axes, level), series)
     if level and not lower.endswith(TIFF_SUFFIXES):
         raise ConfigError(
@@ -775,7 +811,7 @@ def open_source(
             f"{p}: unknown image type; expected one of {', '.join(SUFFIXES)}."
         )
     head = _read_head(p)
-    if st.st_size == 0 or not head:
+    if size == 0 or not head:
         raise InputReadError(f"{p}: file is empty (0 bytes).")
     expected = (
         "tiff" if lower.endswith(TIFF_SUFFIXES) else "png" if lower.endswith(".png") else "jpeg"
@@ -816,7 +852,8 @@ def _open_tiff(spec: SourceSpec, stamp: tuple[int, int, int]) -> Any:
     import tifffile
     import zarr
 
-    store = tifffile.imread(spec.path, aszarr=True, series=spec.series, level=spec.level)
+    source: Any = _open_file(spec.path) if storage.is_url(spec.path) else spec.path
+    store = tifffile.imread(source, aszarr=True, series=spec.series, level=spec.level)
     try:
         array = zarr.open_array(store, mode="r")
     except BaseException:
@@ -824,6 +861,8 @@ def _open_tiff(spec: SourceSpec, stamp: tuple[int, int, int]) -> Any:
         raise
     # Close the file once the cache has dropped the array and no reader holds it.
     weakref.finalize(array, store.close)
+    if not isinstance(source, str):
+        weakref.finalize(array, source.close)
     return array
 
 
@@ -835,8 +874,7 @@ def _tiff_plane(spec: SourceSpec, stamp: tuple[int, int, int]) -> tiff_tiles.Pla
 
 def _stored(spec: SourceSpec, index: tuple[Any, ...]) -> NDArray[Any]:
     if spec.format == "tiff":
-        st = os.stat(spec.path)
-        stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        stamp = _stamp(spec.path)
         if spec.axes == "YX" and spec.data_offset is None and spec.level == 0:
             plane = _tiff_plane(spec, stamp)
             if plane is not None:

@@ -13,13 +13,15 @@ import shutil
 import socket
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import zarr
 
 from segpipe.errors import ConfigError, OutputConflictError, OutputLockedError, OutputWriteError
-from segpipe.io import attrs, plate
+from segpipe.io import attrs, plate, storage
+from segpipe.io.storage import Location, Where
 
 SCRATCH = "_segpipe"
 STORE_MARK = "store.json"  # OUT/_segpipe/store.json: this store was made by segpipe
@@ -40,7 +42,7 @@ COLLECTION = "OME"
 `segpipe.io.omezarr.write_collection`); no image may take its name."""
 
 
-def check_name(root: str | Path, name: str, source: str) -> Path:
+def check_name(root: Where, name: str, source: str) -> Location:
     """The image's folder in ``root``, refusing names that would land outside it, on
     segpipe's own folder or on the collection's (`COLLECTION`).
 
@@ -52,16 +54,19 @@ def check_name(root: str | Path, name: str, source: str) -> Path:
     ConfigError
         Naming the input whose name is unusable.
     """
-    root_path = Path(root).resolve()
+    root_path = storage.location(root)
+    remote = not isinstance(root_path, Path)
+    if isinstance(root_path, Path):
+        root_path = root_path.resolve()
     parts = name.split("/")
-    target = (root_path / name).resolve()
+    target = root_path / name if remote else (root_path / name).resolve()
     if (
         not name
         or len(parts) not in (1, plate.DEPTH)
         or any(p in ("", ".", "..") or p.startswith(("_", ".")) for p in parts)
         or (os.sep != "/" and os.sep in name)
         or (os.altsep and os.altsep in name)
-        or target.parents[len(parts) - 1] != root_path
+        or (not remote and target.parents[len(parts) - 1] != root_path)
     ):
         raise ConfigError(
             f"{source}: output name {name!r} is not a plain folder name inside {root_path}; "
@@ -79,7 +84,7 @@ CONTAINER = "container"
 """segpipe's attribute of a plate's row and well groups it wrote (no image of its own)."""
 
 
-def make_parents(root: str | Path, name: str) -> None:
+def make_parents(root: Where, name: str) -> None:
     """Create the row and well groups above a plate field ``name``, marked as segpipe's.
 
     Raises
@@ -89,8 +94,8 @@ def make_parents(root: str | Path, name: str) -> None:
     """
     parts = name.split("/")
     for depth, kind in zip(range(1, len(parts)), ("row", "well"), strict=False):
-        group = Path(root).joinpath(*parts[:depth])
-        if os.path.lexists(group) and not _written_by_us(group):
+        group = storage.location(root).joinpath(*parts[:depth])
+        if lexists(group) and not _written_by_us(group):
             raise OutputConflictError(
                 f"{group}: exists but was not written by segpipe; it is left alone. Move "
                 "it, or choose another output."
@@ -99,18 +104,28 @@ def make_parents(root: str | Path, name: str) -> None:
             attrs.update(group, {KEY: {CONTAINER: kind}})
 
 
-def image_groups(root: str | Path) -> list[Path]:
+def lexists(where: Location) -> bool:
+    """Whether anything is at ``where`` (a local link too, even a broken one)."""
+    return os.path.lexists(where) if isinstance(where, Path) else where.exists()
+
+
+def _is_link(where: Location) -> bool:
+    return isinstance(where, Path) and where.is_symlink()
+
+
+def image_groups(root: Where) -> list[Location]:
     """The store's groups that may be images, sorted: its top-level folders (not
     segpipe's own ``_segpipe`` nor the `COLLECTION` list), and the fields inside the
     plate row and well groups segpipe wrote."""
-    top = Path(root)
+    top = storage.location(root)
     if not top.is_dir():
         return []
-    out: list[Path] = []
+    out: list[Location] = []
 
-    def visit(folder: Path, depth: int) -> None:
-        for child in sorted(folder.iterdir()):
-            if not child.is_dir() or child.is_symlink() or child.name.startswith(("_", ".")):
+    def visit(folder: Location, depth: int) -> None:
+        children = cast(Iterator[Location], folder.iterdir())
+        for child in sorted(children, key=lambda c: c.name):
+            if child.name.startswith(("_", ".")) or _is_link(child) or not child.is_dir():
                 continue
             if depth == 0 and child.name == COLLECTION:
                 continue
@@ -123,9 +138,10 @@ def image_groups(root: str | Path) -> list[Path]:
     return out
 
 
-def image_names(root: str | Path) -> dict[str, Path]:
+def image_names(root: Where) -> dict[str, Location]:
     """`image_groups` by name (their path in the store, ``/``-separated)."""
-    return {g.relative_to(root).as_posix(): g for g in image_groups(root)}
+    top = str(storage.location(root)).rstrip("/")
+    return {str(g)[len(top) + 1 :]: g for g in image_groups(root)}
 
 
 def fingerprint(settings: dict[str, Any]) -> str:
@@ -134,34 +150,34 @@ def fingerprint(settings: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _has_images(root: Path) -> bool:
+def _has_images(root: Location) -> bool:
     return any(
-        p.is_dir() and (p / "zarr.json").exists() and not p.name.startswith("_")
+        not p.name.startswith("_") and p.is_dir() and (p / "zarr.json").exists()
         for p in root.iterdir()
     )
 
 
-def _written_by_us(group: Path) -> bool:
+def _written_by_us(group: Location) -> bool:
     """Whether ``group`` is a Zarr group carrying segpipe's attributes (an image it wrote)."""
-    if group.is_symlink() or not group.is_dir():
+    if _is_link(group):
         return False
     try:
-        meta = json.loads((group / "zarr.json").read_text(encoding="utf-8"))
+        meta = json.loads((group / "zarr.json").read_bytes())
     except (OSError, ValueError):
         return False
     attrs = meta.get("attributes") if isinstance(meta, dict) else None
     return isinstance(attrs, dict) and isinstance(attrs.get(KEY), dict)
 
 
-def is_store(root: str | Path) -> bool:
+def is_store(root: Where) -> bool:
     """Whether ``root`` is an output store segpipe created: its mark inside ``_segpipe/``,
     or (stores of earlier versions) segpipe's run fingerprint in the root's attributes."""
-    root = Path(root)
-    mark = root / SCRATCH / STORE_MARK
-    return (mark.is_file() and not mark.is_symlink()) or _held(root) is not None
+    where = storage.location(root)
+    mark = where / SCRATCH / STORE_MARK
+    return (mark.is_file() and not _is_link(mark)) or _held(where) is not None
 
 
-def remove(path: str | Path, root: str | Path) -> None:
+def remove(path: Where, root: Where) -> None:
     """Delete ``path``, a file or folder segpipe wrote inside the store ``root``.
 
     Nothing is deleted through a symbolic link or outside ``root``; a missing path
@@ -172,7 +188,10 @@ def remove(path: str | Path, root: str | Path) -> None:
     OutputConflictError
         If ``path`` is a link, or lies outside the store.
     """
-    path, root = Path(path), Path(root)
+    if storage.is_url(str(root)):
+        _remove_object(storage.location(path), storage.location(root))
+        return
+    path, root = Path(str(path)), Path(str(root))
     if not os.path.lexists(path):
         return
     real_root = root.resolve()
@@ -189,36 +208,30 @@ def remove(path: str | Path, root: str | Path) -> None:
         path.unlink()
 
 
-def _wipe(root: Path, keep: Path) -> None:
+def _remove_object(where: Location, root: Location) -> None:
+    """`remove` in object storage: no links there, so only the place is checked."""
+    inside = str(where).rstrip("/")
+    if not inside.startswith(str(root).rstrip("/") + "/"):
+        raise OutputConflictError(
+            f"{where}: lies outside the output store {root}; segpipe deletes only what it "
+            "wrote inside its store."
+        )
+    storage.remove_tree(where)
+
+
+def _wipe(root: Location, keep: Location) -> None:
     """Remove what segpipe wrote in ``root`` (the root's metadata, its image groups and
     ``_segpipe/`` but ``keep``, our lock); anything else there is left alone."""
     for p in root.iterdir():
         if p.name == SCRATCH:
             for q in p.iterdir():
-                if q != keep and q.name != STORE_MARK:
+                if str(q) != str(keep) and q.name != STORE_MARK:
                     remove(q, root)
         elif p.name == "zarr.json" or _written_by_us(p):
             remove(p, root)
 
 
-def check_local(path: str, what: str) -> None:
-    """Refuse a URL (``s3://…``) for ``what`` (``--input``, ``--output``) in one line:
-    segpipe reads and writes local paths only.
-
-    Raises
-    ------
-    ConfigError
-        Naming the URL.
-    """
-    if "://" in path:
-        scheme = path.split("://", 1)[0].rsplit("/", 1)[-1]
-        raise ConfigError(
-            f"{path}: {what} is a {scheme}:// URL; segpipe reads and writes local (or "
-            "mounted) paths only: copy or mount the data and give its path."
-        )
-
-
-def check_apart(source: str, root: str | Path) -> None:
+def check_apart(source: str, root: Where) -> None:
     """Refuse an input that lies inside the output store ``root``, or holds it.
 
     Raises
@@ -226,20 +239,27 @@ def check_apart(source: str, root: str | Path) -> None:
     ConfigError
         Naming the input: the run would overwrite it, or read its own results.
     """
-    src, out = Path(source).resolve(), Path(root).resolve()
-    if src.is_relative_to(out):
+    if storage.is_url(source) or storage.is_url(str(root)):
+        a, b = source.rstrip("/") + "/", str(root).rstrip("/") + "/"
+        inside, holds = a.startswith(b), b.startswith(a)
+    else:
+        src, out = Path(source).resolve(), Path(str(root)).resolve()
+        inside, holds = src.is_relative_to(out), out.is_relative_to(src)
+    if inside:
         raise ConfigError(
             f"{source}: input lies inside the output store {root}; a run may replace what "
             "is there: copy the input elsewhere or choose another output."
         )
-    if out.is_relative_to(src):
+    if holds:
         raise ConfigError(
             f"{source}: the output store {root} lies inside this input; choose an output "
             "outside it."
         )
 
 
-def _refuse_links(root: Path) -> None:
+def _refuse_links(root: Location) -> None:
+    if not isinstance(root, Path):
+        return
     scratch = root / SCRATCH
     if scratch.is_symlink():
         raise OutputConflictError(
@@ -249,7 +269,7 @@ def _refuse_links(root: Path) -> None:
         )
 
 
-def _not_ours(root: Path) -> OutputConflictError:
+def _not_ours(root: Location) -> OutputConflictError:
     return OutputConflictError(
         f"{root}: output folder is not empty and is not a segpipe store; segpipe writes "
         "only into a new or empty folder or a store it created: choose another output."
@@ -257,7 +277,7 @@ def _not_ours(root: Path) -> OutputConflictError:
 
 
 def open_output(
-    root: str | Path, run: dict[str, Any], *, overwrite: bool = False, resume: bool = False
+    root: Where, run: dict[str, Any], *, overwrite: bool = False, resume: bool = False
 ) -> OutputLock:
     """Claim the output store for a run with these settings and lock it.
 
@@ -277,35 +297,40 @@ def open_output(
     OutputWriteError
         If the folder cannot be created or written.
     """
-    root = Path(root)
+    where = storage.location(root)
     fp = fingerprint(run)
-    for parent in (root, *root.parents):
-        if parent.exists() and not parent.is_dir():
-            which = "output path" if parent == root else f"{parent}, a parent of the output,"
-            raise OutputConflictError(
-                f"{root}: {which} exists and is not a directory; choose another output."
-            )
-    _refuse_links(root)
-    lock = OutputLock(root)
-    in_making = root.exists() and all(p.name == SCRATCH for p in root.iterdir())
-    if root.exists() and not in_making and not is_store(root):
-        raise _not_ours(root)  # someone else's folder: refuse before writing anything
+    if isinstance(where, Path):
+        for parent in (where, *where.parents):
+            if parent.exists() and not parent.is_dir():
+                which = "output path" if parent == where else f"{parent}, a parent of the output,"
+                raise OutputConflictError(
+                    f"{where}: {which} exists and is not a directory; choose another output."
+                )
+    else:
+        storage.check_bucket(where)
+    _refuse_links(where)
+    lock = OutputLock(where)
+    exists = where.is_dir()
+    in_making = exists and all(p.name == SCRATCH for p in where.iterdir())
+    if exists and not in_making and not is_store(where):
+        raise _not_ours(where)  # someone else's folder: refuse before writing anything
     try:
-        root.mkdir(parents=True, exist_ok=True)
+        if isinstance(where, Path):
+            where.mkdir(parents=True, exist_ok=True)
         lock.acquire()  # before looking further: two runs racing see one winner
     except OSError as err:
         if isinstance(err, OutputLockedError) or err.errno not in _UNWRITABLE:
             raise
-        raise OutputWriteError(f"{root}: output folder is not writable ({err.strerror}).") from err
+        raise OutputWriteError(f"{where}: output folder is not writable ({err.strerror}).") from err
     try:
-        _refuse_links(root)
-        start_over = _check_contents(root, fp, overwrite=overwrite, resume=resume)
-        mark = root / SCRATCH / STORE_MARK
+        _refuse_links(where)
+        start_over = _check_contents(where, fp, overwrite=overwrite, resume=resume)
+        mark = where / SCRATCH / STORE_MARK
         if not mark.exists():
             write_json(mark, {"written_by": "segpipe", "created": _now()})
         if start_over:
-            _wipe(root, lock.path)
-        group = zarr.open_group(str(root), mode="a", zarr_format=3)
+            _wipe(where, lock.path)
+        group = zarr.open_group(str(where), mode="a", zarr_format=3)
         group.attrs[KEY] = {"fingerprint": fp, "run": run}
     except BaseException:
         lock.release()
@@ -317,9 +342,12 @@ def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
-def write_json(path: Path, value: Any) -> None:
-    """Write ``value`` as JSON to ``path`` atomically (temporary file, fsync, rename),
-    readable by its owner only."""
+def write_json(path: Location, value: Any) -> None:
+    """Write ``value`` as JSON to ``path`` atomically (temporary file, fsync, rename;
+    one ``PUT`` in object storage), readable by its owner only."""
+    if not isinstance(path, Path):
+        storage.put(path, json.dumps(value).encode())
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o600)
@@ -330,7 +358,7 @@ def write_json(path: Path, value: Any) -> None:
     os.replace(tmp, path)
 
 
-def _held(root: Path) -> dict[str, Any] | None:
+def _held(root: Location) -> dict[str, Any] | None:
     """The segpipe attributes of the store at ``root``, or None if it is not one."""
     try:
         held = attrs_section(zarr.open_group(str(root), mode="r"), KEY)
@@ -339,7 +367,7 @@ def _held(root: Path) -> dict[str, Any] | None:
     return held if "fingerprint" in held else None
 
 
-def _check_contents(root: Path, fp: str, *, overwrite: bool, resume: bool) -> bool:
+def _check_contents(root: Location, fp: str, *, overwrite: bool, resume: bool) -> bool:
     """Whether the (locked) store must be emptied first; raise if it holds another run."""
     held = _held(root)
     if held is None:
@@ -368,13 +396,16 @@ def _check_contents(root: Path, fp: str, *, overwrite: bool, resume: bool) -> bo
 class OutputLock:
     """An exclusive claim on an output store, naming its holder.
 
-    The lock file is created with O_EXCL; a lock left by a dead process on
-    this host is taken over. Acquiring again from the holding process is a
-    no-op (the CLI checks, then the flow runs, in one process).
+    The lock file is created with O_EXCL, a lock object in object storage with a
+    conditional ``PUT`` (`segpipe.io.storage.create`): S3 applies writes to one key in
+    order and refuses ``If-None-Match: *`` once the key exists, so of two runs only
+    one creates it. A lock left by a dead process on this host is taken over.
+    Acquiring again from the holding process is a no-op (the CLI checks, then the
+    flow runs, in one process).
     """
 
-    def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
+    def __init__(self, root: Where | Location) -> None:
+        self.root = storage.location(root)
         self.path = self.root / SCRATCH / "lock.json"
 
     @staticmethod
@@ -389,7 +420,7 @@ class OutputLock:
 
     def holder(self) -> dict[str, Any] | None:
         try:
-            value = json.loads(self.path.read_text(encoding="utf-8"))
+            value = json.loads(self.path.read_bytes())
         except (OSError, ValueError):
             return None
         return value if isinstance(value, dict) else None
@@ -400,11 +431,8 @@ class OutputLock:
         return holder.get("host") == socket.gethostname() and holder.get("pid") == os.getpid()
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-            except FileExistsError:
+            if not storage.create(self.path, json.dumps(self._me()).encode()):
                 holder = self.holder()
                 if self._ours(holder):
                     return
@@ -413,7 +441,7 @@ class OutputLock:
                     and holder.get("host") == socket.gethostname()
                     and not _alive(int(holder.get("pid", -1)))
                 ):
-                    self.path.unlink(missing_ok=True)  # its run died: take over
+                    storage.remove_tree(self.path)  # its run died: take over
                     continue
                 who = (
                     f"{holder.get('user')}@{holder.get('host')} pid {holder.get('pid')} since "
@@ -425,15 +453,13 @@ class OutputLock:
                     f"{self.root}: in use by another run: {who}. Wait for it to end, or remove "
                     f"{self.path} if that run is gone."
                 ) from None
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(self._me(), fh)
             atexit.register(self.release)
             return
         raise OutputLockedError(f"{self.root}: could not take the lock {self.path}.")
 
     def release(self) -> None:
         if self._ours(self.holder()):
-            self.path.unlink(missing_ok=True)
+            storage.remove_tree(self.path)
 
 
 def _alive(pid: int) -> bool:
@@ -448,7 +474,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def mark_image(image_path: str | Path, **state: Any) -> None:
+def mark_image(image_path: Where, **state: Any) -> None:
     """Update an image group's segpipe attributes (``complete`` is written last).
 
     Read, update, write under a lock: the preview and the tables record
@@ -463,7 +489,7 @@ def mark_image(image_path: str | Path, **state: Any) -> None:
         attrs.update(image_path, {KEY: current})
 
 
-def image_state(image_path: str | Path) -> dict[str, Any]:
+def image_state(image_path: Where) -> dict[str, Any]:
     """segpipe attributes of an image group ({} if absent)."""
     try:
         value = attrs.read(image_path).get(KEY)

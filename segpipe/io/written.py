@@ -3,25 +3,29 @@
 A block task records every file it writes (chunks, halo layers, parts of
 tables) with its size, modification time and CRC-32 while the bytes are in
 memory. A resumed run checks a marker's files before trusting it: a file is
-intact when it is there with the recorded size and either the same
-modification time (nothing rewrote it) or, where the time differs (a copy, a
-rewrite), the same checksum. A check therefore costs a ``stat`` per file and
-reads only files that something else touched.
+intact when it is there with the recorded size and either the same version
+(a local file's modification time, an object's ETag: nothing rewrote it) or,
+where it differs (a copy, a rewrite), the same checksum. A check therefore
+costs a ``stat`` (or a ``HEAD``) per file and reads only files that something
+else touched.
 """
 
 from __future__ import annotations
 
 import os
+import posixpath
 import threading
 import zlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
+
+from segpipe.io import storage
+from segpipe.io.storage import Where
 
 __all__ = ["Written", "checksum", "damaged", "from_arrays", "note", "recording", "to_arrays"]
 
@@ -31,23 +35,26 @@ _READ = 1 << 22
 
 @dataclass(frozen=True)
 class Written:
-    """One file as it was written: path, size in bytes, mtime (ns) and CRC-32."""
+    """One file as it was written: path, size in bytes, version and CRC-32.
+
+    The version is a local file's mtime in ns, an object's ETag as a number
+    (`segpipe.io.storage.stamp`)."""
 
     path: str
     size: int
     mtime_ns: int
     crc: int
 
-    def intact(self, path: str | Path | None = None) -> bool:
+    def intact(self, path: Where | None = None) -> bool:
         """Whether the file (at ``path``, default its own) is still what was written."""
-        where = Path(path or self.path)
+        where = storage.location(path or self.path)
         try:
-            st = where.stat()
+            size, version = storage.stamp(where)
         except OSError:
             return False
-        if st.st_size != self.size:
+        if size != self.size:
             return False
-        if st.st_mtime_ns == self.mtime_ns:
+        if version == self.mtime_ns:
             return True
         try:
             return checksum(where) == self.crc
@@ -55,10 +62,10 @@ class Written:
             return False
 
 
-def checksum(path: str | Path) -> int:
-    """CRC-32 of a file's bytes (read 4 MiB at a time)."""
+def checksum(path: Where) -> int:
+    """CRC-32 of a file's (or object's) bytes (read 4 MiB at a time)."""
     crc = 0
-    with open(path, "rb") as fh:
+    with storage.location(path).open("rb") as fh:
         while chunk := fh.read(_READ):
             crc = zlib.crc32(chunk, crc)
     return crc
@@ -78,39 +85,61 @@ def recording() -> Iterator[list[Written]]:
             outer.extend(files)
 
 
-def note(path: str | Path, payload: Any = None) -> None:
+def note(path: Where, payload: Any = None) -> None:
     """Record that ``path`` was just written (with ``payload``, its bytes, if at hand),
     when a block is `recording`; otherwise do nothing."""
     files = getattr(_local, "files", None)
     if files is None:
         return
-    st = os.stat(path)
+    size, version = storage.stamp(storage.location(path))
     view = None if payload is None else memoryview(payload).cast("B")
-    crc = zlib.crc32(view) if view is not None and view.nbytes == st.st_size else checksum(path)
-    files.append(Written(os.fspath(path), st.st_size, st.st_mtime_ns, crc))
+    crc = zlib.crc32(view) if view is not None and view.nbytes == size else checksum(path)
+    files.append(Written(str(path), size, version, crc))
 
 
-def to_arrays(files: Sequence[Written], base: str | Path) -> dict[str, NDArray[np.generic]]:
+def to_arrays(files: Sequence[Written], base: Where) -> dict[str, NDArray[np.generic]]:
     """``files`` as plain arrays for an ``.npz`` marker, paths relative to ``base`` (the
     marker's folder, so that a moved store still checks)."""
     return {
-        "__files": np.array([os.path.relpath(f.path, base) for f in files], dtype=str),
+        "__files": np.array([_relative(f.path, str(base)) for f in files], dtype=str),
         "__files_v": np.array([(f.size, f.mtime_ns, f.crc) for f in files], np.int64).reshape(
             -1, 3
         ),
     }
 
 
-def from_arrays(arrays: dict[str, NDArray[np.generic]], base: str | Path) -> list[Written]:
+def from_arrays(arrays: dict[str, NDArray[np.generic]], base: Where) -> list[Written]:
     """The files a marker's arrays record (`to_arrays`), paths made absolute again."""
     if "__files" not in arrays:
         return []
     names = arrays["__files"].tolist()
     values = arrays["__files_v"].tolist()
     return [
-        Written(os.path.normpath(os.path.join(base, n)), int(s), int(m), int(c))
+        Written(_absolute(n, str(base)), int(s), int(m), int(c))
         for n, (s, m, c) in zip(names, values, strict=True)
     ]
+
+
+def _split(path: str) -> tuple[str, str]:
+    """``("s3://", "bucket/key")`` of a URL, ``("", path)`` of a local path."""
+    if storage.is_url(path):
+        scheme, rest = path.split("://", 1)
+        return f"{scheme}://", rest
+    return "", path
+
+
+def _relative(path: str, base: str) -> str:
+    (scheme, p), (_, b) = _split(path), _split(base)
+    if scheme:
+        return posixpath.relpath("/" + p, "/" + b)
+    return os.path.relpath(p, b)
+
+
+def _absolute(name: str, base: str) -> str:
+    scheme, b = _split(base)
+    if scheme:
+        return scheme + posixpath.normpath(posixpath.join("/" + b, name)).lstrip("/")
+    return os.path.normpath(os.path.join(b, name))
 
 
 def damaged(files: Sequence[Written]) -> list[str]:

@@ -22,9 +22,10 @@ import pyarrow.compute
 import pyarrow.parquet as pq
 
 from segpipe.image import ImagePlan
-from segpipe.io import attrs, omezarr
+from segpipe.io import attrs, omezarr, storage
 from segpipe.io.markers import Markers
 from segpipe.io.physical import PixelSize
+from segpipe.io.storage import Location
 from segpipe.io.store import mark_image
 from segpipe.measure import (
     CLASS_SLOTS,
@@ -82,16 +83,21 @@ def _open_by_owner(parts: Sequence[Groups], stuff: tuple[int, ...]) -> dict[int,
 
 
 class _TableWriters:
-    """Both tables, written a block's rows at a time, renamed into place at the end."""
+    """Both tables, written a block's rows at a time, renamed into place at the end
+    (in object storage streamed as one upload, which appears whole when it ends)."""
 
-    def __init__(self, out: Path, meta: dict[str, Any]) -> None:
+    def __init__(self, out: Location, meta: dict[str, Any]) -> None:
         self.out = out
         self.meta = {b"segpipe": json.dumps(meta, sort_keys=True).encode()}
         self.writers: dict[str, pq.ParquetWriter] = {}
+        self.files: dict[str, Any] = {}
         self.rows = {"objects": 0, "segments": 0}
 
-    def _tmp(self, name: str) -> Path:
-        return self.out / f"{name}.parquet.partial"
+    def _tmp(self, name: str) -> Any:
+        if isinstance(self.out, Path):
+            return self.out / f"{name}.parquet.partial"
+        self.files[name] = (self.out / f"{name}.parquet").open("wb")
+        return self.files[name]
 
     def write(self, objects: pa.Table, segments: pa.Table) -> None:
         for name, table in (("objects", objects), ("segments", segments)):
@@ -112,12 +118,15 @@ class _TableWriters:
             self.write(objects, segments_table(empty, catalogue, divisor))
         for name, writer in self.writers.items():
             writer.close()
-            os.replace(self._tmp(name), self.out / f"{name}.parquet")
+            if name in self.files:
+                self.files[name].close()
+            elif isinstance(self.out, Path):
+                os.replace(self.out / f"{name}.parquet.partial", self.out / f"{name}.parquet")
         return self.rows["objects"], self.rows["segments"]
 
 
-def tables_dir(plan: ImagePlan) -> Path:
-    return Path(plan.group) / TABLES
+def tables_dir(plan: ImagePlan) -> Location:
+    return storage.location(storage.join(plan.group, TABLES))
 
 
 def write_tables(
@@ -125,7 +134,7 @@ def write_tables(
     catalogue: Catalogue,
     divisor: int,
     open_parts: Sequence[Groups],
-    parts_dir: Path,
+    parts_dir: Location,
 ) -> Measured:
     """Merge the blocks' open groups, join them with the closed ones saved in
     ``parts_dir`` and write ``objects.parquet`` and ``segments.parquet``.
@@ -140,7 +149,7 @@ def write_tables(
         The panoptic divisor.
     open_parts : sequence of Groups
         Per block (in block order), the groups that may continue in another block.
-    parts_dir : Path
+    parts_dir : Path or UPath
         Where the block tasks saved the groups of objects wholly inside them.
 
     Returns
@@ -163,7 +172,8 @@ def write_tables(
     pixel = plan.spec.pixel
     if pixel is not None:  # what the *_physical columns are in
         meta.update(pixel_size=list(pixel.sizes), unit=pixel.unit, pixel_size_from=pixel.origin)
-    out.mkdir(parents=True, exist_ok=True)
+    if isinstance(out, Path):
+        out.mkdir(parents=True, exist_ok=True)
     counts = np.zeros(CLASS_SLOTS, np.int64)
     writers = _TableWriters(out, meta)
     parts = Markers(parts_dir)
@@ -216,11 +226,11 @@ def write_tables(
     )
 
 
-def _describe_instances(plan: ImagePlan, objects: Path, rows: int) -> None:
+def _describe_instances(plan: ImagePlan, objects: Location, rows: int) -> None:
     """Each instance's class and area in the metadata of ``labels/instances`` (NGFF
     ``properties``, and colours as in the preview), for up to `omezarr.LABEL_VALUES`."""
     where = f"{TABLES}/objects.parquet"
-    path = Path(plan.group) / "labels" / "instances"
+    path = storage.join(plan.group, "labels", "instances")
     if rows > omezarr.LABEL_VALUES:
         omezarr.describe_label_values(path, None, where)
         return
@@ -233,7 +243,7 @@ def _describe_instances(plan: ImagePlan, objects: Path, rows: int) -> None:
             "area": int(row["area"]),
             **({"area_physical": float(row["area_physical"])} if physical else {}),
         }
-        for row in pq.read_table(objects, columns=columns).to_pylist()
+        for row in pq.read_table(pa.BufferReader(objects.read_bytes()), columns=columns).to_pylist()
     ]
     omezarr.describe_label_values(path, properties, where)
 

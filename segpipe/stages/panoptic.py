@@ -4,13 +4,12 @@ metadata (divisor and class catalogue in the attributes and NGFF ``properties``)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from segpipe.image import ImagePlan, ProgressFn, noop
-from segpipe.io import attrs, omezarr
+from segpipe.io import attrs, omezarr, storage
 from segpipe.panoptic import KEY, Catalogue, attrs_value, label_properties
 from segpipe.stages.write import Relabelled, build_pyramid, pyramid, relabelled, written_levels
 
@@ -58,7 +57,7 @@ def finish_panoptic(
     value = attrs_value(divisor, catalogue)
     for k in range(len(shapes)):
         attrs.update(plan.label(KEY, k), {"segpipe": {KEY: value}})
-    group_path = Path(plan.group) / "labels" / KEY
+    group_path = storage.join(plan.group, "labels", KEY)
     omezarr.write_label_group_metadata(
         group_path,
         pyramid=levels_of,
@@ -71,9 +70,10 @@ def finish_panoptic(
         pixel=plan.spec.pixel,
     )
     attrs.update(group_path, {"segpipe": {KEY: value}})
-    listed = [str(n) for n in attrs.read(group_path.parent).get("ome", {}).get("labels", [])]
+    labels = storage.join(plan.group, "labels")
+    listed = [str(n) for n in attrs.read(labels).get("ome", {}).get("labels", [])]
     names = [n for n in listed if n != KEY] or ["instances", "semantic"]
-    omezarr.write_labels_index(group_path.parent, [*names, KEY])
+    omezarr.write_labels_index(labels, [*names, KEY])
     return PanopticResult(divisor, catalogue, len(shapes), unassigned)
 
 

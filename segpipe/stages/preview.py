@@ -4,8 +4,6 @@ from the pyramid level nearest the preview size, never level 0 of a large image.
 from __future__ import annotations
 
 import math
-import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -14,7 +12,8 @@ import zarr
 from segpipe.engine import Runner, map_blocks
 from segpipe.errors import InputReadError
 from segpipe.image import ImagePlan, ProgressFn, noop
-from segpipe.io import attrs
+from segpipe.io import attrs, storage
+from segpipe.io.storage import Location
 from segpipe.io.store import mark_image
 from segpipe.preview import MAX_SIZE, MIN_SIZE, PREVIEWS, choose_level, render
 
@@ -42,10 +41,10 @@ def preview_task(
     paths = _group_levels(image_group)
     label_paths = _group_levels(labels_group)
     levels = min(len(paths), len(label_paths))
-    arrays = [zarr.open_array(str(Path(image_group) / p), mode="r") for p in paths[:levels]]
+    arrays = [zarr.open_array(storage.join(image_group, p), mode="r") for p in paths[:levels]]
     k = choose_level([a.shape for a in arrays], max_size=max_size)
     image_arr = arrays[k]
-    labels_arr = zarr.open_array(str(Path(labels_group) / label_paths[k]), mode="r")
+    labels_arr = zarr.open_array(storage.join(labels_group, label_paths[k]), mode="r")
     plane: tuple[Any, ...] = tuple(n // 2 for n in image_arr.shape[:-2])
     step = max(1, math.ceil(max(image_arr.shape[-2:]) / max_size))
     index = (*plane, slice(None, None, step), slice(None, None, step))
@@ -57,19 +56,16 @@ def preview_task(
         image = image.repeat(grow, axis=0).repeat(grow, axis=1)
         labels = labels.repeat(grow, axis=0).repeat(grow, axis=1)
     rgb = render(image, labels)
-    out = Path(dst)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".partial")
     # zlib level 1, rows unfiltered: 0.044 s and 1.4 MB for a 1024² preview of noise,
     # against 0.064 s and 1.9 MB with adaptive row filters and 0.11 s with Pillow
-    tmp.write_bytes(imagecodecs.png_encode(rgb, level=1, filter=imagecodecs.PNG.FILTER.NONE))
-    os.replace(tmp, out)
+    png = imagecodecs.png_encode(rgb, level=1, filter=imagecodecs.PNG.FILTER.NONE)
+    storage.put(storage.location(dst), bytes(png))
     return tuple(rgb.shape[:2])
 
 
-def preview_path(plan: ImagePlan) -> Path:
+def preview_path(plan: ImagePlan) -> Location:
     """``OUT/<name>/previews/<name>.png`` (a plate field ``A/1/0``: ``A_1_0.png``)."""
-    return Path(plan.group) / PREVIEWS / f"{plan.name.replace('/', '_')}.png"
+    return storage.location(plan.group) / PREVIEWS / f"{plan.name.replace('/', '_')}.png"
 
 
 def write_preview(
@@ -103,7 +99,7 @@ def write_preview(
     """
 
     dst = preview_path(plan)
-    labels_group = str(Path(plan.group) / "labels" / labels)
+    labels_group = storage.join(plan.group, "labels", labels)
     map_blocks(
         client,
         _preview_job,

@@ -9,7 +9,6 @@ whose lookup tables go to scratch.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
 import numpy as np
 from numpy.typing import NDArray
@@ -17,8 +16,9 @@ from numpy.typing import NDArray
 from segpipe import merge, stitch
 from segpipe.engine import Runner, imap_blocks
 from segpipe.image import ImagePlan, ProgressFn, noop
-from segpipe.io import store
-from segpipe.io.markers import Arrays, Markers
+from segpipe.io import storage, store
+from segpipe.io.markers import Arrays, Markers, load_npz
+from segpipe.io.storage import Location
 from segpipe.stages.segment import Segmented, dkey
 
 __all__ = ["block_links", "pair_edges", "row_links", "stitch_ids"]
@@ -28,10 +28,10 @@ def _view_keys(d: tuple[int, ...], mode: str) -> tuple[str, ...]:
     return (dkey(d) + "_l", dkey(d) + "_s") if mode == "faces" else (dkey(d) + "_v",)
 
 
-def _views(marker: Path, directions: Sequence[tuple[int, ...]], mode: str) -> Arrays:
+def _views(marker: Location, directions: Sequence[tuple[int, ...]], mode: str) -> Arrays:
     """Only the views toward ``directions`` from a segment marker (an ``.npz`` reads
     the members asked for, not the other views and the provenance)."""
-    with np.load(marker, allow_pickle=False) as data:
+    with load_npz(marker) as data:
         return {k: data[k] for d in directions for k in _view_keys(d, mode)}
 
 
@@ -108,6 +108,6 @@ def stitch_ids(
         progress=progress,
     )
     edges = (edge for found in links for edge in found)
-    work = Path(plan.scratch) / "merge"
+    work = storage.location(storage.join(plan.scratch, "merge"))
     store.remove(work, plan.root)
     return merge.merge_ids(grid.grid_shape, segmented.counts, edges, work)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,8 +25,9 @@ from segpipe.blocks import Pyramid
 from segpipe.engine import Lazy, Runner, map_blocks, prepare_array
 from segpipe.errors import ConfigError, UnsupportedImageError
 from segpipe.image import ImagePlan, ProgressFn, noop, span
-from segpipe.io import omezarr
+from segpipe.io import omezarr, storage
 from segpipe.io.markers import Arrays, Markers
+from segpipe.io.storage import Location
 from segpipe.merge import MergedIds
 from segpipe.panoptic import Catalogue
 from segpipe.stages.ingest import regions
@@ -175,9 +175,9 @@ def relabelled(plan: ImagePlan, count: int) -> Relabelled:
     )
 
 
-def parts_dir(plan: ImagePlan) -> Path:
+def parts_dir(plan: ImagePlan) -> Location:
     """Where relabel tasks leave the sums of objects wholly inside their block."""
-    return Path(plan.scratch) / PARTS
+    return storage.location(storage.join(plan.scratch, PARTS))
 
 
 def relabel(
@@ -212,7 +212,7 @@ def relabel(
     markers = plan.markers(STAGE)
     shape = plan.spec.shape
     arrays = [  # (path of level k, dtype, is labels)
-        (lambda k: str(Path(plan.group) / str(k)), plan.spec.out_dtype, False),
+        (lambda k: storage.join(plan.group, str(k)), plan.spec.out_dtype, False),
         (lambda k: plan.label("semantic", k), np.uint8, True),
         (lambda k: plan.label("instances", k), ids.dtype, True),
         (lambda k: plan.label(panoptic.KEY, k), np.uint64, True),
@@ -310,7 +310,7 @@ def write_levels(client: Runner, plan: ImagePlan, dtype: Any, progress: Progress
 
     levels_of = pyramid(plan)
     sources = {
-        "image": lambda k: str(Path(plan.group) / str(k)),
+        "image": lambda k: storage.join(plan.group, str(k)),
         "semantic": lambda k: plan.label("semantic", k),
         "instances": lambda k: plan.label("instances", k),
     }
@@ -328,7 +328,7 @@ def write_levels(client: Runner, plan: ImagePlan, dtype: Any, progress: Progress
     omezarr.write_image_metadata(plan.group, pyramid=levels_of, name=plan.name, pixel=pixel)
     classes = plan.segmenter.classes
     omezarr.write_label_group_metadata(
-        Path(plan.group) / "labels" / "semantic",
+        storage.join(plan.group, "labels", "semantic"),
         pyramid=levels_of,
         name="semantic",
         properties=[{"label-value": i, "class": c} for i, c in enumerate(classes)],
@@ -336,10 +336,10 @@ def write_levels(client: Runner, plan: ImagePlan, dtype: Any, progress: Progress
         pixel=pixel,
     )
     omezarr.write_label_group_metadata(
-        Path(plan.group) / "labels" / "instances",
+        storage.join(plan.group, "labels", "instances"),
         pyramid=levels_of,
         name="instances",
         pixel=pixel,
     )
-    omezarr.write_labels_index(Path(plan.group) / "labels", ["instances", "semantic"])
+    omezarr.write_labels_index(storage.join(plan.group, "labels"), ["instances", "semantic"])
     return len(levels_of)

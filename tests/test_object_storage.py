@@ -1,0 +1,226 @@
+"""Inputs and outputs in object storage, against a real S3 server (moto) on 127.0.0.1.
+
+Each run is a real ``segpipe`` process with its own LocalCluster: its workers get the
+server's address and the (fake) credentials from the environment, as pods get them
+from a Secret. Results are compared, array by array and table by table, with a run
+of the same input from and to local disk.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import zarr
+
+from segpipe import synthetic
+
+pytestmark = pytest.mark.integration
+
+ARGS = ("--segmenter", "watershed", "--tile", "256", "--quiet")
+ARRAYS = (
+    "0",
+    "1",
+    "labels/instances/0",
+    "labels/instances/1",
+    "labels/semantic/0",
+    "labels/panoptic/0",
+)
+TABLES = ("tables/objects.parquet", "tables/segments.parquet")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def s3_env() -> Iterator[dict[str, str]]:
+    """A moto S3 server for this module and the environment that points clients at it."""
+    port = _free_port()
+    server = subprocess.Popen(
+        [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        deadline = time.time() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.time() > deadline or server.poll() is not None:
+                    raise RuntimeError("moto_server did not start") from None
+                time.sleep(0.2)
+        yield env
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def bucket(s3_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> object:
+    """The bucket ``lab`` holding ``scans/a.tif`` and an OME-Zarr ``scans/b.ome.zarr``."""
+    import s3fs
+    from ome_zarr.writer import write_image
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    fs.mkdir("lab")
+    local = tmp_path_factory.mktemp("scans")
+    synthetic.write_tiff(local / "a.tif", (768, 640), tile=128, seed=3)
+    fs.put(str(local / "a.tif"), "lab/scans/a.tif")
+    group = zarr.open_group(str(local / "b.ome.zarr"), mode="w")
+    write_image(synthetic.render((700, 600), seed=4), group, scale_factors=[2], axes="yx")
+    fs.put(str(local / "b.ome.zarr"), "lab/scans/b.ome.zarr", recursive=True)
+    return fs
+
+
+def _segpipe(*args: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(Path(sys.executable).with_name("segpipe")), "run", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        **kwargs,  # type: ignore[call-overload]
+    )
+
+
+def _same(local: Path, remote: str, name: str) -> None:
+    """Every array and table of image ``name`` equal in both stores."""
+    for key in ARRAYS:
+        a = zarr.open_array(str(local / name / key), mode="r")
+        b = zarr.open_array(f"{remote}/{name}/{key}", mode="r")
+        assert a.shape == b.shape and a.dtype == b.dtype, key
+        np.testing.assert_array_equal(a[...], b[...], err_msg=key)
+    import s3fs
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    for key in TABLES:
+        with fs.open(f"{remote.removeprefix('s3://')}/{name}/{key}", "rb") as fh:
+            theirs = pq.read_table(fh)
+        assert pq.read_table(local / name / key).equals(theirs), key
+
+
+@pytest.mark.parametrize(
+    "source, name", [("s3://lab/scans/a.tif", "a"), ("s3://lab/scans/b.ome.zarr", "b")]
+)
+def test_s3_input_and_output_equal_a_local_run(
+    bucket: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, source: str, name: str
+) -> None:
+    fs: object = bucket
+    local_in = tmp_path / source.rsplit("/", 1)[1]
+    fs.get(source.removeprefix("s3://"), str(local_in), recursive=True)  # type: ignore[attr-defined]
+    monkeypatch.chdir(tmp_path)  # a folder named after the scheme would land here
+    out = f"s3://lab/out-{name}.zarr"
+    done = _segpipe("--input", source, "--output", out, *ARGS)
+    assert done.returncode == 0, done.stderr
+    again = _segpipe("--input", source, "--output", out, "--resume", *ARGS)
+    assert again.returncode == 0, again.stderr
+    assert "1 unchanged" in again.stdout + again.stderr
+    local_out = tmp_path / "local.zarr"
+    ref = _segpipe("--input", str(local_in), "--output", str(local_out), *ARGS)
+    assert ref.returncode == 0, ref.stderr
+    _same(local_out, out, name)
+    listed = fs.ls(f"lab/out-{name}.zarr/_segpipe")  # type: ignore[attr-defined]
+    assert not any(p.endswith("lock.json") for p in listed)  # released
+    assert not (tmp_path / "s3:").exists()
+
+
+def test_a_killed_run_resumes_in_the_bucket(bucket: object, tmp_path: Path) -> None:
+    fs: object = bucket
+    out = "s3://lab/killed.zarr"
+    args = ("--input", "s3://lab/scans/a.tif", "--output", out, *ARGS[:-2], "--tile", "64")
+    run = subprocess.Popen(
+        [str(Path(sys.executable).with_name("segpipe")), "run", *args, "--quiet"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    markers = "lab/killed.zarr/_segpipe/blocks/a/segment"
+    deadline = time.time() + 300
+    while time.time() < deadline and run.poll() is None:
+        fs.invalidate_cache()  # type: ignore[attr-defined]
+        if fs.exists(markers) and len(fs.ls(markers)) >= 20:  # type: ignore[attr-defined]
+            break
+        time.sleep(0.2)
+    assert run.poll() is None, "the run ended before it could be killed"
+    os.killpg(run.pid, signal.SIGKILL)  # the run and its workers, mid-segment
+    run.wait()
+    resumed = _segpipe(*args, "--resume", "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
+    local_in = tmp_path / "a.tif"
+    fs.get("lab/scans/a.tif", str(local_in))  # type: ignore[attr-defined]
+    ref = _segpipe("--input", str(local_in), "--output", str(tmp_path / "ref.zarr"), *args[4:])
+    assert ref.returncode == 0, ref.stderr
+    _same(tmp_path / "ref.zarr", out, "a")
+
+
+def test_a_missing_bucket_is_one_line(bucket: object) -> None:
+    done = _segpipe("--input", "s3://lab/scans/a.tif", "--output", "s3://nobucket/o.zarr", *ARGS)
+    assert done.returncode != 0
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, done.stderr
+    assert "s3://nobucket/o.zarr" in lines[0] and "does not exist" in lines[0]
+
+
+def test_a_wrong_credential_is_one_line(tmp_path: Path) -> None:
+    """A server that checks credentials (moto's IAM checks from the first request) and
+    does not know the key: reached through run.yaml's ``storage: endpoint``."""
+    port = _free_port()
+    server = subprocess.Popen(
+        [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"},
+    )
+    try:
+        image = synthetic.write_tiff(tmp_path / "c.tif", (256, 256), tile=128, seed=5)
+        config = tmp_path / "run.yaml"
+        config.write_text(
+            f"input: {image}\noutput: s3://lab/o.zarr\n"
+            f"storage:\n  endpoint: http://127.0.0.1:{port}\n",
+            encoding="utf-8",
+        )
+        env = {k: v for k, v in os.environ.items() if k != "AWS_ENDPOINT_URL"}
+        env |= {"AWS_ACCESS_KEY_ID": "AKIAWRONG0000000000", "AWS_SECRET_ACCESS_KEY": "hush1"}
+        deadline = time.time() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.time() < deadline, "moto_server did not start"
+                time.sleep(0.2)
+        done = _segpipe("--config", str(config), "--quiet", env=env)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert done.returncode != 0
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("error: s3://lab/o.zarr: access refused"), lines[0]
+    assert "hush1" not in done.stdout + done.stderr  # no secret is printed
