@@ -16,6 +16,7 @@ from rich.table import Table
 
 from flows.console import fail, out
 from segpipe.errors import SegpipeError
+from segpipe.io import storage
 
 PLAN_EXAMPLES = """
 [b]Examples[/b]
@@ -260,15 +261,19 @@ def plan(
     )
     out.print(f"Bytes read/written: {COMPRESSION}.", highlight=False, soft_wrap=True)
     disk = result.disk(IN_FLIGHT)
-    folder, free = free_space(cfg.resolved().output)
-    out.print(
+    used = (
         f"Disk: about {_size(disk.final)} when done, {_size(disk.peak)} at the run's peak "
         f"(scratch of the {IN_FLIGHT} largest images in flight; images taken uncompressed, "
-        f"labels at 1/{LABEL_SHRINK}); {_size(free)} free on {folder}"
-        + ("" if disk.peak <= free else ": [red]too little[/], `segpipe run` refuses to start"),
-        highlight=False,
-        soft_wrap=True,
+        f"labels at 1/{LABEL_SHRINK})"
     )
+    if storage.is_url(cfg.output):
+        used += "; object storage: no free space to check"
+    else:
+        folder, free = free_space(cfg.resolved().output)
+        used += f"; {_size(free)} free on {folder}" + (
+            "" if disk.peak <= free else ": [red]too little[/], `segpipe run` refuses to start"
+        )
+    out.print(used, highlight=False, soft_wrap=True)
     if result.costs is None:
         out.print("Wall time: no calibration table; run `python -m bench.calibrate`.")
     else:

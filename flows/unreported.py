@@ -35,7 +35,7 @@ def settle(output: str, api: str, logger: Any) -> None:
     remove the note; one the API cannot take now stays for the next run."""
     path = _path(output)
     try:
-        noted = json.loads(path.read_bytes())
+        noted = json.loads(storage.read_bytes(path))
     except (OSError, ValueError):
         return
     if noted.get("api") != api:

@@ -691,9 +691,9 @@ def load_config(
         # Relative paths in a config file are relative to the file.
         for key in ("input", "output"):
             value = data.get(key)
-            if isinstance(value, str) and "://" not in value:  # a URL is absolute
-                if not os.path.isabs(os.path.expanduser(value)):
-                    data[key] = str(p.resolve().parent / value)
+            relative = isinstance(value, str) and not os.path.isabs(os.path.expanduser(value))
+            if relative and "://" not in str(value):  # a URL is absolute
+                data[key] = str(p.resolve().parent / str(value))
     overrides = dict(overrides or {})
     seg = data.get("segmenter") or {}
     if isinstance(seg, str):

@@ -42,7 +42,6 @@ import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -51,7 +50,9 @@ from numpy.typing import NDArray
 
 from segpipe.blocks import BlockGrid
 from segpipe.errors import ConfigError, InputNotFoundError, InputReadError, UnsupportedImageError
+from segpipe.io import storage
 from segpipe.io.readers import SourceSpec, open_source, read_region
+from segpipe.io.storage import Location
 from segpipe.panoptic import (
     MAX_CLASS,
     Catalogue,
@@ -101,18 +102,18 @@ class Labels:
         return self.specs[-1].chunks
 
 
-def _is_group(path: Path) -> bool:
+def _is_group(path: Location) -> bool:
     meta = path / "zarr.json"
     if meta.is_file():
         try:
-            node = json.loads(meta.read_text(encoding="utf-8"))
+            node = json.loads(storage.read_bytes(meta))
         except (OSError, ValueError) as err:
             raise InputReadError(f"{meta}: unreadable Zarr metadata ({err}).") from err
         return isinstance(node, dict) and node.get("node_type") == "group"
     return (path / ".zgroup").is_file()
 
 
-def _semantic_catalogue(group: Path) -> Catalogue | None:
+def _semantic_catalogue(group: Location) -> Catalogue | None:
     """Classes named in a semantic label image's NGFF properties (class 0 stuff, others things)."""
     try:
         attrs: Any = dict(zarr.open_group(str(group), mode="r").attrs.asdict())
@@ -172,13 +173,16 @@ def open_labels(path: str | os.PathLike[str], *, divisor: int | None = None) -> 
 
 
 def _open_labels(path: str | os.PathLike[str], *, divisor: int | None = None) -> Labels:
-    p = Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
+    text = os.fspath(path)
+    p = storage.location(
+        text if storage.is_url(text) else os.path.abspath(os.path.expanduser(text))
+    )
     if not p.exists():
         raise InputNotFoundError(f"{p}: no such file or directory.")
     labels_dir = p / "labels"
     if p.is_dir() and labels_dir.is_dir() and _is_group(p):
         if (labels_dir / "panoptic").is_dir():
-            return _open_labels(labels_dir / "panoptic", divisor=divisor)
+            return _open_labels(str(labels_dir / "panoptic"), divisor=divisor)
         if not (labels_dir / "instances").is_dir():
             found = sorted(d.name for d in labels_dir.iterdir() if d.is_dir())
             raise InputReadError(
@@ -192,7 +196,7 @@ def _open_labels(path: str | os.PathLike[str], *, divisor: int | None = None) ->
             return Labels(str(p), "semantic+instances", (sem, inst), catalogue=catalogue)
         return Labels(str(p), "instances", (inst,))
     spec = _integer_source(p)
-    array_path = Path(spec.path) / spec.array_path if spec.format == "zarr" else None
+    array_path = (spec.array_path or spec.path) if spec.format == "zarr" else None
     if array_path is not None:
         try:
             recorded, catalogue = read_attrs(array_path)
@@ -205,8 +209,8 @@ def _open_labels(path: str | os.PathLike[str], *, divisor: int | None = None) ->
     return Labels(str(p), "instances", (spec,))
 
 
-def _integer_source(path: Path) -> SourceSpec:
-    spec = open_source(path)
+def _integer_source(path: Location) -> SourceSpec:
+    spec = open_source(str(path))
     if np.dtype(spec.dtype).kind not in "iu" or spec.n_channels != 1:
         raise UnsupportedImageError(
             f"{spec.path}: expected a single-channel integer label image, got "

@@ -47,8 +47,7 @@ def save_slabs(directory: Where, block_id: int, core: NDArray[Any], halo: Sequen
             index[k] = _layers(core.shape[k], w, last)
             arrays[f"{name}{k}"] = core[tuple(index)]
     path = slab_path(directory, block_id)
-    save_npz(path, arrays)
-    written.note(path)
+    written.note(path, stamp=save_npz(path, arrays))
 
 
 def save_region_slabs(

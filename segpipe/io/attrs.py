@@ -42,7 +42,7 @@ def read(path: Where) -> dict[str, Any]:
     """
     node = storage.location(path)
     try:
-        value = json.loads((node / "zarr.json").read_bytes())
+        value = json.loads(storage.read_bytes(node / "zarr.json"))
     except FileNotFoundError:
         if not (node / ".zattrs").exists():  # a Zarr v2 node keeps them there
             raise
@@ -57,7 +57,7 @@ def update(path: Where, values: Mapping[str, Any]) -> None:
     node = storage.location(path)
     with _LOCK:
         try:
-            value = json.loads((node / "zarr.json").read_bytes())
+            value = json.loads(storage.read_bytes(node / "zarr.json"))
         except FileNotFoundError:
             if (node / ".zgroup").exists():  # Zarr v2
                 zarr.open_group(str(node), mode="a").attrs.update(dict(values))

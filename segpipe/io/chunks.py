@@ -246,7 +246,7 @@ def _inner_slice(lay: Layout, at: tuple[int, ...]) -> tuple[slice, ...]:
 
 def _read_shard(lay: Layout, path: Location, out: NDArray[Any]) -> None:
     """The shard file at ``path`` into ``out`` (a whole shard; fill where it holds no chunk)."""
-    data = path.read_bytes()
+    data = storage.read_bytes(path)
     per, order = _inner_grid(lay)
     size = 16 * int(np.prod(per)) + 4
     if len(data) < size:
@@ -307,7 +307,7 @@ def read_chunk(lay: Layout, index: tuple[int, ...]) -> NDArray[Any]:
                 elif f.readinto(cast(Any, out.reshape(-1).view(np.uint8))) != out.nbytes:
                     raise ValueError(f"{path}: chunk shorter than {out.nbytes} bytes")
         else:
-            _decode(lay, path.read_bytes(), out, path)
+            _decode(lay, storage.read_bytes(path), out, path)
     except FileNotFoundError:
         return np.full(extent, lay.fill_value, dtype=lay.dtype)
     if extent != lay.chunks:
@@ -332,5 +332,5 @@ def write_chunk(lay: Layout, index: tuple[int, ...], data: NDArray[Any]) -> None
     else:
         payload = full if lay.blosc is None else lay.blosc.encode(full)
     path = lay.path(index)
-    storage.put(path, memoryview(payload).cast("B"))
-    written.note(path, payload)
+    stamp = storage.put(path, memoryview(payload).cast("B"))
+    written.note(path, payload, stamp)

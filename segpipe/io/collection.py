@@ -29,7 +29,9 @@ def _is_zarr_dir(path: Location) -> bool:
 def _rows(path: Location) -> list[tuple[int, list[str]]]:
     """(line number, cells) of the manifest's non-blank, non-comment rows."""
     try:
-        lines = path.read_bytes().decode("utf-8-sig").splitlines()  # -sig: Excel writes a BOM
+        lines = (
+            storage.read_bytes(path).decode("utf-8-sig").splitlines()
+        )  # -sig: Excel writes a BOM
     except (OSError, UnicodeDecodeError) as err:
         raise InputReadError(f"{path}: cannot read the manifest ({err}).") from err
     csv_file = path.suffix.lower() == ".csv"

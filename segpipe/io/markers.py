@@ -39,16 +39,16 @@ _checked: dict[str, tuple[int, int]] = {}
 _checked_lock = threading.Lock()
 
 
-def save_npz(path: Location, arrays: Arrays) -> None:
+def save_npz(path: Location, arrays: Arrays) -> tuple[int, int] | None:
     """Write ``arrays`` to ``path`` as an ``.npz`` atomically (temporary file, rename;
-    one ``PUT`` in object storage), readable by its owner only. Not synced to disk: a
+    one ``PUT`` in object storage), readable by its owner only; its stamp where the
+    store told it (`segpipe.io.storage.put`). Not synced to disk: a
     marker cut short by a crash does not read back whole, so its block is computed
     again (`Markers.done`)."""
     if storage.is_remote(path):
         buffer = io.BytesIO()
         np.savez(buffer, **arrays)  # type: ignore[arg-type]
-        storage.put(path, buffer.getbuffer())
-        return
+        return storage.put(path, buffer.getbuffer())
     assert isinstance(path, Path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex}.tmp")
@@ -56,13 +56,22 @@ def save_npz(path: Location, arrays: Arrays) -> None:
     with os.fdopen(fd, "wb") as fh:
         np.savez(fh, **arrays)  # type: ignore[arg-type]
     os.replace(tmp, path)
+    return None
 
 
 def load_npz(path: Where) -> Any:
     where = storage.location(path)
     if isinstance(where, Path):
         return np.load(where, allow_pickle=False)
-    return np.load(io.BytesIO(where.read_bytes()), allow_pickle=False)
+    return np.load(io.BytesIO(storage.read_bytes(where)), allow_pickle=False)
+
+
+def _arrays(data: bytes) -> Arrays | None:
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}
+    except UNREADABLE:
+        return None
 
 
 def read_marker(path: Where) -> Arrays | None:
@@ -89,6 +98,8 @@ class Markers:
         it records is intact. A marker that fails the check is removed (it is ours), so
         the block is computed again."""
         path = self.path(block_id)
+        if not isinstance(path, Path):
+            return self._done_remote(path)
         try:
             stamp = storage.stamp(path)
         except OSError:
@@ -102,6 +113,18 @@ class Markers:
             return False
         with _checked_lock:
             _checked[str(path)] = stamp
+        return True
+
+    def _done_remote(self, path: Location) -> bool:
+        """`done` for a marker in object storage: one ``GET`` (a missing marker is one
+        404, not a ``HEAD`` and a listing), its files checked by their ETags."""
+        try:
+            arrays = _arrays(storage.read_bytes(path))
+        except FileNotFoundError:
+            return False
+        if arrays is None or written.damaged(written.from_arrays(arrays, self.directory)):
+            storage.remove_tree(path)
+            return False
         return True
 
     def files(self, block_id: int) -> list[written.Written]:
@@ -130,8 +153,8 @@ class Markers:
         The marker is itself noted as written, for a block that saves it.
         """
         arrays = {**arrays, RUN_KEY: np.array(run), **written.to_arrays(files, self.directory)}
-        save_npz(self.path(block_id), arrays)
-        written.note(self.path(block_id))
+        stamp = save_npz(self.path(block_id), arrays)
+        written.note(self.path(block_id), stamp=stamp)
 
     def load(self, block_id: int) -> Arrays:
         with load_npz(self.path(block_id)) as data:

@@ -60,7 +60,7 @@ def open_array(path: str | Path, mode: str = "r") -> zarr.Array[Any]:
 def _layout(path: str, stamp: tuple[int, int, int]) -> chunks.Layout | None:
     where = storage.location(path)
     try:
-        meta = json.loads((where / "zarr.json").read_bytes())
+        meta = json.loads(storage.read_bytes(where / "zarr.json"))
     except (OSError, ValueError):
         meta = None
     if isinstance(meta, dict) and (lay := chunks.layout_of(where, meta)) is not None:

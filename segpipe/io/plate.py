@@ -33,11 +33,11 @@ def _attributes(path: str | Location) -> dict[str, Any] | None:
     path = storage.location(path)
     try:
         if (path / "zarr.json").is_file():
-            meta = json.loads((path / "zarr.json").read_bytes())
+            meta = json.loads(storage.read_bytes(path / "zarr.json"))
             value = meta.get("attributes") if isinstance(meta, dict) else None
         elif (path / ".zgroup").is_file():
             attrs = path / ".zattrs"
-            value = json.loads(attrs.read_bytes()) if attrs.is_file() else {}
+            value = json.loads(storage.read_bytes(attrs)) if attrs.is_file() else {}
         else:
             return None
     except (OSError, ValueError) as err:

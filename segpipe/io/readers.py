@@ -563,7 +563,7 @@ def _decode_whole(spec: SourceSpec) -> NDArray[Any]:
 
 def _load_json(path: str) -> dict[str, Any]:
     try:
-        meta = json.loads(storage.location(path).read_bytes())
+        meta = json.loads(storage.read_bytes(storage.location(path)))
     except (OSError, ValueError) as err:
         raise InputReadError(f"{path}: unreadable Zarr metadata ({err}).") from err
     if not isinstance(meta, dict):

@@ -211,8 +211,9 @@ def _failed(where: Location, err: Exception, doing: str) -> OutputWriteError:
     return OutputWriteError(f"{where}: could not {doing} ({_reason(err)}).")
 
 
-def put(where: Location, data: bytes | memoryview) -> None:
+def put(where: Location, data: bytes | memoryview) -> tuple[int, int] | None:
     """Write ``data`` as the whole of ``where``: readers see the old bytes or the new.
+    Returns its `stamp` where the store said it in answer (S3's ETag), else None.
 
     Not synced to disk: what segpipe writes this way is vouched for by a marker or a
     manifest that checks it (`segpipe.io.written`), and is written again if damaged.
@@ -232,11 +233,14 @@ def put(where: Location, data: bytes | memoryview) -> None:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        return
+        return None
+    payload = bytes(data)
     try:
-        where.fs.pipe_file(where.path, bytes(data))
+        answer = where.fs.pipe_file(where.path, payload)
     except Exception as err:
         raise _failed(where, err, "write it") from err
+    etag = answer.get("ETag") if isinstance(answer, dict) else None
+    return None if etag is None else (len(payload), version(str(etag)))
 
 
 def create(where: Location, data: bytes) -> bool:
@@ -265,8 +269,13 @@ def create(where: Location, data: bytes) -> bool:
 
 
 def read_bytes(where: Location) -> bytes:
-    """The whole of ``where`` (``FileNotFoundError`` if absent)."""
-    return where.read_bytes()
+    """The whole of ``where`` (``FileNotFoundError`` if absent): one ``GET`` for an
+    object (``UPath.read_bytes`` asks for its size first)."""
+    if isinstance(where, Path):
+        return where.read_bytes()
+    if where.protocol in ("s3", "s3a"):  # one request: no HEAD for a concurrent download
+        return bytes(where.fs.cat_file(where.path, max_concurrency=1))
+    return bytes(where.fs.cat_file(where.path))
 
 
 def remove_tree(where: Location) -> None:

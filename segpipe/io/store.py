@@ -162,7 +162,7 @@ def _written_by_us(group: Location) -> bool:
     if _is_link(group):
         return False
     try:
-        meta = json.loads((group / "zarr.json").read_bytes())
+        meta = json.loads(storage.read_bytes(group / "zarr.json"))
     except (OSError, ValueError):
         return False
     attrs = meta.get("attributes") if isinstance(meta, dict) else None
@@ -420,7 +420,7 @@ class OutputLock:
 
     def holder(self) -> dict[str, Any] | None:
         try:
-            value = json.loads(self.path.read_bytes())
+            value = json.loads(storage.read_bytes(self.path))
         except (OSError, ValueError):
             return None
         return value if isinstance(value, dict) else None

@@ -85,13 +85,14 @@ def recording() -> Iterator[list[Written]]:
             outer.extend(files)
 
 
-def note(path: Where, payload: Any = None) -> None:
-    """Record that ``path`` was just written (with ``payload``, its bytes, if at hand),
-    when a block is `recording`; otherwise do nothing."""
+def note(path: Where, payload: Any = None, stamp: tuple[int, int] | None = None) -> None:
+    """Record that ``path`` was just written (with ``payload``, its bytes, if at hand,
+    and its ``stamp`` if the store told it), when a block is `recording`; otherwise do
+    nothing."""
     files = getattr(_local, "files", None)
     if files is None:
         return
-    size, version = storage.stamp(storage.location(path))
+    size, version = stamp or storage.stamp(storage.location(path))
     view = None if payload is None else memoryview(payload).cast("B")
     crc = zlib.crc32(view) if view is not None and view.nbytes == size else checksum(path)
     files.append(Written(str(path), size, version, crc))

@@ -243,7 +243,9 @@ def _describe_instances(plan: ImagePlan, objects: Location, rows: int) -> None:
             "area": int(row["area"]),
             **({"area_physical": float(row["area_physical"])} if physical else {}),
         }
-        for row in pq.read_table(pa.BufferReader(objects.read_bytes()), columns=columns).to_pylist()
+        for row in pq.read_table(
+            pa.BufferReader(storage.read_bytes(objects)), columns=columns
+        ).to_pylist()
     ]
     omezarr.describe_label_values(path, properties, where)
 
