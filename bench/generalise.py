@@ -5,14 +5,15 @@ Usage: python -m bench.generalise [--label after] [--weights DIR] [--images 4] [
                                   [--json bench/generalise.json]
 
 Sets: `segpipe.deep.synth.HELD_OUT` (the training distribution with new seeds; nuclei up
-to 1.5× larger than any trained on; nuclei barely brighter than the background; a tenth of
-the photons) and ``basic`` (`segpipe.synthetic.render`, the simple round nuclei the models
-were first trained on). Every image is segmented whole by each model in ``--weights``
-(`segpipe.deep.train.segment_image`) and by the default watershed
+to 1.5× larger than any trained on; nuclei barely brighter than the background; fewer
+photons than any trained on) and ``basic`` (`segpipe.synthetic.render`, the simple round
+nuclei the models were first trained on). Every image is segmented whole by each model in
+``--weights`` (`segpipe.deep.train.segment_image`) and by the default watershed
 (`segpipe.deep.train.watershed_image`), and scored per set with `segpipe.evaluate`
 (`score_instances`); torchmetrics' PanopticQuality scores the same arrays as a check.
 Results are merged into ``--json`` under ``--label``; the table printed holds every label
-stored there.
+stored there. ``--cards`` also writes each model's rows (every label, and the watershed)
+into its model card in ``--weights`` (the section below ``CARD_HEADING``, replaced on rerun).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from segpipe.deep import synth
 from segpipe.segmenters.deep import WEIGHTS
 
 MODELS = ("unet", "segnet", "fcn")
+CARD_HEADING = "## Generalisation (python -m bench.generalise)"
 BASIC_SEED0 = 40_000  # below the training seeds, apart from the model cards' and the tests'
 Pair = tuple[NDArray[np.uint16], NDArray[np.uint32]]
 
@@ -154,6 +156,46 @@ def table(stored: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def card_section(stored: dict[str, Any], model: str) -> str:
+    """The model card's section: nuclei PQ of ``model`` under every stored label, and the
+    watershed's, per set."""
+    labels = [
+        k for k, run in stored["runs"].items() if model in next(iter(run["results"].values()))
+    ]
+    last = stored["runs"][labels[-1]]
+    head = ["set"] + [f"{model} ({label})" for label in labels] + ["watershed"]
+    lines = [
+        CARD_HEADING,
+        "",
+        f"Nuclei PQ on {last['images']} held-out images of {last['size']}² px per set "
+        "(`bench/generalise.json`; *basic* is `segpipe.synthetic.render`, the simple round "
+        "nuclei earlier models were trained on). Labels: *before* the weights this card "
+        "replaced, *after* these.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for s in last["results"]:
+        cells = [s] + [
+            f"{stored['runs'][label]['results'][s][model]['nuclei_pq']:.3f}" for label in labels
+        ]
+        cells.append(f"{last['results'][s]['watershed']['nuclei_pq']:.3f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_card(path: Path, section: str) -> None:
+    """Put ``section`` into the card at ``path``, before its ``## Use``, replacing an old one."""
+    text = path.read_text(encoding="utf-8")
+    if CARD_HEADING in text:
+        start = text.index(CARD_HEADING)
+        end = text.find("\n## ", start + len(CARD_HEADING))
+        text = text[:start] + text[end + 1 :] if end >= 0 else text[:start]
+    use = text.find("## Use")
+    text = text + "\n" + section if use < 0 else text[:use] + section + "\n" + text[use:]
+    path.write_text(text, encoding="utf-8")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--label", default="after", help="key of this run in --json")
@@ -163,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=512, help="image edge")
     parser.add_argument("--json", type=Path, default=Path(__file__).with_suffix(".json"))
     parser.add_argument("--note", default="", help="stored with the run (e.g. the weights' commit)")
+    parser.add_argument("--cards", action="store_true", help="write the table into the cards")
     args = parser.parse_args(argv)
     import torch
 
@@ -181,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     args.json.write_text(json.dumps(stored, indent=1) + "\n")
     print(f"\nNuclei PQ ({args.images} images of {args.size}² per set; {args.json}):\n")
     print(table(stored))
+    if args.cards:
+        for model in args.models.split(","):
+            write_card(args.weights / f"{model}.md", card_section(stored, model))
     return 0
 
 

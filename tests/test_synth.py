@@ -105,7 +105,8 @@ def test_held_out_sets_differ_from_training_and_its_seeds() -> None:
     large = synth.held_out_set("large", 2, (256, 256))
     radii = [np.sqrt(r.area / np.pi) for _, lab in large for r in _inner(lab)]
     assert radii and np.median(radii) > synth.TRAIN.radius[1]
-    assert synth.HELD_OUT["noisy"].photons[1] < synth.TRAIN.photons[0] / 2
+    assert synth.HELD_OUT["noisy"].photons[1] < synth.TRAIN.photons[0]
+    assert synth.HELD_OUT["noisy"].read_noise[0] >= synth.TRAIN.read_noise[1]
     assert synth.HELD_OUT["low-contrast"].background[0] > synth.TRAIN.background[1]
     assert synth.HELD_OUT_SEED0 + 1000 * len(synth.HELD_OUT) < TRAIN_SEED_MIN
     with pytest.raises(ValueError, match="held-out set"):

@@ -107,8 +107,8 @@ class StyleRanges:
     debris: Range = (0.0, 1.5)
     blur: Range = (0.3, 2.0)
     noise: tuple[Noise, ...] = ("poisson", "gaussian", "mixed")
-    photons: Range = (20.0, 2000.0)
-    read_noise: Range = (0.0, 0.06)
+    photons: Range = (8.0, 2000.0)
+    read_noise: Range = (0.0, 0.08)
 
 
 TRAIN = StyleRanges()
@@ -122,7 +122,7 @@ HELD_OUT: dict[str, StyleRanges] = {
     "low-contrast": replace(
         TRAIN, background=(0.6, 0.9), blobs=(0.2, 0.4), uneven=(0.3, 0.5), photons=(300, 2000)
     ),
-    # a tenth of the fewest photons trained on, and twice the read noise
+    # a quarter to three quarters of the fewest photons trained on, and more read noise
     "noisy": replace(TRAIN, noise=("mixed",), photons=(2.0, 6.0), read_noise=(0.08, 0.12)),
 }
 """Held-out sets: the training distribution (new seeds), then one shift each in scale,

@@ -497,8 +497,9 @@ def card_markdown(name: str, card: dict[str, Any]) -> str:
             f"{first['images']} images of {'×'.join(map(str, first['shape']))} px per set from "
             "`segpipe.deep.synth.held_out_set` (seeds never used in training): the training "
             "distribution, then nuclei up to 1.5× larger than any trained on (*large*), nuclei "
-            "barely brighter than the background (*low-contrast*) and a tenth of the photons "
-            "(*noisy*). Nuclei PQ (matches at IoU > 0.5), TP/FP/FN in brackets.",
+            "barely brighter than the background (*low-contrast*) and fewer photons than any "
+            "trained on, with more read noise (*noisy*). Nuclei PQ (matches at IoU > 0.5), "
+            "TP/FP/FN in brackets.",
             "",
             f"| set | {name} | watershed (default options) |",
             "|---|---|---|",
