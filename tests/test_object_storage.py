@@ -8,13 +8,15 @@ of the same input from and to local disk.
 
 from __future__ import annotations
 
+import http.client
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -225,3 +227,110 @@ def test_a_wrong_credential_is_one_line(tmp_path: Path) -> None:
     assert len(lines) == 1, done.stderr
     assert lines[0].startswith("error: s3://lab/o.zarr: access refused"), lines[0]
     assert "hush1" not in done.stdout + done.stderr  # no secret is printed
+
+
+class _Faults:
+    """An HTTP proxy in front of the S3 server that answers some requests itself with
+    an error, as a throttled or failing bucket does; the others pass through."""
+
+    def __init__(self, upstream: int, fault: Callable[[str, str, int], int | None]) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.count = 0
+        self.faults = 0
+        lock = threading.Lock()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # answers botocore's Expect: 100-continue
+
+            def log_message(self, *args: object) -> None:
+                return
+
+            def _any(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                with lock:
+                    outer.count += 1
+                    status = fault(self.command, self.path, outer.count)
+                    outer.faults += status is not None
+                if status is not None:
+                    code = "SlowDown" if status == 503 else "InternalError"
+                    reply = f"<Error><Code>{code}</Code><Message>injected</Message></Error>"
+                    data = reply.encode()
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    if self.command != "HEAD":
+                        self.wfile.write(data)
+                    return
+                conn = http.client.HTTPConnection("127.0.0.1", upstream, timeout=60)
+                headers = {k: v for k, v in self.headers.items() if k.lower() != "expect"}
+                conn.request(self.command, self.path, body=body, headers=headers)
+                answer = conn.getresponse()
+                data = answer.read()
+                self.send_response(answer.status)
+                length = answer.getheader("Content-Length") if self.command == "HEAD" else None
+                for k, v in answer.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", length or str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _any  # noqa: N815
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = int(self.server.server_address[1])
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _through(tmp_path: Path, proxy: _Faults, out: str, attempts: int) -> Path:
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"input: s3://lab/scans/a.tif\noutput: {out}\nsegmenter: {{name: watershed}}\n"
+        f"tile: 256\nstorage:\n  endpoint: http://127.0.0.1:{proxy.port}\n"
+        f"  attempts: {attempts}\n",
+        encoding="utf-8",
+    )
+    return config
+
+
+def test_throttled_requests_are_retried(
+    s3_env: dict[str, str], bucket: object, tmp_path: Path
+) -> None:
+    upstream = int(s3_env["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])
+    proxy = _Faults(upstream, lambda method, path, n: 503 if n % 25 == 0 else None)
+    try:
+        done = _segpipe("--config", str(_through(tmp_path, proxy, "s3://lab/slow.zarr", 10)))
+    finally:
+        proxy.close()
+    assert done.returncode == 0, done.stderr
+    assert proxy.faults >= 20  # one in 25 of the run's requests was refused
+    local_in = tmp_path / "a.tif"
+    bucket.get("lab/scans/a.tif", str(local_in))  # type: ignore[attr-defined]
+    ref = _segpipe("--input", str(local_in), "--output", str(tmp_path / "ref.zarr"), *ARGS)
+    assert ref.returncode == 0, ref.stderr
+    _same(tmp_path / "ref.zarr", "s3://lab/slow.zarr", "a")
+
+
+def test_a_failing_object_is_named(s3_env: dict[str, str], bucket: object, tmp_path: Path) -> None:
+    upstream = int(s3_env["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])
+
+    def fault(method: str, path: str, n: int) -> int | None:
+        return 500 if method == "PUT" and "/labels/semantic/0/c/" in path else None
+
+    proxy = _Faults(upstream, fault)
+    try:
+        done = _segpipe("--config", str(_through(tmp_path, proxy, "s3://lab/broken.zarr", 2)))
+    finally:
+        proxy.close()
+    assert done.returncode != 0
+    assert "s3://lab/broken.zarr/a/labels/semantic/0/c/" in done.stderr, done.stderr
+    assert "could not write it" in done.stderr

@@ -65,9 +65,6 @@ SCHEMES = {
 }
 """Object-storage URL schemes segpipe reads and writes, with the package each needs."""
 
-_RETRIES = {"max_attempts": 10, "mode": "adaptive"}
-"""botocore's retries of a throttled or failing S3 request: backoff with jitter, and a
-client-side rate limit after throttling (``SlowDown``, 503)."""
 
 
 def is_url(text: Where) -> bool:
@@ -128,7 +125,10 @@ def join(root: str, *parts: str) -> str:
 
 def options(config: StorageConfig) -> dict[str, dict[str, Any]]:
     """fsspec's settings per scheme for run.yaml's ``storage:`` section."""
-    s3: dict[str, Any] = {"config_kwargs": {"retries": dict(_RETRIES)}}
+    # botocore's standard retries: exponential backoff with jitter, on throttling
+    # (SlowDown, 503), 5xx answers and dropped connections
+    retries = {"max_attempts": config.attempts, "mode": "standard"}
+    s3: dict[str, Any] = {"config_kwargs": {"retries": retries}}
     client: dict[str, Any] = {}
     if config.endpoint:
         client["endpoint_url"] = config.endpoint
