@@ -343,7 +343,7 @@ class StorageConfig(BaseModel):
     """Named profile of the provider's config files (``~/.aws/config``)."""
     anonymous: bool = False
     """Reach public buckets without credentials."""
-    attempts: int = Field(10, ge=1)
+    attempts: int = Field(default=10, ge=1)
     """Tries of one S3 request that is throttled (``SlowDown``, 503) or fails on the
     way (5xx, a dropped connection), with exponential backoff and jitter between
     them (botocore's ``standard`` mode); then the run stops, naming the object."""
