@@ -334,3 +334,26 @@ def test_a_failing_object_is_named(s3_env: dict[str, str], bucket: object, tmp_p
     assert done.returncode != 0
     assert "s3://lab/broken.zarr/a/labels/semantic/0/c/" in done.stderr, done.stderr
     assert "could not write it" in done.stderr
+
+
+def test_damage_is_repaired_and_a_bad_object_skipped(bucket: object, tmp_path: Path) -> None:
+    fs: object = bucket
+    fs.put(
+        str(synthetic.write_tiff(tmp_path / "d.tif", (512, 512), tile=128, seed=6)),
+        "lab/mixed/d.tif",
+    )  # type: ignore[attr-defined]
+    fs.pipe("lab/mixed/bad.tif", b"II*\x00" + b"\x00" * 60)  # type: ignore[attr-defined]
+    out = "s3://lab/mixed.zarr"
+    args = ("--input", "s3://lab/mixed/", "--output", out, *ARGS)
+    first = _segpipe(*args, "--on-error", "skip")
+    assert first.returncode == 3, first.stderr  # the good image done, the bad one reported
+    assert "s3://lab/mixed/bad.tif" in first.stdout + first.stderr
+    chunk = "lab/mixed.zarr/d/labels/instances/0/c/0/0"
+    fs.rm(chunk)  # type: ignore[attr-defined]
+    again = _segpipe(*args, "--on-error", "skip", "--resume")
+    assert again.returncode == 3, again.stderr
+    assert "repaired" in again.stdout + again.stderr
+    assert fs.exists(chunk)  # type: ignore[attr-defined]
+    ref = _segpipe("--input", str(tmp_path / "d.tif"), "--output", str(tmp_path / "r.zarr"), *ARGS)
+    assert ref.returncode == 0, ref.stderr
+    _same(tmp_path / "r.zarr", out, "d")
