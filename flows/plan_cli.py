@@ -165,7 +165,7 @@ def plan(
         ),
     ] = False,
     costs: Annotated[
-        Path | None, typer.Option(help="Calibration table (default bench/plan_costs.json).")
+        Path | None, typer.Option(help="Calibration table (default segpipe/data/plan_costs.json).")
     ] = None,
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Also write the plan as JSON ('-': stdout).")
