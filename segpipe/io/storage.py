@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from segpipe.config import StorageConfig
 
 __all__ = [
+    "CONNECTIONS",
     "SCHEMES",
     "Location",
     "Where",
@@ -65,6 +66,11 @@ SCHEMES = {
 }
 """Object-storage URL schemes segpipe reads and writes, with the package each needs."""
 
+
+
+CONNECTIONS = 16
+"""Connections one S3 client (a process's, shared by its threads) keeps open at once:
+a block's tile reads go out together, up to this many."""
 
 
 def is_url(text: Where) -> bool:
@@ -128,7 +134,8 @@ def options(config: StorageConfig) -> dict[str, dict[str, Any]]:
     # botocore's standard retries: exponential backoff with jitter, on throttling
     # (SlowDown, 503), 5xx answers and dropped connections
     retries = {"max_attempts": config.attempts, "mode": "standard"}
-    s3: dict[str, Any] = {"config_kwargs": {"retries": retries}}
+    kwargs = {"retries": retries, "max_pool_connections": CONNECTIONS}
+    s3: dict[str, Any] = {"config_kwargs": kwargs}
     client: dict[str, Any] = {}
     if config.endpoint:
         client["endpoint_url"] = config.endpoint
