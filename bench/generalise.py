@@ -23,7 +23,8 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,7 @@ def held_out(images: int, size: int) -> dict[str, list[Pair]]:
     return sets
 
 
-def _stacked(arrays: list[NDArray[np.integer]]) -> NDArray[np.int64]:
+def _stacked(arrays: Sequence[NDArray[np.integer]]) -> NDArray[np.int64]:
     """Images one below the other with distinct ids, as `score_instances` joins them."""
     out, offset = [], 0
     for a in arrays:
@@ -59,7 +60,9 @@ def _stacked(arrays: list[NDArray[np.integer]]) -> NDArray[np.int64]:
     return np.concatenate(out, axis=0)
 
 
-def torchmetrics_pq(preds: list[NDArray[np.integer]], truths: list[NDArray[np.integer]]) -> float:
+def torchmetrics_pq(
+    preds: Sequence[NDArray[np.integer]], truths: Sequence[NDArray[np.integer]]
+) -> float:
     """Nuclei PQ by torchmetrics (thing class 1, stuff class 0), an independent check."""
     import torch
     from torchmetrics.detection import PanopticQuality
@@ -92,15 +95,21 @@ def _scores(preds: list[NDArray[np.integer]], truths: list[NDArray[np.uint32]]) 
     }
 
 
+def _segment_with(net: Any, meta: Any, image: Any) -> Any:
+    from segpipe.deep.train import segment_image
+
+    return segment_image(net, image, meta)
+
+
 def _segmenters(weights: Path, models: list[str]) -> dict[str, Callable[[Any], Any]]:
     from segpipe.deep import checkpoint
-    from segpipe.deep.train import segment_image, watershed_image
+    from segpipe.deep.train import watershed_image
 
     out: dict[str, Callable[[Any], Any]] = {}
     for name in models:
         loaded = checkpoint.load(weights / f"{name}.pt")
         net, meta = loaded.net.eval(), loaded.meta
-        out[name] = lambda image, net=net, meta=meta: segment_image(net, image, meta)
+        out[name] = partial(_segment_with, net, meta)
     out["watershed"] = watershed_image
     return out
 
