@@ -17,7 +17,7 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from flows import monitor, unreported
 from flows.prepare import Prepared, in_process, make_plan, prepare_run, unsized
 from segpipe import lifecycle, pipeline
-from segpipe.cluster import cancel_all, connect_run, dashboard
+from segpipe.cluster import cancel_all, connect_run, dashboard, share_storage
 from segpipe.config import RunConfig
 from segpipe.engine import Inline
 from segpipe.errors import ImagesFailedError, SchedulerLostError, SegpipeError
@@ -314,6 +314,7 @@ def segment_collection(config: dict[str, Any]) -> list[dict[str, Any]]:
                 shared.connection = (client, address, watch)
                 if cfg.cluster != "local":  # a LocalCluster runs this very environment
                     shared.checked.update(check_workers(client))
+                share_storage(client, cfg)
                 logger.info(
                     "Dask dashboard: %s (scheduler %s)",
                     dashboard(client),

@@ -214,8 +214,14 @@ def connect_run(config: RunConfig) -> Iterator[Client]:
         slurm=config.slurm,
         kubernetes=config.kubernetes,
     ) as client:
-        client.register_plugin(StorageSettings(config.storage), name="segpipe-storage")
         yield client
+
+
+def share_storage(client: Client, config: RunConfig) -> None:
+    """Give every worker, and those that join later, run.yaml's ``storage:``. Call it
+    after the workers are checked: a worker that cannot import segpipe would fail to
+    load the plugin, where the check names it in one line."""
+    client.register_plugin(StorageSettings(config.storage), name="segpipe-storage")
 
 
 class StorageSettings(WorkerPlugin):

@@ -129,7 +129,11 @@ def _same(local: Path, remote: str, name: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "source, name", [("s3://lab/scans/a.tif", "a"), ("s3://lab/scans/b.ome.zarr", "b")]
+    "source, name",
+    [
+        ("s3://lab/scans/a.tif", "a"),
+        pytest.param("s3://lab/scans/b.ome.zarr", "b", marks=pytest.mark.slow),
+    ],
 )
 def test_s3_input_and_output_equal_a_local_run(
     bucket: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, source: str, name: str
@@ -153,6 +157,7 @@ def test_s3_input_and_output_equal_a_local_run(
     assert not (tmp_path / "s3:").exists()
 
 
+@pytest.mark.slow  # 45 s: a run of 30 blocks a stage killed, then resumed
 def test_a_killed_run_resumes_in_the_bucket(bucket: object, tmp_path: Path) -> None:
     fs: object = bucket
     out = "s3://lab/killed.zarr"
@@ -302,6 +307,7 @@ def _through(tmp_path: Path, proxy: _Faults, out: str, attempts: int) -> Path:
     return config
 
 
+@pytest.mark.slow  # 50 s: the backoff of some 80 refused requests
 def test_throttled_requests_are_retried(
     s3_env: dict[str, str], bucket: object, tmp_path: Path
 ) -> None:
