@@ -151,11 +151,14 @@ def begin(plan: ImagePlan) -> str:
     return start
 
 
-def _result_files(plan: ImagePlan) -> list[Location]:
-    """Every file of the image's result but its group metadata (rewritten when marked)."""
+def _result_files(plan: ImagePlan) -> list[tuple[Location, tuple[int, int]]]:
+    """Every file of the image's result but its group metadata (rewritten when marked),
+    with its `segpipe.io.storage.stamp` (in object storage: from one listing)."""
     group = storage.location(plan.group)
-    files = storage.walk_files(group)
-    return sorted((f for f in files if str(f) != str(group / "zarr.json")), key=str)
+    meta = str(group / "zarr.json")
+    return sorted(
+        ((f, s) for f, s in storage.stamps(group) if str(f) != meta), key=lambda x: str(x[0])
+    )
 
 
 def write_manifest(plan: ImagePlan) -> None:
@@ -176,8 +179,7 @@ def write_manifest(plan: ImagePlan) -> None:
                 except UNREADABLE:
                     continue
     files = []
-    for path in _result_files(plan):
-        size, version = storage.stamp(path)
+    for path, (size, version) in _result_files(plan):
         seen = known.get(str(path))
         if seen is None or (seen.size, seen.mtime_ns) != (size, version):
             seen = written.Written(str(path), size, version, written.checksum(path))

@@ -90,25 +90,23 @@ def _inside(path: str | Location, folder: str | Location) -> bool:
     return Path(str(path)).resolve().is_relative_to(Path(str(folder)).resolve())
 
 
-def _from_glob(pattern: str, skip: str | None) -> list[str]:
-    matches = glob.glob(os.path.expanduser(pattern), recursive=True)
-    images = sorted(m for m in matches if _is_image(m) and not (skip and _inside(m, skip)))
-    if not images:
-        found = f"matches {len(matches)} paths but no image" if matches else "matches no files"
-        raise InputNotFoundError(
-            f"{pattern}: the pattern {found} (expected one of {', '.join(SUFFIXES)})."
-        )
-    return images
-
-
-def _from_remote_glob(pattern: str, skip: str | None) -> list[str]:
+def _matches(pattern: str) -> tuple[list[str], str, str]:
+    """What a glob ``pattern`` matches (``**`` recursing), what those are called, and
+    what is said when there are none."""
     where = storage.location(pattern)
-    assert not isinstance(where, Path)
+    if isinstance(where, Path):
+        local = glob.glob(os.path.expanduser(pattern), recursive=True)
+        return local, "paths", "matches no files"
     scheme = pattern.split("://", 1)[0]
-    matches = [f"{scheme}://{m}" for m in where.fs.glob(where.path)]
+    found = [f"{scheme}://{m}" for m in where.fs.glob(where.path)]
+    return found, "objects", "matches no object"
+
+
+def _from_glob(pattern: str, skip: str | None) -> list[str]:
+    matches, kind, none = _matches(pattern)
     images = sorted(m for m in matches if _is_image(m) and not (skip and _inside(m, skip)))
     if not images:
-        found = f"matches {len(matches)} objects but no image" if matches else "matches no object"
+        found = f"matches {len(matches)} {kind} but no image" if matches else none
         raise InputNotFoundError(
             f"{pattern}: the pattern {found} (expected one of {', '.join(SUFFIXES)})."
         )
@@ -166,7 +164,7 @@ def resolve_inputs(
     remote = storage.is_url(text)
     path = storage.location(text if remote else os.path.expanduser(text))
     if not path.exists() and glob.has_magic(text):  # a name like 'img[1].tif' is literal
-        paths = _from_remote_glob(text, output) if remote else _from_glob(text, output)
+        paths = _from_glob(text, output)
     elif not path.exists():
         where = str(path) if remote else os.path.abspath(str(path))
         raise InputNotFoundError(f"{where}: no such file or directory.")

@@ -96,35 +96,30 @@ class Markers:
     def done(self, block_id: int) -> bool:
         """Whether ``block_id`` is finished: its marker reads back whole and every file
         it records is intact. A marker that fails the check is removed (it is ours), so
-        the block is computed again."""
+        the block is computed again. A local marker found whole is not checked again
+        while its stamp holds; one in object storage is read with one ``GET`` (a
+        missing marker is one 404, not a ``HEAD`` and a listing)."""
         path = self.path(block_id)
-        if not isinstance(path, Path):
-            return self._done_remote(path)
+        stamp = None
         try:
-            stamp = storage.stamp(path)
-        except OSError:
-            return False
-        with _checked_lock:
-            if _checked.get(str(path)) == stamp:
-                return True
-        arrays = read_marker(path)
+            if isinstance(path, Path):
+                stamp = storage.stamp(path)
+                with _checked_lock:
+                    if _checked.get(str(path)) == stamp:
+                        return True
+                arrays = read_marker(path)
+            else:
+                arrays = _arrays(storage.read_bytes(path))
+        except OSError as err:  # a local stat fails, or the object is not there
+            if isinstance(path, Path) or isinstance(err, FileNotFoundError):
+                return False
+            raise
         if arrays is None or written.damaged(written.from_arrays(arrays, self.directory)):
             storage.remove_tree(path)
             return False
-        with _checked_lock:
-            _checked[str(path)] = stamp
-        return True
-
-    def _done_remote(self, path: Location) -> bool:
-        """`done` for a marker in object storage: one ``GET`` (a missing marker is one
-        404, not a ``HEAD`` and a listing), its files checked by their ETags."""
-        try:
-            arrays = _arrays(storage.read_bytes(path))
-        except FileNotFoundError:
-            return False
-        if arrays is None or written.damaged(written.from_arrays(arrays, self.directory)):
-            storage.remove_tree(path)
-            return False
+        if stamp is not None:
+            with _checked_lock:
+                _checked[str(path)] = stamp
         return True
 
     def files(self, block_id: int) -> list[written.Written]:

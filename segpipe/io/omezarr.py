@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import itertools
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -41,11 +40,7 @@ def _opened(path: str, mode: str, stamp: tuple[int, int, int]) -> zarr.Array[Any
 
 
 def _stamp(path: str | Path) -> tuple[int, int, int]:
-    meta = storage.location(path) / "zarr.json"
-    if not isinstance(meta, Path):
-        return (*storage.stamp(meta), 0)
-    st = os.stat(meta)
-    return (st.st_mtime_ns, st.st_size, st.st_ino)
+    return storage.identity(storage.location(path) / "zarr.json")
 
 
 def open_array(path: str | Path, mode: str = "r") -> zarr.Array[Any]:

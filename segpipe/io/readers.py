@@ -255,15 +255,6 @@ def _size(path: str) -> int:
     return storage.stamp(where)[0]
 
 
-def _stamp(path: str) -> tuple[int, int, int]:
-    """What changes when the file at ``path`` is replaced: mtime, size and inode (an
-    object's size and ETag)."""
-    if storage.is_url(path):
-        return (*storage.stamp(storage.location(path)), 0)
-    st = os.stat(path)
-    return (st.st_mtime_ns, st.st_size, st.st_ino)
-
-
 def _open_file(path: str) -> IO[bytes]:
     """The file (or object) at ``path``, opened for reading; an object is read by byte
     ranges of 64 KiB and up, never fetched whole."""
@@ -874,7 +865,7 @@ def _tiff_plane(spec: SourceSpec, stamp: tuple[int, int, int]) -> tiff_tiles.Pla
 
 def _stored(spec: SourceSpec, index: tuple[Any, ...]) -> NDArray[Any]:
     if spec.format == "tiff":
-        stamp = _stamp(spec.path)
+        stamp = storage.identity(storage.location(spec.path))
         if spec.axes == "YX" and spec.data_offset is None and spec.level == 0:
             plane = _tiff_plane(spec, stamp)
             if plane is not None:

@@ -39,6 +39,7 @@ __all__ = [
     "check_bucket",
     "configure",
     "create",
+    "identity",
     "is_remote",
     "is_url",
     "join",
@@ -50,7 +51,6 @@ __all__ = [
     "remove_tree",
     "stamp",
     "stamps",
-    "walk_files",
 ]
 
 Location: TypeAlias = Path | UPath
@@ -65,7 +65,6 @@ SCHEMES = {
     "abfss": "adlfs",
 }
 """Object-storage URL schemes segpipe reads and writes, with the package each needs."""
-
 
 
 CONNECTIONS = 16
@@ -315,6 +314,16 @@ def stamp(where: Location) -> tuple[int, int]:
     return int(info["size"]), version(etag)
 
 
+def identity(where: Location) -> tuple[int, int, int]:
+    """What changes when the file at ``where`` is replaced or rewritten, for caches of
+    what was read from it: a local file's mtime, size and inode; an object's size and
+    ETag."""
+    if isinstance(where, Path):
+        st = where.stat()
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+    return (*stamp(where), 0)
+
+
 def version(etag: str) -> int:
     """An object's ETag as a 63-bit number (what a marker's version field holds)."""
     return int.from_bytes(hashlib.blake2b(etag.encode(), digest_size=8).digest()) >> 1
@@ -353,18 +362,3 @@ def stamps(where: Location) -> Iterator[tuple[Location, tuple[int, int]]]:
         info = found[key]
         tag = str(info.get("ETag") or info.get("etag") or info.get("LastModified") or "")
         yield UPath(f"{where.protocol}://{key}"), (int(info["size"]), version(tag))
-
-
-def walk_files(where: Location) -> Iterator[Location]:
-    """Every file under ``where`` (none if it is absent)."""
-    if isinstance(where, Path):
-        for folder, _dirs, names in os.walk(where):
-            for name in names:
-                yield Path(folder) / name
-        return
-    try:
-        found = where.fs.find(where.path)
-    except FileNotFoundError:
-        return
-    for key in found:
-        yield UPath(f"{where.protocol}://{key}")
