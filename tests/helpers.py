@@ -157,3 +157,20 @@ def ngff_valid(path: str | Path, model: str) -> None:
 
     attributes = json.loads((Path(path) / "zarr.json").read_text())["attributes"]
     validate(attributes, version="0.5", model=model, strict=model in STRICT_NGFF)
+
+
+def cluster_spec_app() -> Any:
+    """A typer app holding ``segpipe cluster-spec`` and a second command (typer then
+    dispatches by name, as segpipe's app does)."""
+    import typer
+
+    from flows.cluster_cli import register
+
+    app = typer.Typer()
+    register(app)
+
+    @app.command()
+    def other() -> None:
+        """Nothing."""
+
+    return app

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import typer
 import yaml
 from typer.testing import CliRunner
 
@@ -20,6 +19,7 @@ from segpipe import backends
 from segpipe.cluster import connect
 from segpipe.config import RunConfig, load_config
 from segpipe.errors import ConfigError, SegpipeError
+from tests.helpers import cluster_spec_app
 from tests.test_deploy import validate_crd
 
 TLS = {
@@ -227,19 +227,6 @@ def test_kubernetes_without_credentials_is_one_clear_error() -> None:
 # --- the cluster-spec command ------------------------------------------------------------
 
 
-def _app() -> typer.Typer:
-    from flows.cluster_cli import register
-
-    app = typer.Typer()
-    register(app)
-
-    @app.command()
-    def other() -> None:  # a second command: typer then dispatches by name, as segpipe's app
-        """Nothing."""
-
-    return app
-
-
 def _write(path: Path, config: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump({"input": "in", "output": "out.zarr", **config}))
     return path
@@ -247,7 +234,7 @@ def _write(path: Path, config: dict[str, Any]) -> Path:
 
 def test_cluster_spec_command_prints_the_slurm_script(tmp_path: Path) -> None:
     config = _write(tmp_path / "run.yaml", {"cluster": "slurm", "slurm": {"gpus": 1}})
-    result = CliRunner().invoke(_app(), ["cluster-spec", "--config", str(config)])
+    result = CliRunner().invoke(cluster_spec_app(), ["cluster-spec", "--config", str(config)])
     assert result.exit_code == 0, result.output
     assert result.output.startswith("#!/usr/bin/env bash")
     assert "#SBATCH --gres=gpu:1" in result.output
@@ -257,7 +244,7 @@ def test_cluster_spec_command_prints_the_slurm_script(tmp_path: Path) -> None:
 def test_cluster_spec_command_prints_the_daskcluster(tmp_path: Path) -> None:
     config = _write(tmp_path / "run.yaml", {"kubernetes": {"image": "segpipe:cuda", "gpus": 1}})
     result = CliRunner().invoke(
-        _app(), ["cluster-spec", "--config", str(config), "--cluster", "kubernetes"]
+        cluster_spec_app(), ["cluster-spec", "--config", str(config), "--cluster", "kubernetes"]
     )
     assert result.exit_code == 0, result.output
     printed = yaml.safe_load(result.output)
@@ -269,7 +256,7 @@ def test_cluster_spec_command_prints_the_daskcluster(tmp_path: Path) -> None:
 
 def test_cluster_spec_command_refuses_other_clusters(tmp_path: Path) -> None:
     config = _write(tmp_path / "run.yaml", {})
-    result = CliRunner().invoke(_app(), ["cluster-spec", "--config", str(config)])
+    result = CliRunner().invoke(cluster_spec_app(), ["cluster-spec", "--config", str(config)])
     assert result.exit_code == 1
     assert "--cluster slurm or --cluster kubernetes" in result.output
 

@@ -151,14 +151,19 @@ def _args(group: dict[str, Any]) -> list[str]:
     return [str(a) for a in group["spec"]["containers"][0]["args"]]
 
 
-def test_daskcluster_manifest_fits_the_crds() -> None:
-    docs = _docs("daskcluster.yaml")
-    assert {d["kind"] for d in docs} == {"DaskCluster", "DaskWorkerGroup", "Service"}
+def _validate(docs: list[dict[str, Any]]) -> None:
+    """Each manifest against its schema: dask-kubernetes' CRDs, or Kubernetes' own."""
     for doc in docs:
         if doc["apiVersion"].startswith("kubernetes.dask.org/"):
             validate_crd(doc)
         else:
             assert validate_builtin(doc) == []
+
+
+def test_daskcluster_manifest_fits_the_crds() -> None:
+    docs = _docs("daskcluster.yaml")
+    assert {d["kind"] for d in docs} == {"DaskCluster", "DaskWorkerGroup", "Service"}
+    _validate(docs)
     cluster = _one(docs, "DaskCluster")
     gpu = _one(docs, "DaskWorkerGroup")
     assert gpu["spec"]["cluster"] == cluster["metadata"]["name"]
@@ -261,11 +266,7 @@ def test_object_storage_variant() -> None:
 
     docs = _docs("daskcluster-s3.yaml")
     assert {d["kind"] for d in docs} == {"DaskCluster", "Service"}
-    for doc in docs:
-        if doc["apiVersion"].startswith("kubernetes.dask.org/"):
-            validate_crd(doc)
-        else:
-            assert validate_builtin(doc) == []
+    _validate(docs)
     cluster = _one(docs, "DaskCluster")
     assert "persistentVolumeClaim" not in json.dumps(cluster)
     worker = cluster["spec"]["worker"]["spec"]["containers"][0]

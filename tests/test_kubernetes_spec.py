@@ -10,13 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import typer
 import yaml
 from typer.testing import CliRunner
 
 from segpipe import backends
 from segpipe.config import load_config
 from segpipe.errors import ConfigError
+from tests.helpers import cluster_spec_app
 from tests.test_deploy import validate_crd
 
 DATA_ACCESS: dict[str, Any] = {
@@ -49,19 +49,6 @@ def _write(path: Path, kubernetes: dict[str, Any]) -> Path:
     return path
 
 
-def _app() -> typer.Typer:
-    from flows.cluster_cli import register
-
-    app = typer.Typer()
-    register(app)
-
-    @app.command()
-    def other() -> None:  # a second command: typer then dispatches by name, as segpipe's app
-        """Nothing."""
-
-    return app
-
-
 def _pod(spec: dict[str, Any], part: str) -> dict[str, Any]:
     return dict(spec["spec"][part]["spec"])
 
@@ -72,7 +59,7 @@ def test_cluster_spec_prints_volumes_mounts_and_secret_references(
 ) -> None:
     section = {**DATA_ACCESS, **({"tls_secret": "dask-tls"} if tls else {})}
     config = _write(tmp_path / "run.yaml", section)
-    result = CliRunner().invoke(_app(), ["cluster-spec", "--config", str(config)])
+    result = CliRunner().invoke(cluster_spec_app(), ["cluster-spec", "--config", str(config)])
     assert result.exit_code == 0, result.output
     spec = yaml.safe_load(result.output)
     assert spec == backends.kubernetes_cluster_spec(load_config(config))

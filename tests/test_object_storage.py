@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -46,23 +47,17 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="module")
-def s3_env() -> Iterator[dict[str, str]]:
-    """A moto S3 server for this module and the environment that points clients at it."""
+@contextmanager
+def _moto(**env: str) -> Iterator[int]:
+    """A moto S3 server on 127.0.0.1 (its own ``env`` beside ours), its port once it
+    answers; stopped on leaving."""
     port = _free_port()
     server = subprocess.Popen(
         [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        env={**os.environ, **env},
     )
-    env = {
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
     try:
         deadline = time.time() + 30
         while True:
@@ -73,15 +68,32 @@ def s3_env() -> Iterator[dict[str, str]]:
                 if time.time() > deadline or server.poll() is not None:
                     raise RuntimeError("moto_server did not start") from None
                 time.sleep(0.2)
-        yield env
+        yield port
     finally:
         server.terminate()
         server.wait(timeout=30)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def s3_env() -> Iterator[dict[str, str]]:
+    """A moto S3 server for this module and the environment that points clients at it."""
+    with _moto() as port:
+        env = {
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            yield env
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
 
 @pytest.fixture(scope="module")
@@ -198,14 +210,7 @@ def test_a_missing_bucket_is_one_line(bucket: object) -> None:
 def test_a_wrong_credential_is_one_line(tmp_path: Path) -> None:
     """A server that checks credentials (moto's IAM checks from the first request) and
     does not know the key: reached through run.yaml's ``storage: endpoint``."""
-    port = _free_port()
-    server = subprocess.Popen(
-        [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"},
-    )
-    try:
+    with _moto(INITIAL_NO_AUTH_ACTION_COUNT="0") as port:
         image = synthetic.write_tiff(tmp_path / "c.tif", (256, 256), tile=128, seed=5)
         config = tmp_path / "run.yaml"
         config.write_text(
@@ -215,18 +220,7 @@ def test_a_wrong_credential_is_one_line(tmp_path: Path) -> None:
         )
         env = {k: v for k, v in os.environ.items() if k != "AWS_ENDPOINT_URL"}
         env |= {"AWS_ACCESS_KEY_ID": "AKIAWRONG0000000000", "AWS_SECRET_ACCESS_KEY": "hush1"}
-        deadline = time.time() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert time.time() < deadline, "moto_server did not start"
-                time.sleep(0.2)
         done = _segpipe("--config", str(config), "--quiet", env=env)
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
     assert done.returncode != 0
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, done.stderr
