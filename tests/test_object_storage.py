@@ -199,6 +199,21 @@ def test_a_killed_run_resumes_in_the_bucket(bucket: object, tmp_path: Path) -> N
     _same(tmp_path / "ref.zarr", out, "a")
 
 
+def test_an_object_or_a_foreign_prefix_as_output_is_refused(bucket: object) -> None:
+    fs: object = bucket
+    fs.pipe("lab/theirs/notes.txt", b"keep me")  # type: ignore[attr-defined]
+    for out, why in [
+        ("s3://lab/theirs/notes.txt", "is an object, not a folder"),
+        ("s3://lab/theirs", "is not a segpipe store"),
+    ]:
+        done = _segpipe("--input", "s3://lab/scans/a.tif", "--output", out, *ARGS)
+        assert done.returncode != 0
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and out in lines[0] and why in lines[0], done.stderr
+    assert fs.cat("lab/theirs/notes.txt") == b"keep me"  # type: ignore[attr-defined]
+    assert fs.ls("lab/theirs") == ["lab/theirs/notes.txt"]  # type: ignore[attr-defined]
+
+
 def test_a_missing_bucket_is_one_line(bucket: object) -> None:
     done = _segpipe("--input", "s3://lab/scans/a.tif", "--output", "s3://nobucket/o.zarr", *ARGS)
     assert done.returncode != 0

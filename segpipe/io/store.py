@@ -308,6 +308,10 @@ def open_output(
                 )
     else:
         storage.check_bucket(where)
+        if where.is_file():  # an object may share its name with a prefix: not ours to use
+            raise OutputConflictError(
+                f"{where}: output path is an object, not a folder (prefix); choose another output."
+            )
     _refuse_links(where)
     lock = OutputLock(where)
     exists = where.is_dir()
