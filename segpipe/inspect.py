@@ -14,7 +14,7 @@ import zarr
 from segpipe.errors import InputNotFoundError, InputReadError
 from segpipe.io import storage
 from segpipe.io.storage import Location
-from segpipe.io.store import KEY, attrs_section, image_groups
+from segpipe.io.store import KEY, attrs_section, image_groups, lexists
 from segpipe.panoptic import read_attrs
 
 TABLES = "tables"
@@ -180,7 +180,7 @@ def inspect_image(root: Location, group_path: Location) -> ImageInfo:
         divisor=divisor,
         error=state.get("error"),
         source=source,
-        orphaned=source is not None and not os.path.lexists(source),
+        orphaned=source is not None and not lexists(storage.location(source)),
     )
 
 

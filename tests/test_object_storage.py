@@ -164,6 +164,13 @@ def test_s3_input_and_output_equal_a_local_run(
     ref = _segpipe("--input", str(local_in), "--output", str(local_out), *ARGS)
     assert ref.returncode == 0, ref.stderr
     _same(local_out, out, name)
+    shown = subprocess.run(
+        [str(Path(sys.executable).with_name("segpipe")), "inspect", out],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert " complete " in shown.stdout and "orphaned" not in shown.stdout, shown.stdout
     listed = fs.ls(f"lab/out-{name}.zarr/_segpipe")  # type: ignore[attr-defined]
     assert not any(p.endswith("lock.json") for p in listed)  # released
     assert not (tmp_path / "s3:").exists()
