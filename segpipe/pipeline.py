@@ -30,6 +30,7 @@ from segpipe.image import ImagePlan, ImageResult, ProgressFn, noop
 from segpipe.io import store
 from segpipe.io.store import mark_image
 from segpipe.stages import STAGES, ImageRun
+from segpipe.stages.statistics import keeping_filtered
 
 __all__ = [
     "MAX_WAVES",
@@ -175,8 +176,13 @@ def _attempt(
 
 def run_pack(plans: Sequence[ImagePlan], *, skip: bool, full: bool) -> list[Outcome]:
     """Whole images, one after another, every stage in this process (`segpipe.engine.Inline`):
-    the task that carries small images, so each costs no scheduler round trip per stage."""
-    return [_attempt(Inline(), plan, noop, skip=skip, full=full) for plan in plans]
+    the task that carries small images, so each costs no scheduler round trip per stage,
+    and each image is smoothed once, not once per pass (`statistics.keeping_filtered`)."""
+    outcomes = []
+    for plan in plans:
+        with keeping_filtered():
+            outcomes.append(_attempt(Inline(), plan, noop, skip=skip, full=full))
+    return outcomes
 
 
 def packs(plans: Sequence[ImagePlan], indices: Sequence[int], threads: int) -> list[list[int]]:

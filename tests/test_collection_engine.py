@@ -15,6 +15,7 @@ import httpx
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import tifffile
 import zarr
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
@@ -22,6 +23,7 @@ from prefect.client.schemas.sorting import FlowRunSort
 
 from segpipe import pipeline, synthetic
 from segpipe.config import block_tile
+from segpipe.engine import Inline
 from segpipe.image import ImagePlan
 from segpipe.io.readers import open_source
 from segpipe.io.store import open_output
@@ -116,6 +118,35 @@ def test_packs_bound_pixels_and_keep_every_thread_busy() -> None:
     assert len(groups) >= 8  # several packs per worker thread
     fields = [plan((2048, 2048)) for _ in range(4)]
     assert pipeline.packs(fields, [0, 1, 2, 3], threads=2) == [[0], [1], [2], [3]]
+
+
+def test_a_packed_image_is_smoothed_once_with_the_same_bits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from skimage import filters
+
+    from segpipe import kernels
+    from segpipe.stages import statistics
+
+    path = synthetic.write_tiff(tmp_path / "f.tif", (160, 150), seed=3)
+    (plan,) = _plans([path], tmp_path / "out.zarr", "otsu")
+    pipeline.run_images(Inline(), [plan])  # writes the raw image the filter reads
+    calls = []
+    gaussian = kernels.gaussian
+    monkeypatch.setattr(kernels, "gaussian", lambda *a: calls.append(1) or gaussian(*a))
+    (block,) = plan.grid()
+    whole = filters.gaussian(
+        tifffile.imread(path).astype(np.float32), sigma=2.0, preserve_range=True
+    )
+    with statistics.keeping_filtered():
+        first = statistics.filtered(plan, block, (0, 0))
+        first[:] = -1  # a caller's change is its own
+        again = statistics.filtered(plan, plan.grid(plan.segment_halo).block((0, 0)), (5, 5))
+    assert len(calls) == 1
+    assert np.array_equal(again, whole.astype(np.float32))
+    statistics.filtered(plan, block, (0, 0))
+    statistics.filtered(plan, block, (0, 0))
+    assert len(calls) == 3  # outside it nothing is kept
 
 
 def test_task_runs_do_not_grow_with_the_images(run_cli, tmp_path: Path) -> None:

@@ -10,7 +10,9 @@ scratch, more than the finished result.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -25,12 +27,54 @@ from segpipe.io.markers import Arrays
 from segpipe.stages.ingest import extrema_in, extrema_out
 from segpipe.stats import Extrema, ImageStats, block_histogram, hist_range, merge_histograms
 
-__all__ = ["as_float32", "filter_block", "filtered", "histogram_block", "statistics"]
+__all__ = [
+    "as_float32",
+    "filter_block",
+    "filtered",
+    "histogram_block",
+    "keeping_filtered",
+    "statistics",
+]
 
 
 def as_float32(block: NDArray[Any]) -> NDArray[np.float32]:
     """``block`` as float32 (what every segmenter reads)."""
     return np.asarray(block, dtype=np.float32)
+
+
+_kept = threading.local()
+
+
+@contextmanager
+def keeping_filtered() -> Iterator[None]:
+    """Within it, `filtered` keeps the last region it smoothed in this thread and serves it
+    again (a copy) for the same region of the same run.
+
+    For a task that runs every stage of a one-block image: its filter pass, histogram
+    pass and segment stage all smooth the same region (the whole image, halos clipped),
+    and the Gaussian is most of their cost. Outside it nothing is kept, so a worker
+    holds no block between tasks.
+    """
+    _kept.on = True
+    try:
+        yield
+    finally:
+        _kept.on = False
+        _kept.last = None
+
+
+def _smoothed(
+    plan: ImagePlan, read: tuple[slice, ...], make: Callable[[], NDArray[np.float32]]
+) -> NDArray[np.float32]:
+    if not getattr(_kept, "on", False):
+        return make()
+    key = (plan.token, plan.raw, read)
+    last = getattr(_kept, "last", None)
+    if last is not None and last[0] == key:
+        return last[1].copy()
+    smooth = make()
+    _kept.last = (key, smooth.copy())
+    return smooth
 
 
 def filtered(plan: ImagePlan, block: Block, halo: Sequence[int]) -> NDArray[np.float32]:
@@ -45,11 +89,15 @@ def filtered(plan: ImagePlan, block: Block, halo: Sequence[int]) -> NDArray[np.f
     width = plan.segmenter.filter_halo(plan.ndim)
     wide_grid = plan.grid(tuple(h + w for h, w in zip(halo, width, strict=True)))
     wide = wide_grid.block(block.index)
-    job = plan.slabs
-    data = None if job is None else slabs_of.assemble(plan.raw, wide_grid, wide, job.directory)
-    if data is None:
-        data = omezarr.read_block(plan.raw, wide.read)
-    smooth = plan.segmenter.preprocess(as_float32(data))
+
+    def smooth_wide() -> NDArray[np.float32]:
+        job = plan.slabs
+        data = None if job is None else slabs_of.assemble(plan.raw, wide_grid, wide, job.directory)
+        if data is None:
+            data = omezarr.read_block(plan.raw, wide.read)
+        return plan.segmenter.preprocess(as_float32(data))
+
+    smooth = _smoothed(plan, wide.read, smooth_wide)
     inner = tuple(
         slice(r.start - o.start, r.stop - o.start)
         for r, o in zip(block.read, wide.read, strict=True)
