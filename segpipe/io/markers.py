@@ -18,6 +18,7 @@ import threading
 import uuid
 import zipfile
 import zlib
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,10 @@ UNREADABLE = (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.
 # Markers found whole in this process, by (path, mtime, size): a stage asks twice.
 _checked: dict[str, tuple[int, int]] = {}
 _checked_lock = threading.Lock()
+# Markers this process saved, with their stamps: a task that runs every stage of an
+# image reads back what it saved a moment ago. Bounded in bytes, oldest dropped first.
+_saved: OrderedDict[str, tuple[tuple[int, int], Arrays]] = OrderedDict()
+SAVED_BYTES = 16 << 20
 
 
 def save_npz(path: Location, arrays: Arrays) -> tuple[int, int] | None:
@@ -74,9 +79,42 @@ def _arrays(data: bytes) -> Arrays | None:
         return None
 
 
+def _remember(path: Location, arrays: Arrays) -> None:
+    """Keep ``arrays``, just saved at the local ``path``, while its stamp holds."""
+    if not isinstance(path, Path):
+        return
+    stamp = storage.stamp(path)
+    kept = {k: v.copy() for k, v in arrays.items()}  # the saver's arrays stay its own
+    for v in kept.values():
+        v.setflags(write=False)
+    with _checked_lock:
+        _saved[str(path)] = (stamp, kept)
+        _saved.move_to_end(str(path))
+        held = sum(a.nbytes for _, kept in _saved.values() for a in kept.values())
+        while held > SAVED_BYTES and len(_saved) > 1:
+            _, (_, dropped) = _saved.popitem(last=False)
+            held -= sum(a.nbytes for a in dropped.values())
+
+
+def _recall(path: Where) -> Arrays | None:
+    """What this process saved at ``path``, if the file there is still what it saved."""
+    with _checked_lock:
+        entry = _saved.get(os.fspath(path)) if isinstance(path, (str, Path)) else None
+    if entry is None:
+        return None
+    try:
+        if storage.stamp(Path(path)) != entry[0]:  # type: ignore[arg-type]
+            return None
+    except OSError:
+        return None
+    return dict(entry[1])
+
+
 def read_marker(path: Where) -> Arrays | None:
     """Every array of the marker at ``path`` (each member's CRC checked by reading it),
     or None when it is missing, truncated or damaged."""
+    if (kept := _recall(path)) is not None:
+        return kept
     try:
         with load_npz(path) as data:
             return {k: data[k] for k in data.files}
@@ -149,11 +187,15 @@ class Markers:
         """
         arrays = {**arrays, RUN_KEY: np.array(run), **written.to_arrays(files, self.directory)}
         stamp = save_npz(self.path(block_id), arrays)
+        _remember(self.path(block_id), arrays)
         written.note(self.path(block_id), stamp=stamp)
 
     def load(self, block_id: int) -> Arrays:
-        with load_npz(self.path(block_id)) as data:
-            return {k: data[k] for k in data.files if k != RUN_KEY and not k.startswith("__")}
+        data = read_marker(self.path(block_id))
+        if data is None:  # as np.load says it
+            with load_npz(self.path(block_id)) as npz:
+                data = {k: npz[k] for k in npz.files}
+        return {k: v for k, v in data.items() if k != RUN_KEY and not k.startswith("__")}
 
     def tally(self, run: str) -> tuple[int, int]:
         """(blocks computed by ``run``, blocks marked) in this stage."""
