@@ -223,6 +223,37 @@ def test_an_interrupted_image_recomputes_damaged_blocks(client, image, tmp_path,
     assert 0 < tally["segment"]["computed"] < tally["segment"]["blocks"]
 
 
+def test_a_marker_damaged_after_this_process_saved_it_is_not_trusted(image, tmp_path) -> None:
+    """Markers are read back from memory in the process that saved them (a packed image's
+    stages), but only while the file is what it saved: one damaged since is recomputed."""
+    from segpipe import image as segpipe_image
+    from segpipe import lifecycle, pipeline, stages
+    from segpipe.engine import Inline
+    from segpipe.io.markers import read_marker
+    from segpipe.io.readers import open_source
+    from segpipe.io.store import open_output
+    from segpipe.segmenters import get_segmenter
+
+    out = tmp_path / "out.zarr"
+    open_output(out, {"test": 1}).release()
+    spec = open_source(str(image))
+    plan = segpipe_image.ImagePlan(spec, str(out), (128, 128), get_segmenter("otsu"))
+    assert lifecycle.begin(plan) == "fresh"
+    raw = stages.ingest.ingest(Inline(), plan)
+    stats = stages.statistics.statistics(Inline(), plan, raw)
+    stages.segment.segment(Inline(), plan, stats)
+    kept = plan.markers("segment").load(3)
+    assert all(not a.flags.writeable for a in kept.values())  # shared: nobody changes them
+    _damage(plan.markers("segment").path(3), "flip")
+    _damage(plan.markers("ingest").path(0), "truncate")
+    assert read_marker(plan.markers("ingest").path(0)) is None
+    resumed = segpipe_image.ImagePlan(spec, str(out), (128, 128), get_segmenter("otsu"))
+    assert pipeline.run_image(Inline(), resumed).objects == _reference(tifffile.imread(image)).max()
+    _check_result(out, image)
+    tally = zarr.open_group(str(out / "img"), mode="r").attrs["segpipe"]["blocks"]
+    assert 0 < tally["segment"]["computed"] < tally["segment"]["blocks"]
+
+
 def test_a_zarr_input_rewritten_in_place_is_segmented_again(run_cli, tmp_path) -> None:
     region = (slice(0, 256), slice(0, 256))
     first, second = (synthetic.render(region, seed=s)[0] for s in (1, 2))

@@ -41,6 +41,7 @@ _checked_lock = threading.Lock()
 # Markers this process saved, with their stamps: a task that runs every stage of an
 # image reads back what it saved a moment ago. Bounded in bytes, oldest dropped first.
 _saved: OrderedDict[str, tuple[tuple[int, int], Arrays]] = OrderedDict()
+_saved_bytes = [0]
 SAVED_BYTES = 16 << 20
 
 
@@ -79,6 +80,10 @@ def _arrays(data: bytes) -> Arrays | None:
         return None
 
 
+def _nbytes(arrays: Arrays) -> int:
+    return sum(a.nbytes for a in arrays.values())
+
+
 def _remember(path: Location, arrays: Arrays) -> None:
     """Keep ``arrays``, just saved at the local ``path``, while its stamp holds."""
     if not isinstance(path, Path):
@@ -88,12 +93,13 @@ def _remember(path: Location, arrays: Arrays) -> None:
     for v in kept.values():
         v.setflags(write=False)
     with _checked_lock:
+        if (old := _saved.pop(str(path), None)) is not None:
+            _saved_bytes[0] -= _nbytes(old[1])
         _saved[str(path)] = (stamp, kept)
-        _saved.move_to_end(str(path))
-        held = sum(a.nbytes for _, kept in _saved.values() for a in kept.values())
-        while held > SAVED_BYTES and len(_saved) > 1:
+        _saved_bytes[0] += _nbytes(kept)
+        while _saved_bytes[0] > SAVED_BYTES and len(_saved) > 1:
             _, (_, dropped) = _saved.popitem(last=False)
-            held -= sum(a.nbytes for a in dropped.values())
+            _saved_bytes[0] -= _nbytes(dropped)
 
 
 def _recall(path: Where) -> Arrays | None:
