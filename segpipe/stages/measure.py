@@ -178,6 +178,7 @@ def write_tables(
     writers = _TableWriters(out, meta)
     parts = Markers(parts_dir)
     batch: list[Groups] = []
+    listed: list[pa.Table] = []  # the objects as written, while few enough to list
     rows = 0
 
     def flush() -> None:
@@ -193,6 +194,10 @@ def write_tables(
             np.asarray(objects.column("class").to_numpy(), np.intp), minlength=CLASS_SLOTS
         )
         writers.write(objects, segments)
+        listed.append(objects)
+        if sum(t.num_rows for t in listed) > omezarr.LABEL_VALUES:
+            listed.clear()  # too many to list: memory stays bounded
+            listed.append(objects.slice(0, 0))
 
     for b in [None, *blocks]:  # None: instances with stuff pixels, gathered first
         bid = -1 if b is None else b.id
@@ -215,7 +220,7 @@ def write_tables(
         "objects_per_class": per_class,
     }
     attrs.update(out, {"segpipe": {TABLES: info}})
-    _describe_instances(plan, out / "objects.parquet", n_objects)
+    _describe_instances(plan, pa.concat_tables(listed) if listed else None, n_objects)
     mark_image(plan.group, tables=info)
     return Measured(
         str(out / "objects.parquet"),
@@ -226,26 +231,25 @@ def write_tables(
     )
 
 
-def _describe_instances(plan: ImagePlan, objects: Location, rows: int) -> None:
+def _describe_instances(plan: ImagePlan, objects: pa.Table | None, rows: int) -> None:
     """Each instance's class and area in the metadata of ``labels/instances`` (NGFF
-    ``properties``, and colours as in the preview), for up to `omezarr.LABEL_VALUES`."""
+    ``properties``, and colours as in the preview), for up to `omezarr.LABEL_VALUES`;
+    ``objects`` is the objects table as written, when it has no more rows than that."""
     where = f"{TABLES}/objects.parquet"
     path = storage.join(plan.group, "labels", "instances")
-    if rows > omezarr.LABEL_VALUES:
+    if rows > omezarr.LABEL_VALUES or objects is None:
         omezarr.describe_label_values(path, None, where)
         return
-    physical = plan.spec.pixel is not None  # then the table has area_physical
-    columns = ["label", "class_name", "area", *(["area_physical"] if physical else [])]
+    columns = {
+        "label-value": objects.column("label").to_pylist(),
+        "class": objects.column("class_name").to_pylist(),
+        "area": objects.column("area").to_pylist(),
+    }
+    if plan.spec.pixel is not None:  # then the table has area_physical
+        columns["area_physical"] = objects.column("area_physical").to_pylist()
+    names = list(columns)
     properties = [
-        {
-            "label-value": int(row["label"]),
-            "class": str(row["class_name"]),
-            "area": int(row["area"]),
-            **({"area_physical": float(row["area_physical"])} if physical else {}),
-        }
-        for row in pq.read_table(
-            pa.BufferReader(storage.read_bytes(objects)), columns=columns
-        ).to_pylist()
+        dict(zip(names, values, strict=True)) for values in zip(*columns.values(), strict=True)
     ]
     omezarr.describe_label_values(path, properties, where)
 
