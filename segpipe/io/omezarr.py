@@ -246,10 +246,11 @@ def rgba(values: Sequence[int]) -> list[dict[str, Any]]:
     (`segpipe.preview.colours`), 0 (background) transparent."""
     from segpipe.preview import colours
 
-    table = colours(np.asarray(values, np.uint64))
+    ids = np.asarray(values, np.uint64)
+    table = np.concatenate([colours(ids), np.where(ids == 0, 0, 255)[:, None]], axis=1)
     return [
-        {"label-value": int(v), "rgba": [*(int(c) for c in rgb), 0 if v == 0 else 255]}
-        for v, rgb in zip(values, table, strict=True)
+        {"label-value": v, "rgba": rgba}
+        for v, rgba in zip(ids.tolist(), table.astype(int).tolist(), strict=True)
     ]
 
 
