@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from numpy.typing import NDArray
 
+from segpipe import kernels
+
 if TYPE_CHECKING:
     pass
 
@@ -144,6 +146,9 @@ def render(image: NDArray[Any], labels: NDArray[np.integer]) -> NDArray[np.uint8
             f"{labels.shape} instead."
         )
     grey = stretch(image)
+    top = int(labels.max()) if labels.size else 0
+    if 0 < top <= labels.size // 4:  # a colour for every id up to the largest: one sweep
+        return kernels.outlined(grey, labels, colours(np.arange(top + 1)))
     rgb = np.repeat(grey[..., None], 3, axis=-1)
     edge = outlines(labels)
     ids, where = np.unique(labels[edge], return_inverse=True)  # one colour per object

@@ -125,3 +125,19 @@ def test_outline_colours_are_each_ids_colour() -> None:
     rgb = render(np.arange(1600, dtype=np.uint16).reshape(40, 40), labels)
     edge = outlines(labels)
     np.testing.assert_array_equal(rgb[edge], colours(labels[edge]))
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "uint32", "uint64"])
+@pytest.mark.parametrize("spread", [1, 1 << 40])  # ids up to a few hundred, or far apart
+def test_render_paints_skimage_boundaries_in_each_objects_colour(dtype: str, spread: int) -> None:
+    rng = np.random.default_rng(5)
+    blobs = ndi.label(ndi.gaussian_filter(rng.random((96, 128)), 2) > 0.5)[0]
+    spread = min(spread, int(np.iinfo(dtype).max) // int(blobs.max()))
+    labels = (blobs.astype(np.uint64) * spread).astype(dtype)
+    image = rng.integers(0, 4000, labels.shape, dtype=np.uint16)
+    assert len(np.unique(labels)) == blobs.max() + 1 > 10
+    rgb = render(image, labels)
+    edge = find_boundaries(labels, mode="inner", connectivity=1) & (labels > 0)
+    grey = stretch(image)
+    assert np.array_equal(rgb[~edge], np.repeat(grey[~edge][:, None], 3, axis=1))
+    assert np.array_equal(rgb[edge], colours(labels[edge]))
