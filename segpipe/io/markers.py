@@ -65,7 +65,26 @@ def save_npz(path: Location, arrays: Arrays) -> tuple[int, int] | None:
     return None
 
 
+class _Kept(dict[str, NDArray[Any]]):
+    """A marker this process saved, read as ``np.load`` gives an ``.npz`` (``files``,
+    items, a context manager)."""
+
+    @property
+    def files(self) -> list[str]:
+        return list(self)
+
+    def __enter__(self) -> _Kept:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
 def load_npz(path: Where) -> Any:
+    """The ``.npz`` at ``path`` as ``np.load`` opens it (arrays read as asked for), or
+    the arrays this process saved there while the file is what it saved."""
+    if (kept := _recall(path)) is not None:
+        return _Kept(kept)
     where = storage.location(path)
     if isinstance(where, Path):
         return np.load(where, allow_pickle=False)
@@ -119,8 +138,6 @@ def _recall(path: Where) -> Arrays | None:
 def read_marker(path: Where) -> Arrays | None:
     """Every array of the marker at ``path`` (each member's CRC checked by reading it),
     or None when it is missing, truncated or damaged."""
-    if (kept := _recall(path)) is not None:
-        return kept
     try:
         with load_npz(path) as data:
             return {k: data[k] for k in data.files}
@@ -197,11 +214,8 @@ class Markers:
         written.note(self.path(block_id), stamp=stamp)
 
     def load(self, block_id: int) -> Arrays:
-        data = read_marker(self.path(block_id))
-        if data is None:  # as np.load says it
-            with load_npz(self.path(block_id)) as npz:
-                data = {k: npz[k] for k in npz.files}
-        return {k: v for k, v in data.items() if k != RUN_KEY and not k.startswith("__")}
+        with load_npz(self.path(block_id)) as data:
+            return {k: data[k] for k in data.files if k != RUN_KEY and not k.startswith("__")}
 
     def tally(self, run: str) -> tuple[int, int]:
         """(blocks computed by ``run``, blocks marked) in this stage."""
