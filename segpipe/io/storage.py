@@ -9,19 +9,23 @@ through its ``FsspecStore``.
 Writes are whole objects: a local file is written beside its name and renamed over
 it (so a reader never sees half a file), an object is one ``PUT`` (which S3, GCS and
 Azure make visible whole or not at all). `create` is the one conditional write: a
-local ``O_EXCL`` open, or a ``PUT`` with ``If-None-Match: *`` that the store refuses
-when the key exists. That is what a lock needs on a store without rename.
+local ``O_EXCL`` open, or an upload the store refuses when the key exists (S3's and
+Azure's ``If-None-Match: *``, GCS's ``ifGenerationMatch=0``). That is what a lock
+needs on a store without rename.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import shutil
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
+from urllib.parse import urlsplit
 
 import fsspec
 from upath import UPath
@@ -129,7 +133,17 @@ def join(root: str, *parts: str) -> str:
 
 
 def options(config: StorageConfig) -> dict[str, dict[str, Any]]:
-    """fsspec's settings per scheme for run.yaml's ``storage:`` section."""
+    """fsspec's settings per scheme for run.yaml's ``storage:`` section.
+
+    ``endpoint`` is the service every URL of the run reaches: S3's ``endpoint_url``;
+    gcsfs's ``endpoint_url``; for Azure (adlfs), the ``account_host`` of an ``https://``
+    endpoint, or a connection string naming it as ``BlobEndpoint`` for an ``http://``
+    one (an emulator such as Azurite: adlfs makes an ``https://`` URL of any host) or
+    where ``AZURE_STORAGE_CONNECTION_STRING`` is set. That connection string's
+    credentials come from the environment variables adlfs reads
+    (``AZURE_STORAGE_CONNECTION_STRING``, or ``AZURE_STORAGE_ACCOUNT_NAME`` with
+    ``AZURE_STORAGE_ACCOUNT_KEY`` or ``AZURE_STORAGE_SAS_TOKEN``), never from run.yaml.
+    """
     # botocore's standard retries: exponential backoff with jitter, on throttling
     # (SlowDown, 503), 5xx answers and dropped connections
     retries = {"max_attempts": config.attempts, "mode": "standard"}
@@ -147,10 +161,50 @@ def options(config: StorageConfig) -> dict[str, dict[str, Any]]:
     if config.anonymous:
         s3["anon"] = True
     out: dict[str, dict[str, Any]] = {"s3": s3}
+    gcs: dict[str, Any] = {}
+    if config.endpoint:
+        gcs["endpoint_url"] = config.endpoint.rstrip("/")
     if config.anonymous:
-        out["gcs"] = {"token": "anon"}
-        out["gs"] = {"token": "anon"}
-        out["az"] = out["abfs"] = {"anon": True}
+        gcs["token"] = "anon"
+    if gcs:
+        out["gs"] = out["gcs"] = gcs
+    azure = _azure(config)
+    if azure:
+        out["az"] = out["abfs"] = out["abfss"] = azure
+    return out
+
+
+def _azure(config: StorageConfig) -> dict[str, Any]:
+    """adlfs's settings for ``storage:`` (see `options`)."""
+    out: dict[str, Any] = {"anon": True} if config.anonymous else {}
+    if not config.endpoint:
+        return out
+    endpoint = config.endpoint.rstrip("/")
+    given = os.environ.get("AZURE_STORAGE_CONNECTION_STRING")
+    if endpoint.startswith("https://") and not given:
+        # adlfs's own way, which keeps every credential it finds (key, SAS, Entra ID)
+        out["account_host"] = endpoint.removeprefix("https://")
+        return out
+    parts: dict[str, str] = {}
+    if given:
+        parts = dict(p.split("=", 1) for p in given.split(";") if "=" in p)
+    else:
+        for key, name in [
+            ("AccountName", "AZURE_STORAGE_ACCOUNT_NAME"),
+            ("AccountKey", "AZURE_STORAGE_ACCOUNT_KEY"),
+            ("SharedAccessSignature", "AZURE_STORAGE_SAS_TOKEN"),
+        ]:
+            parts[key] = os.environ.get(name, "")
+    kept = {
+        k: v
+        for k, v in parts.items()
+        if v and k.lower() in ("accountname", "accountkey", "sharedaccesssignature")
+    }
+    if config.anonymous:
+        kept = {k: v for k, v in kept.items() if k.lower() == "accountname"}
+    out["connection_string"] = ";".join(
+        [f"BlobEndpoint={endpoint}", *(f"{k}={v.lstrip('?')}" for k, v in kept.items())]
+    )
     return out
 
 
@@ -161,6 +215,7 @@ def configure(config: StorageConfig) -> None:
     fsspec, so one setting reaches them all. Filesystems fsspec has cached with other
     settings are dropped.
     """
+    _gcs_class(config.endpoint)
     wanted = options(config)
     if all(fsspec.config.conf.get(k) == v for k, v in wanted.items()):
         return
@@ -170,6 +225,27 @@ def configure(config: StorageConfig) -> None:
             fsspec.get_filesystem_class(scheme).clear_instance_cache()
         except (ImportError, ValueError):
             continue
+
+
+def _gcs_class(endpoint: str | None) -> None:
+    """gs:// through gcsfs's JSON-API filesystem where an endpoint is set, else its
+    default class.
+
+    gcsfs's default class asks Google's gRPC storage-control API what layout each bucket
+    has, before its first request to it and again after each failed answer; a server
+    other than Google's (an emulator) has no such API, so every such request would wait
+    for that call to time out.
+    """
+    if importlib.util.find_spec("gcsfs") is None:
+        return
+    if not endpoint and "gcsfs" not in sys.modules:
+        return  # nothing registered yet: fsspec will load the default
+    import gcsfs
+    import gcsfs.core
+
+    cls = gcsfs.core.GCSFileSystem if endpoint else gcsfs.GCSFileSystem
+    for scheme in ("gs", "gcs"):
+        fsspec.register_implementation(scheme, cls, clobber=True)
 
 
 def check_bucket(where: Location) -> None:
@@ -186,11 +262,12 @@ def check_bucket(where: Location) -> None:
     if isinstance(where, Path):
         return
     bucket = where.path.split("/", 1)[0]
+    kind = "container" if where.protocol in ("az", "abfs", "abfss") else "bucket"
     try:
         where.fs.ls(bucket, detail=False)
     except FileNotFoundError as err:
         raise ConfigError(
-            f"{where}: the bucket {bucket!r} does not exist at "
+            f"{where}: the {kind} {bucket!r} does not exist at "
             f"{_endpoint(where)}; create it or correct the URL."
         ) from err
     except PermissionError as err:
@@ -203,9 +280,20 @@ def check_bucket(where: Location) -> None:
 
 
 def _endpoint(where: UPath) -> str:
-    client = getattr(where.fs, "client_kwargs", None) or {}
-    endpoint = client.get("endpoint_url") or os.environ.get("AWS_ENDPOINT_URL")
-    return str(endpoint) if endpoint and where.protocol in ("s3", "s3a") else where.protocol
+    """The service ``where`` is reached at, for messages: its URL without a query, which
+    could hold a SAS token."""
+    fs = where.fs
+    if where.protocol in ("s3", "s3a"):
+        client = getattr(fs, "client_kwargs", None) or {}
+        endpoint = client.get("endpoint_url") or os.environ.get("AWS_ENDPOINT_URL")
+    elif where.protocol in ("gs", "gcs"):
+        endpoint = getattr(fs, "_endpoint", None) or os.environ.get("STORAGE_EMULATOR_HOST")
+    else:
+        endpoint = getattr(getattr(fs, "service_client", None), "url", None)
+    if not endpoint:
+        return where.protocol
+    url = urlsplit(str(endpoint))
+    return f"{url.scheme}://{url.netloc}{url.path}".rstrip("/") if url.netloc else where.protocol
 
 
 def _reason(err: BaseException) -> str:
@@ -219,7 +307,8 @@ def _failed(where: Location, err: Exception, doing: str) -> OutputWriteError:
 
 def put(where: Location, data: bytes | memoryview) -> tuple[int, int] | None:
     """Write ``data`` as the whole of ``where``: readers see the old bytes or the new.
-    Returns its `stamp` where the store said it in answer (S3's ETag), else None.
+    Returns its `stamp` where the store said it in answer (S3's and Azure's ETag, GCS's
+    generation), so that no ``HEAD`` follows; else None.
 
     Not synced to disk: what segpipe writes this way is vouched for by a marker or a
     manifest that checks it (`segpipe.io.written`), and is written again if damaged.
@@ -245,16 +334,18 @@ def put(where: Location, data: bytes | memoryview) -> tuple[int, int] | None:
         answer = where.fs.pipe_file(where.path, payload)
     except Exception as err:
         raise _failed(where, err, "write it") from err
-    etag = answer.get("ETag") if isinstance(answer, dict) else None
-    return None if etag is None else (len(payload), version(str(etag)))
+    tag = _tag(answer) if isinstance(answer, dict) else ""
+    return (len(payload), version(tag)) if tag else None
 
 
 def create(where: Location, data: bytes) -> bool:
     """Write ``data`` to ``where`` only if nothing is there; whether it was written.
 
-    Locally an ``O_EXCL`` open; in object storage a conditional ``PUT``
-    (``If-None-Match: *``), which S3 and its compatible servers refuse with 412 when
-    the key exists: of two runs creating one key at once, exactly one succeeds.
+    Locally an ``O_EXCL`` open; in object storage a conditional upload, which the
+    store refuses with 412 (409 on Azure) when the key exists: of two runs creating
+    one key at once, exactly one succeeds. s3fs and adlfs send ``If-None-Match: *``
+    (adlfs through azure-storage-blob's ``overwrite=False``), gcsfs
+    ``ifGenerationMatch=0``; each raises ``FileExistsError`` on refusal.
     """
     if isinstance(where, Path):
         where.parent.mkdir(parents=True, exist_ok=True)
@@ -310,8 +401,7 @@ def stamp(where: Location) -> tuple[int, int]:
         st = where.stat()
         return st.st_size, st.st_mtime_ns
     info = where.fs.info(where.path)
-    etag = str(info.get("ETag") or info.get("etag") or info.get("LastModified") or "")
-    return int(info["size"]), version(etag)
+    return int(info["size"]), version(_tag(info) or str(info.get("LastModified") or ""))
 
 
 def identity(where: Location) -> tuple[int, int, int]:
@@ -322,6 +412,13 @@ def identity(where: Location) -> tuple[int, int, int]:
         st = where.stat()
         return (st.st_mtime_ns, st.st_size, st.st_ino)
     return (*stamp(where), 0)
+
+
+def _tag(info: dict[str, Any]) -> str:
+    """What changes when an object is rewritten, from a listing, a ``HEAD`` or an
+    upload's answer: GCS's generation (its own version number; its ETag also changes
+    with metadata), else the ETag (S3's, Azure's)."""
+    return str(info.get("generation") or info.get("ETag") or info.get("etag") or "")
 
 
 def version(etag: str) -> int:
@@ -360,5 +457,5 @@ def stamps(where: Location) -> Iterator[tuple[Location, tuple[int, int]]]:
         return
     for key in sorted(found):
         info = found[key]
-        tag = str(info.get("ETag") or info.get("etag") or info.get("LastModified") or "")
+        tag = _tag(info) or str(info.get("LastModified") or "")
         yield UPath(f"{where.protocol}://{key}"), (int(info["size"]), version(tag))
