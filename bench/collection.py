@@ -66,13 +66,14 @@ def run_pool(paths: list[Path], out: Path, workers: int) -> float:
 
 
 def run_segpipe(source: Path, out: Path, address: str) -> float:
-    from flows.segment import segment_collection
+    from flows.segment import heartbeats_as_set, segment_collection
     from segpipe.config import RunConfig
 
     shutil.rmtree(out, ignore_errors=True)
     config = RunConfig(input=str(source), output=str(out), cluster=address)
     t0 = time.perf_counter()
-    rows = segment_collection(config.model_dump(mode="json", exclude={"prefect"}))
+    with heartbeats_as_set():  # as `segpipe run` calls the flow
+        rows = segment_collection(config.model_dump(mode="json", exclude={"prefect"}))
     seconds = time.perf_counter() - t0
     assert all(r["status"] == "done" for r in rows), rows
     return seconds

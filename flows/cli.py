@@ -162,7 +162,7 @@ def _call_flow(cfg: Any) -> list[dict[str, Any]]:
     seg_flow.shared.run_id = seg_flow.shared.api_away = None
     try:
         # Secrets stay out of the flow's parameters (they are shown in the UI).
-        with tags(*seg_flow.run_tags(cfg)):
+        with tags(*seg_flow.run_tags(cfg)), seg_flow.heartbeats_as_set():
             rows: list[dict[str, Any]] = flow(cfg.model_dump(mode="json", exclude={"prefect"}))
     except (httpx.TransportError, PrefectHTTPStatusError) as err:  # the flow's states
         status = getattr(getattr(err, "response", None), "status_code", 500)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -252,6 +253,31 @@ def _run_name() -> str:
         else "collection"
     )
     return f"{source}-{dt.datetime.now():%Y-%m-%d-%H%M}"
+
+
+HEARTBEAT_SETTINGS = ("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "PREFECT_RUNNER_HEARTBEAT_FREQUENCY")
+"""Where a user turns Prefect's flow-run heartbeats on (environment or profile)."""
+
+
+@contextlib.contextmanager
+def heartbeats_as_set() -> Iterator[None]:
+    """Run a flow within this: Prefect's flow-run heartbeats only where the user set them.
+
+    Prefect sends one every 180 s by default, from a thread that sleeps in one-second
+    steps and that the engine joins as each run context closes: up to a second at the
+    end of every run (0.9 s measured), for a signal segpipe does not use (a run that
+    ends unreported is marked CRASHED by the next one, `flows.unreported`). A
+    heartbeat frequency set in the environment or in the Prefect profile is kept.
+    """
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+    from prefect.settings.profiles import load_current_profile
+
+    profile = {s.name for s in load_current_profile().settings}
+    if any(name in os.environ or name in profile for name in HEARTBEAT_SETTINGS):
+        yield
+        return
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        yield
 
 
 @flow(

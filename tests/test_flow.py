@@ -86,3 +86,18 @@ def test_demo_from_a_fresh_prefect_home(tmp_path: Path) -> None:
         assert group.attrs["segpipe"]["complete"] is True
         assert group.attrs["segpipe"]["objects"] > 50
     assert seconds < 180, f"demo took {seconds:.0f} s"
+
+
+def test_flow_heartbeats_only_where_the_user_set_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    from prefect.settings import get_current_settings
+
+    from flows.segment import HEARTBEAT_SETTINGS, heartbeats_as_set
+
+    for name in HEARTBEAT_SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+    with heartbeats_as_set():  # no thread to wait for as each run context closes
+        assert get_current_settings().flows.heartbeat_frequency is None
+    assert get_current_settings().flows.heartbeat_frequency == 180  # Prefect's default again
+    monkeypatch.setenv("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "60")  # read as Prefect starts
+    with heartbeats_as_set():  # the user's setting stands
+        assert get_current_settings().flows.heartbeat_frequency is not None
