@@ -335,8 +335,12 @@ class StorageConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     endpoint: str | None = None
-    """Endpoint URL of an S3-compatible service (MinIO, Ceph, a local server), e.g.
-    ``http://127.0.0.1:9000``; default: the provider's own (or ``AWS_ENDPOINT_URL``)."""
+    """Endpoint URL of the service every URL of the run reaches: an S3-compatible one
+    (MinIO, Ceph, a local server), e.g. ``http://127.0.0.1:9000``; a GCS emulator's;
+    an Azure account's blob endpoint, e.g. Azurite's
+    ``http://127.0.0.1:10000/devstoreaccount1`` (its key from ``AZURE_STORAGE_*``,
+    see `segpipe.io.storage.options`); default: the provider's own (or
+    ``AWS_ENDPOINT_URL``, ``STORAGE_EMULATOR_HOST``)."""
     region: str | None = None
     """Region of the bucket (S3), e.g. ``eu-west-1``."""
     profile: str | None = None

@@ -31,7 +31,7 @@ import zarr
 
 from segpipe import synthetic
 from segpipe.config import StorageConfig
-from segpipe.errors import ConfigError
+from segpipe.errors import ConfigError, StorageAccessError
 from segpipe.io import storage
 
 pytestmark = pytest.mark.integration
@@ -299,3 +299,20 @@ def test_put_answers_the_stamp_a_head_and_a_listing_give(cloud: Cloud) -> None:
     assert second is not None and second != first
     assert second == storage.stamp(where)
     assert dict(storage.stamps(storage.location(f"{cloud.scheme}://lab/stamps"))) == {where: second}
+
+
+@pytest.mark.parametrize("cloud", ["az"], indirect=True)  # fake-gcs-server checks no token
+def test_a_wrong_key_is_refused_in_one_line(cloud: Cloud) -> None:
+    from upath import UPath
+
+    wrong = "d3Jvbmcga2V5IGZvciB0aGUgdGVzdA=="
+    where = UPath(
+        "az://lab/o.zarr",
+        connection_string=f"BlobEndpoint={cloud.endpoint};AccountName={AZURE_ACCOUNT};"
+        f"AccountKey={wrong}",
+    )
+    with pytest.raises(StorageAccessError) as caught:
+        storage.check_bucket(where)
+    text = str(caught.value)
+    assert text.startswith(f"az://lab/o.zarr: access refused by {cloud.endpoint} ("), text
+    assert "\n" not in text and wrong not in text

@@ -270,13 +270,22 @@ def check_bucket(where: Location) -> None:
             f"{where}: the {kind} {bucket!r} does not exist at "
             f"{_endpoint(where)}; create it or correct the URL."
         ) from err
-    except PermissionError as err:
-        raise StorageAccessError(
-            f"{where}: access refused by {_endpoint(where)} ({_reason(err)}); check the "
-            "credentials (environment, config files, role) and the bucket's policy."
-        ) from err
     except OSError as err:
-        raise StorageAccessError(f"{where}: cannot be reached ({_reason(err)}).") from err
+        if not isinstance(err, PermissionError):
+            raise StorageAccessError(f"{where}: cannot be reached ({_reason(err)}).") from err
+        raise _refused(where, kind, err) from err
+    except Exception as err:
+        # azure-storage-blob's errors are no OSErrors: a refused key is a 403 HttpResponseError
+        if getattr(err, "status_code", None) not in (401, 403):
+            raise
+        raise _refused(where, kind, err) from err
+
+
+def _refused(where: UPath, kind: str, err: BaseException) -> StorageAccessError:
+    return StorageAccessError(
+        f"{where}: access refused by {_endpoint(where)} ({_reason(err)}); check the "
+        f"credentials (environment, config files, role) and the {kind}'s policy."
+    )
 
 
 def _endpoint(where: UPath) -> str:
