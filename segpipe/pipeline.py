@@ -186,19 +186,23 @@ def run_pack(plans: Sequence[ImagePlan], *, skip: bool, full: bool) -> list[Outc
 
 
 def packs(plans: Sequence[ImagePlan], indices: Sequence[int], threads: int) -> list[list[int]]:
-    """Consecutive groups of the images ``indices`` for `run_pack`: at most `PACK_PIXELS`
-    each, and small enough that every worker thread gets several."""
+    """Consecutive groups of the images ``indices`` for `run_pack`, each at most
+    `PACK_PIXELS`, and shrinking as the collection runs down (guided scheduling: a
+    pack holds at most a quarter of a thread's share of what is left), so the last
+    packs are single images and no thread waits long for another's last pack."""
     sizes = [math.prod(plans[i].spec.shape) for i in indices]
-    limit = max(1, min(PACK_PIXELS, sum(sizes) // max(1, 4 * threads)))
+    left = sum(sizes)
     out: list[list[int]] = []
-    held = 0
+    held = limit = 0
     for i, size in zip(indices, sizes, strict=True):
         if out and held + size <= limit:
             out[-1].append(i)
             held += size
         else:
+            limit = max(1, min(PACK_PIXELS, left // max(1, 4 * threads)))
             out.append([i])
             held = size
+        left -= size
     return out
 
 
