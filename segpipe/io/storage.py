@@ -16,12 +16,16 @@ needs on a store without rename.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import gc
 import hashlib
 import importlib.util
 import os
 import shutil
 import sys
 import uuid
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
@@ -114,7 +118,38 @@ def location(text: Where) -> Location:
         raise ConfigError(
             f"{raw}: {scheme}:// needs the {SCHEMES[scheme]} package: pip install {SCHEMES[scheme]}"
         ) from err
+    if SCHEMES[scheme] == "adlfs":
+        _close_azure_at_exit()
     return UPath(raw.rstrip("/"))
+
+
+_AZURE_HOOK: list[bool] = []
+
+
+def _close_azure_at_exit() -> None:
+    """Close adlfs's clients at exit before zarr closes the event loop they run on.
+
+    adlfs closes each client in a ``weakref.finalize`` run at exit, on the loop the
+    filesystem was made on; for zarr's stores that is zarr's loop, which zarr's own exit
+    hook has closed by then: two tracebacks ("Loop is not running") after every run.
+    A hook registered after zarr's runs before it (exit hooks run last first).
+    """
+    if _AZURE_HOOK:
+        return
+    _AZURE_HOOK.append(True)
+
+    def close() -> None:
+        adlfs = sys.modules.get("adlfs")
+        if adlfs is None:
+            return
+        for obj in gc.get_objects():
+            if isinstance(obj, weakref.finalize) and obj.alive:
+                held = obj.peek()
+                if held is not None and isinstance(held[0], adlfs.AzureBlobFileSystem):
+                    with contextlib.suppress(Exception):
+                        obj()
+
+    atexit.register(close)
 
 
 def is_remote(where: Where) -> bool:

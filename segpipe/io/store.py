@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime as dt
 import errno
 import getpass
@@ -457,13 +458,21 @@ class OutputLock:
                     f"{self.root}: in use by another run: {who}. Wait for it to end, or remove "
                     f"{self.path} if that run is gone."
                 ) from None
-            atexit.register(self.release)
+            atexit.register(self._release_at_exit)
             return
         raise OutputLockedError(f"{self.root}: could not take the lock {self.path}.")
 
     def release(self) -> None:
         if self._ours(self.holder()):
             storage.remove_tree(self.path)
+        atexit.unregister(self._release_at_exit)
+
+    def _release_at_exit(self) -> None:
+        # A run that ends without releasing: best effort, as the interpreter may have shut
+        # down what a store's client needs (Azure's thread pool); a lock left behind by a
+        # dead process on this host is taken over by the next run.
+        with contextlib.suppress(Exception):
+            self.release()
 
 
 def _alive(pid: int) -> bool:
