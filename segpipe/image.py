@@ -151,8 +151,9 @@ class ImagePlan:
     def slabs(self) -> SlabJob | None:
         """Where ingest saves the blocks' outer layers for the filter, as wide as the
         filter's halo and the segmenter's together (the segment stage filters its block
-        and halo again); None without a filter."""
-        if not self.segmenter.has_filter():
+        and halo again); None without a filter, or for an image of one block, which
+        has no neighbour to read them."""
+        if not self.segmenter.has_filter() or len(self.grid()) == 1:
             return None
         width = self.segmenter.filter_halo(self.ndim)
         wide = tuple(f + h for f, h in zip(width, self.segment_halo, strict=True))
