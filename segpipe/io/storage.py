@@ -256,10 +256,10 @@ def configure(config: StorageConfig) -> None:
         return
     fsspec.config.conf.update(wanted)
     for scheme in SCHEMES:
-        try:
-            fsspec.get_filesystem_class(scheme).clear_instance_cache()
-        except (ImportError, ValueError):
-            continue
+        # only the classes fsspec has loaded: one never loaded has no cached filesystem,
+        # and importing gcsfs and adlfs to ask would add seconds to every run
+        if (loaded := fsspec.registry.get(scheme)) is not None:
+            loaded.clear_instance_cache()
 
 
 def _gcs_class(endpoint: str | None) -> None:
@@ -275,12 +275,13 @@ def _gcs_class(endpoint: str | None) -> None:
         return
     if not endpoint and "gcsfs" not in sys.modules:
         return  # nothing registered yet: fsspec will load the default
-    import gcsfs
-    import gcsfs.core
-
-    cls = gcsfs.core.GCSFileSystem if endpoint else gcsfs.GCSFileSystem
+    target = "gcsfs.core.GCSFileSystem" if endpoint else "gcsfs.GCSFileSystem"
+    chosen: str | type = target  # by name: imported on first use, not at every start
+    if "gcsfs" in sys.modules:  # already loaded: the class replaces the loaded one
+        module, name = target.rsplit(".", 1)
+        chosen = getattr(importlib.import_module(module), name)
     for scheme in ("gs", "gcs"):
-        fsspec.register_implementation(scheme, cls, clobber=True)
+        fsspec.register_implementation(scheme, chosen, clobber=True)
 
 
 def check_bucket(where: Location) -> None:
