@@ -174,9 +174,7 @@ def open_labels(path: str | os.PathLike[str], *, divisor: int | None = None) -> 
 
 def _open_labels(path: str | os.PathLike[str], *, divisor: int | None = None) -> Labels:
     text = os.fspath(path)
-    p = storage.location(
-        text if storage.is_url(text) else os.path.abspath(os.path.expanduser(text))
-    )
+    p = storage.location(storage.local_text(text))
     if not p.exists():
         raise InputNotFoundError(f"{p}: no such file or directory.")
     labels_dir = p / "labels"

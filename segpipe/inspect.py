@@ -200,9 +200,7 @@ def inspect_store(path: str | os.PathLike[str]) -> StoreInfo:
         If it is not a Zarr group.
     """
     text = os.fspath(path)
-    root = storage.location(
-        text if storage.is_url(text) else os.path.abspath(os.path.expanduser(text))
-    )
+    root = storage.location(storage.local_text(text))
     if not root.exists():
         raise InputNotFoundError(f"{root}: no such output store.")
     try:

@@ -137,6 +137,29 @@ def test_unsupported_urls_are_refused_in_one_line(run_cli, image, tmp_path, monk
     _one_line_refusal(result, "hdfs://cluster/img.tif")
 
 
+def test_file_urls_are_local_paths_everywhere(run_cli, image, tmp_path, monkeypatch) -> None:
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out.zarr"
+    args = ("-i", f"file://{image}", "-o", f"file://{out}", "--tile", "128")
+    result = run_cli(*args)
+    assert result.exit_code == 0, result.output
+    _check_result(out, image)
+    again = run_cli(*args, "--resume")
+    assert again.exit_code == 0 and "1 unchanged" in again.output, again.output
+    for command in (
+        ("inspect", f"file://{out}"),
+        ("evaluate", f"file://{out}/img", str(out / "img")),
+        ("plan", "-i", f"file://{image}", "-o", f"file://{tmp_path / 'other.zarr'}"),
+    ):
+        done = CliRunner().invoke(app, list(command), catch_exceptions=False)
+        assert done.exit_code == 0, (command, done.output)
+    assert not any(p.name.startswith("file:") for p in tmp_path.rglob("*"))
+
+
 def test_output_below_a_regular_file(run_cli, image, tmp_path) -> None:
     (tmp_path / "notes.txt").write_text("x")
     result = run_cli("-i", str(image), "-o", str(tmp_path / "notes.txt" / "out.zarr"))

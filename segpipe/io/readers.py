@@ -778,8 +778,8 @@ def open_source(
     """
     channel = parse_channel(channel)
     series = parse_series(series)
-    p = os.fspath(path)
-    p = p.rstrip("/") if storage.is_url(p) else os.path.abspath(os.path.expanduser(p))
+    p = storage.local_text(os.fspath(path))
+    p = p.rstrip("/") if storage.is_url(p) else p
     try:
         size = _size(p)
     except FileNotFoundError as err:

@@ -51,6 +51,7 @@ __all__ = [
     "is_remote",
     "is_url",
     "join",
+    "local_text",
     "location",
     "options",
     "put",
@@ -150,6 +151,13 @@ def _close_azure_at_exit() -> None:
                         obj()
 
     atexit.register(close)
+
+
+def local_text(text: str) -> str:
+    """``text`` without ``file://``, ``~`` expanded and made absolute; a URL as it is."""
+    if is_url(text):
+        return text
+    return os.path.abspath(os.path.expanduser(text.removeprefix("file://")))
 
 
 def is_remote(where: Where) -> bool:
