@@ -176,6 +176,38 @@ def test_s3_input_and_output_equal_a_local_run(
     assert not (tmp_path / "s3:").exists()
 
 
+def test_a_scheduled_run_reads_and_writes_the_bucket(
+    bucket: object, prefect_api: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`segpipe serve` hands each scheduled run `deployment_parameters` of its run.yaml:
+    the URLs and the storage settings reach the flow as they were written."""
+    from flows.segment import heartbeats_as_set, segment_collection
+    from flows.serve import deployment_parameters
+    from segpipe.config import load_config
+
+    monkeypatch.chdir(tmp_path)
+    endpoint = os.environ["AWS_ENDPOINT_URL"]
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        "input: s3://lab/scans/a.tif\noutput: s3://lab/out-nightly.zarr\n"
+        f"segmenter: watershed\ncluster: local\nstorage:\n  endpoint: {endpoint}\n",
+        encoding="utf-8",
+    )
+    params = deployment_parameters(load_config(config))["config"]
+    assert params["input"] == "s3://lab/scans/a.tif"
+    assert params["output"] == "s3://lab/out-nightly.zarr"
+    assert params["storage"]["endpoint"] == endpoint
+    for night in ("1 processed", "1 unchanged"):  # as the runner calls the flow, twice
+        with heartbeats_as_set():
+            rows = segment_collection(params)
+        assert [r["status"] for r in rows] == (
+            ["done"] if night == "1 processed" else ["unchanged"]
+        ), rows
+    fs: object = bucket
+    assert fs.exists("lab/out-nightly.zarr/a/labels/instances/0/zarr.json")  # type: ignore[attr-defined]
+    assert not (tmp_path / "s3:").exists()
+
+
 @pytest.mark.slow  # 45 s: a run of 30 blocks a stage killed, then resumed
 def test_a_killed_run_resumes_in_the_bucket(bucket: object, tmp_path: Path) -> None:
     fs: object = bucket
