@@ -144,7 +144,7 @@ def _close_azure_at_exit() -> None:
         if adlfs is None:
             return
         for obj in gc.get_objects():
-            if isinstance(obj, weakref.finalize) and obj.alive:
+            if type(obj) is weakref.finalize and obj.alive:  # type(): no attribute lookups
                 held = obj.peek()
                 if held is not None and isinstance(held[0], adlfs.AzureBlobFileSystem):
                     with contextlib.suppress(Exception):
