@@ -390,6 +390,7 @@ def test_a_failing_object_is_named(s3_env: dict[str, str], bucket: object, tmp_p
     assert "could not write it" in done.stderr
 
 
+@pytest.mark.slow  # 42 s; on disk the same is in tests/test_data_safety.py
 def test_damage_is_repaired_and_a_bad_object_skipped(bucket: object, tmp_path: Path) -> None:
     fs: object = bucket
     fs.put(
