@@ -74,6 +74,31 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+OBJECT_RUN_ARGS = ("--segmenter", "watershed", "--tile", "256", "--quiet")
+"""The run the object-storage tests compare with a local one."""
+RESULT_ARRAYS = (
+    "0",
+    "1",
+    "labels/instances/0",
+    "labels/instances/1",
+    "labels/semantic/0",
+    "labels/panoptic/0",
+)
+"""The arrays of an image's result those tests compare."""
+RESULT_TABLES = ("tables/objects.parquet", "tables/segments.parquet")
+
+
+def segpipe_run(*args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    """``segpipe run ARGS`` in a new process of this environment, its output captured."""
+    return subprocess.run(
+        [str(Path(sys.executable).with_name("segpipe")), "run", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        **kwargs,
+    )
+
+
 def tiled_instances(
     client: Any, out: Any, source: Any, segmenter: Segmenter, tiles: Sequence[int]
 ) -> dict[int, NDArray[np.integer]]:

@@ -26,32 +26,24 @@ import pytest
 import zarr
 
 from segpipe import synthetic
+from tests.helpers import (
+    OBJECT_RUN_ARGS,
+    RESULT_ARRAYS,
+    RESULT_TABLES,
+    free_port,
+    segpipe_run,
+)
 
 pytestmark = pytest.mark.integration
 
-ARGS = ("--segmenter", "watershed", "--tile", "256", "--quiet")
-ARRAYS = (
-    "0",
-    "1",
-    "labels/instances/0",
-    "labels/instances/1",
-    "labels/semantic/0",
-    "labels/panoptic/0",
-)
-TABLES = ("tables/objects.parquet", "tables/segments.parquet")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+ARGS, ARRAYS, TABLES = OBJECT_RUN_ARGS, RESULT_ARRAYS, RESULT_TABLES
 
 
 @contextmanager
 def _moto(**env: str) -> Iterator[int]:
     """A moto S3 server on 127.0.0.1 (its own ``env`` beside ours), its port once it
     answers; stopped on leaving."""
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
@@ -114,16 +106,6 @@ def bucket(s3_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> 
     return fs
 
 
-def _segpipe(*args: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(Path(sys.executable).with_name("segpipe")), "run", *args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        **kwargs,  # type: ignore[call-overload]
-    )
-
-
 def _same(local: Path, remote: str, name: str) -> None:
     """Every array and table of image ``name`` equal in both stores."""
     for key in ARRAYS:
@@ -155,13 +137,13 @@ def test_s3_input_and_output_equal_a_local_run(
     fs.get(source.removeprefix("s3://"), str(local_in), recursive=True)  # type: ignore[attr-defined]
     monkeypatch.chdir(tmp_path)  # a folder named after the scheme would land here
     out = f"s3://lab/out-{name}.zarr"
-    done = _segpipe("--input", source, "--output", out, *ARGS)
+    done = segpipe_run("--input", source, "--output", out, *ARGS)
     assert done.returncode == 0, done.stderr
-    again = _segpipe("--input", source, "--output", out, "--resume", *ARGS)
+    again = segpipe_run("--input", source, "--output", out, "--resume", *ARGS)
     assert again.returncode == 0, again.stderr
     assert "1 unchanged" in again.stdout + again.stderr
     local_out = tmp_path / "local.zarr"
-    ref = _segpipe("--input", str(local_in), "--output", str(local_out), *ARGS)
+    ref = segpipe_run("--input", str(local_in), "--output", str(local_out), *ARGS)
     assert ref.returncode == 0, ref.stderr
     _same(local_out, out, name)
     shown = subprocess.run(
@@ -229,11 +211,11 @@ def test_a_killed_run_resumes_in_the_bucket(bucket: object, tmp_path: Path) -> N
     assert run.poll() is None, "the run ended before it could be killed"
     os.killpg(run.pid, signal.SIGKILL)  # the run and its workers, mid-segment
     run.wait()
-    resumed = _segpipe(*args, "--resume", "--quiet")
+    resumed = segpipe_run(*args, "--resume", "--quiet")
     assert resumed.returncode == 0, resumed.stderr
     local_in = tmp_path / "a.tif"
     fs.get("lab/scans/a.tif", str(local_in))  # type: ignore[attr-defined]
-    ref = _segpipe("--input", str(local_in), "--output", str(tmp_path / "ref.zarr"), *args[4:])
+    ref = segpipe_run("--input", str(local_in), "--output", str(tmp_path / "ref.zarr"), *args[4:])
     assert ref.returncode == 0, ref.stderr
     _same(tmp_path / "ref.zarr", out, "a")
 
@@ -245,7 +227,7 @@ def test_an_object_or_a_foreign_prefix_as_output_is_refused(bucket: object) -> N
         ("s3://lab/theirs/notes.txt", "is an object, not a folder"),
         ("s3://lab/theirs", "is not a segpipe store"),
     ]:
-        done = _segpipe("--input", "s3://lab/scans/a.tif", "--output", out, *ARGS)
+        done = segpipe_run("--input", "s3://lab/scans/a.tif", "--output", out, *ARGS)
         assert done.returncode != 0
         lines = [line for line in done.stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and out in lines[0] and why in lines[0], done.stderr
@@ -254,7 +236,7 @@ def test_an_object_or_a_foreign_prefix_as_output_is_refused(bucket: object) -> N
 
 
 def test_a_missing_bucket_is_one_line(bucket: object) -> None:
-    done = _segpipe("--input", "s3://lab/scans/a.tif", "--output", "s3://nobucket/o.zarr", *ARGS)
+    done = segpipe_run("--input", "s3://lab/scans/a.tif", "--output", "s3://nobucket/o.zarr", *ARGS)
     assert done.returncode != 0
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, done.stderr
@@ -274,7 +256,7 @@ def test_a_wrong_credential_is_one_line(tmp_path: Path) -> None:
         )
         env = {k: v for k, v in os.environ.items() if k != "AWS_ENDPOINT_URL"}
         env |= {"AWS_ACCESS_KEY_ID": "AKIAWRONG0000000000", "AWS_SECRET_ACCESS_KEY": "hush1"}
-        done = _segpipe("--config", str(config), "--quiet", env=env)
+        done = segpipe_run("--config", str(config), "--quiet", env=env)
     assert done.returncode != 0
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, done.stderr
@@ -362,14 +344,14 @@ def test_throttled_requests_are_retried(
     upstream = int(s3_env["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])
     proxy = _Faults(upstream, lambda method, path, n: 503 if n % 25 == 0 else None)
     try:
-        done = _segpipe("--config", str(_through(tmp_path, proxy, "s3://lab/slow.zarr", 10)))
+        done = segpipe_run("--config", str(_through(tmp_path, proxy, "s3://lab/slow.zarr", 10)))
     finally:
         proxy.close()
     assert done.returncode == 0, done.stderr
     assert proxy.faults >= 20  # one in 25 of the run's requests was refused
     local_in = tmp_path / "a.tif"
     bucket.get("lab/scans/a.tif", str(local_in))  # type: ignore[attr-defined]
-    ref = _segpipe("--input", str(local_in), "--output", str(tmp_path / "ref.zarr"), *ARGS)
+    ref = segpipe_run("--input", str(local_in), "--output", str(tmp_path / "ref.zarr"), *ARGS)
     assert ref.returncode == 0, ref.stderr
     _same(tmp_path / "ref.zarr", "s3://lab/slow.zarr", "a")
 
@@ -382,7 +364,7 @@ def test_a_failing_object_is_named(s3_env: dict[str, str], bucket: object, tmp_p
 
     proxy = _Faults(upstream, fault)
     try:
-        done = _segpipe("--config", str(_through(tmp_path, proxy, "s3://lab/broken.zarr", 2)))
+        done = segpipe_run("--config", str(_through(tmp_path, proxy, "s3://lab/broken.zarr", 2)))
     finally:
         proxy.close()
     assert done.returncode != 0
@@ -400,15 +382,17 @@ def test_damage_is_repaired_and_a_bad_object_skipped(bucket: object, tmp_path: P
     fs.pipe("lab/mixed/bad.tif", b"II*\x00" + b"\x00" * 60)  # type: ignore[attr-defined]
     out = "s3://lab/mixed.zarr"
     args = ("--input", "s3://lab/mixed/", "--output", out, *ARGS)
-    first = _segpipe(*args, "--on-error", "skip")
+    first = segpipe_run(*args, "--on-error", "skip")
     assert first.returncode == 3, first.stderr  # the good image done, the bad one reported
     assert "s3://lab/mixed/bad.tif" in first.stdout + first.stderr
     chunk = "lab/mixed.zarr/d/labels/instances/0/c/0/0"
     fs.rm(chunk)  # type: ignore[attr-defined]
-    again = _segpipe(*args, "--on-error", "skip", "--resume")
+    again = segpipe_run(*args, "--on-error", "skip", "--resume")
     assert again.returncode == 3, again.stderr
     assert "repaired" in again.stdout + again.stderr
     assert fs.exists(chunk)  # type: ignore[attr-defined]
-    ref = _segpipe("--input", str(tmp_path / "d.tif"), "--output", str(tmp_path / "r.zarr"), *ARGS)
+    ref = segpipe_run(
+        "--input", str(tmp_path / "d.tif"), "--output", str(tmp_path / "r.zarr"), *ARGS
+    )
     assert ref.returncode == 0, ref.stderr
     _same(tmp_path / "r.zarr", out, "d")

