@@ -2,14 +2,17 @@
 its final size and the run's time; this tree and a baseline commit side by side.
 
 Usage: python -m bench.footprint [--sizes 4096 16384 32768] [--baseline REV]
-                                 [--segmenter otsu] [--workdir DIR] [--out FILE]
+                                 [--repeats N] [--sample SECONDS] [--segmenter otsu]
+                                 [--workdir DIR] [--out FILE]
 
 For each size, one synthetic tiled uint16 TIFF; then, alternating, this tree and the
 baseline (a ``git worktree`` of ``--baseline``, run from its own sources) each run
 `pipeline.run_image` on a LocalCluster of 2 worker processes x 1 thread in a fresh
 process, while a thread adds up the disk blocks of every file under the output
 store every 0.1 s. Reported per run: seconds, Mpx/s, peak and final bytes on disk,
-their ratio, and the peak's share in ``_segpipe/`` (scratch, markers).
+their ratio, and the peak's share in ``_segpipe/`` (scratch, markers); at the end, per
+size, each tree's median seconds and its ratio to the first tree's. ``--sample 0``
+times the runs without the sampler (which shares the client's process).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import threading
@@ -44,8 +48,11 @@ def disk_bytes(root: Path) -> tuple[int, int]:
     return total, internal
 
 
-def measure(path: Path, out: Path, segmenter: str, tile: int) -> dict[str, Any]:
-    """One run of ``path`` into ``out`` with the disk sampled (in this process)."""
+def measure(
+    path: Path, out: Path, segmenter: str, tile: int, interval: float = 0.1
+) -> dict[str, Any]:
+    """One run of ``path`` into ``out`` with the disk sampled every ``interval`` seconds
+    (in this process; 0: not sampled, the peak is then 0)."""
     import shutil
 
     import dask
@@ -66,7 +73,7 @@ def measure(path: Path, out: Path, segmenter: str, tile: int) -> dict[str, Any]:
             total, internal = disk_bytes(out)
             if total > peak[0]:
                 peak[:] = [total, internal]
-            time.sleep(0.1)
+            time.sleep(interval)
 
     with (
         dask.config.set(worker_env_config()),
@@ -75,12 +82,14 @@ def measure(path: Path, out: Path, segmenter: str, tile: int) -> dict[str, Any]:
     ):
         plan = ImagePlan(open_source(str(path)), str(out), (tile, tile), get_segmenter(segmenter))
         thread = threading.Thread(target=sample, daemon=True)
-        thread.start()
+        if interval:
+            thread.start()
         t0 = time.perf_counter()
         result = run_image(client, plan)
         seconds = time.perf_counter() - t0
         done.set()
-        thread.join()
+        if interval:
+            thread.join()
     final, _ = disk_bytes(out)
     px = 1
     for n in plan.spec.shape:
@@ -132,13 +141,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--segmenter", default="otsu")
     parser.add_argument("--tile", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument(
+        "--sample", type=float, default=0.1, help="seconds between disk samples; 0: none"
+    )
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/segpipe-bench"))
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "footprint.json")
     parser.add_argument("--measure", nargs=2, metavar=("TIFF", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.measure:
         path, out = (Path(p) for p in args.measure)
-        print(json.dumps(measure(path, out, args.segmenter, args.tile)))
+        print(json.dumps(measure(path, out, args.segmenter, args.tile, args.sample)))
         return 0
     from bench.common import machine
     from segpipe import synthetic
@@ -161,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             for name, source in trees.items():
                 out = args.workdir / f"footprint-{size}.zarr"
                 m = _run(source, ["--segmenter", args.segmenter, "--tile", str(args.tile),
+                                  "--sample", str(args.sample),
                                   str(path), str(out)])  # fmt: skip
                 row = {"size": size, "tree": name, "repeat": repeat,
                        "input_bytes": path.stat().st_size, **m}  # fmt: skip
@@ -173,6 +186,18 @@ def main(argv: list[str] | None = None) -> int:
                     f"{m['peak_over_final']:.2f}",
                     flush=True,
                 )
+    for size in args.sizes:
+        medians = {
+            name: statistics.median(
+                r["seconds"] for r in rows if r["size"] == size and r["tree"] == name
+            )
+            for name in trees
+        }
+        first = medians["this tree"]
+        print(
+            f"{size}², median of {args.repeats}: "
+            + "; ".join(f"{n} {m:.1f} s ({m / first:.3f}x this tree)" for n, m in medians.items())
+        )
     args.out.write_text(json.dumps({"machine": machine(), "runs": rows}, indent=1) + "\n")
     print(f"written: {args.out}")
     return 0
