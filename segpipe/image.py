@@ -27,6 +27,7 @@ __all__ = [
     "ImageResult",
     "ProgressFn",
     "SlabJob",
+    "bookkeeping",
     "check_tile",
     "noop",
     "owned",
@@ -47,13 +48,18 @@ def _internal(root: str, kind: str, name: str) -> Location:
     return storage.location(storage.join(root, omezarr.SCRATCH, kind, name))
 
 
+def bookkeeping(root: str, name: str) -> list[Location]:
+    """Image ``name``'s scratch data and block markers under ``root``: what it keeps only
+    while it runs."""
+    return [_internal(root, "scratch", name), _internal(root, "blocks", name)]
+
+
 def owned(root: str, name: str) -> list[Location]:
     """Every path of the store that image ``name`` owns: its group, scratch data,
     markers, provenance table and manifest."""
     return [
         storage.location(storage.join(root, name)),
-        _internal(root, "scratch", name),
-        _internal(root, "blocks", name),
+        *bookkeeping(root, name),
         _internal(root, "provenance", f"{name}.parquet"),
         _internal(root, "manifests", f"{name}.npz"),
     ]
@@ -96,6 +102,10 @@ class ImagePlan:
     catalogue: Any = None  # panoptic.Catalogue; None: the segmenter's classes
     token: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
     viewer_chunk: int | tuple[int, ...] | None = VIEWER_CHUNK  # `RunConfig.viewer_chunk`
+    work: str | None = None
+    """Where the image's markers and scratch go while it runs: None, inside the store
+    (``OUT/_segpipe/``, where a resumed run finds them); otherwise a local folder of
+    the process that runs every stage of it (`segpipe.pipeline.run_pack`)."""
 
     def __post_init__(self) -> None:
         check_tile(self.spec, self.tile)
@@ -125,8 +135,13 @@ class ImagePlan:
         return storage.join(self.group, "labels", kind, str(level))
 
     @property
+    def work_root(self) -> str:
+        """The root its markers and scratch lie under: ``work``, or the store."""
+        return self.work or self.root
+
+    @property
     def scratch(self) -> str:
-        return str(_internal(self.root, "scratch", self.name))
+        return str(_internal(self.work_root, "scratch", self.name))
 
     @property
     def provenance(self) -> Location:
@@ -140,7 +155,7 @@ class ImagePlan:
     @property
     def blocks(self) -> Location:
         """The folder of every stage's completion markers for this image."""
-        return _internal(self.root, "blocks", self.name)
+        return _internal(self.work_root, "blocks", self.name)
 
     @property
     def manifest(self) -> Location:

@@ -14,7 +14,7 @@ from typing import Any, cast
 
 from segpipe.deep import provenance
 from segpipe.errors import OutputConflictError
-from segpipe.image import ImagePlan, ImageResult, owned, span
+from segpipe.image import ImagePlan, ImageResult, bookkeeping, owned, span
 from segpipe.io import omezarr, plate, storage, store, written
 from segpipe.io.markers import RUN_KEY, UNREADABLE, Markers, load_npz, read_marker, save_npz
 from segpipe.io.readers import SourceSpec
@@ -26,6 +26,7 @@ __all__ = [
     "begin",
     "completed_result",
     "damaged_result",
+    "drop_bookkeeping",
     "finish",
     "images",
     "orphans",
@@ -133,6 +134,8 @@ def begin(plan: ImagePlan) -> str:
                 return "done"
             start = "repair"
         elif state.get("tile") == list(plan.tile):
+            if plan.work:  # markers left in the store are not read; they go
+                drop_bookkeeping(plan)
             mark_image(plan.group, complete=False)
             return "resume"
     group = storage.location(plan.group)
@@ -142,13 +145,23 @@ def begin(plan: ImagePlan) -> str:
             f"{group}: exists but was not written by segpipe; it is left alone. Move it, "
             "or rename the input."
         )
-    for path in (group, storage.location(plan.scratch), plan.blocks, plan.provenance):
+    drop_bookkeeping(plan)
+    for path in (group, plan.provenance, plan.manifest):
         store.remove(path, plan.root)
-    store.remove(plan.manifest, plan.root)
     if isinstance(group, Path):
         group.mkdir(parents=True, exist_ok=True)
     mark_image(plan.group, complete=False, source=identity, tile=list(plan.tile))
     return start
+
+
+def drop_bookkeeping(plan: ImagePlan) -> None:
+    """Remove the image's markers and scratch: where this run keeps them (`ImagePlan.work`)
+    and, when that is not the store, any an earlier run left in the store."""
+    for path in bookkeeping(plan.work_root, plan.name):
+        store.remove(path, plan.work_root)
+    if plan.work:
+        for path in bookkeeping(plan.root, plan.name):
+            store.remove(path, plan.root)
 
 
 def _result_files(plan: ImagePlan) -> list[tuple[Location, tuple[int, int]]]:
@@ -227,8 +240,7 @@ def finish(plan: ImagePlan, result: ImageResult, stats: ImageStats, params: dict
             computed, total = Markers(d).tally(plan.token)
             tally[d.name] = {"computed": computed, "blocks": total}
     write_manifest(plan)
-    store.remove(plan.scratch, plan.root)
-    store.remove(plan.blocks, plan.root)
+    drop_bookkeeping(plan)
     mark_image(
         plan.group,
         objects=result.objects,

@@ -12,8 +12,11 @@ spelling the stages out.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
+import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -27,7 +30,7 @@ from segpipe import lifecycle, panoptic
 from segpipe.engine import WINDOW, Inline, Runner, gpu_resources, output_error
 from segpipe.errors import SegpipeError
 from segpipe.image import ImagePlan, ImageResult, ProgressFn, noop
-from segpipe.io import store
+from segpipe.io import storage, store
 from segpipe.io.store import mark_image
 from segpipe.stages import STAGES, ImageRun
 from segpipe.stages.statistics import keeping_filtered
@@ -35,14 +38,19 @@ from segpipe.stages.statistics import keeping_filtered
 __all__ = [
     "MAX_WAVES",
     "PACK_PIXELS",
+    "STALE_WORK",
     "WAVE_IMAGES",
+    "WORK_FREE",
+    "WORK_PREFIX",
     "Outcome",
+    "drop_stale_work",
     "images_in_flight",
     "packs",
     "run_image",
     "run_images",
     "run_pack",
     "waves",
+    "work_folder",
 ]
 
 
@@ -177,12 +185,59 @@ def _attempt(
 def run_pack(plans: Sequence[ImagePlan], *, skip: bool, full: bool) -> list[Outcome]:
     """Whole images, one after another, every stage in this process (`segpipe.engine.Inline`):
     the task that carries small images, so each costs no scheduler round trip per stage,
-    and each image is smoothed once, not once per pass (`statistics.keeping_filtered`)."""
+    and each image is smoothed once, not once per pass (`statistics.keeping_filtered`).
+
+    Markers and scratch of images in a local store go to a folder of this process
+    (`work_folder`), removed with the pack: an image cut short here is computed again
+    whole, so they need not outlive the task, and the store's file system is spared
+    creating and deleting them."""
     outcomes = []
-    for plan in plans:
-        with keeping_filtered():
-            outcomes.append(_attempt(Inline(), plan, noop, skip=skip, full=full))
+    folder = work_folder()
+    drop_stale_work(folder)
+    with tempfile.TemporaryDirectory(prefix=WORK_PREFIX, dir=folder) as work:
+        for plan in plans:
+            if not storage.is_url(plan.root):
+                plan = dataclasses.replace(plan, work=work)
+            with keeping_filtered():
+                outcomes.append(_attempt(Inline(), plan, noop, skip=skip, full=full))
+            os.utime(work)  # in use: see `drop_stale_work`
     return outcomes
+
+
+WORK_FREE = 256 << 20
+"""Free bytes a memory-backed folder must have to hold a pack's markers and scratch."""
+
+WORK_PREFIX = "segpipe-pack-"
+
+STALE_WORK = 24 * 3600
+"""Seconds after which a pack's folder untouched is a killed worker's leftover."""
+
+
+def work_folder() -> str:
+    """Where `run_pack` keeps markers and scratch: ``$SEGPIPE_PACK_DIR`` when set, else
+    ``/dev/shm`` (memory) when it has `WORK_FREE` bytes free, else the system's
+    temporary folder."""
+    if chosen := os.environ.get("SEGPIPE_PACK_DIR"):
+        return chosen
+    with contextlib.suppress(OSError):
+        if shutil.disk_usage("/dev/shm").free >= WORK_FREE and os.access("/dev/shm", os.W_OK):
+            return "/dev/shm"
+    return tempfile.gettempdir()
+
+
+def drop_stale_work(folder: str) -> None:
+    """Remove pack folders in ``folder`` that a killed worker left: named by `run_pack`,
+    owned by this user and untouched for `STALE_WORK` seconds (a pack touches its
+    folder after every image)."""
+    now = time.time()
+    with contextlib.suppress(OSError), os.scandir(folder) as entries:
+        for entry in entries:
+            if not entry.name.startswith(WORK_PREFIX) or entry.is_symlink():
+                continue
+            with contextlib.suppress(OSError):
+                st = entry.stat(follow_symlinks=False)
+                if entry.is_dir() and st.st_uid == os.getuid() and now - st.st_mtime > STALE_WORK:
+                    shutil.rmtree(entry.path)
 
 
 def packs(plans: Sequence[ImagePlan], indices: Sequence[int], threads: int) -> list[list[int]]:

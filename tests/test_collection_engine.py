@@ -218,3 +218,58 @@ def test_300_images_against_a_prefect_server_make_at_most_50_task_runs(tmp_path:
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_a_pack_keeps_markers_and_scratch_out_of_the_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from segpipe import lifecycle
+
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.setenv("SEGPIPE_PACK_DIR", str(work))
+    stale, fresh, other = (work / n for n in ("segpipe-pack-old", "segpipe-pack-new", "old"))
+    for folder in (stale, fresh, other):
+        (folder / "_segpipe").mkdir(parents=True)
+    day_ago = time.time() - pipeline.STALE_WORK - 60
+    for folder in (stale, other):
+        os.utime(folder, (day_ago, day_ago))
+    paths = [
+        synthetic.write_tiff(tmp_path / "in" / f"f{i}.tif", (160, 150), seed=i) for i in range(3)
+    ]
+    names = [p.stem for p in paths]
+    alone = tmp_path / "alone.zarr"
+    for plan in _plans(paths, alone, "otsu"):
+        pipeline.run_image(Inline(), plan)
+    out = tmp_path / "out.zarr"
+    plans = _plans(paths, out, "otsu")
+
+    # an earlier run in the store, cut short before it finished the first image
+    finish = lifecycle.finish
+
+    def cut_short(*args: Any) -> None:
+        raise RuntimeError("cut short")
+
+    monkeypatch.setattr(lifecycle, "finish", cut_short)
+    with pytest.raises(RuntimeError, match="cut short"):
+        pipeline.run_image(Inline(), plans[0])
+    assert (out / "_segpipe" / "blocks" / "f0" / "segment").is_dir()
+
+    seen: list[tuple[Path, list[str]]] = []
+
+    def watched(plan: ImagePlan, *args: Any) -> None:
+        internal = out / "_segpipe"
+        left = [p.name for kind in ("blocks", "scratch") for p in (internal / kind).glob("*")]
+        seen.append((Path(plan.blocks), left))
+        finish(plan, *args)
+
+    monkeypatch.setattr(lifecycle, "finish", watched)
+    outcomes = pipeline.run_pack(plans, skip=False, full=False)
+    assert [o.result.status for o in outcomes if o.result] == ["done"] * 3
+    # while each image ran, its markers were in the pack's folder, none in the store
+    for blocks, left in seen:
+        assert blocks.is_relative_to(work) and left == [], (blocks, left)
+    assert len(seen) == 3 and not (out / "_segpipe" / "blocks" / "f0").exists()
+    _same_results(alone, out, names)
+    # the pack's own folder is gone; a stale one of a killed worker too; nothing else
+    assert sorted(p.name for p in work.iterdir()) == ["old", "segpipe-pack-new"]

@@ -7,6 +7,7 @@ fault-free run of the same settings.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -191,6 +192,45 @@ def test_whole_run_killed_then_resumed(
     assert 0 < missing < sum(t["blocks"] for t in tally.values())
     assert recomputed <= 1.1 * missing, (recomputed, missing)
     assert digest(out / "cells") == reference
+
+
+def _complete(group: Path) -> bool:
+    try:
+        meta = json.loads((group / "zarr.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return meta.get("attributes", {}).get("segpipe", {}).get("complete") is True
+
+
+@pytest.mark.slow  # 53 s; the in-process twin in test_collection_engine stays in the default
+def test_a_collection_of_packed_fields_killed_then_resumed(
+    run_cli, api_env: dict[str, str], tmp_path: Path
+) -> None:
+    fields = tmp_path / "fields"
+    names = [f"f{i:02d}" for i in range(60)]
+    for i, name in enumerate(names):  # one block each: every field runs in a pack
+        synthetic.write_tiff(fields / f"{name}.tif", (160, 150), seed=i)
+    ref = tmp_path / "ref.zarr"
+    args = ("--input", str(fields), "--segmenter", "otsu")
+    assert run_cli(*args, "--output", str(ref)).exit_code == 0
+    out = tmp_path / "out.zarr"
+    env = {**api_env, "SEGPIPE_PACK_DIR": str(tmp_path)}
+    proc = _segpipe(*args, "--output", str(out), env=env)
+    groups = [out / n for n in names]
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and sum(map(_complete, groups)) < 5:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert 5 <= sum(map(_complete, groups)) < len(names)
+    # packs keep their markers and scratch in their own folders, never in the store
+    assert not [p for kind in ("blocks", "scratch") for p in (out / "_segpipe" / kind).glob("f*")]
+    again = _segpipe(*args, "--output", str(out), "--resume", env=env)
+    output = again.communicate(timeout=300)[0]
+    assert again.returncode == 0, output
+    assert all(map(_complete, groups))
+    for name in names:
+        assert digest(out / name) == digest(ref / name), name
 
 
 def test_two_runs_on_one_output(
