@@ -240,18 +240,11 @@ def _describe_instances(plan: ImagePlan, objects: pa.Table | None, rows: int) ->
     if rows > omezarr.LABEL_VALUES or objects is None:
         omezarr.describe_label_values(path, None, where)
         return
-    columns = {
-        "label-value": objects.column("label").to_pylist(),
-        "class": objects.column("class_name").to_pylist(),
-        "area": objects.column("area").to_pylist(),
-    }
+    columns = {"label": "label-value", "class_name": "class", "area": "area"}
     if plan.spec.pixel is not None:  # then the table has area_physical
-        columns["area_physical"] = objects.column("area_physical").to_pylist()
-    names = list(columns)
-    properties = [
-        dict(zip(names, values, strict=True)) for values in zip(*columns.values(), strict=True)
-    ]
-    omezarr.describe_label_values(path, properties, where)
+        columns["area_physical"] = "area_physical"
+    chosen = objects.select(list(columns)).rename_columns(list(columns.values()))
+    omezarr.describe_label_values(path, chosen.to_pylist(), where)
 
 
 def measure(
