@@ -101,9 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args(argv)
+    import dask
     from distributed import Client, LocalCluster, get_task_stream
 
-    from segpipe.backends import WORKER_ENV
+    from segpipe.backends import worker_env_config
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="segpipe-bench-collection-"))
     few, many = args.fields
@@ -125,12 +126,14 @@ def main(argv: list[str] | None = None) -> int:
     times: dict[str, list[float]] = {}
     busy: list[float] = []
     with (
+        # segpipe's glibc malloc settings, set before the workers start as `segpipe run`
+        # sets them (a LocalCluster's env= is applied after: glibc has read its own)
+        dask.config.set(worker_env_config()),
         LocalCluster(
             n_workers=args.workers,
             threads_per_worker=args.threads,
             host="127.0.0.1",
             dashboard_address=None,
-            env=dict(WORKER_ENV),
         ) as cluster,
         Client(cluster) as client,
     ):

@@ -55,7 +55,12 @@ __all__ = [
 
 
 def run_image(
-    client: Runner, plan: ImagePlan, progress: ProgressFn = noop, *, full: bool = False
+    client: Runner,
+    plan: ImagePlan,
+    progress: ProgressFn = noop,
+    *,
+    full: bool = False,
+    overlap: bool = True,
 ) -> ImageResult:
     """Segment one image through every stage, resuming what an earlier run left.
 
@@ -69,6 +74,9 @@ def run_image(
         ``progress(stage, done, total)`` as blocks finish.
     full : bool
         Recompute it even if it is complete from an unchanged input.
+    overlap : bool
+        Run the stages marked ``beside`` in a thread of their own, alongside the
+        stages after them; otherwise in order, in this thread.
 
     Returns
     -------
@@ -89,7 +97,7 @@ def run_image(
     with ThreadPoolExecutor(1, thread_name_prefix="segpipe-beside") as pool:
         beside = []
         for stage in STAGES:
-            if stage.beside:
+            if stage.beside and overlap:
                 beside.append(pool.submit(stage, client, run, progress))
             else:
                 stage(client, run, progress)
@@ -162,13 +170,19 @@ PACK_PIXELS = 1 << 22
 
 
 def _attempt(
-    runner: Runner, plan: ImagePlan, progress: ProgressFn, *, skip: bool, full: bool
+    runner: Runner,
+    plan: ImagePlan,
+    progress: ProgressFn,
+    *,
+    skip: bool,
+    full: bool,
+    overlap: bool = True,
 ) -> Outcome:
     """`run_image` of ``plan``; under ``skip`` a failure (whatever the exception) is
     recorded on the image and returned instead of raised."""
     try:
         try:
-            return Outcome(plan, run_image(runner, plan, progress, full=full))
+            return Outcome(plan, run_image(runner, plan, progress, full=full, overlap=overlap))
         except OSError as err:
             if (mapped := output_error(err, plan.name)) is None:
                 raise
@@ -199,7 +213,8 @@ def run_pack(plans: Sequence[ImagePlan], *, skip: bool, full: bool) -> list[Outc
             if not storage.is_url(plan.root):
                 plan = dataclasses.replace(plan, work=work)
             with keeping_filtered():
-                outcomes.append(_attempt(Inline(), plan, noop, skip=skip, full=full))
+                outcome = _attempt(Inline(), plan, noop, skip=skip, full=full, overlap=False)
+                outcomes.append(outcome)
             os.utime(work)  # in use: see `drop_stale_work`
     return outcomes
 

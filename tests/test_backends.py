@@ -298,8 +298,15 @@ def test_workers_get_segpipes_malloc_settings_everywhere(tmp_path: Path) -> None
     from segpipe.backends import WORKER_ENV, WORKER_ENV_VAR
     from segpipe.cluster import local_cluster
 
+    def started_with() -> dict[str, str | None]:
+        # the environment the process started with, which glibc read: a variable set in
+        # os.environ after the start (as a LocalCluster's env= is) has no effect on malloc
+        with open("/proc/self/environ", "rb") as fh:
+            pairs = [kv.decode().split("=", 1) for kv in fh.read().split(b"\0") if b"=" in kv]
+        return {k: dict(pairs).get(k) for k in WORKER_ENV}
+
     with local_cluster(workers=1, threads=1) as cluster, Client(cluster) as client:
-        env = client.run(lambda: {k: os.environ.get(k) for k in WORKER_ENV})
+        env = client.run(started_with)
     assert list(env.values()) == [WORKER_ENV]
     value = repr(WORKER_ENV)
     assert ast.literal_eval(value) == WORKER_ENV  # as Dask parses it
