@@ -28,7 +28,7 @@ from distributed import Client, as_completed
 
 from segpipe import lifecycle, panoptic
 from segpipe.engine import WINDOW, Inline, Runner, gpu_resources, output_error
-from segpipe.errors import SegpipeError
+from segpipe.errors import ConfigError, SegpipeError
 from segpipe.image import ImagePlan, ImageResult, ProgressFn, noop
 from segpipe.io import storage, store
 from segpipe.io.store import mark_image
@@ -231,8 +231,19 @@ STALE_WORK = 24 * 3600
 def work_folder() -> str:
     """Where `run_pack` keeps markers and scratch: ``$SEGPIPE_PACK_DIR`` when set, else
     ``/dev/shm`` (memory) when it has `WORK_FREE` bytes free, else the system's
-    temporary folder."""
+    temporary folder.
+
+    Raises
+    ------
+    ConfigError
+        If ``$SEGPIPE_PACK_DIR`` is not a folder this process can write.
+    """
     if chosen := os.environ.get("SEGPIPE_PACK_DIR"):
+        if not (os.path.isdir(chosen) and os.access(chosen, os.W_OK | os.X_OK)):
+            raise ConfigError(
+                f"{chosen}: SEGPIPE_PACK_DIR is not a folder this worker can write "
+                "(where images of one block keep their markers and scratch while they run)"
+            )
         return chosen
     with contextlib.suppress(OSError):
         if shutil.disk_usage("/dev/shm").free >= WORK_FREE and os.access("/dev/shm", os.W_OK):

@@ -273,3 +273,17 @@ def test_a_pack_keeps_markers_and_scratch_out_of_the_store(
     _same_results(alone, out, names)
     # the pack's own folder is gone; a stale one of a killed worker too; nothing else
     assert sorted(p.name for p in work.iterdir()) == ["old", "segpipe-pack-new"]
+
+
+def test_a_pack_folder_that_cannot_be_written_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from segpipe.errors import ConfigError
+
+    missing = tmp_path / "no-such-folder"
+    monkeypatch.setenv("SEGPIPE_PACK_DIR", str(missing))
+    path = synthetic.write_tiff(tmp_path / "f.tif", (160, 150), seed=1)
+    with pytest.raises(ConfigError) as info:
+        pipeline.run_pack(_plans([path], tmp_path / "out.zarr", "otsu"), skip=True, full=False)
+    message = str(info.value)
+    assert "\n" not in message and str(missing) in message and "SEGPIPE_PACK_DIR" in message
