@@ -8,7 +8,7 @@ provenance table) and marks it complete, last.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -230,9 +230,17 @@ def write_provenance(plan: ImagePlan) -> Location | None:
     return provenance.write_table(plan.provenance, rows)
 
 
-def finish(plan: ImagePlan, result: ImageResult, stats: ImageStats, params: dict[str, Any]) -> None:
+def finish(
+    plan: ImagePlan,
+    result: ImageResult,
+    stats: ImageStats,
+    params: dict[str, Any],
+    *,
+    marks: Mapping[str, Any] | None = None,
+) -> None:
     """Write the provenance table and the manifest of the result, drop scratch data and
-    markers, then mark the image complete (written last)."""
+    markers, then mark the image complete (written last), recording ``marks`` (what the
+    stages left to record: its previews and tables) in the same write."""
     write_provenance(plan)
     tally = {}
     if plan.blocks.exists():
@@ -250,6 +258,7 @@ def finish(plan: ImagePlan, result: ImageResult, stats: ImageStats, params: dict
         statistics=stats.to_dict(),
         seconds=result.seconds,
         blocks=tally,
+        **(marks or {}),
         complete=True,
     )
 

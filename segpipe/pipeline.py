@@ -112,7 +112,7 @@ def run_image(
         run.times,
         "repaired" if start == "repair" else "done",
     )
-    lifecycle.finish(plan, result, run.need("stats"), run.need("segmented").params)
+    lifecycle.finish(plan, result, run.need("stats"), run.need("segmented").params, marks=run.marks)
     return result
 
 

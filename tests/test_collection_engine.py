@@ -247,7 +247,7 @@ def test_a_pack_keeps_markers_and_scratch_out_of_the_store(
     # an earlier run in the store, cut short before it finished the first image
     finish = lifecycle.finish
 
-    def cut_short(*args: Any) -> None:
+    def cut_short(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("cut short")
 
     monkeypatch.setattr(lifecycle, "finish", cut_short)
@@ -257,11 +257,11 @@ def test_a_pack_keeps_markers_and_scratch_out_of_the_store(
 
     seen: list[tuple[Path, list[str]]] = []
 
-    def watched(plan: ImagePlan, *args: Any) -> None:
+    def watched(plan: ImagePlan, *args: Any, **kwargs: Any) -> None:
         internal = out / "_segpipe"
         left = [p.name for kind in ("blocks", "scratch") for p in (internal / kind).glob("*")]
         seen.append((Path(plan.blocks), left))
-        finish(plan, *args)
+        finish(plan, *args, **kwargs)
 
     monkeypatch.setattr(lifecycle, "finish", watched)
     outcomes = pipeline.run_pack(plans, skip=False, full=False)

@@ -39,6 +39,8 @@ class ImageRun:
     relabelled: Relabelled | None = None
     preview: str = ""
     times: dict[str, float] = field(default_factory=dict)
+    marks: dict[str, Any] = field(default_factory=dict)
+    """Attributes the image group records with its completion (`lifecycle.finish`)."""
 
     def need(self, name: str) -> Any:
         value = getattr(self, name)
@@ -101,11 +103,15 @@ def _panoptic(client: Runner, run: ImageRun, progress: ProgressFn) -> None:
 
 
 def _measure(client: Runner, run: ImageRun, progress: ProgressFn) -> None:
-    measure.measure(run.plan, run.need("ids").count, run.catalogue, run.relabelled)
+    done = measure.measure(
+        run.plan, run.need("ids").count, run.catalogue, run.relabelled, record=False
+    )
+    run.marks["tables"] = done.info
 
 
 def _preview(client: Runner, run: ImageRun, progress: ProgressFn) -> None:
-    run.preview = preview.write_preview(client, run.plan, progress)
+    run.preview = preview.write_preview(client, run.plan, progress, record=False)
+    run.marks["previews"] = preview.recorded(run.plan)
 
 
 STAGES: tuple[Stage, ...] = (

@@ -56,6 +56,7 @@ class Measured:
     objects: int
     segments: int
     per_class: dict[str, int]
+    info: dict[str, Any]  # what the image group's ``segpipe.tables`` records
 
 
 def _open_by_owner(parts: Sequence[Groups], stuff: tuple[int, ...]) -> dict[int, Groups]:
@@ -135,6 +136,8 @@ def write_tables(
     divisor: int,
     open_parts: Sequence[Groups],
     parts_dir: Location,
+    *,
+    record: bool = True,
 ) -> Measured:
     """Merge the blocks' open groups, join them with the closed ones saved in
     ``parts_dir`` and write ``objects.parquet`` and ``segments.parquet``.
@@ -151,6 +154,9 @@ def write_tables(
         Per block (in block order), the groups that may continue in another block.
     parts_dir : Path or UPath
         Where the block tasks saved the groups of objects wholly inside them.
+    record : bool
+        Record the tables in the image group's ``segpipe.tables`` here; otherwise the
+        caller does (`segpipe.lifecycle.finish`, with the image's completion: one write).
 
     Returns
     -------
@@ -221,13 +227,15 @@ def write_tables(
     }
     attrs.update(out, {"segpipe": {TABLES: info}})
     _describe_instances(plan, pa.concat_tables(listed) if listed else None, n_objects)
-    mark_image(plan.group, tables=info)
+    if record:
+        mark_image(plan.group, tables=info)
     return Measured(
         str(out / "objects.parquet"),
         str(out / "segments.parquet"),
         n_objects,
         n_segments,
         per_class,
+        info,
     )
 
 
@@ -248,10 +256,17 @@ def _describe_instances(plan: ImagePlan, objects: pa.Table | None, rows: int) ->
 
 
 def measure(
-    plan: ImagePlan, count: int, catalogue: Catalogue, done: Relabelled | None = None
+    plan: ImagePlan,
+    count: int,
+    catalogue: Catalogue,
+    done: Relabelled | None = None,
+    *,
+    record: bool = True,
 ) -> Measured:
     """The measure stage after the relabel pass: its sums merged into the tables.
     ``done``: the pass's result when it ran in this process (default: read back from
-    its markers)."""
+    its markers); ``record``: as `write_tables`."""
     done = done or relabelled(plan, count)
-    return write_tables(plan, catalogue, done.divisor, done.open_groups(), parts_dir(plan))
+    return write_tables(
+        plan, catalogue, done.divisor, done.open_groups(), parts_dir(plan), record=record
+    )

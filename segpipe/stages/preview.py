@@ -17,7 +17,7 @@ from segpipe.io.storage import Location
 from segpipe.io.store import mark_image
 from segpipe.preview import MAX_SIZE, MIN_SIZE, PREVIEWS, choose_level, render
 
-__all__ = ["preview_path", "preview_task", "write_preview"]
+__all__ = ["preview_path", "preview_task", "recorded", "write_preview"]
 
 
 def _group_levels(group: str) -> list[str]:
@@ -77,6 +77,7 @@ def write_preview(
     *,
     labels: str = "instances",
     max_size: int = MAX_SIZE,
+    record: bool = True,
 ) -> str:
     """Write the image's preview PNG in one task; return its path.
 
@@ -92,12 +93,15 @@ def write_preview(
         Which label image to outline.
     max_size : int
         Longest side of the preview.
+    record : bool
+        Record it in the image group's ``segpipe.previews`` here; otherwise the caller
+        does (`segpipe.lifecycle.finish`, with the image's completion: one write).
 
     Returns
     -------
     str
-        ``OUT/<name>/previews/<name>.png``; also recorded in the image group's
-        ``segpipe.previews`` and the ``previews`` group's attributes.
+        ``OUT/<name>/previews/<name>.png``; also recorded in the ``previews`` group's
+        attributes.
     """
 
     dst = preview_path(plan)
@@ -111,8 +115,14 @@ def write_preview(
     )
     relative = f"{PREVIEWS}/{dst.name}"
     attrs.update(dst.parent, {"segpipe": {PREVIEWS: [relative]}})
-    mark_image(plan.group, previews=[relative])
+    if record:
+        mark_image(plan.group, previews=[relative])
     return str(dst)
+
+
+def recorded(plan: ImagePlan) -> list[str]:
+    """What the image group's ``segpipe.previews`` records of `write_preview`'s file."""
+    return [f"{PREVIEWS}/{preview_path(plan).name}"]
 
 
 def _preview_job(image_group: str, labels_group: str, dst: str, max_size: int) -> tuple[int, ...]:
