@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import socket
 import subprocess
 import sys
@@ -135,14 +136,16 @@ def once_exists(path: Path, action: Callable[[], None], timeout: float = 60) -> 
 
 
 def fill_disk(path: Path) -> None:
-    """Write ``path`` until its file system is full (the last write fails quietly)."""
-    with open(path, "wb") as fh:
-        try:
+    """Write ``path`` until its file system is full (the write, or the open of a disk the
+    run has already filled, fails quietly)."""
+    try:
+        with open(path, "wb") as fh:
             while True:
                 fh.write(b"\0" * 2**16)
                 fh.flush()
-        except OSError:
-            pass
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
 
 
 def start_prefect_server(home: Path, port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
