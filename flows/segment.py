@@ -280,16 +280,15 @@ def heartbeats_as_set() -> Iterator[None]:
     # as prefect.settings.temporary_settings, but the copy (0.1 s of pydantic validation)
     # is made once per settings object, not once per run
     context = prefect.context.get_settings_context()
-    made = _QUIET.get(id(context.settings))
-    if made is None or made[0] is not context.settings:
+    if not _QUIET or _QUIET[0] is not context.settings:
         quiet = context.settings.copy_with_update(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
-        made = _QUIET[id(context.settings)] = (context.settings, quiet)
-    with prefect.context.SettingsContext(profile=context.profile, settings=made[1]):
+        _QUIET[:] = [context.settings, quiet]
+    with prefect.context.SettingsContext(profile=context.profile, settings=_QUIET[1]):
         yield
 
 
-_QUIET: dict[int, tuple[Any, Any]] = {}
-"""Settings without heartbeats, by the settings they were made from (kept alive here)."""
+_QUIET: list[Any] = []
+"""The last settings a run started from, and their copy without heartbeats."""
 
 
 @flow(

@@ -113,10 +113,10 @@ def write_preview(
         stage="preview",
         progress=progress or noop,
     )
-    relative = f"{PREVIEWS}/{dst.name}"
-    attrs.update(dst.parent, {"segpipe": {PREVIEWS: [relative]}})
+    relative = recorded(plan)
+    attrs.update(dst.parent, {"segpipe": {PREVIEWS: relative}})
     if record:
-        mark_image(plan.group, previews=[relative])
+        mark_image(plan.group, previews=relative)
     return str(dst)
 
 
