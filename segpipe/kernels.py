@@ -335,7 +335,7 @@ def object_stats(
 
 
 @numba.njit(cache=True, nogil=True)
-def _outlined(grey, labels, table, rgb):  # type: ignore[no-untyped-def]  # pragma: no cover
+def _outlined(grey, labels, table, out):  # type: ignore[no-untyped-def]  # pragma: no cover
     m, n = labels.shape
     for i in range(m):
         for j in range(n):
@@ -346,33 +346,27 @@ def _outlined(grey, labels, table, rgb):  # type: ignore[no-untyped-def]  # prag
                 or (j > 0 and labels[i, j - 1] != v)
                 or (j < n - 1 and labels[i, j + 1] != v)
             )
-            if edge:
-                for c in range(3):
-                    rgb[i, j, c] = table[v, c]
-            else:
-                g = grey[i, j]
-                for c in range(3):
-                    rgb[i, j, c] = g
+            out[i, j] = table[v] if edge else grey[i, j]
 
 
 def outlined(
     grey: NDArray[np.uint8], labels: NDArray[np.integer], table: NDArray[np.uint8]
 ) -> NDArray[np.uint8]:
-    """RGB of ``grey`` with each object's inner boundary (a pixel of id > 0 with a
-    4-neighbour of another value) in ``table[id]``: what `segpipe.preview.render` paints,
-    in one sweep.
+    """``grey`` with each object's inner boundary (a pixel of id > 0 with a 4-neighbour
+    of another value) set to ``table[id]``: the palette indices `segpipe.preview.indexed`
+    paints, in one sweep.
 
     Parameters
     ----------
     grey : (M, N) ndarray of uint8
     labels : (M, N) ndarray of int
-    table : (K, 3) ndarray of uint8
-        A colour for every id up to ``labels.max()``.
+    table : (K,) ndarray of uint8
+        A value for every id up to ``labels.max()``.
 
     Returns
     -------
-    (M, N, 3) ndarray of uint8
+    (M, N) ndarray of uint8
     """
-    rgb = np.empty((*labels.shape, 3), np.uint8)
-    _outlined(np.ascontiguousarray(grey), np.ascontiguousarray(labels), table, rgb)
-    return rgb
+    out = np.empty(labels.shape, np.uint8)
+    _outlined(np.ascontiguousarray(grey), np.ascontiguousarray(labels), table, out)
+    return out

@@ -94,7 +94,7 @@ def _kernels_module() -> None:
         kernels.panoptic(semantic, instances, 1 << 16, np.zeros(256, np.bool_), known)
     for pixels in IMAGE_DTYPES:
         kernels.object_stats(local, semantic, np.zeros((2, 3), pixels), 0)
-    grey, table = np.zeros((2, 3), np.uint8), np.zeros((1, 3), np.uint8)
+    grey, table = np.zeros((2, 3), np.uint8), np.zeros(1, np.uint8)
     for ids in ("uint8", *LABEL_DTYPES):  # previews outline instances or classes
         kernels.outlined(grey, np.zeros((2, 3), ids), table)
 

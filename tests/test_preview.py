@@ -16,7 +16,7 @@ from skimage.segmentation import find_boundaries
 from segpipe import image as segpipe_image
 from segpipe import pipeline, synthetic
 from segpipe.io.readers import open_source
-from segpipe.preview import choose_level, colours, outlines, render, stretch
+from segpipe.preview import GREYS, HUES, choose_level, colours, outlines, render, stretch
 from segpipe.segmenters import get_segmenter
 from segpipe.stages.preview import write_preview
 
@@ -138,6 +138,16 @@ def test_render_paints_skimage_boundaries_in_each_objects_colour(dtype: str, spr
     assert len(np.unique(labels)) == blobs.max() + 1 > 10
     rgb = render(image, labels)
     edge = find_boundaries(labels, mode="inner", connectivity=1) & (labels > 0)
-    grey = stretch(image)
+    # the stretched grey, in one of GREYS levels from black to white
+    levels = stretch(image).astype(np.float64)
+    grey = np.round(np.round(levels * (GREYS - 1) / 255) * 255 / (GREYS - 1))
     assert np.array_equal(rgb[~edge], np.repeat(grey[~edge][:, None], 3, axis=1))
     assert np.array_equal(rgb[edge], colours(labels[edge]))
+
+
+def test_outline_colours_are_hues_distinct_from_greys() -> None:
+    table = colours(np.arange(3 * HUES, dtype=np.uint64)).astype(int)
+    assert len(np.unique(table[:HUES], axis=0)) == HUES
+    assert np.array_equal(table[:HUES], table[HUES : 2 * HUES])  # ids HUES apart share one
+    assert (np.ptp(table, axis=1) > 100).all()  # saturated: never mistaken for a grey
+    assert (np.abs(np.diff(table, axis=0)).max(axis=1) > 60).all()  # neighbouring ids differ

@@ -15,7 +15,7 @@ from segpipe.image import ImagePlan, ProgressFn, noop
 from segpipe.io import attrs, omezarr, png, storage
 from segpipe.io.storage import Location
 from segpipe.io.store import mark_image
-from segpipe.preview import MAX_SIZE, MIN_SIZE, PREVIEWS, choose_level, render
+from segpipe.preview import MAX_SIZE, MIN_SIZE, PALETTE, PREVIEWS, choose_level, indexed
 
 __all__ = ["preview_path", "preview_task", "recorded", "write_preview"]
 
@@ -52,9 +52,9 @@ def preview_task(
     if grow > 1:
         image = image.repeat(grow, axis=0).repeat(grow, axis=1)
         labels = labels.repeat(grow, axis=0).repeat(grow, axis=1)
-    rgb = render(image, labels)
-    storage.put(storage.location(dst), png.encode(rgb))
-    return tuple(rgb.shape[:2])
+    picture = indexed(image, labels)
+    storage.put(storage.location(dst), png.encode(picture, PALETTE))
+    return tuple(picture.shape)
 
 
 def _read(path: str, index: tuple[Any, ...], shape: tuple[int, ...]) -> NDArray[Any]:
