@@ -13,7 +13,7 @@ import io
 import math
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, cast
 from uuid import UUID
 
@@ -205,11 +205,48 @@ def totals_line(t: dict[str, Any], *, mode: str = "") -> str:
     )
 
 
+class Thumbnails:
+    """The report's thumbnails, made as the images they show finish (while the cluster
+    is busy with the others), not all after the last one.
+
+    Parameters
+    ----------
+    names : iterable of str
+        The images whose previews the report will embed: the first `PREVIEWS`.
+    """
+
+    def __init__(self, names: Iterable[str]) -> None:
+        self.names = frozenset(names)
+        self._made: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def make(self, name: str, previews: Sequence[str]) -> None:
+        """Make the thumbnails of image ``name``'s ``previews`` now, if it is one of
+        `names`."""
+        if name not in self.names:
+            return
+        made = {p: _thumbnail(p) for p in previews}
+        with self._lock:
+            self._made.update(made)
+
+    def get(self, preview: str) -> str:
+        """The thumbnail of ``preview``: made already, or now."""
+        with self._lock:
+            made = self._made.get(preview)
+        return made if made is not None else _thumbnail(preview)
+
+
 def summary_artifacts(
-    rows: Sequence[dict[str, Any]], *, title: str, mode: str = "", reach: Reach | None = None
+    rows: Sequence[dict[str, Any]],
+    *,
+    title: str,
+    mode: str = "",
+    reach: Reach | None = None,
+    thumbnails: Thumbnails | None = None,
 ) -> dict[str, Any]:
     """The summary table artifact and the markdown artifact with previews (through
-    ``reach``: not sent when the API is unreachable); returns totals."""
+    ``reach``: not sent when the API is unreachable; thumbnails from ``thumbnails``
+    where it made them); returns totals."""
     reach = reach or Reach()
     t = totals(rows)
     line = totals_line(t, mode=mode)
@@ -220,11 +257,17 @@ def summary_artifacts(
         table=[{c: r.get(c, "") for c in columns} for r in rows],
         description=f"{title}. {line}",
     )
-    reach(create_markdown_artifact, key="segpipe-report", markdown=report(rows, title, line))
+    markdown = report(rows, title, line, thumbnails or Thumbnails(()))
+    reach(create_markdown_artifact, key="segpipe-report", markdown=markdown)
     return t
 
 
-def report(rows: Sequence[dict[str, Any]], title: str, line: str) -> str:
+def report(
+    rows: Sequence[dict[str, Any]],
+    title: str,
+    line: str,
+    thumbnails: Thumbnails | None = None,
+) -> str:
     """Markdown: the totals, every failed or orphaned image (up to `LISTED`), then the
     previews of the first `PREVIEWS` others, embedded; the summary table lists every image."""
     parts = [f"# {title}", "", line, ""]
@@ -244,7 +287,7 @@ def report(rows: Sequence[dict[str, Any]], title: str, line: str) -> str:
         parts.append(f"## {r['image']} — {r['status']}")
         previews = [p for p in str(r.get("preview", "")).split(", ") if p]
         for p in previews:
-            uri = _thumbnail(p)
+            uri = (thumbnails or Thumbnails(())).get(p)
             if uri:
                 parts.append(f"![{r['image']}]({uri})")
         if not previews:

@@ -74,6 +74,8 @@ class _Shared:
     """The error of the run's last artifact that could not be sent."""
     run_id: str | None = None
     """The flow run's id, for `flows.unreported`."""
+    thumbnails: monitor.Thumbnails | None = None
+    """The report's thumbnails, made as their images finish."""
 
 
 shared = _Shared()
@@ -192,6 +194,11 @@ def segment_wave(
         tracker = shared.tracker
         if tracker is not None:
             tracker.image_done(name, len(outcome.plan.grid()), failed=outcome.result is None)
+        thumbnails = shared.thumbnails
+        if thumbnails is not None and outcome.result is not None and name in thumbnails.names:
+            group = outcome.plan.group
+            previews = image_state(group).get("previews", [])
+            thumbnails.make(name, [storage.join(group, p) for p in previews])
         if outcome.result is None:
             logger.error("%s failed: %s", name, outcome.error)
         elif outcome.result.status == "unchanged":
@@ -335,6 +342,8 @@ def segment_collection(config: dict[str, Any]) -> list[dict[str, Any]]:
         blocks = sum(len(p.grid()) for p in plans)
         tracker = monitor.RunProgress(len(plans), blocks, report=reporter.fn, reach=reach)
         shared.tracker = tracker
+        thumbnails = monitor.Thumbnails(p.name for p in plans[: monitor.PREVIEWS])
+        shared.thumbnails = thumbnails
         inline = in_process(prepared)
         with contextlib.ExitStack() as stack:
             client = None if inline else stack.enter_context(connect_run(cfg))
@@ -391,13 +400,14 @@ def segment_collection(config: dict[str, Any]) -> list[dict[str, Any]]:
         for future in submitted:
             future.wait(timeout=WAVE_END)
         prepared.lock.release()
-        shared.tracker, shared.connection = None, None
+        shared.tracker, shared.connection, shared.thumbnails = None, None, None
         shared.checked.clear()
     t = monitor.summary_artifacts(
         rows,
         title=f"segpipe {cfg.segmenter.name} on {cfg.input} → {cfg.output}",
         mode=monitor.run_mode(cfg),
         reach=reach,
+        thumbnails=thumbnails,
     )
     logger.info(monitor.totals_line(t, mode=monitor.run_mode(cfg)))
     if reach.lost is not None:

@@ -3,6 +3,8 @@ artifact ends at 100 % whatever order many threads report in."""
 
 from __future__ import annotations
 
+import base64
+import io
 import threading
 from pathlib import Path
 
@@ -72,3 +74,24 @@ def test_progress_from_many_threads_ends_at_100(
     stored = httpx.get(f"{PREFECT_API_URL.value()}/artifacts/{progress.artifact_id}").json()
     assert stored["data"] == 100.0
     assert stored["description"].startswith("images 200/200 done")
+
+
+def test_thumbnails_made_as_images_finish_are_looked_up(tmp_path: Path) -> None:
+    from segpipe.io import png
+    from segpipe.preview import PALETTE
+
+    previews = []
+    picture = (np.arange(640 * 480).reshape(480, 640) % 256).astype(np.uint8)
+    for name in ("a", "b"):
+        path = tmp_path / f"{name}.png"
+        path.write_bytes(png.encode(picture, PALETTE))
+        previews.append(str(path))
+    thumbnails = monitor.Thumbnails(["a"])
+    thumbnails.make("a", [previews[0]])
+    thumbnails.make("b", [previews[1]])  # not one the report embeds: nothing made
+    for p in previews:
+        Path(p).unlink()
+    uri = thumbnails.get(previews[0])
+    with Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))) as thumb:
+        assert thumb.size == (monitor.THUMBNAIL, 240)
+    assert thumbnails.get(previews[1]) == ""  # made only when asked, and it is gone
