@@ -93,6 +93,18 @@ def test_zarr_v2_nodes_go_through_zarr(tmp_path: Path) -> None:
     assert attrs.read(tmp_path / "v2") == {"b": 2}
 
 
+@pytest.mark.parametrize("zarr_format", [2, 3])
+def test_change_sees_the_current_attributes_and_keeps_the_others(
+    tmp_path: Path, zarr_format: int
+) -> None:
+    group = zarr.open_group(str(tmp_path / "g"), mode="w", zarr_format=zarr_format)
+    group.attrs.update({"n": 1, "kept": "yes"})
+    for _ in range(2):
+        attrs.change(tmp_path / "g", lambda current: {"n": current["n"] + 1})
+    reopened = zarr.open_group(str(tmp_path / "g"), mode="r")
+    assert reopened.attrs.asdict() == {"n": 3, "kept": "yes"}
+
+
 def test_arrays_are_created_and_read_as_zarr_creates_and_reads_them(tmp_path: Path) -> None:
     from segpipe.io import chunks
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import zarr
@@ -24,7 +24,7 @@ import zarr
 from segpipe.io import storage
 from segpipe.io.storage import Where
 
-__all__ = ["image_label", "multiscales", "read", "update"]
+__all__ = ["change", "image_label", "multiscales", "read", "update"]
 
 _LOCK = threading.Lock()  # read-modify-write of one file by two threads of a process
 NGFF = "0.5"
@@ -54,17 +54,26 @@ def read(path: Where) -> dict[str, Any]:
 def update(path: Where, values: Mapping[str, Any]) -> None:
     """Set the top-level attributes ``values`` of the node at ``path`` (others kept),
     creating a group there if there is no node yet."""
+    change(path, lambda current: values)
+
+
+def change(path: Where, new: Callable[[dict[str, Any]], Mapping[str, Any]]) -> None:
+    """Set the top-level attributes ``new(current)`` of the node at ``path``, given its
+    current attributes (others kept), in one read and one write; a group is created
+    there if there is no node yet."""
     node = storage.location(path)
     with _LOCK:
         try:
             value = json.loads(storage.read_bytes(node / "zarr.json"))
         except FileNotFoundError:
             if (node / ".zgroup").exists():  # Zarr v2
-                zarr.open_group(str(node), mode="a").attrs.update(dict(values))
+                group = zarr.open_group(str(node), mode="a")
+                group.attrs.update(dict(new(dict(group.attrs.asdict()))))
                 return
             value = {"zarr_format": 3, "node_type": "group", "attributes": {}}
         attrs = value.get("attributes")
-        value["attributes"] = {**(attrs if isinstance(attrs, dict) else {}), **values}
+        attrs = attrs if isinstance(attrs, dict) else {}
+        value["attributes"] = {**attrs, **new(attrs)}
         storage.put(node / "zarr.json", json.dumps(value).encode())
 
 

@@ -262,22 +262,23 @@ def describe_label_values(
     say ``where`` they are described. Without properties, the colour list (which
     NGFF's strict schema asks for, and ome-zarr-models wants to name the same values
     as the properties) holds the background alone, transparent."""
-    current = attrs.read(label_path)
-    ome = dict(current["ome"])
-    label = dict(ome["image-label"])
-    label.pop("properties", None)
-    label["colors"] = rgba([p["label-value"] for p in properties or []] or [0])
-    if properties:
-        label["properties"] = properties
     if properties is None:
         segpipe = {"label-values": f"more than {LABEL_VALUES}: see {where}"}
     else:
         segpipe = {"label-values": f"every one listed; also in {where}"}
-    ome["image-label"] = label
-    attrs.update(
-        label_path,
-        {"ome": ome, "segpipe": {**current.get("segpipe", {}), **segpipe}},
-    )
+    colors = rgba([p["label-value"] for p in properties or []] or [0])
+
+    def described(current: dict[str, Any]) -> dict[str, Any]:
+        ome = dict(current["ome"])
+        label = dict(ome["image-label"])
+        label.pop("properties", None)
+        label["colors"] = colors
+        if properties:
+            label["properties"] = properties
+        ome["image-label"] = label
+        return {"ome": ome, "segpipe": {**current.get("segpipe", {}), **segpipe}}
+
+    attrs.change(label_path, described)
 
 
 def write_collection(root: str | Path, names: Sequence[str]) -> None:
