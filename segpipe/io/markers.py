@@ -56,10 +56,8 @@ def save_npz(path: Location, arrays: Arrays) -> tuple[int, int] | None:
         np.savez(buffer, **arrays)  # type: ignore[arg-type]
         return storage.put(path, buffer.getbuffer())
     assert isinstance(path, Path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex}.tmp")
-    fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-    with os.fdopen(fd, "wb") as fh:
+    with storage.open_new(tmp, 0o600) as fh:
         np.savez(fh, **arrays)  # type: ignore[arg-type]
     os.replace(tmp, path)
     return None

@@ -26,9 +26,9 @@ import shutil
 import sys
 import uuid
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import IO, TYPE_CHECKING, Any, TypeAlias, TypeVar
 from urllib.parse import urlsplit
 
 import fsspec
@@ -53,6 +53,7 @@ __all__ = [
     "join",
     "local_text",
     "location",
+    "open_new",
     "options",
     "put",
     "read_bytes",
@@ -63,6 +64,7 @@ __all__ = [
 ]
 
 Location: TypeAlias = Path | UPath
+T = TypeVar("T")
 Where: TypeAlias = "str | os.PathLike[str] | UPath"
 """Anything that names a location: a path, a URL, a `Location`."""
 SCHEMES = {
@@ -358,6 +360,24 @@ def _failed(where: Location, err: Exception, doing: str) -> OutputWriteError:
     return OutputWriteError(f"{where}: could not {doing} ({_reason(err)}).")
 
 
+def _in_folder(path: Path, make: Callable[[], T]) -> T:
+    """``make()``, which creates ``path``; its folders are created first if they are
+    missing (the open is tried first: most writes go to a folder that exists, and a
+    ``mkdir`` per file is a system call and an exception each)."""
+    try:
+        return make()
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return make()
+
+
+def open_new(path: Path, permissions: int = 0o666) -> IO[bytes]:
+    """A new file at ``path`` (none must be there), open for writing bytes, created with
+    ``permissions`` (less the umask), and its folders if they are missing."""
+    flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY
+    return os.fdopen(_in_folder(path, lambda: os.open(path, flags, permissions)), "wb")
+
+
 def put(where: Location, data: bytes | memoryview) -> tuple[int, int] | None:
     """Write ``data`` as the whole of ``where``: readers see the old bytes or the new.
     Returns its `stamp` where the store said it in answer (S3's and Azure's ETag, GCS's
@@ -372,10 +392,9 @@ def put(where: Location, data: bytes | memoryview) -> tuple[int, int] | None:
         If an object cannot be written (after the client's retries), naming it.
     """
     if isinstance(where, Path):
-        where.parent.mkdir(parents=True, exist_ok=True)
         tmp = where.with_name(f".{where.name}.{uuid.uuid4().hex}.tmp")
         try:
-            with open(tmp, "wb") as fh:
+            with open_new(tmp) as fh:
                 fh.write(data)
             os.replace(tmp, where)
         except BaseException:
@@ -401,12 +420,11 @@ def create(where: Location, data: bytes) -> bool:
     ``ifGenerationMatch=0``; each raises ``FileExistsError`` on refusal.
     """
     if isinstance(where, Path):
-        where.parent.mkdir(parents=True, exist_ok=True)
         try:
-            fd = os.open(where, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+            fh = open_new(where, 0o600)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "wb") as fh:
+        with fh:
             fh.write(data)
         return True
     try:
