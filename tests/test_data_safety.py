@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -336,3 +337,43 @@ def test_skip_fails_one_image_whatever_the_exception(run_cli, tmp_path, monkeypa
     assert "RuntimeError: something unforeseen over two lines" in " ".join(result.output.split())
     assert zarr.open_group(str(out / "b"), mode="r").attrs["segpipe"]["complete"] is True
     assert not zarr.open_group(str(out / "a"), mode="r").attrs["segpipe"]["complete"]
+
+
+def _claim(out: str, start: Any, release: Any, answers: Any) -> None:
+    """One of several processes racing for ``out``: hold it until ``release`` if won."""
+    from segpipe.errors import OutputLockedError
+    from segpipe.io.store import open_output
+
+    start.wait()
+    try:
+        lock = open_output(out, {"test": 1})
+    except OutputLockedError as err:
+        answers.put(("lost", os.getpid(), str(err)))
+        return
+    answers.put(("won", os.getpid(), ""))
+    release.wait(60)
+    lock.release()
+
+
+def test_of_processes_racing_for_one_output_exactly_one_holds_it(tmp_path: Path) -> None:
+    """The local lock (an O_EXCL create): of four processes started at one barrier, one
+    claims the store and each other is refused in one line naming the holder's pid."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    out = tmp_path / "out.zarr"
+    start, release, answers = ctx.Barrier(4), ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=_claim, args=(str(out), start, release, answers)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    got = [answers.get(timeout=120) for _ in procs]
+    release.set()
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    won = [pid for what, pid, _ in got if what == "won"]
+    lost = [text for what, _, text in got if what == "lost"]
+    assert len(won) == 1 and len(lost) == 3, got
+    for text in lost:
+        assert "in use by another run" in text and f"pid {won[0]}" in text and "\n" not in text
+    assert not (out / "_segpipe" / "lock.json").exists()  # released by its holder

@@ -233,6 +233,8 @@ def test_a_collection_of_packed_fields_killed_then_resumed(
         assert digest(out / name) == digest(ref / name), name
 
 
+@pytest.mark.slow  # 47 s; the lock's race is tested in the default suite by
+# test_data_safety.py::test_of_processes_racing_for_one_output_exactly_one_holds_it
 def test_two_runs_on_one_output(
     image: Path, reference: dict[str, str], api_env: dict[str, str], tmp_path: Path
 ) -> None:
