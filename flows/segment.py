@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import os
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -186,8 +187,14 @@ def segment_wave(
     plans: list[ImagePlan], index: int, count: int, skip: bool, full: bool, inline: bool = False
 ) -> list[pipeline.Outcome]:
     """Segment a wave of images, several at once (`segpipe.pipeline.run_images`), on the
-    run's cluster or, ``inline``, in this process."""
+    run's cluster or, ``inline``, in this process.
+
+    Each image of several blocks gets a log line as it ends; images of one block (a
+    plate's fields: thousands a run) are summed up in one line at the wave's end, so
+    the run's log stays readable and its API calls few. Failures and repairs are
+    logged one by one; every image's figures are in the summary table."""
     logger = get_run_logger()
+    small = _Tally()
 
     def done(outcome: pipeline.Outcome) -> None:
         name = outcome.plan.name
@@ -199,22 +206,24 @@ def segment_wave(
             group = outcome.plan.group
             previews = image_state(group).get("previews", [])
             thumbnails.make(name, [storage.join(group, p) for p in previews])
-        if outcome.result is None:
+        result = outcome.result
+        if result is None:
             logger.error("%s failed: %s", name, outcome.error)
-        elif outcome.result.status == "unchanged":
+            return
+        if result.status == "repaired":
+            logger.warning("%s: files of its result were missing or damaged; redone", name)
+        if len(outcome.plan.grid()) == 1:
+            small.add(result)
+        elif result.status == "unchanged":
             logger.info("%s: unchanged since the run that completed it; skipped", name)
         else:
-            if outcome.result.status == "repaired":
-                logger.warning("%s: files of its result were missing or damaged; redone", name)
-            logger.info(
-                "%s: %d objects in %.1f s", name, outcome.result.objects, outcome.result.seconds
-            )
+            logger.info("%s: %d objects in %.1f s", name, result.objects, result.seconds)
 
     if not inline and shared.checked:  # workers that joined since are checked before any work
         shared.checked.update(check_workers(_client(shared), shared.checked))
     runner = Inline() if inline else _client(shared)
     try:
-        return pipeline.run_images(
+        outcomes = pipeline.run_images(
             runner,
             plans,
             progress=lambda plan: _progress(shared, plan),
@@ -229,6 +238,34 @@ def segment_wave(
         if isinstance(runner, Client) and runner.status != "running":
             raise _lost(shared) from err
         raise
+    if small.images:
+        logger.info("wave %d of %d: %s", index, count, small.line())
+    return outcomes
+
+
+class _Tally:
+    """Images of one block that a wave finished, summed up for its log."""
+
+    def __init__(self) -> None:
+        self.images = self.unchanged = self.objects = 0
+        self.seconds = 0.0
+        self._lock = threading.Lock()
+
+    def add(self, result: ImageResult) -> None:
+        with self._lock:
+            self.images += 1
+            self.unchanged += result.status == "unchanged"
+            self.objects += result.objects
+            self.seconds += result.seconds
+
+    def line(self) -> str:
+        """``32 image(s) of one block done (2 unchanged, skipped): 29440 objects, 3.1 s of
+        work``."""
+        skipped = f" ({self.unchanged} unchanged, skipped)" if self.unchanged else ""
+        return (
+            f"{self.images} image(s) of one block done{skipped}: {self.objects} objects, "
+            f"{self.seconds:.1f} s of work (each image: the segpipe-summary table)"
+        )
 
 
 def _orphans(prepared: Prepared, plans: list[ImagePlan], logger: Any) -> list[dict[str, Any]]:

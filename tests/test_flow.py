@@ -15,14 +15,18 @@ from prefect.client.schemas.filters import (
     ArtifactFilterFlowRunId,
     FlowRunFilter,
     FlowRunFilterId,
+    LogFilter,
+    LogFilterFlowRunId,
 )
 from prefect.client.schemas.sorting import FlowRunSort
+from prefect.logging.handlers import APILogHandler
 
 from segpipe import synthetic
 
 
 def test_flow_tasks_per_wave_not_per_image_or_tile(run_cli, tmp_path: Path) -> None:
-    for i, shape in enumerate([(600, 500), (300, 700)]):
+    # two images of many 64² tiles, two of one tile
+    for i, shape in enumerate([(600, 500), (300, 700), (60, 50), (64, 64)]):
         synthetic.write_tiff(tmp_path / "in" / f"img{i}.tif", shape, seed=i)
     out = tmp_path / "out.zarr"
     result = run_cli("--input", str(tmp_path / "in"), "--output", str(out), "--tile", "64")
@@ -40,11 +44,19 @@ def test_flow_tasks_per_wave_not_per_image_or_tile(run_cli, tmp_path: Path) -> N
         artifacts = client.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id]))
         )
+        APILogHandler().flush()
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
+    # a line for each image of many blocks; those of one block summed up in one line
+    text = "\n".join(log.message for log in logs)
+    for name in ("img0", "img1"):
+        assert f"{name}: " in text and " objects in " in text, text
+    assert "img2" not in text and "img3" not in text, text
+    assert "wave 1 of 1: 2 image(s) of one block done" in text, text
     tables = [a for a in artifacts if a.key == "segpipe-summary"]
     assert len(tables) == 1
     rows = tables[0].data
     rows = rows if isinstance(rows, list) else __import__("json").loads(rows)
-    assert [r["image"] for r in rows] == ["img0", "img1"]
+    assert [r["image"] for r in rows] == ["img0", "img1", "img2", "img3"]
     assert {"image", "shape", "objects", "seconds", "Mpx/s"} <= set(rows[0])
     for r in rows:
         group = zarr.open_group(str(out / r["image"]), mode="r")
