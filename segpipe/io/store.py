@@ -14,6 +14,7 @@ import shutil
 import socket
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
@@ -430,6 +431,16 @@ class OutputLock:
             return None
         return value if isinstance(value, dict) else None
 
+    def _read_holder(self) -> dict[str, Any] | None:
+        """`holder`, waiting up to a second for a lock file another run has just created
+        and not yet written (its creation and its content are two steps)."""
+        for _ in range(20):
+            holder = self.holder()
+            if holder is not None:
+                return holder
+            time.sleep(0.05)
+        return None
+
     def _ours(self, holder: dict[str, Any] | None) -> bool:
         if holder is None:
             return False
@@ -438,7 +449,7 @@ class OutputLock:
     def acquire(self) -> None:
         for _ in range(2):
             if not storage.create(self.path, json.dumps(self._me()).encode()):
-                holder = self.holder()
+                holder = self._read_holder()
                 if self._ours(holder):
                     return
                 if (
