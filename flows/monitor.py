@@ -257,7 +257,7 @@ def summary_artifacts(
         table=[{c: r.get(c, "") for c in columns} for r in rows],
         description=f"{title}. {line}",
     )
-    markdown = report(rows, title, line, thumbnails or Thumbnails(()))
+    markdown = report(rows, title, line, thumbnails)
     reach(create_markdown_artifact, key="segpipe-report", markdown=markdown)
     return t
 
@@ -270,6 +270,7 @@ def report(
 ) -> str:
     """Markdown: the totals, every failed or orphaned image (up to `LISTED`), then the
     previews of the first `PREVIEWS` others, embedded; the summary table lists every image."""
+    thumbnails = thumbnails or Thumbnails(())
     parts = [f"# {title}", "", line, ""]
     noted = ("failed", "orphaned", "pruned")
     failed = [r for r in rows if r["status"] in noted]
@@ -287,7 +288,7 @@ def report(
         parts.append(f"## {r['image']} — {r['status']}")
         previews = [p for p in str(r.get("preview", "")).split(", ") if p]
         for p in previews:
-            uri = (thumbnails or Thumbnails(())).get(p)
+            uri = thumbnails.get(p)
             if uri:
                 parts.append(f"![{r['image']}]({uri})")
         if not previews:

@@ -103,11 +103,15 @@ def run_tags(config: RunConfig) -> list[str]:
     return [f"segmenter:{config.segmenter.name}", f"cluster:{cluster_kind(config.cluster)}"]
 
 
+def _previews(group: str) -> list[str]:
+    """The preview files the image group at ``group`` records."""
+    return [storage.join(group, p) for p in image_state(group).get("previews", [])]
+
+
 def _row(result: ImageResult, output: str, status: str) -> dict[str, Any]:
     group = storage.join(output, result.name)
-    previews = image_state(group).get("previews", [])
     return {
-        "preview": ", ".join(storage.join(group, p) for p in previews),
+        "preview": ", ".join(_previews(group)),
         "tables": storage.join(group, "tables"),
         "image": result.name,
         "shape": "×".join(map(str, result.shape)),
@@ -203,9 +207,7 @@ def segment_wave(
             tracker.image_done(name, len(outcome.plan.grid()), failed=outcome.result is None)
         thumbnails = shared.thumbnails
         if thumbnails is not None and outcome.result is not None and name in thumbnails.names:
-            group = outcome.plan.group
-            previews = image_state(group).get("previews", [])
-            thumbnails.make(name, [storage.join(group, p) for p in previews])
+            thumbnails.make(name, _previews(outcome.plan.group))
         result = outcome.result
         if result is None:
             logger.error("%s failed: %s", name, outcome.error)
