@@ -18,7 +18,7 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from flows.console import console, crash, fail, interrupted, out
-from flows.entry import Terminated, terminate
+from flows.entry import STEP, Terminated, terminate
 from flows.options import numbers
 from segpipe.errors import ImagesFailedError, PrefectApiLostError, SegpipeError
 from segpipe.segmenters import available
@@ -232,7 +232,8 @@ def execute(config: Any, *, show_progress: bool = True) -> list[dict[str, Any]]:
         )
         if local:
             prestart_local(workers=cfg.workers, threads=cfg.threads)
-        importer.join()
+        while importer.is_alive():  # in steps, to hear a Ctrl-C (flows.entry.wait)
+            importer.join(STEP)
         from flows import segment as seg_flow
 
         if api is not None:

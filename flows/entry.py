@@ -1,13 +1,16 @@
 """The ``segpipe`` console script: a Ctrl-C or a SIGTERM while the command line is still
-importing (numba, Prefect: a second or more) ends it with one line, as one later does."""
+importing (numba, Prefect: a second or more) ends it with one line, as one later does;
+and the main thread's waits, which hear such a signal within `STEP` seconds."""
 
 from __future__ import annotations
 
 import signal
 import sys
+import threading
+import time
 from types import FrameType
 
-__all__ = ["Terminated", "main", "terminate"]
+__all__ = ["STEP", "Terminated", "main", "terminate", "wait"]
 
 
 class Terminated(KeyboardInterrupt):
@@ -19,6 +22,23 @@ def terminate(signum: int, frame: FrameType | None) -> None:
     the clean-up finishes)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise Terminated
+
+
+STEP = 0.2  # seconds the main thread may take to hear a signal that another thread caught
+
+
+def wait(done: threading.Event, timeout: float | None = None) -> bool:
+    """Wait for ``done`` in steps of `STEP` seconds; whether it was set in ``timeout``.
+
+    Linux hands a signal to any thread of the process that does not block it, and
+    Python runs the handler when the main thread next runs: a wait without a timeout
+    hears a Ctrl-C that another thread caught only when it ends.
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while not done.wait(STEP):
+        if deadline is not None and time.monotonic() >= deadline:
+            return False
+    return True
 
 
 def main() -> None:

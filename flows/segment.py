@@ -14,9 +14,10 @@ from typing import Any, cast
 from distributed import Client
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.futures import PrefectFuture
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from flows import monitor, unreported
+from flows import entry, monitor, unreported
 from flows.prepare import Prepared, in_process, make_plan, prepare_run, unsized
 from segpipe import lifecycle, pipeline
 from segpipe.cluster import cancel_all, connect_run, dashboard, share_storage
@@ -184,6 +185,14 @@ def _lost(state: _Shared) -> SchedulerLostError:
         f"lost the Dask scheduler {where} (it stopped answering); the blocks and images "
         "that finished are kept: rerun with --resume once it is back"
     )
+
+
+def _wait(future: PrefectFuture[Any], timeout: float | None = None) -> bool:
+    """Wait for ``future`` so that the main thread hears a Ctrl-C (`flows.entry.wait`);
+    whether it ended within ``timeout`` seconds."""
+    done = threading.Event()
+    future.add_done_callback(lambda _: done.set())
+    return entry.wait(done, timeout)
 
 
 @task(name="segment-wave", task_run_name="wave {index} of {count}", **_STAGE)
@@ -420,6 +429,7 @@ def segment_collection(config: dict[str, Any]) -> list[dict[str, Any]]:
             ]
             try:
                 for future in submitted:
+                    _wait(future)
                     for outcome in future.result():
                         if outcome.result is None:
                             spec = outcome.plan.spec
@@ -437,7 +447,7 @@ def segment_collection(config: dict[str, Any]) -> list[dict[str, Any]]:
         # The output stays locked while a wave still runs: after an error or an
         # interrupt, the waves end within seconds of the client's closing.
         for future in submitted:
-            future.wait(timeout=WAVE_END)
+            _wait(future, WAVE_END)
         prepared.lock.release()
         shared.tracker, shared.connection, shared.thumbnails = None, None, None
         shared.checked.clear()
