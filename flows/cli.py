@@ -147,24 +147,30 @@ def _exit_after(importer: threading.Thread) -> None:
     importer.join(timeout=10)
 
 
-def _call_flow(cfg: Any) -> list[dict[str, Any]]:
-    """Run the Prefect flow of ``cfg`` in this process; an API gone at its end is one
-    line, and its run is noted for the next run to mark CRASHED (`flows.unreported`)."""
+def _call_flow(prepared: Any) -> list[dict[str, Any]]:
+    """Run the Prefect flow of the checked run ``prepared`` in this process; an API gone
+    at its end is one line, and its run is noted for the next run to mark CRASHED
+    (`flows.unreported`)."""
     import httpx
     from prefect import tags
     from prefect.exceptions import PrefectHTTPStatusError
 
     from flows import segment as seg_flow
     from flows import unreported
+    from flows.prepare import hand_over
+
+    cfg = prepared.config
 
     flow = seg_flow.segment_collection.with_options(
         retries=cfg.retries, retry_delay_seconds=cfg.retry_delay
     )
     seg_flow.shared.run_id = seg_flow.shared.api_away = None
+    # Secrets stay out of the flow's parameters (they are shown in the UI).
+    params = cfg.model_dump(mode="json", exclude={"prefect"})
+    hand_over(prepared, params)
     try:
-        # Secrets stay out of the flow's parameters (they are shown in the UI).
         with tags(*seg_flow.run_tags(cfg)), seg_flow.heartbeats_as_set():
-            rows: list[dict[str, Any]] = flow(cfg.model_dump(mode="json", exclude={"prefect"}))
+            rows: list[dict[str, Any]] = flow(params)
     except (httpx.TransportError, PrefectHTTPStatusError) as err:  # the flow's states
         status = getattr(getattr(err, "response", None), "status_code", 500)
         if status < 500:  # an answer, not an absence (e.g. refused credentials)
@@ -257,7 +263,7 @@ def execute(config: Any, *, show_progress: bool = True) -> list[dict[str, Any]]:
                 line, highlight=False, soft_wrap=True
             )
             try:
-                rows = _call_flow(cfg)
+                rows = _call_flow(prepared)
             finally:
                 seg_flow.reporter.fn, seg_flow.reporter.note = seg_flow._quiet, seg_flow._silent
     except BaseException:  # an interrupt or an error: the output is free again (the flow

@@ -9,6 +9,7 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from segpipe.config import RunConfig, check_image_options
 from segpipe.errors import InputsError, NoSpaceError, SegpipeError
@@ -31,9 +32,11 @@ __all__ = [
     "Prepared",
     "check_space",
     "free_space",
+    "hand_over",
     "in_process",
     "make_plan",
     "prepare_run",
+    "take_over",
     "unsized",
 ]
 
@@ -101,6 +104,26 @@ def prepare_run(config: RunConfig, *, resume: bool | None = None) -> Prepared:
         resume=(config.resume or config.full) if resume is None else resume,
     )
     return Prepared(config, sources, bad, segmenter, lock)
+
+
+_handed: list[tuple[dict[str, Any], Prepared]] = []
+
+
+def hand_over(prepared: Prepared, params: dict[str, Any]) -> None:
+    """Leave ``prepared`` for the flow run that this process starts with ``params``:
+    `segpipe run` checks a run before its cluster starts, and the flow need not check
+    it again (every input opened: seconds for a plate of thousands of fields)."""
+    _handed[:] = [(params, prepared)]
+
+
+def take_over(params: dict[str, Any]) -> Prepared | None:
+    """The `Prepared` handed over for exactly ``params`` (once), if its output is still
+    locked by this process; otherwise None, and the flow checks the run itself."""
+    if not _handed:
+        return None
+    ((handed, prepared),) = _handed
+    _handed.clear()
+    return prepared if handed == params and prepared.lock.held() else None
 
 
 IN_FLIGHT = 8

@@ -18,7 +18,7 @@ from prefect.futures import PrefectFuture
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from flows import entry, monitor, unreported
-from flows.prepare import Prepared, in_process, make_plan, prepare_run, unsized
+from flows.prepare import Prepared, in_process, make_plan, prepare_run, take_over, unsized
 from segpipe import lifecycle, pipeline
 from segpipe.cluster import cancel_all, connect_run, dashboard, share_storage
 from segpipe.config import RunConfig
@@ -365,7 +365,8 @@ def segment_collection(config: dict[str, Any]) -> list[dict[str, Any]]:
     logger = get_run_logger()
     # A retried flow run continues what its earlier attempt wrote.
     retried = (flow_run.run_count or 1) > 1
-    prepared = prepare_run(RunConfig(**config), resume=True if retried else None)
+    handed = None if retried else take_over(config)
+    prepared = handed or prepare_run(RunConfig(**config), resume=True if retried else None)
     cfg = prepared.config
     shared.run_id = str(flow_run.get_id())
     unreported.settle(cfg.output, api_url(), logger)

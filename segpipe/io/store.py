@@ -473,6 +473,10 @@ class OutputLock:
             return
         raise OutputLockedError(f"{self.root}: could not take the lock {self.path}.")
 
+    def held(self) -> bool:
+        """Whether this process holds the lock."""
+        return self._ours(self.holder())
+
     def release(self) -> None:
         if self._ours(self.holder()):
             storage.remove_tree(self.path)

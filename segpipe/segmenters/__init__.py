@@ -54,7 +54,8 @@ def segmenter_class(name: str) -> type[Segmenter]:
     SegmenterError
         If no segmenter has that name, or its entry point is not a `Segmenter`.
     """
-    registry = _registry()
+    # a built-in name wins over entry points: no need to scan them (40 ms)
+    registry = _BUILTIN if name in _BUILTIN else _registry()
     if name not in registry:
         raise SegmenterError(
             f"unknown segmenter {name!r}; expected one of {', '.join(sorted(registry))}."
