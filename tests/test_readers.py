@@ -1211,3 +1211,51 @@ def test_tiff_named_zarr_json_reads_as_a_tiff(tmp_path: Path) -> None:
     spec = open_source(tmp_path / "zarr.json.tif")
     assert (spec.format, spec.name) == ("tiff", "zarr.json.tif")
     np.testing.assert_array_equal(_read(spec), data)
+
+
+@pytest.mark.parametrize(
+    ("data", "options"),
+    [
+        (np.zeros((1000, 700), "u2"), {"tile": (256, 256)}),
+        (np.zeros((1000, 700), "u2"), {"rowsperstrip": 64, "compression": "zlib"}),
+        (np.zeros((5, 300, 200), "u1"), {"tile": (64, 64)}),
+        (np.zeros((300, 200, 3), "u1"), {"tile": (64, 64), "photometric": "rgb"}),
+        (
+            np.zeros((3, 300, 200), "u1"),
+            {"tile": (64, 64), "photometric": "rgb", "planarconfig": "separate"},
+        ),
+        (np.zeros((8, 128, 128), "f4"), {"tile": (4, 64, 64)}),
+        (np.zeros((2, 4, 96, 80), "u2"), {"tile": (32, 32), "compression": "zstd"}),
+        (np.zeros((300, 200, 1), "u1"), {"tile": (64, 64), "photometric": "minisblack"}),
+        (np.zeros((64, 64), "u1"), {}),
+    ],
+)
+def test_tiff_chunks_are_those_zarr_sees_through_tifffile(
+    tmp_path: Path, data: np.ndarray, options: dict[str, Any]
+) -> None:
+    import zarr
+
+    from segpipe.io.readers import tiff_chunks
+
+    path = tmp_path / "a.tif"
+    tifffile.imwrite(path, data, **options)
+    with tifffile.TiffFile(path) as tif:
+        series = tif.series[0]
+        assert tiff_chunks(series) == zarr.open_array(series.aszarr(), mode="r").chunks
+
+
+def test_tiff_chunks_of_a_pyramid_level_are_those_zarr_sees(tmp_path: Path) -> None:
+    import zarr
+
+    from segpipe.io.readers import tiff_chunks
+
+    path = tmp_path / "pyramid.ome.tif"
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(np.zeros((512, 384), "u2"), tile=(128, 128), subifds=1)
+        tif.write(np.zeros((256, 192), "u2"), tile=(64, 64), subfiletype=1)
+    with tifffile.TiffFile(path) as tif:
+        series = tif.series[0]
+        assert len(series.levels) == 2
+        for level in (0, 1):
+            found = zarr.open_array(series.aszarr(level=level), mode="r").chunks
+            assert tiff_chunks(series, level) == found

@@ -335,11 +335,30 @@ def _pick_series(path: str, found: Sequence[Any], series: int | None) -> int:
     return index
 
 
+def tiff_chunks(series: Any, level: int = 0) -> tuple[int, ...]:
+    """The chunks zarr sees in level ``level`` of a TIFF series through tifffile's store
+    (``series.aszarr``): the level's tiles or strips, with a leading 1 per axis they
+    lack.
+
+    Worked out from tifffile's page here rather than asked of zarr, whose event loop
+    takes a round trip per input before a run's first block; zarr is asked where
+    tifffile has a rule of its own (an axis of one sample, empty images)."""
+    import zarr
+
+    chosen = series.levels[level]
+    shape = tuple(int(n) for n in chosen.shape)
+    tiles = tuple(int(n) for n in chosen.keyframe.chunks)
+    if 0 not in shape and (
+        len(tiles) == len(shape) or (len(tiles) < len(shape) and shape[-1] != 1)
+    ):
+        return (1,) * (len(shape) - len(tiles)) + tiles
+    return tuple(zarr.open_array(series.aszarr(level=level), mode="r").chunks)
+
+
 def _tiff_spec(
     path: str, name: str, channel: Channel, axes: str | None, series: int | None, level: int = 0
 ) -> SourceSpec:
     import tifffile
-    import zarr
 
     try:
         with _open_file(path) as fh, tifffile.TiffFile(fh, name=path) as tif:
@@ -373,7 +392,7 @@ def _tiff_spec(
                 chunks, chunk_bytes = (1,) * len(_spatial_axes(norm)), None
             else:
                 offset = None
-                chunk_shape = zarr.open_array(full.aszarr(level=level), mode="r").chunks
+                chunk_shape = tiff_chunks(full, level)
                 chunks = _spatial(norm, chunk_shape)
                 chunk_bytes = int(np.prod(chunk_shape, dtype=np.int64)) * dtype.itemsize
             byteorder: Literal["<", ">"] = ">" if tif.byteorder == ">" else "<"
