@@ -350,6 +350,7 @@ _QUIET: list[Any] = []
     name="segpipe-run",
     flow_run_name=_run_name,
     log_prints=False,
+    persist_result=False,  # the output store holds the results: no server storage lookup
     task_runner=cast("TaskRunner[Any]", ThreadPoolTaskRunner(max_workers=2)),
 )
 def segment_collection(config: dict[str, Any]) -> list[dict[str, Any]]:
