@@ -1,4 +1,5 @@
-"""What a run shows in the Prefect UI: a progress artifact, a summary table, previews.
+"""What a run shows in the Prefect UI: a progress artifact, a previews artifact as soon as
+the first images end, and at the end a summary table and a report.
 
 Block progress reaches Prefect through one progress artifact per flow run,
 updated at most every `INTERVAL` seconds (never once per block: a terabyte
@@ -32,8 +33,8 @@ from segpipe.stages import names
 NAMES = names()
 
 INTERVAL = 2.0  # seconds between progress updates sent to the API
-THUMBNAIL = 320  # px: previews are embedded in the markdown artifact at this width
-PREVIEWS = 12  # images whose preview the report embeds: a 10,000-image run's stays small
+THUMBNAIL = 320  # px: previews are embedded in the previews artifact at this width
+PREVIEWS = 12  # images the previews artifact shows: a 10,000-image run's stays small
 LISTED = 1000  # failures the report lists one by one
 
 API_ERRORS = (httpx.HTTPError, PrefectHTTPStatusError, OSError)
@@ -206,34 +207,68 @@ def totals_line(t: dict[str, Any], *, mode: str = "") -> str:
 
 
 class Thumbnails:
-    """The report's thumbnails, made as the images they show finish (while the cluster
-    is busy with the others), not all after the last one.
+    """The previews artifact (``segpipe-previews``): the first `PREVIEWS` images'
+    previews, made as each image finishes and sent as soon as all of them have, while
+    the cluster is busy with the others; a night's run shows them within its first
+    minutes, not at its end.
 
     Parameters
     ----------
     names : iterable of str
-        The images whose previews the report will embed: the first `PREVIEWS`.
+        The images whose previews the artifact shows, in order.
     """
 
     def __init__(self, names: Iterable[str]) -> None:
-        self.names = frozenset(names)
-        self._made: dict[str, str] = {}
+        self.names = list(dict.fromkeys(names))
+        self._made: dict[str, tuple[list[str], int]] = {}  # name: (thumbnails, objects)
+        self._ended: set[str] = set()
+        self._sent = False
         self._lock = threading.Lock()
 
-    def make(self, name: str, previews: Sequence[str]) -> None:
-        """Make the thumbnails of image ``name``'s ``previews`` now, if it is one of
-        `names`."""
+    def make(self, name: str, previews: Sequence[str] | None, objects: int = 0) -> None:
+        """Image ``name`` ended: make the thumbnails of its ``previews`` now, if it is one
+        of `names` (``previews`` None: it failed, and shows none)."""
         if name not in self.names:
             return
-        made = {p: _thumbnail(p) for p in previews}
+        made = None if previews is None else ([_thumbnail(p) for p in previews], objects)
         with self._lock:
-            self._made.update(made)
+            if made is not None:
+                self._made[name] = made
+            self._ended.add(name)
 
-    def get(self, preview: str) -> str:
-        """The thumbnail of ``preview``: made already, or now."""
+    @property
+    def sent(self) -> bool:
+        """Whether `send` was called."""
         with self._lock:
-            made = self._made.get(preview)
-        return made if made is not None else _thumbnail(preview)
+            return self._sent
+
+    def ready(self) -> bool:
+        """Whether every one of `names` has ended, and the artifact is not yet sent."""
+        with self._lock:
+            return not self._sent and self._ended.issuperset(self.names)
+
+    def markdown(self, title: str) -> str | None:
+        """The artifact's markdown; None when no image has a thumbnail."""
+        with self._lock:
+            made = [(n, *self._made[n]) for n in self.names if n in self._made]
+        if not made:
+            return None
+        parts = [f"# Previews: {title}", ""]
+        for name, uris, objects in made:
+            parts.append(f"## {name}")
+            parts += [f"![{name}]({uri})" for uri in uris if uri] or ["(no preview)"]
+            parts += [f"{objects} objects", ""]
+        return "\n".join(parts)
+
+    def send(self, title: str, reach: Reach) -> None:
+        """Send the artifact, once (through ``reach``), with the thumbnails made so far."""
+        with self._lock:
+            if self._sent:
+                return
+            self._sent = True
+        markdown = self.markdown(title)
+        if markdown is not None:
+            reach(create_markdown_artifact, key="segpipe-previews", markdown=markdown)
 
 
 def summary_artifacts(
@@ -242,11 +277,9 @@ def summary_artifacts(
     title: str,
     mode: str = "",
     reach: Reach | None = None,
-    thumbnails: Thumbnails | None = None,
 ) -> dict[str, Any]:
-    """The summary table artifact and the markdown artifact with previews (through
-    ``reach``: not sent when the API is unreachable; thumbnails from ``thumbnails``
-    where it made them); returns totals."""
+    """The summary table artifact and the markdown report (through ``reach``: not sent
+    when the API is unreachable); returns totals."""
     reach = reach or Reach()
     t = totals(rows)
     line = totals_line(t, mode=mode)
@@ -257,20 +290,14 @@ def summary_artifacts(
         table=[{c: r.get(c, "") for c in columns} for r in rows],
         description=f"{title}. {line}",
     )
-    markdown = report(rows, title, line, thumbnails)
-    reach(create_markdown_artifact, key="segpipe-report", markdown=markdown)
+    reach(create_markdown_artifact, key="segpipe-report", markdown=report(rows, title, line))
     return t
 
 
-def report(
-    rows: Sequence[dict[str, Any]],
-    title: str,
-    line: str,
-    thumbnails: Thumbnails | None = None,
-) -> str:
+def report(rows: Sequence[dict[str, Any]], title: str, line: str) -> str:
     """Markdown: the totals, every failed or orphaned image (up to `LISTED`), then the
-    previews of the first `PREVIEWS` others, embedded; the summary table lists every image."""
-    thumbnails = thumbnails or Thumbnails(())
+    first `PREVIEWS` others, whose pictures are in the previews artifact; the summary
+    table lists every image."""
     parts = [f"# {title}", "", line, ""]
     noted = ("failed", "orphaned", "pruned")
     failed = [r for r in rows if r["status"] in noted]
@@ -284,23 +311,19 @@ def report(
         ]
     if len(failed) > LISTED:
         parts += [f"… and {len(failed) - LISTED} more: see the summary table.", ""]
+    if others:
+        parts += [
+            f"Previews of the first {min(len(others), PREVIEWS)} image(s): the "
+            "`segpipe-previews` artifact; each image's own: `<output>/<image>/previews/`.",
+            "",
+        ]
     for r in others[:PREVIEWS]:
         parts.append(f"## {r['image']} — {r['status']}")
-        previews = [p for p in str(r.get("preview", "")).split(", ") if p]
-        for p in previews:
-            uri = thumbnails.get(p)
-            if uri:
-                parts.append(f"![{r['image']}]({uri})")
-        if not previews:
-            parts.append("(no preview)")
         if r.get("objects"):
             parts.append(f"{r['objects']} objects · {r.get('output', '')}")
         parts.append("")
     if len(others) > PREVIEWS:
-        parts.append(
-            f"… and {len(others) - PREVIEWS} more image(s): each one's preview is in "
-            "`<output>/<image>/previews/`."
-        )
+        parts.append(f"… and {len(others) - PREVIEWS} more image(s): see the summary table.")
     return "\n".join(parts)
 
 

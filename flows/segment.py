@@ -77,7 +77,7 @@ class _Shared:
     run_id: str | None = None
     """The flow run's id, for `flows.unreported`."""
     thumbnails: monitor.Thumbnails | None = None
-    """The report's thumbnails, made as their images finish."""
+    """The previews artifact's thumbnails, made as their images finish."""
 
 
 shared = _Shared()
@@ -165,6 +165,7 @@ def _client(state: _Shared) -> Client:
 
 
 WAVE_END = 20.0  # seconds a failed run waits for its other waves to end
+PREVIEWS_LOOK = 0.5  # seconds between looks whether the previews artifact can be sent
 
 
 def api_url() -> str:
@@ -187,12 +188,12 @@ def _lost(state: _Shared) -> SchedulerLostError:
     )
 
 
-def _wait(future: PrefectFuture[Any], timeout: float | None = None) -> bool:
-    """Wait for ``future`` so that the main thread hears a Ctrl-C (`flows.entry.wait`);
-    whether it ended within ``timeout`` seconds."""
-    done = threading.Event()
-    future.add_done_callback(lambda _: done.set())
-    return entry.wait(done, timeout)
+def _ended(future: PrefectFuture[Any]) -> threading.Event:
+    """An event set when ``future`` ends: the main thread waits on it with
+    `flows.entry.wait`, so that it hears a Ctrl-C."""
+    ended = threading.Event()
+    future.add_done_callback(lambda _: ended.set())
+    return ended
 
 
 @task(name="segment-wave", task_run_name="wave {index} of {count}", **_STAGE)
@@ -215,8 +216,11 @@ def segment_wave(
         if tracker is not None:
             tracker.image_done(name, len(outcome.plan.grid()), failed=outcome.result is None)
         thumbnails = shared.thumbnails
-        if thumbnails is not None and outcome.result is not None and name in thumbnails.names:
-            thumbnails.make(name, _previews(outcome.plan.group))
+        if thumbnails is not None and name in thumbnails.names:
+            if outcome.result is None:
+                thumbnails.make(name, None)
+            else:
+                thumbnails.make(name, _previews(outcome.plan.group), outcome.result.objects)
         result = outcome.result
         if result is None:
             logger.error("%s failed: %s", name, outcome.error)
@@ -387,6 +391,7 @@ def segment_collection(config: dict[str, Any]) -> list[dict[str, Any]]:
     plans = [make_plan(prepared, spec) for spec in prepared.sources]
     parts = pipeline.waves(len(plans))
     reach = monitor.Reach()  # the artifacts: a run goes on while the Prefect API is away
+    title = f"segpipe {cfg.segmenter.name} on {cfg.input} → {cfg.output}"
     submitted: list[Any] = []
     try:
         blocks = sum(len(p.grid()) for p in plans)
@@ -431,7 +436,11 @@ def segment_collection(config: dict[str, Any]) -> list[dict[str, Any]]:
             ]
             try:
                 for future in submitted:
-                    _wait(future)
+                    # the previews are sent from here as soon as their images have ended
+                    ended = _ended(future)
+                    while not entry.wait(ended, None if thumbnails.sent else PREVIEWS_LOOK):
+                        if thumbnails.ready():
+                            thumbnails.send(title, reach)
                     for outcome in future.result():
                         if outcome.result is None:
                             spec = outcome.plan.spec
@@ -443,23 +452,18 @@ def segment_collection(config: dict[str, Any]) -> list[dict[str, Any]]:
                     cancel_all(client)
                 raise
         tracker.close()
+        thumbnails.send(title, reach)  # fewer images than it shows, or some never ended
         rows += _orphans(prepared, plans, logger)
         lifecycle.write_layout(cfg.output, [p.spec.path for p in plans])
     finally:
         # The output stays locked while a wave still runs: after an error or an
         # interrupt, the waves end within seconds of the client's closing.
         for future in submitted:
-            _wait(future, WAVE_END)
+            entry.wait(_ended(future), WAVE_END)
         prepared.lock.release()
         shared.tracker, shared.connection, shared.thumbnails = None, None, None
         shared.checked.clear()
-    t = monitor.summary_artifacts(
-        rows,
-        title=f"segpipe {cfg.segmenter.name} on {cfg.input} → {cfg.output}",
-        mode=monitor.run_mode(cfg),
-        reach=reach,
-        thumbnails=thumbnails,
-    )
+    t = monitor.summary_artifacts(rows, title=title, mode=monitor.run_mode(cfg), reach=reach)
     logger.info(monitor.totals_line(t, mode=monitor.run_mode(cfg)))
     if reach.lost is not None:
         logger.warning("the Prefect API was away during the run: %s", brief(reach.lost))

@@ -30,9 +30,11 @@ def _rows(tmp_path: Path, n: int, failed: int) -> list[dict[str, object]]:
     return rows
 
 
-def test_report_embeds_a_bounded_number_of_previews_and_every_failure(tmp_path: Path) -> None:
+def test_report_lists_a_bounded_number_of_images_and_every_failure(tmp_path: Path) -> None:
     text = monitor.report(_rows(tmp_path, 10_000, 3), "run", "totals")
-    assert text.count("data:image/png;base64,") == monitor.PREVIEWS
+    assert "data:image" not in text  # the pictures are in the previews artifact
+    assert "`segpipe-previews` artifact" in text
+    assert text.count("## im") == monitor.PREVIEWS
     assert "… and 9988 more image(s)" in text
     for i in range(3):
         assert f"## bad{i} — failed\nError: bad{i}.tif: not a TIFF" in text
@@ -41,7 +43,7 @@ def test_report_embeds_a_bounded_number_of_previews_and_every_failure(tmp_path: 
 
 def test_report_of_a_few_images_shows_them_all(tmp_path: Path) -> None:
     text = monitor.report(_rows(tmp_path, 2, 0), "run", "totals")
-    assert text.count("data:image/png;base64,") == 2 and "more image" not in text
+    assert text.count("## im") == 2 and "more image" not in text
 
 
 def test_progress_from_many_threads_ends_at_100(
@@ -76,22 +78,84 @@ def test_progress_from_many_threads_ends_at_100(
     assert stored["description"].startswith("images 200/200 done")
 
 
-def test_thumbnails_made_as_images_finish_are_looked_up(tmp_path: Path) -> None:
+def _previews(tmp_path: Path, names: list[str]) -> list[str]:
     from segpipe.io import png
     from segpipe.preview import PALETTE
 
-    previews = []
     picture = (np.arange(640 * 480).reshape(480, 640) % 256).astype(np.uint8)
-    for name in ("a", "b"):
+    paths = []
+    for name in names:
         path = tmp_path / f"{name}.png"
         path.write_bytes(png.encode(picture, PALETTE))
-        previews.append(str(path))
+        paths.append(str(path))
+    return paths
+
+
+def _pictures(markdown: str) -> list[tuple[int, int]]:
+    sizes = []
+    for uri in markdown.split("](data:image/png;base64,")[1:]:
+        with Image.open(io.BytesIO(base64.b64decode(uri.split(")", 1)[0]))) as thumb:
+            sizes.append(thumb.size)
+    return sizes
+
+
+def test_previews_are_made_as_images_end_and_ready_when_all_have(tmp_path: Path) -> None:
+    a, b, c = _previews(tmp_path, ["a", "b", "c"])
+    thumbnails = monitor.Thumbnails(["a", "b", "gone"])
+    thumbnails.make("a", [a], objects=5)
+    thumbnails.make("c", [c], objects=7)  # not one the artifact shows: nothing made
+    assert not thumbnails.ready()
+    thumbnails.make("gone", None)  # it failed
+    assert not thumbnails.ready()
+    thumbnails.make("b", [b], objects=6)
+    assert thumbnails.ready()
+    for path in (a, b, c):
+        Path(path).unlink()  # made already: the files are not read again
+    markdown = thumbnails.markdown("run")
+    assert markdown is not None
+    assert _pictures(markdown) == [(monitor.THUMBNAIL, 240)] * 2
+    assert markdown.index("## a") < markdown.index("## b") and "## gone" not in markdown
+    assert "5 objects" in markdown and "6 objects" in markdown and "## c" not in markdown
+
+
+def test_previews_of_a_run_whose_images_all_failed_are_not_sent() -> None:
     thumbnails = monitor.Thumbnails(["a"])
-    thumbnails.make("a", [previews[0]])
-    thumbnails.make("b", [previews[1]])  # not one the report embeds: nothing made
-    for p in previews:
-        Path(p).unlink()
-    uri = thumbnails.get(previews[0])
-    with Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))) as thumb:
-        assert thumb.size == (monitor.THUMBNAIL, 240)
-    assert thumbnails.get(previews[1]) == ""  # made only when asked, and it is gone
+    thumbnails.make("a", None)
+    assert thumbnails.ready() and thumbnails.markdown("run") is None
+    sent: list[object] = []
+
+    class Recorded(monitor.Reach):
+        def __call__(self, fn: object, *args: object, **kwargs: object) -> None:
+            sent.append(fn)
+
+    thumbnails.send("run", Recorded())
+    assert thumbnails.sent and not thumbnails.ready() and sent == []
+
+
+def test_previews_are_sent_once_as_soon_as_ready(prefect_api: None, tmp_path: Path) -> None:
+    """Against the test session's real Prefect API."""
+    from prefect import flow
+    from prefect.settings import PREFECT_API_URL
+
+    (a,) = _previews(tmp_path, ["a"])
+
+    @flow
+    def run() -> str:
+        from prefect.runtime import flow_run
+
+        thumbnails = monitor.Thumbnails(["a"])
+        thumbnails.make("a", [a], objects=3)
+        reach = monitor.Reach()
+        thumbnails.send("run", reach)
+        thumbnails.send("run", reach)  # a second send: nothing
+        assert reach.lost is None
+        return str(flow_run.get_id())
+
+    run_id = run()
+    found = httpx.post(
+        f"{PREFECT_API_URL.value()}/artifacts/filter",
+        json={"artifacts": {"flow_run_id": {"any_": [run_id]}}},
+        timeout=10,
+    ).json()
+    assert [x["key"] for x in found] == ["segpipe-previews"]
+    assert _pictures(found[0]["data"]) == [(monitor.THUMBNAIL, 240)]

@@ -151,8 +151,9 @@ def _trigger(api: str, deployment: str, timeout: float = 240) -> dict[str, Any]:
 
 
 def _artifacts(api: str, run_id: str) -> dict[str, dict[str, Any]]:
+    """The run's artifacts by key, less its ``segpipe-`` prefix."""
     found = _post(api, "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run_id]}}})
-    return {a["type"]: a for a in found}
+    return {a["key"].removeprefix("segpipe-"): a for a in found}
 
 
 def _chromium(*args: str, profile: Path) -> subprocess.CompletedProcess[str]:
@@ -233,24 +234,27 @@ def test_nightly_deployment_runs_incrementally_and_shows_in_the_ui(
         assert f"scheduler {services['scheduler']}" in text and "Dask dashboard: http" in text
 
         arts = _artifacts(api, first["id"])
-        assert set(arts) >= {"progress", "table", "markdown"}
+        assert set(arts) == {"progress", "previews", "summary", "report"}
         assert arts["progress"]["data"] == 100.0
-        rows = arts["table"]["data"]
+        rows = arts["summary"]["data"]
         rows = yaml.safe_load(rows) if isinstance(rows, str) else rows
         assert sorted(r["status"] for r in rows) == ["done", "done"]
         assert all(r["objects"] > 0 for r in rows)
-        assert "2 processed, 0 unchanged, 0 failed" in arts["table"]["description"]
-        assert arts["markdown"]["data"].count("data:image/png;base64,") == 2
+        assert "2 processed, 0 unchanged, 0 failed" in arts["summary"]["description"]
+        assert arts["previews"]["data"].count("data:image/png;base64,") == 2
+        assert "## well-0 — done" in arts["report"]["data"]
 
         # a new night over the unchanged collection: nothing to do
         mtime = (tmp_path / "out.zarr" / "well-0" / "zarr.json").stat().st_mtime_ns
         second = _trigger(api, deployment["id"])
         assert second["state_type"] == "COMPLETED"
         arts2 = _artifacts(api, second["id"])
-        rows2 = arts2["table"]["data"]
+        rows2 = arts2["summary"]["data"]
         rows2 = yaml.safe_load(rows2) if isinstance(rows2, str) else rows2
         assert sorted(r["status"] for r in rows2) == ["unchanged", "unchanged"]
-        assert "0 processed, 2 unchanged" in arts2["table"]["description"]
+        assert "0 processed, 2 unchanged" in arts2["summary"]["description"]
+        # the unchanged images' previews, from the night before
+        assert arts2["previews"]["data"].count("data:image/png;base64,") == 2
         assert (tmp_path / "out.zarr" / "well-0" / "zarr.json").stat().st_mtime_ns == mtime
 
         _screenshots(services["ui"], first, arts, tmp_path)
@@ -259,13 +263,15 @@ def test_nightly_deployment_runs_incrementally_and_shows_in_the_ui(
 
 
 def _screenshots(ui: str, run: dict[str, Any], arts: dict[str, Any], tmp_path: Path) -> None:
-    """The run's page and its table and markdown artifacts, as Chromium draws them."""
+    """The run's page and its table, report and previews artifacts, as Chromium draws
+    them."""
     shots = Path(os.environ.get("SEGPIPE_SCREENSHOTS", tmp_path / "screens"))
     shots.mkdir(parents=True, exist_ok=True)
     pages = {
         "flow-run": (f"{ui}/runs/flow-run/{run['id']}", [run["name"], "Completed"]),
-        "summary": (f"{ui}/artifacts/artifact/{arts['table']['id']}", ["well-0", "2 processed"]),
-        "report": (f"{ui}/artifacts/artifact/{arts['markdown']['id']}", ["data:image/png"]),
+        "summary": (f"{ui}/artifacts/artifact/{arts['summary']['id']}", ["well-0", "2 processed"]),
+        "report": (f"{ui}/artifacts/artifact/{arts['report']['id']}", ["well-1", "2 processed"]),
+        "previews": (f"{ui}/artifacts/artifact/{arts['previews']['id']}", ["data:image/png"]),
     }
     from PIL import Image
 
