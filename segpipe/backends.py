@@ -11,7 +11,9 @@ import asyncio
 import copy
 import shlex
 import shutil
+import signal
 import sys
+import threading
 from typing import Any
 
 import dask
@@ -50,9 +52,14 @@ SCHEDULER_PORT = 8786
 
 
 def _need(module: str, package: str, cluster: str) -> Any:
-    """Import an optional back-end, or say which package to install."""
+    """Import an optional back-end, or say which package to install.
+
+    The process keeps its SIGINT handler: dask-jobqueue's import replaces it with one
+    that exits with status 0, so a Ctrl-C would end the run as if it had succeeded,
+    without its one line."""
     import importlib
 
+    handler = signal.getsignal(signal.SIGINT)
     try:
         return importlib.import_module(module)
     except ImportError as err:
@@ -60,6 +67,9 @@ def _need(module: str, package: str, cluster: str) -> Any:
             f"cluster {cluster!r} needs {package}: pip install 'segpipe[cluster]' "
             f"(or pip install {package})."
         ) from err
+    finally:
+        if handler is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, handler)
 
 
 def tls_security(tls: TLSConfig) -> Security:

@@ -8,6 +8,8 @@ import os
 import re
 import shlex
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -321,3 +323,20 @@ def test_workers_get_segpipes_malloc_settings_everywhere(tmp_path: Path) -> None
     root = Path(__file__).resolve().parent.parent / "deploy" / "docker"
     for dockerfile in ("Dockerfile.cpu", "Dockerfile.cuda"):
         assert f'ENV {WORKER_ENV_VAR}="{value}"' in (root / dockerfile).read_text()
+
+
+def test_the_slurm_back_end_leaves_the_ctrl_c_handler_as_it_was() -> None:
+    """dask-jobqueue's import sets a SIGINT handler that exits with status 0 (a Ctrl-C'd
+    run would look successful); `backends._need` puts the process's own back. In a new
+    interpreter, where dask-jobqueue is not imported yet; a plain import is the control."""
+    check = (
+        "import signal, sys\n"
+        "from segpipe import backends\n"
+        "before = signal.getsignal(signal.SIGINT)\n"
+        "{imp}\n"
+        "sys.exit(0 if signal.getsignal(signal.SIGINT) is before else 3)\n"
+    )
+    through = check.format(imp="backends._need('dask_jobqueue', 'dask-jobqueue', 'slurm')")
+    plain = check.format(imp="import dask_jobqueue")
+    assert subprocess.run([sys.executable, "-c", through], timeout=120).returncode == 0
+    assert subprocess.run([sys.executable, "-c", plain], timeout=120).returncode == 3
