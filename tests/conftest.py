@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+# A suite started in the background by a non-interactive shell (as CI may start it)
+# inherits SIGINT ignored, and so would every process it starts: the Ctrl-C tests'
+# runs would not hear theirs. Python's own handler is put back.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # Prefect reads its settings at import: give the session its own home first, and
 # tracebacks of unexpected errors a folder of their own.
