@@ -478,7 +478,7 @@ class OutputLock:
         return self._ours(self.holder())
 
     def release(self) -> None:
-        if self._ours(self.holder()):
+        if self.held():
             storage.remove_tree(self.path)
         atexit.unregister(self._release_at_exit)
 
