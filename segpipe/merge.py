@@ -95,7 +95,8 @@ def _counts_fn(counts: Sequence[int] | Callable[[int], int], n: int) -> Callable
 
 @dataclass
 class MergedIds:
-    """Lookup from (block, local id) to global id, stored as one ``.npz`` per batch.
+    """Lookup from (block, local id) to global id, stored as one ``.npz`` per batch, or
+    ``held`` in memory (a grid of one block).
 
     ``block_lut(b)`` equals `segpipe.stitch.GlobalIds.block_lut`; reading the
     blocks in order loads each batch file once.
@@ -106,6 +107,7 @@ class MergedIds:
     batch: int
     count: int
     _cache: tuple[int, Int64s, Any] | None = field(default=None, repr=False)
+    held: bool = False
 
     @property
     def dtype(self) -> np.dtype[np.unsignedinteger]:
@@ -135,8 +137,9 @@ class MergedIds:
             yield self.block_lut(b)
 
     def remove(self) -> None:
-        """Delete the lookup files (the work directory)."""
-        self._cache = None
+        """Delete the lookup files (the work directory); a lookup ``held`` stays."""
+        if not self.held:
+            self._cache = None
         try:
             storage.remove_tree(self.workdir)
         except OSError:
@@ -230,6 +233,8 @@ def merge_ids(
     size = max(1, min(size, n_blocks))
     count_of = _counts_fn(counts, n_blocks)
     work = storage.location(workdir)
+    if n_blocks == 1:
+        return _one_block(int(count_of(0)), edges, work)
     n_batches = -(-n_blocks // size)
     total, kills = _forward(n_blocks, size, reach(grid_shape), count_of, _Edges(edges), work)
     _backward(n_batches, work)
@@ -238,6 +243,18 @@ def merge_ids(
     if counted != count:  # the passes disagree: a bug, never a result
         raise AssertionError(f"merge: numbered {counted} objects, expected {count}.")
     return MergedIds(work, n_blocks, size, count)
+
+
+def _one_block(n: int, edges: Iterable[EdgeTable], work: Location) -> MergedIds:
+    """`merge_ids` of a grid of one block: its local ids are the global ones. The lookup
+    is held in the result, not spilled: nothing to stream, and no file to write."""
+    if n < 0:
+        raise ValueError(f"counts: Expected >= 0 local ids, got {n} for block 0.")
+    for a, b, _ in edges:  # consumed all the same: a lazy stream runs its tasks
+        raise ValueError(f"edges: blocks {a} and {b} do not touch (a grid of one block).")
+    ids = MergedIds(work, 1, 1, n, held=True)
+    ids._cache = (0, np.array([0, n], np.int64), np.arange(1, n + 1, dtype=ids.dtype))
+    return ids
 
 
 def _forward(

@@ -205,3 +205,19 @@ def test_reach_is_the_largest_neighbour_offset() -> None:
     for shape in [(5, 7), (3, 4, 6)]:
         grid = BlockGrid.build(shape, tile=1)
         assert reach(grid.grid_shape) == max(b.id - a.id for a, b, _ in grid.neighbour_pairs())
+
+
+def test_one_block_is_its_own_numbering_without_files(tmp_path: Path) -> None:
+    """A grid of one block: ids 1..n map to themselves, as `global_ids` gives, and no
+    file is written; a link is refused (no block has a neighbour)."""
+    ids = merge_ids((1, 1), [3], [], tmp_path / "one")
+    want = stitch.global_ids([3], [])
+    assert ids.count == want.count == 3
+    assert ids.block_lut(0).tolist() == want.block_lut(0).tolist() == [0, 1, 2, 3]
+    assert ids.block_lut(0).dtype == np.uint32
+    ids.remove()
+    assert ids.block_lut(0).tolist() == [0, 1, 2, 3]
+    assert not (tmp_path / "one").exists()
+    assert merge_ids((1,), [0], [], tmp_path / "empty").block_lut(0).tolist() == [0]
+    with pytest.raises(ValueError, match="do not touch"):
+        merge_ids((1, 1), [2], [(0, 0, np.array([[1, 2]]))], tmp_path / "bad")
