@@ -30,7 +30,7 @@ from segpipe import lifecycle, panoptic
 from segpipe.engine import WINDOW, Inline, Runner, gpu_resources, output_error
 from segpipe.errors import ConfigError, SegpipeError
 from segpipe.image import ImagePlan, ImageResult, ProgressFn, noop
-from segpipe.io import storage, store
+from segpipe.io import markers, storage, store
 from segpipe.io.store import mark_image
 from segpipe.stages import STAGES, ImageRun
 from segpipe.stages.statistics import keeping_filtered
@@ -204,11 +204,15 @@ def run_pack(plans: Sequence[ImagePlan], *, skip: bool, full: bool) -> list[Outc
     Markers and scratch of images in a local store go to a folder of this process
     (`work_folder`), removed with the pack: an image cut short here is computed again
     whole, so they need not outlive the task, and the store's file system is spared
-    creating and deleting them."""
+    creating and deleting them. The markers' arrays stay in memory
+    (`segpipe.io.markers.held`): no other process reads them."""
     outcomes = []
     folder = work_folder()
     drop_stale_work(folder)
-    with tempfile.TemporaryDirectory(prefix=WORK_PREFIX, dir=folder) as work:
+    with (
+        tempfile.TemporaryDirectory(prefix=WORK_PREFIX, dir=folder) as work,
+        markers.held(work),
+    ):
         for plan in plans:
             if not storage.is_url(plan.root):
                 plan = dataclasses.replace(plan, work=work)

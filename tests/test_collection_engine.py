@@ -287,3 +287,33 @@ def test_a_pack_folder_that_cannot_be_written_is_one_line(
         pipeline.run_pack(_plans([path], tmp_path / "out.zarr", "otsu"), skip=True, full=False)
     message = str(info.value)
     assert "\n" not in message and str(missing) in message and "SEGPIPE_PACK_DIR" in message
+
+
+def test_markers_in_a_held_folder_stay_in_memory(tmp_path: Path) -> None:
+    """A pack's markers: an empty file each, their arrays read back from this process
+    while the file is there and unchanged, forgotten with the folder; elsewhere an
+    ``.npz`` as before."""
+    from segpipe.io import markers
+
+    folder, other = tmp_path / "pack", tmp_path / "store"
+    folder.mkdir()
+    values = {"v": np.arange(3.0)}
+    with markers.held(str(folder)):
+        inside = markers.Markers(folder / "blocks" / "segment")
+        inside.save(0, values, run="r1")
+        inside.save(1, values, run="r1")
+        inside.save(3, values, run="r1")
+        markers.Markers(other).save(0, values, run="r1")
+        assert inside.path(0).stat().st_size == 0
+        assert inside.load(0)["v"].tolist() == [0.0, 1.0, 2.0]
+        assert inside.done(0) and inside.tally("r1") == (3, 3)
+        inside.path(1).unlink()  # gone: not done, whatever this process holds
+        assert not inside.done(1)
+        os.utime(inside.path(0), ns=(1, 1))  # touched since: not what was saved
+        assert markers.read_marker(inside.path(0)) is None
+    assert markers.read_marker(inside.path(3)) is None  # forgotten with the folder
+    with np.load(other / "0.npz") as npz:  # not held: a whole .npz
+        assert npz["v"].tolist() == [0.0, 1.0, 2.0]
+    inside.save(2, values, run="r1")  # the folder is no longer held
+    assert inside.path(2).stat().st_size > 0
+    assert markers.read_marker(inside.path(2)) is not None

@@ -8,6 +8,11 @@ without pickle: a rerun reads it instead of recomputing the block. It also
 records each file the block wrote (`segpipe.io.written`); a marker is
 trusted only while it reads back whole and those files are intact, so a
 rerun recomputes a block whose chunks were deleted or damaged.
+
+In a folder `held` in memory (a pack's, which no other process reads and
+which goes with its task), a marker's file is empty and its arrays stay in
+this process: what a rerun would read is never read by one, and writing an
+``.npz`` costs ~0.4 ms a marker.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ import uuid
 import zipfile
 import zlib
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +35,16 @@ from numpy.typing import NDArray
 from segpipe.io import storage, written
 from segpipe.io.storage import Location, Where
 
-__all__ = ["RUN_KEY", "UNREADABLE", "Arrays", "Markers", "load_npz", "read_marker", "save_npz"]
+__all__ = [
+    "RUN_KEY",
+    "UNREADABLE",
+    "Arrays",
+    "Markers",
+    "held",
+    "load_npz",
+    "read_marker",
+    "save_npz",
+]
 
 Arrays = dict[str, NDArray[Any]]
 RUN_KEY = "__run"
@@ -43,6 +58,9 @@ _checked_lock = threading.Lock()
 _saved: OrderedDict[str, tuple[tuple[int, int], Arrays]] = OrderedDict()
 _saved_bytes = [0]
 SAVED_BYTES = 16 << 20
+# Folders whose markers are `held` in memory, and those markers, by path.
+_held_folders: set[str] = set()
+_held: dict[str, tuple[tuple[int, int], Arrays]] = {}
 
 
 def save_npz(path: Location, arrays: Arrays) -> tuple[int, int] | None:
@@ -119,10 +137,50 @@ def _remember(path: Location, arrays: Arrays) -> None:
             _saved_bytes[0] -= _nbytes(dropped)
 
 
+@contextmanager
+def held(folder: str) -> Iterator[None]:
+    """Markers saved under the local ``folder`` meanwhile are kept in this process, their
+    files left empty; forgotten at the end. For a folder that no other process reads
+    and that goes at the end (`segpipe.pipeline.run_pack`)."""
+    root = os.path.join(os.path.abspath(folder), "")
+    with _checked_lock:
+        _held_folders.add(root)
+    try:
+        yield
+    finally:
+        with _checked_lock:
+            _held_folders.discard(root)
+            for key in [k for k in _held if k.startswith(root)]:
+                del _held[key]
+
+
+def _is_held(path: Location) -> bool:
+    if not isinstance(path, Path) or not _held_folders:
+        return False
+    name = str(path)
+    with _checked_lock:
+        return any(name.startswith(root) for root in _held_folders)
+
+
+def _hold(path: Path, arrays: Arrays) -> tuple[int, int]:
+    """Keep ``arrays`` as the marker at ``path``, whose file is created empty; its stamp."""
+    kept = {k: v.copy() for k, v in arrays.items()}  # the saver's arrays stay its own
+    for v in kept.values():
+        v.setflags(write=False)
+    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex}.tmp")
+    storage.open_new(tmp, 0o600).close()
+    os.replace(tmp, path)
+    stamp = storage.stamp(path)
+    with _checked_lock:
+        _held[str(path)] = (stamp, kept)
+    return stamp
+
+
 def _recall(path: Where) -> Arrays | None:
     """What this process saved at ``path``, if the file there is still what it saved."""
     with _checked_lock:
-        entry = _saved.get(os.fspath(path)) if isinstance(path, (str, Path)) else None
+        key = os.fspath(path) if isinstance(path, (str, Path)) else None
+        entry = None if key is None else _held.get(key) or _saved.get(key)
     if entry is None:
         return None
     try:
@@ -207,9 +265,14 @@ class Markers:
         The marker is itself noted as written, for a block that saves it.
         """
         arrays = {**arrays, RUN_KEY: np.array(run), **written.to_arrays(files, self.directory)}
-        stamp = save_npz(self.path(block_id), arrays)
-        _remember(self.path(block_id), arrays)
-        written.note(self.path(block_id), stamp=stamp)
+        path = self.path(block_id)
+        if _is_held(path):
+            assert isinstance(path, Path)
+            written.note(path, b"", _hold(path, arrays))
+            return
+        stamp = save_npz(path, arrays)
+        _remember(path, arrays)
+        written.note(path, stamp=stamp)
 
     def load(self, block_id: int) -> Arrays:
         with load_npz(self.path(block_id)) as data:
