@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import itertools
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -227,12 +227,14 @@ def write_label_group_metadata(
     properties: list[dict[str, Any]] | None = None,
     colors: list[dict[str, Any]] | None = None,
     pixel: PixelSize | None = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> None:
-    """NGFF multiscales + image-label metadata of one label image."""
+    """NGFF multiscales + image-label metadata of one label image, and the top-level
+    attributes ``extra`` in the same write."""
     ndim = len(pyramid.shapes[0])
     ome = attrs.multiscales(name, _axes(ndim, pixel), _datasets(pyramid, pixel))
     ome["image-label"] = attrs.image_label(properties, colors)
-    attrs.update(label_path, {"ome": ome})
+    attrs.update(label_path, {"ome": ome, **(extra or {})})
 
 
 LABEL_VALUES = 10_000

@@ -39,8 +39,8 @@ def finish_panoptic(
     metadata.
 
     The divisor and catalogue go to every level's attributes, the label group's
-    attributes and its NGFF ``image-label`` properties, and ``panoptic`` is added
-    to the image's ``labels`` list.
+    attributes and its NGFF ``image-label`` properties; the image's ``labels`` list
+    is written last, with ``panoptic`` beside the label images `write_levels` made.
     """
 
     levels_of = pyramid(plan)
@@ -68,10 +68,13 @@ def finish_panoptic(
             for colour in omezarr.rgba([c.id for c in catalogue.classes])
         ],
         pixel=plan.spec.pixel,
+        extra={"segpipe": {KEY: value}},
     )
-    attrs.update(group_path, {"segpipe": {KEY: value}})
     labels = storage.join(plan.group, "labels")
-    listed = [str(n) for n in attrs.read(labels).get("ome", {}).get("labels", [])]
+    try:
+        listed = [str(n) for n in attrs.read(labels).get("ome", {}).get("labels", [])]
+    except FileNotFoundError:  # no list yet: this stage writes the first
+        listed = []
     names = [n for n in listed if n != KEY] or ["instances", "semantic"]
     omezarr.write_labels_index(labels, [*names, KEY])
     return PanopticResult(divisor, catalogue, len(shapes), unassigned)

@@ -306,7 +306,8 @@ def build_pyramid(
 
 def write_levels(client: Runner, plan: ImagePlan, dtype: Any, progress: ProgressFn = noop) -> int:
     """After the relabel pass: the pyramid levels above those it wrote (of the
-    image, semantic and ``dtype`` instance labels) and the NGFF metadata; the level count."""
+    image, semantic and ``dtype`` instance labels) and their NGFF metadata (the
+    ``labels`` list that names them is the panoptic stage's); the level count."""
 
     levels_of = pyramid(plan)
     sources = {
@@ -341,5 +342,4 @@ def write_levels(client: Runner, plan: ImagePlan, dtype: Any, progress: Progress
         name="instances",
         pixel=pixel,
     )
-    omezarr.write_labels_index(storage.join(plan.group, "labels"), ["instances", "semantic"])
     return len(levels_of)
