@@ -63,6 +63,13 @@ def _layout(path: str, stamp: tuple[int, int, int]) -> chunks.Layout | None:
     return chunks.layout(_opened(path, "r", stamp))
 
 
+def array_shape(path: str | Path) -> tuple[int, ...]:
+    """The shape of the array at ``path``, from its ``zarr.json`` as `read_block` reads
+    it (kept while the file is unchanged), not by opening it through zarr's event loop."""
+    lay = _layout(str(path), _stamp(path))
+    return lay.shape if lay is not None else tuple(open_array(path).shape)
+
+
 def _one_chunk(
     path: str | Path, region: tuple[slice, ...]
 ) -> tuple[chunks.Layout, tuple[int, ...]] | None:

@@ -39,9 +39,9 @@ def preview_task(
     paths = _group_levels(image_group)
     label_paths = _group_levels(labels_group)
     levels = min(len(paths), len(label_paths))
-    arrays = [omezarr.open_array(storage.join(image_group, p)) for p in paths[:levels]]
-    k = choose_level([a.shape for a in arrays], max_size=max_size)
-    shape = arrays[k].shape
+    shapes = [omezarr.array_shape(storage.join(image_group, p)) for p in paths[:levels]]
+    k = choose_level(shapes, max_size=max_size)
+    shape = shapes[k]
     plane: tuple[Any, ...] = tuple(n // 2 for n in shape[:-2])
     step = max(1, math.ceil(max(shape[-2:]) / max_size))
     index = (*plane, slice(None, None, step), slice(None, None, step))
