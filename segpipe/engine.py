@@ -298,10 +298,12 @@ def prepare_array(
     labels: bool = True,
     compress: bool = True,
     inner: Sequence[int] | None = None,
+    attributes: Mapping[str, Any] | None = None,
 ) -> None:
-    """Create the array a stage writes, unless a resumed stage already wrote parts of it
-    in the same layout: chunks, and shards of ``inner`` chunks when given (a result
-    array of a run with ``viewer_chunk``: `ImagePlan.inner`; scratch never is)."""
+    """Create the array a stage writes, with ``attributes`` when given, unless a resumed
+    stage already wrote parts of it in the same layout: chunks, and shards of ``inner``
+    chunks when given (a result array of a run with ``viewer_chunk``: `ImagePlan.inner`;
+    scratch never is)."""
     if markers.count():
         try:
             arr = zarr.open_array(path, mode="r")
@@ -323,4 +325,5 @@ def prepare_array(
         labels=labels,
         compress=compress,
         inner=inner,
+        attributes=attributes,
     )

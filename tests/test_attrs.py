@@ -85,6 +85,26 @@ def test_update_keeps_other_attributes_and_zarr_reads_them(tmp_path: Path) -> No
     assert attrs.read(tmp_path / "g") == {"a": True}
 
 
+def test_an_update_that_changes_nothing_writes_nothing(tmp_path: Path) -> None:
+    """Setting attributes to what they are leaves the file alone (the same inode: no
+    new file, no rename); a missing node is still created by an empty update, and an
+    array created with attributes reads them back through zarr."""
+    attrs.update(tmp_path / "g", {"a": {"b": [1, 2]}, "c": 1})
+    before = (tmp_path / "g" / "zarr.json").stat()
+    attrs.update(tmp_path / "g", {"a": {"b": [1, 2]}})
+    after = (tmp_path / "g" / "zarr.json").stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    attrs.update(tmp_path / "g", {"c": 2})
+    assert (tmp_path / "g" / "zarr.json").stat().st_ino != before.st_ino
+    assert attrs.read(tmp_path / "g") == {"a": {"b": [1, 2]}, "c": 2}
+    attrs.update(tmp_path / "empty", {})
+    assert zarr.open_group(str(tmp_path / "empty"), mode="r").attrs.asdict() == {}
+    omezarr.create_array(
+        tmp_path / "arr", shape=(4, 4), chunks=(4, 4), dtype="uint8", attributes={"k": [1]}
+    )
+    assert zarr.open_array(str(tmp_path / "arr"), mode="r").attrs.asdict() == {"k": [1]}
+
+
 def test_zarr_v2_nodes_go_through_zarr(tmp_path: Path) -> None:
     zarr.open_group(str(tmp_path / "v2"), mode="w", zarr_format=2)
     attrs.update(tmp_path / "v2", {"b": 2})

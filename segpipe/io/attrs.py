@@ -59,21 +59,26 @@ def update(path: Where, values: Mapping[str, Any]) -> None:
 
 def change(path: Where, new: Callable[[dict[str, Any]], Mapping[str, Any]]) -> None:
     """Set the top-level attributes ``new(current)`` of the node at ``path``, given its
-    current attributes (others kept), in one read and one write; a group is created
-    there if there is no node yet."""
+    current attributes (others kept), in one read and one write (none when they are
+    already so); a group is created there if there is no node yet."""
     node = storage.location(path)
     with _LOCK:
         try:
             value = json.loads(storage.read_bytes(node / "zarr.json"))
+            there = True
         except FileNotFoundError:
             if (node / ".zgroup").exists():  # Zarr v2
                 group = zarr.open_group(str(node), mode="a")
                 group.attrs.update(dict(new(dict(group.attrs.asdict()))))
                 return
             value = {"zarr_format": 3, "node_type": "group", "attributes": {}}
+            there = False
         attrs = value.get("attributes")
         attrs = attrs if isinstance(attrs, dict) else {}
-        value["attributes"] = {**attrs, **new(attrs)}
+        changed = {**attrs, **new(attrs)}
+        if there and changed == attrs and "attributes" in value:
+            return
+        value["attributes"] = changed
         storage.put(node / "zarr.json", json.dumps(value).encode())
 
 

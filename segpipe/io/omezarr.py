@@ -112,8 +112,10 @@ def create_array(
     labels: bool = False,
     compress: bool = True,
     inner: Sequence[int] | None = None,
+    attributes: Mapping[str, Any] | None = None,
 ) -> None:
-    """Create (replacing) a chunked Zarr v3 array with segpipe's codec choices.
+    """Create (replacing) a chunked Zarr v3 array with segpipe's codec choices, and
+    ``attributes`` when given.
 
     ``compress=False`` is for scratch arrays of noisy floats (the filtered image):
     they shrink ~1.2x, and compressing costs more time than it saves in I/O.
@@ -136,6 +138,8 @@ def create_array(
         shard = dict(meta["codecs"][0])
         shard["configuration"] = {**shard["configuration"], "chunk_shape": list(small)}
         meta["codecs"] = [shard]
+    if attributes:
+        meta["attributes"] = dict(attributes)
     if isinstance(where, Path):
         where.mkdir(parents=True)
         (where / "zarr.json").write_text(json.dumps(meta), encoding="utf-8")

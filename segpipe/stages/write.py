@@ -217,13 +217,25 @@ def relabel(
         (lambda k: plan.label("instances", k), ids.dtype, True),
         (lambda k: plan.label(panoptic.KEY, k), np.uint64, True),
     ]
-    for path, dtype, _ in arrays[2:]:
-        prepare_array(path(0), markers, shape=shape, chunks=tile, dtype=dtype, inner=plan.inner)
+    # the panoptic levels carry their divisor and classes from the start, so that the
+    # panoptic stage, setting them again, finds nothing to write (`attrs.change`)
+    value = {"segpipe": {panoptic.KEY: panoptic.attrs_value(divisor, catalogue)}}
+    given = [None, None, None, value]  # attributes, in the order of ``arrays``
+    for (path, dtype, _), attributes in zip(arrays[2:], given[2:], strict=True):
+        prepare_array(
+            path(0),
+            markers,
+            shape=shape,
+            chunks=tile,
+            dtype=dtype,
+            inner=plan.inner,
+            attributes=attributes,
+        )
     levels_of = pyramid(plan)
     levels = levels_of.pass_levels(tile)
     for k in range(1, levels + 1):  # chunks of tile / factor: each block writes whole chunks
         chunks = tuple(t // f for t, f in zip(tile, levels_of.factor(k), strict=True))
-        for path, dtype, labels in arrays:
+        for (path, dtype, labels), attributes in zip(arrays, given, strict=True):
             prepare_array(
                 path(k),
                 markers,
@@ -232,6 +244,7 @@ def relabel(
                 dtype=dtype,
                 labels=labels,
                 inner=plan.inner,
+                attributes=attributes,
             )
     job = BlockJob(
         local=plan.local_labels,
