@@ -248,7 +248,7 @@ def work_folder() -> str:
                 f"{chosen}: SEGPIPE_PACK_DIR is not a folder this worker can write "
                 "(where images of one block keep their markers and scratch while they run)"
             )
-        return chosen
+        return os.path.abspath(chosen)  # markers are held by absolute path
     with contextlib.suppress(OSError):
         if shutil.disk_usage("/dev/shm").free >= WORK_FREE and os.access("/dev/shm", os.W_OK):
             return "/dev/shm"

@@ -317,3 +317,13 @@ def test_markers_in_a_held_folder_stay_in_memory(tmp_path: Path) -> None:
     inside.save(2, values, run="r1")  # the folder is no longer held
     assert inside.path(2).stat().st_size > 0
     assert markers.read_marker(inside.path(2)) is not None
+
+
+def test_a_relative_pack_folder_is_made_absolute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Markers are held by absolute path: a relative ``SEGPIPE_PACK_DIR`` is resolved."""
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SEGPIPE_PACK_DIR", "work")
+    assert pipeline.work_folder() == str(tmp_path / "work")

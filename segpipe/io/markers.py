@@ -11,8 +11,8 @@ rerun recomputes a block whose chunks were deleted or damaged.
 
 In a folder `held` in memory (a pack's, which no other process reads and
 which goes with its task), a marker's file is empty and its arrays stay in
-this process: what a rerun would read is never read by one, and writing an
-``.npz`` costs ~0.4 ms a marker.
+this process: what a rerun would read is never read by one, and saving a
+marker as an ``.npz`` took ~1.1 ms, held ~0.3 ms.
 """
 
 from __future__ import annotations
