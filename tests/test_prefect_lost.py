@@ -30,7 +30,7 @@ def test_losing_the_prefect_api_is_one_line_and_the_next_run_settles_it(tmp_path
     env.update(PREFECT_API_URL=api, PREFECT_CLIENT_MAX_RETRIES="1")
     home = tmp_path / "prefect"
     server = start_prefect_server(home, port, env)
-    image = synthetic.write_tiff(tmp_path / "img.tif", (2048, 2048), seed=6)
+    image = synthetic.write_tiff(tmp_path / "img.tif", (1024, 1024), seed=6)
     out = tmp_path / "out.zarr"
     args = [SEGPIPE, "run", "-q", "-i", str(image), "-o", str(out), "-s", "watershed"]
     args += ["--tile", "256"]
