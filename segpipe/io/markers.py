@@ -119,14 +119,20 @@ def _nbytes(arrays: Arrays) -> int:
     return sum(a.nbytes for a in arrays.values())
 
 
+def _frozen(arrays: Arrays) -> Arrays:
+    """Read-only copies of ``arrays``, to keep: the saver's arrays stay its own."""
+    kept = {k: v.copy() for k, v in arrays.items()}
+    for v in kept.values():
+        v.setflags(write=False)
+    return kept
+
+
 def _remember(path: Location, arrays: Arrays) -> None:
     """Keep ``arrays``, just saved at the local ``path``, while its stamp holds."""
     if not isinstance(path, Path):
         return
     stamp = storage.stamp(path)
-    kept = {k: v.copy() for k, v in arrays.items()}  # the saver's arrays stay its own
-    for v in kept.values():
-        v.setflags(write=False)
+    kept = _frozen(arrays)
     with _checked_lock:
         if (old := _saved.pop(str(path), None)) is not None:
             _saved_bytes[0] -= _nbytes(old[1])
@@ -164,9 +170,7 @@ def _is_held(path: Location) -> bool:
 
 def _hold(path: Path, arrays: Arrays) -> tuple[int, int]:
     """Keep ``arrays`` as the marker at ``path``, whose file is created empty; its stamp."""
-    kept = {k: v.copy() for k, v in arrays.items()}  # the saver's arrays stay its own
-    for v in kept.values():
-        v.setflags(write=False)
+    kept = _frozen(arrays)
     tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex}.tmp")
     storage.open_new(tmp, 0o600).close()
     os.replace(tmp, path)
