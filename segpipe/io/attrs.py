@@ -65,18 +65,16 @@ def change(path: Where, new: Callable[[dict[str, Any]], Mapping[str, Any]]) -> N
     with _LOCK:
         try:
             value = json.loads(storage.read_bytes(node / "zarr.json"))
-            there = True
         except FileNotFoundError:
             if (node / ".zgroup").exists():  # Zarr v2
                 group = zarr.open_group(str(node), mode="a")
                 group.attrs.update(dict(new(dict(group.attrs.asdict()))))
                 return
-            value = {"zarr_format": 3, "node_type": "group", "attributes": {}}
-            there = False
+            value = {"zarr_format": 3, "node_type": "group"}  # written below, whatever new gives
         attrs = value.get("attributes")
         attrs = attrs if isinstance(attrs, dict) else {}
         changed = {**attrs, **new(attrs)}
-        if there and changed == attrs and "attributes" in value:
+        if changed == attrs and "attributes" in value:
             return
         value["attributes"] = changed
         storage.put(node / "zarr.json", json.dumps(value).encode())
