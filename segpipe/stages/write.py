@@ -211,17 +211,16 @@ def relabel(
     tile = plan.grid().tile
     markers = plan.markers(STAGE)
     shape = plan.spec.shape
-    arrays = [  # (path of level k, dtype, is labels)
-        (lambda k: storage.join(plan.group, str(k)), plan.spec.out_dtype, False),
-        (lambda k: plan.label("semantic", k), np.uint8, True),
-        (lambda k: plan.label("instances", k), ids.dtype, True),
-        (lambda k: plan.label(panoptic.KEY, k), np.uint64, True),
-    ]
     # the panoptic levels carry their divisor and classes from the start, so that the
     # panoptic stage, setting them again, finds nothing to write (`attrs.change`)
     value = {"segpipe": {panoptic.KEY: panoptic.attrs_value(divisor, catalogue)}}
-    given = [None, None, None, value]  # attributes, in the order of ``arrays``
-    for (path, dtype, _), attributes in zip(arrays[2:], given[2:], strict=True):
+    arrays = [  # (path of level k, dtype, is labels, attributes)
+        (lambda k: storage.join(plan.group, str(k)), plan.spec.out_dtype, False, None),
+        (lambda k: plan.label("semantic", k), np.uint8, True, None),
+        (lambda k: plan.label("instances", k), ids.dtype, True, None),
+        (lambda k: plan.label(panoptic.KEY, k), np.uint64, True, value),
+    ]
+    for path, dtype, _, attributes in arrays[2:]:
         prepare_array(
             path(0),
             markers,
@@ -235,7 +234,7 @@ def relabel(
     levels = levels_of.pass_levels(tile)
     for k in range(1, levels + 1):  # chunks of tile / factor: each block writes whole chunks
         chunks = tuple(t // f for t, f in zip(tile, levels_of.factor(k), strict=True))
-        for (path, dtype, labels), attributes in zip(arrays, given, strict=True):
+        for path, dtype, labels, attributes in arrays:
             prepare_array(
                 path(k),
                 markers,
