@@ -267,7 +267,9 @@ def test_disk_full_while_the_results_are_written(run_cli, tmpfs, tmp_path: Path)
     result = run_cli("--input", str(path), "--output", str(out), "--tile", "256")
     watcher.join()
     assert result.exit_code == 1, result.output
-    assert "No space left on device" in _one_error_line(result.output)
+    line = _one_error_line(result.output)
+    assert "No space left on device" in line
+    assert line.startswith(f"error: {out}/"), line  # the file it could not write
     _no_complete_result(out)
 
 

@@ -397,8 +397,10 @@ def put(where: Location, data: bytes | memoryview) -> tuple[int, int] | None:
             with open_new(tmp) as fh:
                 fh.write(data)
             os.replace(tmp, where)
-        except BaseException:
+        except BaseException as err:
             tmp.unlink(missing_ok=True)
+            if isinstance(err, OSError) and err.filename is None:
+                err.filename = str(where)  # a failed write names no file: say which
             raise
         return None
     payload = bytes(data)
